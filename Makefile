@@ -1,0 +1,71 @@
+# redrive: the two commands a new user runs are `make demo` and `make test`.
+#
+# Both start their own services: Postgres (installed from Debian's packages if missing) and a
+# single-node Apache Kafka broker (jars fetched from Maven Central into ~/.cache/redrive).
+
+SHELL := /bin/bash
+CARGO ?= cargo
+# Queries are checked against the committed .sqlx/ data, so no database is needed to build.
+export SQLX_OFFLINE ?= true
+export REDRIVE_TEST_DATABASE_URL ?= postgres://redrive:redrive@127.0.0.1:5432/redrive
+export REDRIVE_TEST_KAFKA ?= 127.0.0.1:9092
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
+
+.PHONY: all build test demo bench services services-stop prepare prepare-check lint clean-test-dbs
+
+all: build
+
+build:
+	$(CARGO) build --bins
+
+## Start Postgres and Kafka (idempotent).
+services:
+	@scripts/postgres.sh start >/dev/null
+	@scripts/kafka.sh start >/dev/null
+
+## Stop them again.
+services-stop:
+	@scripts/kafka.sh stop
+	@scripts/postgres.sh stop
+
+## The whole suite: unit tests, then integration tests on the real Postgres and Kafka broker.
+test: services clean-test-dbs
+	$(CARGO) build --bins --tests
+	$(CARGO) test --no-fail-fast -- --test-threads=2
+
+## The Knative seed experiment, end to end, with a printed timeline.
+demo: services
+	$(CARGO) build --bins
+	@status=0; $(TARGET_DIR)/debug/redrive-demo run || status=$$?; \
+	  scripts/kafka.sh stop; scripts/postgres.sh stop-if-started; exit $$status
+
+## Throughput figures for BENCHMARKS.md.
+bench: services
+	scripts/bench.sh
+
+## Regenerate .sqlx/ (offline query data) from a database built from the migrations.
+prepare:
+	@scripts/postgres.sh start >/dev/null
+	rm -rf .sqlx && mkdir .sqlx
+	touch src/lib.rs
+	DATABASE_URL="$$(scripts/sqlx-db.sh)" SQLX_OFFLINE=false SQLX_OFFLINE_DIR="$(CURDIR)/.sqlx" \
+	  $(CARGO) check --lib --tests --bins
+
+## Fail when .sqlx/ is stale: what `cargo sqlx prepare --check` does.
+prepare-check:
+	@scripts/postgres.sh start >/dev/null
+	rm -rf "$(TARGET_DIR)/sqlx-check" && mkdir -p "$(TARGET_DIR)/sqlx-check"
+	touch src/lib.rs
+	DATABASE_URL="$$(scripts/sqlx-db.sh)" SQLX_OFFLINE=false SQLX_OFFLINE_DIR="$(abspath $(TARGET_DIR))/sqlx-check" \
+	  $(CARGO) check --lib --tests --bins
+	diff -r .sqlx "$(TARGET_DIR)/sqlx-check"
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+## Drop the per-test databases earlier runs left behind.
+clean-test-dbs:
+	@psql -qtA "$(REDRIVE_TEST_DATABASE_URL)" -c \
+	  "SELECT datname FROM pg_database WHERE datname LIKE 'redrive_test_%'" | \
+	  while read -r db; do psql -q "$(REDRIVE_TEST_DATABASE_URL)" -c "DROP DATABASE IF EXISTS \"$$db\"" >/dev/null; done

@@ -1,0 +1,91 @@
+//! The capturer: turns failed first deliveries into retry rows, a batch per INSERT.
+//!
+//! Each consumer task hands its failure over and waits; the capturer replies only after the batch's
+//! transaction committed, so the task can then let its offset be stored (I1). While Postgres is
+//! unreachable the capturer keeps retrying, the tasks keep waiting, and the consumer stops at
+//! `max_in_flight`: nothing is skipped.
+
+use crate::batch;
+use crate::config::{ConsumerConfig, RetryPolicy};
+use crate::handler::{ErrorKind, HandlerError};
+use crate::message::Message;
+use crate::store::capture::{Capture, InitialState};
+use crate::store::Store;
+use chrono::Utc;
+use tokio::sync::{mpsc, oneshot};
+
+type Request = (Capture, oneshot::Sender<()>);
+
+/// Sends failures to the capturer. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct CaptureHandle {
+    tx: mpsc::Sender<Request>,
+}
+
+/// The batching writer; run it with [`Capturer::run`].
+pub struct Capturer {
+    store: Store,
+    group: String,
+    rx: mpsc::Receiver<Request>,
+    batch_size: usize,
+    linger: std::time::Duration,
+}
+
+/// Creates a capturer for `group` and the handle that feeds it.
+pub fn capturer(store: Store, group: &str, config: &ConsumerConfig) -> (Capturer, CaptureHandle) {
+    let (tx, rx) = mpsc::channel(config.capture_batch_size * 2);
+    let capturer = Capturer {
+        store,
+        group: group.to_string(),
+        rx,
+        batch_size: config.capture_batch_size,
+        linger: config.capture_linger,
+    };
+    (capturer, CaptureHandle { tx })
+}
+
+impl Capture {
+    /// The row for a message whose first delivery failed: dead at once for a permanent error or a
+    /// one-attempt policy, otherwise pending until the policy's first delay has passed.
+    pub fn first_failure(message: Message, policy: &RetryPolicy, error: HandlerError) -> Self {
+        let dead = error.kind == ErrorKind::Permanent || policy.max_attempts <= 1;
+        let delay = policy.backoff().delay(1, rand::random::<f64>(), error.retry_after);
+        Capture {
+            message,
+            state: if dead { InitialState::Dead } else { InitialState::Pending },
+            max_attempts: policy.max_attempts.min(i32::MAX as u32) as i32,
+            next_attempt_at: Utc::now() + delay,
+            error,
+        }
+    }
+}
+
+impl CaptureHandle {
+    /// Hands a failure over and waits until its row is durable. `false` when the capturer is gone
+    /// (shutting down): the outcome is then not durable and the offset must not be stored.
+    pub async fn capture(&self, capture: Capture) -> bool {
+        let (done, durable) = oneshot::channel();
+        if self.tx.send((capture, done)).await.is_err() {
+            return false;
+        }
+        durable.await.is_ok()
+    }
+}
+
+impl Capturer {
+    /// Writes batches until every handle is dropped and the queue is empty.
+    pub async fn run(mut self) {
+        while let Some(requests) = batch::collect(&mut self.rx, self.batch_size, self.linger).await {
+            let (rows, waiting): (Vec<Capture>, Vec<oneshot::Sender<()>>) = requests.into_iter().unzip();
+            let inserted = batch::until_written("capture", || self.store.capture(&self.group, &rows)).await;
+            let dead = rows.iter().filter(|r| r.state == InitialState::Dead).count() as u64;
+            metrics::counter!("redrive_captured_total", "state" => "pending").increment(rows.len() as u64 - dead);
+            metrics::counter!("redrive_captured_total", "state" => "dead").increment(dead);
+            tracing::debug!(rows = rows.len(), inserted, "captured failed messages");
+            for w in waiting {
+                // The task may have been aborted at shutdown; its message is then redelivered.
+                let _ = w.send(());
+            }
+        }
+    }
+}

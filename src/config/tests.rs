@@ -1,0 +1,111 @@
+use super::*;
+
+const MINIMAL: &str = r#"
+[postgres]
+url = "postgres://redrive:hunter2@127.0.0.1:5432/redrive"
+
+[kafka]
+topics = ["orders"]
+"bootstrap.servers" = "127.0.0.1:9092"
+"group.id" = "g1"
+"enable.idempotence" = true
+"queued.max.messages.kbytes" = 1024
+"#;
+
+fn with(extra: &str) -> Result<Config, ConfigError> {
+    Config::from_toml(&format!("{MINIMAL}\n{extra}"))
+}
+
+#[test]
+fn minimal_config_gets_the_documented_defaults() {
+    let c = with("").unwrap();
+    assert_eq!(c.kafka.topics, vec!["orders"]);
+    assert_eq!(c.kafka.group_id(), "g1");
+    assert_eq!(c.kafka.properties["enable.idempotence"], "true");
+    assert_eq!(c.kafka.properties["queued.max.messages.kbytes"], "1024");
+    assert_eq!(c.retry.default, RetryPolicy::default());
+    assert_eq!(c.handler.timeout, Duration::from_secs(30));
+    assert_eq!(c.dlq.topic, "{topic}.dlq");
+}
+
+#[test]
+fn durations_are_human() {
+    let c = with("[workers]\nlease = \"2m\"\n[handler]\ntimeout = \"1500ms\"").unwrap();
+    assert_eq!(c.workers.lease, Duration::from_secs(120));
+    assert_eq!(c.handler.timeout, Duration::from_millis(1500));
+}
+
+#[test]
+fn per_topic_retry_overrides_keep_the_other_defaults() {
+    let c = with(
+        "[retry]\nmax_attempts = 4\ninitial_delay = \"1s\"\n\
+         [retry.topics.\"orders\"]\nmax_attempts = 10\nbackoff = \"linear\"",
+    )
+    .unwrap();
+    assert_eq!(c.retry.for_topic("other").max_attempts, 4);
+    let orders = c.retry.for_topic("orders");
+    assert_eq!(orders.max_attempts, 10);
+    assert_eq!(orders.backoff, BackoffKind::Linear);
+    assert_eq!(orders.initial_delay, Duration::from_secs(1));
+}
+
+fn error_of(extra: &str) -> String {
+    with(extra).unwrap_err().to_string()
+}
+
+#[test]
+fn bad_values_name_their_field() {
+    let e = error_of("[retry]\nmax_attempts = \"many\"");
+    assert!(e.contains("max_attempts"), "{e}");
+    let e = error_of("[retry.topics.\"orders\"]\njitter = 3.0");
+    assert!(e.contains("retry.topics.\"orders\".jitter"), "{e}");
+    let e = error_of("[workers]\nlease = \"soon\"");
+    assert!(e.contains("lease"), "{e}");
+    let e = error_of("[handler]\nretryable_statuses = [\"5xy\"]");
+    assert!(e.contains("handler.retryable_statuses"), "{e}");
+    let e = error_of("[workers]\nconcurrency = 0");
+    assert!(e.contains("workers.concurrency"), "{e}");
+}
+
+#[test]
+fn unknown_fields_are_refused_by_name() {
+    let e = error_of("[workers]\nconcurency = 3");
+    assert!(e.contains("concurency"), "{e}");
+}
+
+#[test]
+fn missing_group_and_topics_are_named() {
+    let e = Config::from_toml("[postgres]\nurl = \"postgres://a@b/c\"\n[kafka]\ntopics = [\"t\"]")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("group.id"), "{e}");
+    let e = Config::from_toml("[postgres]\nurl = \"postgres://a@b/c\"\n[kafka]\n\"group.id\" = \"g\"")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("kafka.topics"), "{e}");
+}
+
+#[test]
+fn nested_environment_style_keys_become_dotted_properties_and_win() {
+    let dict: Dict = Figment::from(Toml::string(
+        "\"bootstrap.servers\" = \"file:9092\"\n[bootstrap]\nservers = \"env:9092\"\n[group]\nid = \"g\"",
+    ))
+    .extract()
+    .unwrap();
+    let props = flatten_properties(dict, "kafka").unwrap();
+    assert_eq!(props["bootstrap.servers"], "env:9092");
+    assert_eq!(props["group.id"], "g");
+}
+
+#[test]
+fn the_password_never_prints() {
+    let c = with("").unwrap();
+    let debug = format!("{c:?}");
+    assert!(!debug.contains("hunter2"), "{debug}");
+    assert_eq!(
+        redact_url("postgres://redrive:hunter2@127.0.0.1:5432/redrive"),
+        "postgres://redrive:***@127.0.0.1:5432/redrive"
+    );
+    assert!(kafka_property_is_secret("sasl.password"));
+    assert!(!kafka_property_is_secret("bootstrap.servers"));
+}

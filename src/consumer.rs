@@ -1,0 +1,162 @@
+//! The consumer: reads the configured topics in a consumer group, calls the handler for each
+//! message, and stores a partition's offset only up to where every outcome is durable (I1).
+//!
+//! A message's outcome is durable when the handler succeeded, or when the capturer committed its
+//! retry or dead row. Messages are handled concurrently (up to `max_in_flight`), so one failing or
+//! slow message never blocks the others; [`OffsetTracker`] keeps the stored offsets in order.
+
+use crate::capturer::CaptureHandle;
+use crate::config::{ConsumerConfig, RetryConfig};
+use crate::handler::{call_with_timeout, Delivery, Handler};
+use crate::kafka::LoggingContext;
+use crate::message::Message;
+use crate::offsets::OffsetTracker;
+use crate::store::capture::Capture;
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::error::RDKafkaErrorCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// The librdkafka consumer type redrive uses.
+pub type KafkaConsumer = StreamConsumer<LoggingContext>;
+
+/// What every message task needs.
+struct Shared<H> {
+    consumer: Arc<KafkaConsumer>,
+    handler: Arc<H>,
+    capture: CaptureHandle,
+    tracker: Mutex<OffsetTracker>,
+    retry: RetryConfig,
+    group: String,
+    timeout: Duration,
+}
+
+/// Consumes and dispatches first deliveries.
+pub struct Consumer<H> {
+    shared: Arc<Shared<H>>,
+    max_in_flight: usize,
+}
+
+impl<H: Handler> Consumer<H> {
+    /// Wraps a subscribed consumer.
+    pub fn new(
+        consumer: Arc<KafkaConsumer>,
+        group: &str,
+        handler: Arc<H>,
+        capture: CaptureHandle,
+        retry: RetryConfig,
+        config: &ConsumerConfig,
+        handler_timeout: Duration,
+    ) -> Self {
+        Self {
+            max_in_flight: config.max_in_flight,
+            shared: Arc::new(Shared {
+                group: group.to_string(),
+                consumer,
+                handler,
+                capture,
+                tracker: Mutex::new(OffsetTracker::default()),
+                retry,
+                timeout: handler_timeout,
+            }),
+        }
+    }
+
+    /// Runs until `shutdown`, then stops polling, gives in-flight messages `drain` to finish and
+    /// commits the stored offsets. Messages that did not finish are redelivered after a restart.
+    pub async fn run(self, shutdown: CancellationToken, drain: Duration) {
+        let slots = Arc::new(Semaphore::new(self.max_in_flight));
+        let mut tasks = JoinSet::new();
+        loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            };
+            let received = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                m = self.shared.consumer.recv() => m,
+            };
+            while tasks.try_join_next().is_some() {}
+            let message = match received {
+                Ok(m) => Message::from_kafka(&m),
+                Err(e) => {
+                    log_consume_error(&e);
+                    continue;
+                }
+            };
+            metrics::counter!("redrive_messages_consumed_total").increment(1);
+            self.shared.lock_tracker().begin(&message.topic, message.partition, message.offset);
+            let shared = self.shared.clone();
+            let span = tracing::info_span!("message", topic = %message.topic, partition = message.partition, offset = message.offset);
+            tasks.spawn(
+                async move {
+                    shared.process(message).await;
+                    drop(permit);
+                }
+                .instrument(span),
+            );
+        }
+        self.drain(tasks, drain).await;
+    }
+
+    async fn drain(self, mut tasks: JoinSet<()>, limit: Duration) {
+        let waiting = tasks.len();
+        tracing::info!(in_flight = waiting, "consumer stopping: finishing in-flight messages");
+        let finished = tokio::time::timeout(limit, async { while tasks.join_next().await.is_some() {} }).await;
+        if finished.is_err() {
+            tracing::warn!(abandoned = tasks.len(), "drain timeout: unfinished messages will be redelivered");
+            tasks.abort_all();
+        }
+        match self.shared.consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) => tracing::info!("committed stored offsets"),
+            Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::NoOffset) => {}
+            Err(e) => tracing::warn!("final offset commit failed (the messages will be redelivered): {e}"),
+        }
+    }
+}
+
+impl<H: Handler> Shared<H> {
+    fn lock_tracker(&self) -> std::sync::MutexGuard<'_, OffsetTracker> {
+        // A panic while holding this lock leaves only counters behind; keep going with them.
+        self.tracker.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Handles one message to a durable outcome, then lets its offset be stored.
+    async fn process(&self, message: Message) {
+        let delivery = Delivery { message: &message, attempt: 1, group: &self.group };
+        let result = call_with_timeout(self.handler.as_ref(), delivery, self.timeout).await;
+        let (topic, partition, offset) = (message.topic.clone(), message.partition, message.offset);
+        match result {
+            Ok(()) => metrics::counter!("redrive_deliveries_total", "outcome" => "succeeded").increment(1),
+            Err(error) => {
+                metrics::counter!("redrive_deliveries_total", "outcome" => error.kind.as_str()).increment(1);
+                tracing::debug!("first delivery failed: {error}");
+                let policy = self.retry.for_topic(&topic);
+                if !self.capture.capture(Capture::first_failure(message, policy, error)).await {
+                    return; // not durable: the offset stays unstored
+                }
+            }
+        }
+        let position = self.lock_tracker().done(&topic, partition, offset);
+        if let Some(next) = position {
+            // librdkafka stores `offset + 1`, the next message to read.
+            if let Err(e) = self.consumer.store_offset(&topic, partition, next - 1) {
+                // The partition was revoked meanwhile; its new owner redelivers from the last commit.
+                tracing::debug!("offset not stored: {e}");
+            }
+        }
+    }
+}
+
+fn log_consume_error(e: &rdkafka::error::KafkaError) {
+    match e.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::UnknownTopicOrPartition) => {
+            tracing::error!("consuming failed: a subscribed topic does not exist: {e}")
+        }
+        _ => tracing::warn!("consuming failed: {e}"),
+    }
+}

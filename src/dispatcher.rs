@@ -1,0 +1,192 @@
+//! The retry workers: claim due rows in batches, call the handler, and pass each outcome to the
+//! completer.
+//!
+//! A dispatcher never attempts a row before its `next_attempt_at` (the claim compares with the
+//! database clock) and wakes promptly once one is due (I7): on a `redrive_pending` NOTIFY, on a
+//! timer set to the earliest due row or lease expiry, and at the latest after `max_idle`.
+
+use crate::completer::CompleteHandle;
+use crate::config::{RetryConfig, WorkersConfig};
+use crate::handler::{call_with_timeout, Delivery, ErrorKind, Handler};
+use crate::store::claim::Claimed;
+use crate::store::complete::{Completion, Outcome};
+use crate::store::Store;
+use chrono::Utc;
+use sqlx::postgres::PgListener;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::{Id, JoinSet};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use uuid::Uuid;
+
+/// NOTIFY channel for rows that became pending.
+pub const PENDING_CHANNEL: &str = "redrive_pending";
+
+/// Retry workers for one consumer group.
+pub struct Dispatcher<H> {
+    store: Store,
+    handler: Arc<H>,
+    complete: CompleteHandle,
+    group: Arc<str>,
+    worker: String,
+    retry: Arc<RetryConfig>,
+    config: WorkersConfig,
+    timeout: Duration,
+}
+
+/// Attempts in flight, by task, with the claim each holds.
+type Running = (JoinSet<()>, HashMap<Id, (Uuid, i32)>);
+
+impl<H: Handler> Dispatcher<H> {
+    /// Creates the workers; `timeout` bounds each handler call.
+    pub fn new(
+        store: Store,
+        handler: Arc<H>,
+        complete: CompleteHandle,
+        group: &str,
+        retry: RetryConfig,
+        config: WorkersConfig,
+        timeout: Duration,
+    ) -> Self {
+        Self {
+            store,
+            handler,
+            complete,
+            group: group.into(),
+            worker: worker_id(),
+            retry: Arc::new(retry),
+            config,
+            timeout,
+        }
+    }
+
+    /// Claims and attempts rows until `shutdown`; then in-flight attempts get `drain` to finish and
+    /// the claims of the rest are released.
+    pub async fn run(self, shutdown: CancellationToken, drain: Duration) -> Result<(), crate::store::StoreError> {
+        let mut listener = PgListener::connect_with(self.store.pool()).await?;
+        listener.listen(PENDING_CHANNEL).await?;
+        let mut running: Running = (JoinSet::new(), HashMap::new());
+        while !shutdown.is_cancelled() {
+            let wake = self.run_once(&mut running).await;
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(done) = running.0.join_next_with_id(), if !running.0.is_empty() => {
+                    let id = match done { Ok((id, ())) => id, Err(e) => e.id() };
+                    running.1.remove(&id);
+                }
+                n = listener.try_recv() => if let Err(e) = n {
+                    tracing::warn!("LISTEN connection lost, falling back to timers: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                },
+                _ = tokio::time::sleep(wake) => {}
+            }
+        }
+        self.drain(running, drain).await;
+        Ok(())
+    }
+
+    /// Claims as many due rows as there are free slots and starts their attempts. Returns how long
+    /// to wait before looking again when nothing else wakes the loop.
+    pub async fn run_once(&self, running: &mut Running) -> Duration {
+        let free = self.config.concurrency.saturating_sub(running.0.len());
+        if free == 0 {
+            return self.config.max_idle;
+        }
+        let asked = free.min(self.config.claim_batch_size);
+        let claimed = match self.store.claim(&self.group, asked as i64, self.config.lease, &self.worker).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::error!("claiming due rows failed: {e}");
+                return Duration::from_secs(1);
+            }
+        };
+        let got = claimed.len();
+        for row in claimed {
+            let claim = (row.id, row.attempt);
+            let span = tracing::info_span!("attempt", id = %row.id, attempt = row.attempt,
+                topic = %row.message.topic, partition = row.message.partition, offset = row.message.offset);
+            let task = self.attempt(row).instrument(span);
+            let handle = running.0.spawn(task);
+            running.1.insert(handle.id(), claim);
+        }
+        if got == asked {
+            return Duration::ZERO; // there may be more due right now
+        }
+        self.until_next_wake().await
+    }
+
+    async fn until_next_wake(&self) -> Duration {
+        let wake = match self.store.next_wake(&self.group).await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!("reading the next due time failed: {e}");
+                return Duration::from_secs(1);
+            }
+        };
+        let Some(at) = wake.earliest() else { return self.config.max_idle };
+        // A few milliseconds late rather than early: the claim compares with the database clock.
+        let wait = (at - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(5);
+        wait.clamp(Duration::from_millis(10), self.config.max_idle)
+    }
+
+    fn attempt(&self, row: Claimed) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let (handler, complete, retry, group) =
+            (self.handler.clone(), self.complete.clone(), self.retry.clone(), self.group.clone());
+        let timeout = self.timeout;
+        async move {
+            let attempt = u32::try_from(row.attempt).unwrap_or(u32::MAX);
+            let delivery = Delivery { message: &row.message, attempt, group: &group };
+            let result = call_with_timeout(handler.as_ref(), delivery, timeout).await;
+            let outcome = match result {
+                Ok(()) => Outcome::Succeeded,
+                Err(error) if error.kind == ErrorKind::Permanent || row.attempt >= row.max_attempts => {
+                    tracing::info!("attempt failed, row is dead: {error}");
+                    Outcome::Dead { error }
+                }
+                Err(error) => {
+                    let policy = retry.for_topic(&row.message.topic);
+                    let delay = policy.backoff().delay(attempt, rand::random::<f64>(), error.retry_after);
+                    tracing::debug!(retry_in = ?delay, "attempt failed: {error}");
+                    Outcome::Retry { next_attempt_at: Utc::now() + delay, error }
+                }
+            };
+            let label = match &outcome {
+                Outcome::Succeeded => "succeeded",
+                Outcome::Retry { .. } => "retry",
+                Outcome::Dead { .. } => "dead",
+            };
+            metrics::counter!("redrive_attempts_total", "outcome" => label).increment(1);
+            complete.send(Completion { id: row.id, attempt: row.attempt, outcome }).await;
+        }
+    }
+
+    async fn drain(self, (mut tasks, mut claims): Running, limit: Duration) {
+        tracing::info!(in_flight = tasks.len(), "retry workers stopping: finishing in-flight attempts");
+        let _ = tokio::time::timeout(limit, async {
+            while let Some(done) = tasks.join_next_with_id().await {
+                let id = match done { Ok((id, ())) => id, Err(e) => e.id() };
+                claims.remove(&id);
+            }
+        })
+        .await;
+        tasks.abort_all();
+        let unfinished: Vec<(Uuid, i32)> = claims.into_values().collect();
+        if unfinished.is_empty() {
+            return;
+        }
+        match self.store.release(&unfinished).await {
+            Ok(n) => tracing::info!(released = n, "released the claims of unfinished attempts"),
+            Err(e) => tracing::warn!("releasing claims failed; their leases will expire instead: {e}"),
+        }
+    }
+}
+
+/// `host-pid`, recorded in `locked_by` so operators can see who holds a row.
+pub fn worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "redrive".to_string());
+    format!("{host}-{}", std::process::id())
+}

@@ -1,0 +1,113 @@
+//! librdkafka client configuration, and the startup checks that topics exist.
+//!
+//! The consumer always runs with `enable.auto.offset.store=false`: redrive stores an offset only
+//! once the message's outcome is durable (I1), and auto-commit then commits what was stored.
+//! Secret properties are never logged (I9).
+
+use crate::config::kafka_property_is_secret;
+use anyhow::{bail, Context};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaResult, RDKafkaErrorCode};
+use rdkafka::{ClientConfig, TopicPartitionList};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// Consumer-only properties, left out of the DLQ producer's configuration.
+const CONSUMER_ONLY: &[&str] = &[
+    "group.id", "group.instance.id", "enable.auto.commit", "auto.commit.interval.ms",
+    "auto.offset.reset", "enable.auto.offset.store", "session.timeout.ms", "max.poll.interval.ms",
+    "partition.assignment.strategy", "group.protocol", "isolation.level", "fetch.min.bytes",
+    "fetch.wait.max.ms", "fetch.max.bytes", "max.partition.fetch.bytes", "queued.min.messages",
+    "queued.max.messages.kbytes", "heartbeat.interval.ms", "enable.partition.eof", "check.crcs",
+];
+
+/// Properties as one log-safe line, secrets replaced by `***`.
+pub fn describe(props: &BTreeMap<String, String>) -> String {
+    props
+        .iter()
+        .map(|(k, v)| if kafka_property_is_secret(k) { format!("{k}=***") } else { format!("{k}={v}") })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The consumer's configuration: the user's properties with redrive's required settings.
+pub fn consumer_config(props: &BTreeMap<String, String>) -> anyhow::Result<ClientConfig> {
+    if props.get("enable.auto.offset.store").is_some_and(|v| v != "false") {
+        bail!("`kafka.\"enable.auto.offset.store\"` must be false: redrive stores offsets itself, only after a durable outcome");
+    }
+    let mut c = ClientConfig::new();
+    c.set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("fetch.message.max.bytes", "16777216");
+    for (k, v) in props {
+        c.set(k, v);
+    }
+    c.set("enable.auto.offset.store", "false");
+    Ok(c)
+}
+
+/// The DLQ producer's configuration: idempotent and fully acknowledged, large records allowed.
+pub fn producer_config(props: &BTreeMap<String, String>, publish_timeout: Duration) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("message.max.bytes", "16777216")
+        .set("linger.ms", "5");
+    for (k, v) in props.iter().filter(|(k, _)| !CONSUMER_ONLY.contains(&k.as_str())) {
+        c.set(k, v);
+    }
+    c.set("message.timeout.ms", publish_timeout.as_millis().to_string());
+    c
+}
+
+/// Fails with a clear error unless every topic exists on the cluster.
+pub fn ensure_topics<C: ClientContext>(client: &rdkafka::client::Client<C>, topics: &[String], what: &str, timeout: Duration) -> anyhow::Result<()> {
+    for topic in topics {
+        let metadata = client
+            .fetch_metadata(Some(topic), timeout)
+            .with_context(|| format!("asking the Kafka cluster about {what} topic {topic:?}"))?;
+        let known = metadata.topics().iter().find(|t| t.name() == topic);
+        match known.and_then(|t| t.error()) {
+            None if known.is_some_and(|t| !t.partitions().is_empty()) => {}
+            Some(e) if RDKafkaErrorCode::from(e) != RDKafkaErrorCode::UnknownTopicOrPartition => {
+                bail!("{what} topic {topic:?} is not usable: {}", RDKafkaErrorCode::from(e))
+            }
+            _ => bail!("{what} topic {topic:?} does not exist on the Kafka cluster; create it first (redrive never creates topics)"),
+        }
+    }
+    Ok(())
+}
+
+/// Logs rebalances and commit failures of the consumer.
+#[derive(Debug, Default)]
+pub struct LoggingContext;
+
+impl ClientContext for LoggingContext {}
+
+impl ConsumerContext for LoggingContext {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => tracing::info!(partitions = %list(tpl), "partitions assigned"),
+            Rebalance::Revoke(tpl) => tracing::info!(partitions = %list(tpl), "partitions revoked"),
+            Rebalance::Error(e) => tracing::warn!("rebalance error: {e}"),
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => tracing::debug!(offsets = %list(offsets), "offsets committed"),
+            Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::NoOffset) => {}
+            Err(e) => tracing::warn!(offsets = %list(offsets), "offset commit failed: {e}"),
+        }
+    }
+}
+
+fn list(tpl: &TopicPartitionList) -> String {
+    tpl.elements()
+        .iter()
+        .map(|e| format!("{}[{}]@{:?}", e.topic(), e.partition(), e.offset()))
+        .collect::<Vec<_>>()
+        .join(",")
+}

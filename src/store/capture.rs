@@ -1,0 +1,103 @@
+//! Capture: failed messages become rows, many per statement.
+//!
+//! The insert is idempotent on `(consumer_group, topic, partition, kafka_offset)` (I2): a message
+//! that Kafka redelivers after a crash finds its row already there and adds nothing. Only after
+//! this statement commits may the consumer store the messages' offsets (I1).
+
+use super::{Store, StoreError};
+use crate::handler::HandlerError;
+use crate::message::Message;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+/// Where a captured row starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitialState {
+    /// Retry at `next_attempt_at`.
+    Pending,
+    /// Out of attempts already, or a permanent error: straight to the DLQ outbox.
+    Dead,
+}
+
+/// A failed first delivery, ready to be stored.
+#[derive(Debug, Clone)]
+pub struct Capture {
+    /// The message, byte for byte.
+    pub message: Message,
+    /// Pending or dead.
+    pub state: InitialState,
+    /// The policy's attempt budget for this topic.
+    pub max_attempts: i32,
+    /// When the first retry is due (ignored for dead rows).
+    pub next_attempt_at: DateTime<Utc>,
+    /// Why the first delivery failed.
+    pub error: HandlerError,
+}
+
+impl Store {
+    /// Inserts the batch in one statement; rows that already exist are left as they are.
+    /// Returns how many rows were new.
+    pub async fn capture(&self, group: &str, batch: &[Capture]) -> Result<u64, StoreError> {
+        let n = batch.len();
+        let mut ids = Vec::with_capacity(n);
+        let (mut topics, mut partitions, mut offsets) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut timestamps, mut keys, mut payloads) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut headers, mut states, mut max_attempts) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut next_at, mut errors, mut kinds) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        for c in batch {
+            let m = &c.message;
+            ids.push(Uuid::now_v7());
+            topics.push(m.topic.clone());
+            partitions.push(m.partition);
+            offsets.push(m.offset);
+            timestamps.push(m.timestamp);
+            keys.push(m.key.clone());
+            payloads.push(m.payload.clone());
+            headers.push(m.headers_json());
+            states.push(match c.state {
+                InitialState::Pending => "pending".to_string(),
+                InitialState::Dead => "dead".to_string(),
+            });
+            max_attempts.push(c.max_attempts);
+            next_at.push(c.next_attempt_at);
+            errors.push(c.error.message.clone());
+            kinds.push(c.error.kind.as_str().to_string());
+        }
+        let result = sqlx::query!(
+            r#"
+            INSERT INTO redrive.retry_messages (
+                id, consumer_group, topic, "partition", kafka_offset, kafka_timestamp, key, payload,
+                headers, state, attempts, max_attempts, next_attempt_at, last_error, error_kind,
+                error_history, first_failed_at, updated_at, dead_at)
+            SELECT t.id, $1, t.topic, t.part, t.off, t.ts, t.key, t.payload,
+                   t.headers, t.state, 1, t.max_attempts, t.next_at, t.err, t.kind,
+                   jsonb_build_array(jsonb_build_object(
+                       'at', now(), 'attempt', 1, 'kind', t.kind, 'error', t.err)),
+                   now(), now(), CASE WHEN t.state = 'dead' THEN now() END
+            FROM UNNEST($2::uuid[], $3::text[], $4::int4[], $5::int8[], $6::timestamptz[],
+                        $7::bytea[], $8::bytea[], $9::jsonb[], $10::text[], $11::int4[],
+                        $12::timestamptz[], $13::text[], $14::text[])
+                 AS t(id, topic, part, off, ts, key, payload, headers, state, max_attempts,
+                      next_at, err, kind)
+            ON CONFLICT (consumer_group, topic, "partition", kafka_offset) DO NOTHING
+            "#,
+            group,
+            &ids,
+            &topics,
+            &partitions,
+            &offsets,
+            &timestamps as &[Option<DateTime<Utc>>],
+            &keys as &[Option<Vec<u8>>],
+            &payloads as &[Option<Vec<u8>>],
+            &headers,
+            &states,
+            &max_attempts,
+            &next_at,
+            &errors,
+            &kinds,
+        )
+        .execute(self.pool())
+        .await?;
+        Ok(result.rows_affected())
+    }
+}

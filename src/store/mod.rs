@@ -1,0 +1,103 @@
+//! All SQL lives under this module, one statement per small `async fn`.
+//!
+//! - [`migrate`]: the embedded refinery migrations and the schema version check.
+//! - [`capture`]: failed messages into the table, idempotently (I2).
+//! - [`claim`]: batch claims with a lease, and the rescue of expired leases (I3).
+//! - [`complete`]: fenced, batched completions (I3).
+//! - [`outbox`]: dead rows the DLQ broker has not acknowledged yet (I4).
+
+pub mod capture;
+pub mod claim;
+pub mod complete;
+pub mod migrate;
+pub mod outbox;
+
+use crate::config::{redact_url, PostgresConfig};
+use secrecy::ExposeSecret;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+use std::str::FromStr;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Errors from the store. Connection trouble is transient; the rest is not.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A query failed.
+    #[error("postgres: {0}")]
+    Sql(#[from] sqlx::Error),
+    /// The schema is missing or older than this build needs.
+    #[error("{0}")]
+    Schema(String),
+    /// A stored row could not be read back (for example malformed headers written by hand).
+    #[error("row {id}: {problem}")]
+    BadRow { id: uuid::Uuid, problem: String },
+    /// Startup was cancelled while Postgres was still unreachable.
+    #[error("gave up connecting to postgres at {0}: shutting down")]
+    Cancelled(String),
+}
+
+/// The retry store: a connection pool to the database that holds the `redrive` schema.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    /// Wraps an existing pool (tests, and library users with a pool of their own).
+    pub fn from_pool(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// The pool, for the statements in the submodules.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Connects, retrying with backoff while Postgres is unreachable, and logging each failure
+    /// with the password redacted. Wrong credentials or a missing database fail at once.
+    pub async fn connect(config: &PostgresConfig, shutdown: &CancellationToken) -> Result<Self, StoreError> {
+        let shown = redact_url(config.url.expose_secret());
+        let options = PgConnectOptions::from_str(config.url.expose_secret())?;
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections)
+            .acquire_timeout(config.connect_timeout)
+            .connect_lazy_with(options);
+        let mut delay = Duration::from_millis(250);
+        for attempt in 1u32.. {
+            let error = match sqlx::query("SELECT 1").execute(&pool).await {
+                Ok(_) => return Ok(Self { pool }),
+                Err(e) if !is_transient(&e) => return Err(e.into()),
+                Err(e) => e,
+            };
+            tracing::warn!(
+                postgres = %shown, attempt, retry_in = %humantime::format_duration(delay),
+                "postgres is unreachable, retrying: {error}"
+            );
+            tokio::select! {
+                _ = shutdown.cancelled() => return Err(StoreError::Cancelled(shown)),
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(30));
+        }
+        unreachable!("the loop above only ends by returning")
+    }
+
+    /// Whether the database answers: `/readyz`.
+    pub async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+}
+
+/// Whether an error may go away by itself: I/O, timeouts, a server starting or shutting down.
+pub fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(db) => {
+            // 08: connection exceptions; 57P0x: admin shutdown / cannot connect now; 53: resources.
+            let code = db.code().unwrap_or_default();
+            code.starts_with("08") || code.starts_with("57P0") || code.starts_with("53") || code == "40001"
+        }
+        _ => false,
+    }
+}

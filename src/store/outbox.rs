@@ -1,0 +1,117 @@
+//! The DLQ outbox (I4): dead rows whose record the DLQ broker has not acknowledged yet.
+//!
+//! A publisher locks a batch (`FOR UPDATE SKIP LOCKED`, so publishers in several processes share
+//! the work), produces the records, and sets `dlq_published_at` only for those the broker
+//! acknowledged, in the same transaction. A failed send leaves the row unpublished for the next
+//! round; the row itself never leaves the table.
+
+use super::{Store, StoreError};
+use crate::message::Message;
+use chrono::{DateTime, Utc};
+use sqlx::{Postgres, Transaction};
+use uuid::Uuid;
+
+/// A dead row on its way to the DLQ topic.
+#[derive(Debug, Clone)]
+pub struct DeadRow {
+    /// The row id, sent as a header so the record can be traced back.
+    pub id: Uuid,
+    /// The consumer group that failed to process it.
+    pub consumer_group: String,
+    /// The original record.
+    pub message: Message,
+    /// Attempts made.
+    pub attempts: i32,
+    /// When it first failed.
+    pub first_failed_at: DateTime<Utc>,
+    /// The last error.
+    pub last_error: Option<String>,
+    /// `retryable`, `permanent` or `timeout`.
+    pub error_kind: Option<String>,
+}
+
+/// A locked batch of unpublished dead rows; dropping it without [`OutboxBatch::finish`] unlocks
+/// the rows unchanged.
+pub struct OutboxBatch {
+    tx: Transaction<'static, Postgres>,
+    /// The rows to publish.
+    pub rows: Vec<DeadRow>,
+}
+
+impl Store {
+    /// Locks up to `limit` unpublished dead rows of `group`, oldest first.
+    pub async fn outbox_batch(&self, group: &str, limit: i64) -> Result<OutboxBatch, StoreError> {
+        let mut tx = self.pool().begin().await?;
+        let records = sqlx::query!(
+            r#"
+            SELECT id, consumer_group, topic, "partition", kafka_offset, kafka_timestamp, key, payload,
+                   headers, attempts, first_failed_at, last_error, error_kind
+            FROM redrive.retry_messages
+            WHERE consumer_group = $1 AND state = 'dead' AND dlq_published_at IS NULL
+            ORDER BY dead_at
+            LIMIT $2
+            FOR UPDATE SKIP LOCKED
+            "#,
+            group,
+            limit,
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut rows = Vec::with_capacity(records.len());
+        for r in records {
+            let headers = Message::headers_from_json(r.headers)
+                .map_err(|e| StoreError::BadRow { id: r.id, problem: format!("headers: {e}") })?;
+            rows.push(DeadRow {
+                id: r.id,
+                consumer_group: r.consumer_group,
+                attempts: r.attempts,
+                first_failed_at: r.first_failed_at,
+                last_error: r.last_error,
+                error_kind: r.error_kind,
+                message: Message {
+                    topic: r.topic,
+                    partition: r.partition,
+                    offset: r.kafka_offset,
+                    timestamp: r.kafka_timestamp,
+                    key: r.key,
+                    payload: r.payload,
+                    headers,
+                },
+            });
+        }
+        Ok(OutboxBatch { tx, rows })
+    }
+
+    /// How many dead rows of `group` wait for the DLQ broker.
+    pub async fn outbox_backlog(&self, group: &str) -> Result<i64, StoreError> {
+        let n = sqlx::query_scalar!(
+            r#"SELECT count(*) AS "n!" FROM redrive.retry_messages
+               WHERE consumer_group = $1 AND state = 'dead' AND dlq_published_at IS NULL"#,
+            group,
+        )
+        .fetch_one(self.pool())
+        .await?;
+        Ok(n)
+    }
+}
+
+impl OutboxBatch {
+    /// Records the acknowledged rows (id and the topic they went to) and unlocks the batch.
+    pub async fn finish(mut self, published: &[(Uuid, String)]) -> Result<u64, StoreError> {
+        let (ids, topics): (Vec<Uuid>, Vec<String>) = published.iter().cloned().unzip();
+        let result = sqlx::query!(
+            r#"
+            UPDATE redrive.retry_messages r
+            SET dlq_published_at = now(), dlq_topic = f.topic, updated_at = now()
+            FROM UNNEST($1::uuid[], $2::text[]) AS f(id, topic)
+            WHERE r.id = f.id AND r.state = 'dead' AND r.dlq_published_at IS NULL
+            "#,
+            &ids,
+            &topics,
+        )
+        .execute(&mut *self.tx)
+        .await?;
+        self.tx.commit().await?;
+        Ok(result.rows_affected())
+    }
+}

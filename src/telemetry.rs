@@ -1,0 +1,33 @@
+//! Tracing and metrics setup. Logs go to stderr, filtered by `REDRIVE_LOG` (or `RUST_LOG`);
+//! metrics are Prometheus counters named `redrive_<noun>_total`, served on `/metrics`.
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+use tracing_subscriber::EnvFilter;
+
+/// Default log filter: redrive at info, noisy dependencies at warn.
+pub const DEFAULT_FILTER: &str = "info,sqlx=warn,rdkafka=warn,librdkafka=warn,hyper=warn,reqwest=warn";
+
+/// Installs the global tracing subscriber. Safe to call more than once (later calls do nothing).
+pub fn init_tracing() {
+    let filter = std::env::var("REDRIVE_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| DEFAULT_FILTER.to_string());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// The process-wide Prometheus recorder, installed on first use.
+pub fn metrics() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        // Fails only when another recorder was installed first; ours then renders nothing new.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
