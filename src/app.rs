@@ -27,7 +27,12 @@ use tokio_util::sync::CancellationToken;
 const METADATA_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Runs the selected services until `shutdown` is cancelled or one of them fails.
-pub async fn run<H: Handler>(config: Config, handler: H, parts: RunArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run<H: Handler>(
+    config: Config,
+    handler: H,
+    parts: RunArgs,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let store = Store::connect(&config.postgres, &shutdown).await?;
     store.check_schema().await?;
     let group = config.kafka.group_id().to_string();
@@ -39,18 +44,29 @@ pub async fn run<H: Handler>(config: Config, handler: H, parts: RunArgs, shutdow
     if !parts.no_dlq {
         let publisher = dlq_publisher(&config, store.clone())?;
         let token = shutdown.clone();
-        services.spawn(async move { ("dlq publisher", publisher.run(token).await.map_err(Into::into)) });
+        services.spawn(async move {
+            (
+                "dlq publisher",
+                publisher.run(token).await.map_err(Into::into),
+            )
+        });
     }
     if !parts.no_workers {
         let (completer, complete) = completer(store.clone(), &config.workers);
         let dispatcher = Dispatcher::new(
-            store.clone(), handler.clone(), complete, &group, config.retry.clone(),
-            config.workers.clone(), config.handler.timeout,
+            store.clone(),
+            handler.clone(),
+            complete,
+            &group,
+            config.retry.clone(),
+            config.workers.clone(),
+            config.handler.timeout,
         );
         let token = shutdown.clone();
         services.spawn(async move {
+            let completing = tokio::spawn(completer.run());
             let result = dispatcher.run(token, drain).await;
-            completer.run().await; // the dispatcher dropped its handle: flush and stop
+            let _ = completing.await; // the dispatcher dropped its handle: flush and stop
             ("retry workers", result.map_err(Into::into))
         });
     }
@@ -58,7 +74,12 @@ pub async fn run<H: Handler>(config: Config, handler: H, parts: RunArgs, shutdow
         let consumer = subscribe(&config)?;
         let (capturer, capture) = capturer(store.clone(), &group, &config.consumer);
         let consumer = Consumer::new(
-            consumer, &group, handler.clone(), capture, config.retry.clone(), &config.consumer,
+            consumer,
+            &group,
+            handler.clone(),
+            capture,
+            config.retry.clone(),
+            &config.consumer,
             config.handler.timeout,
         );
         let token = shutdown.clone();
@@ -71,7 +92,12 @@ pub async fn run<H: Handler>(config: Config, handler: H, parts: RunArgs, shutdow
     }
     if !parts.no_http {
         let (listen, store, token) = (config.http.listen, store.clone(), shutdown.clone());
-        services.spawn(async move { ("http listener", crate::http_server::serve(listen, store, token).await) });
+        services.spawn(async move {
+            (
+                "http listener",
+                crate::http_server::serve(listen, store, token).await,
+            )
+        });
     }
     supervise(services, shutdown, drain).await
 }
@@ -130,9 +156,16 @@ fn subscribe(config: &Config) -> anyhow::Result<Arc<KafkaConsumer>> {
     let consumer: KafkaConsumer = kafka::consumer_config(&config.kafka.properties)?
         .create_with_context(LoggingContext)
         .context("creating the Kafka consumer (check the [kafka] properties)")?;
-    kafka::ensure_topics(consumer.client(), &config.kafka.topics, "source", METADATA_TIMEOUT)?;
+    kafka::ensure_topics(
+        consumer.client(),
+        &config.kafka.topics,
+        "source",
+        METADATA_TIMEOUT,
+    )?;
     let topics: Vec<&str> = config.kafka.topics.iter().map(String::as_str).collect();
-    consumer.subscribe(&topics).context("subscribing to the topics")?;
+    consumer
+        .subscribe(&topics)
+        .context("subscribing to the topics")?;
     Ok(Arc::new(consumer))
 }
 
@@ -142,8 +175,19 @@ fn dlq_publisher(config: &Config, store: Store) -> anyhow::Result<DlqPublisher> 
     let producer: FutureProducer = kafka::producer_config(&props, config.dlq.publish_timeout)
         .create()
         .context("creating the DLQ producer (check [kafka] and [dlq.kafka])")?;
-    let publisher = DlqPublisher::new(store, producer.clone(), config.kafka.group_id(), &config.dlq.topic, config.dlq.batch_size);
-    let dlq_topics: Vec<String> = config.kafka.topics.iter().map(|t| publisher.topic_for(t)).collect();
+    let publisher = DlqPublisher::new(
+        store,
+        producer.clone(),
+        config.kafka.group_id(),
+        &config.dlq.topic,
+        config.dlq.batch_size,
+    );
+    let dlq_topics: Vec<String> = config
+        .kafka
+        .topics
+        .iter()
+        .map(|t| publisher.topic_for(t))
+        .collect();
     kafka::ensure_topics(producer.client(), &dlq_topics, "DLQ", METADATA_TIMEOUT)?;
     Ok(publisher)
 }

@@ -39,7 +39,12 @@ impl Backoff {
     /// The delay before the attempt after `failed_attempt` (1-based).
     ///
     /// `random` is a sample in `[0, 1)`; passing it in keeps this function pure and testable.
-    pub fn delay(&self, failed_attempt: u32, random: f64, retry_after: Option<Duration>) -> Duration {
+    pub fn delay(
+        &self,
+        failed_attempt: u32,
+        random: f64,
+        retry_after: Option<Duration>,
+    ) -> Duration {
         if let Some(ra) = retry_after {
             return ra.min(self.retry_after_max);
         }
@@ -47,7 +52,8 @@ impl Backoff {
         let base = match self.kind {
             BackoffKind::Exponential => {
                 // powi on a huge exponent saturates to +inf, which the min() below caps.
-                self.initial.as_secs_f64() * self.multiplier.powi((n - 1).min(i32::MAX as u32) as i32)
+                self.initial.as_secs_f64()
+                    * self.multiplier.powi((n - 1).min(i32::MAX as u32) as i32)
             }
             BackoffKind::Linear => self.initial.as_secs_f64() * f64::from(n),
         };
@@ -94,7 +100,10 @@ mod tests {
 
     #[test]
     fn jitter_only_shortens_within_its_fraction() {
-        let p = Backoff { jitter: 0.5, ..policy(BackoffKind::Exponential) };
+        let p = Backoff {
+            jitter: 0.5,
+            ..policy(BackoffKind::Exponential)
+        };
         assert_eq!(p.delay(3, 0.0, None), Duration::from_secs(4));
         assert_eq!(p.delay(3, 0.999_999, None).as_millis(), 2000);
         let mid = p.delay(3, 0.5, None);
@@ -105,7 +114,13 @@ mod tests {
     #[test]
     fn retry_after_replaces_the_delay_up_to_its_cap() {
         let p = policy(BackoffKind::Exponential);
-        assert_eq!(p.delay(1, 0.0, Some(Duration::from_secs(7))), Duration::from_secs(7));
-        assert_eq!(p.delay(1, 0.0, Some(Duration::from_secs(3600))), Duration::from_secs(30));
+        assert_eq!(
+            p.delay(1, 0.0, Some(Duration::from_secs(7))),
+            Duration::from_secs(7)
+        );
+        assert_eq!(
+            p.delay(1, 0.0, Some(Duration::from_secs(3600))),
+            Duration::from_secs(30)
+        );
     }
 }

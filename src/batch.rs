@@ -9,7 +9,11 @@ use tokio::time::Instant;
 
 /// Waits for the first item, then collects until `max` items or `linger` has passed.
 /// `None` once the channel is closed and empty.
-pub async fn collect<T>(rx: &mut mpsc::Receiver<T>, max: usize, linger: Duration) -> Option<Vec<T>> {
+pub async fn collect<T>(
+    rx: &mut mpsc::Receiver<T>,
+    max: usize,
+    linger: Duration,
+) -> Option<Vec<T>> {
     let first = rx.recv().await?;
     let mut items = Vec::with_capacity(max.min(1024));
     items.push(first);
@@ -47,7 +51,8 @@ where
         match write().await {
             Ok(v) => return v,
             Err(e) => {
-                metrics::counter!("redrive_store_write_failures_total", "what" => what.to_string()).increment(1);
+                metrics::counter!("redrive_store_write_failures_total", "what" => what.to_string())
+                    .increment(1);
                 tracing::error!(failures, retry_in = %humantime::format_duration(delay), "{what} failed, retrying: {e}");
             }
         }
@@ -70,7 +75,10 @@ mod tests {
         let got = collect(&mut rx, 3, Duration::from_secs(60)).await.unwrap();
         assert_eq!(got, vec![0, 1, 2]);
         drop(tx);
-        assert_eq!(collect(&mut rx, 10, Duration::from_secs(60)).await.unwrap(), vec![3, 4]);
+        assert_eq!(
+            collect(&mut rx, 10, Duration::from_secs(60)).await.unwrap(),
+            vec![3, 4]
+        );
         assert_eq!(collect(&mut rx, 10, Duration::from_secs(60)).await, None);
     }
 
@@ -80,7 +88,13 @@ mod tests {
         let v: u32 = until_written("test", || {
             calls += 1;
             let n = calls;
-            async move { if n < 3 { Err("down") } else { Ok(n) } }
+            async move {
+                if n < 3 {
+                    Err("down")
+                } else {
+                    Ok(n)
+                }
+            }
         })
         .await;
         assert_eq!(v, 3);

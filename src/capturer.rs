@@ -49,10 +49,16 @@ impl Capture {
     /// one-attempt policy, otherwise pending until the policy's first delay has passed.
     pub fn first_failure(message: Message, policy: &RetryPolicy, error: HandlerError) -> Self {
         let dead = error.kind == ErrorKind::Permanent || policy.max_attempts <= 1;
-        let delay = policy.backoff().delay(1, rand::random::<f64>(), error.retry_after);
+        let delay = policy
+            .backoff()
+            .delay(1, rand::random::<f64>(), error.retry_after);
         Capture {
             message,
-            state: if dead { InitialState::Dead } else { InitialState::Pending },
+            state: if dead {
+                InitialState::Dead
+            } else {
+                InitialState::Pending
+            },
             max_attempts: policy.max_attempts.min(i32::MAX as u32) as i32,
             next_attempt_at: Utc::now() + delay,
             error,
@@ -75,11 +81,18 @@ impl CaptureHandle {
 impl Capturer {
     /// Writes batches until every handle is dropped and the queue is empty.
     pub async fn run(mut self) {
-        while let Some(requests) = batch::collect(&mut self.rx, self.batch_size, self.linger).await {
-            let (rows, waiting): (Vec<Capture>, Vec<oneshot::Sender<()>>) = requests.into_iter().unzip();
-            let inserted = batch::until_written("capture", || self.store.capture(&self.group, &rows)).await;
-            let dead = rows.iter().filter(|r| r.state == InitialState::Dead).count() as u64;
-            metrics::counter!("redrive_captured_total", "state" => "pending").increment(rows.len() as u64 - dead);
+        while let Some(requests) = batch::collect(&mut self.rx, self.batch_size, self.linger).await
+        {
+            let (rows, waiting): (Vec<Capture>, Vec<oneshot::Sender<()>>) =
+                requests.into_iter().unzip();
+            let inserted =
+                batch::until_written("capture", || self.store.capture(&self.group, &rows)).await;
+            let dead = rows
+                .iter()
+                .filter(|r| r.state == InitialState::Dead)
+                .count() as u64;
+            metrics::counter!("redrive_captured_total", "state" => "pending")
+                .increment(rows.len() as u64 - dead);
             metrics::counter!("redrive_captured_total", "state" => "dead").increment(dead);
             tracing::debug!(rows = rows.len(), inserted, "captured failed messages");
             for w in waiting {

@@ -13,7 +13,13 @@ use std::path::PathBuf;
 pub struct Cli {
     /// The TOML configuration file. Every setting can also be set with an environment variable:
     /// REDRIVE_<SECTION>__<FIELD>, for example REDRIVE_POSTGRES__URL or REDRIVE_RETRY__MAX_ATTEMPTS.
-    #[arg(short, long, env = "REDRIVE_CONFIG", global = true, value_name = "FILE")]
+    #[arg(
+        short,
+        long,
+        env = "REDRIVE_CONFIG",
+        global = true,
+        value_name = "FILE"
+    )]
     pub config: Option<PathBuf>,
 
     /// What to do.

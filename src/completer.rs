@@ -25,7 +25,12 @@ pub struct Completer {
 /// Creates a completer and the handle that feeds it.
 pub fn completer(store: Store, config: &WorkersConfig) -> (Completer, CompleteHandle) {
     let (tx, rx) = mpsc::channel(config.complete_batch_size * 2);
-    let completer = Completer { store, rx, batch_size: config.complete_batch_size, linger: config.complete_linger };
+    let completer = Completer {
+        store,
+        rx,
+        batch_size: config.complete_batch_size,
+        linger: config.complete_linger,
+    };
     (completer, CompleteHandle { tx })
 }
 
@@ -42,12 +47,18 @@ impl Completer {
     pub async fn run(mut self) {
         while let Some(batch) = batch::collect(&mut self.rx, self.batch_size, self.linger).await {
             let done = batch::until_written("completion", || self.store.complete(&batch)).await;
-            metrics::counter!("redrive_completions_total", "result" => "deleted").increment(done.deleted);
-            metrics::counter!("redrive_completions_total", "result" => "rescheduled").increment(done.rescheduled);
+            metrics::counter!("redrive_completions_total", "result" => "deleted")
+                .increment(done.deleted);
+            metrics::counter!("redrive_completions_total", "result" => "rescheduled")
+                .increment(done.rescheduled);
             metrics::counter!("redrive_completions_total", "result" => "dead").increment(done.dead);
-            metrics::counter!("redrive_completions_total", "result" => "rejected").increment(done.rejected);
+            metrics::counter!("redrive_completions_total", "result" => "rejected")
+                .increment(done.rejected);
             if done.rejected > 0 {
-                tracing::warn!(rejected = done.rejected, "late completions refused: their leases had been taken over");
+                tracing::warn!(
+                    rejected = done.rejected,
+                    "late completions refused: their leases had been taken over"
+                );
             }
         }
     }

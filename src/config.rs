@@ -36,7 +36,10 @@ pub enum ConfigError {
 }
 
 fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { field: field.into(), problem: problem.into() }
+    ConfigError::Invalid {
+        field: field.into(),
+        problem: problem.into(),
+    }
 }
 
 /// Everything `redrive` reads from its configuration.
@@ -214,7 +217,11 @@ mod defaults {
 
 impl Default for ConsumerConfig {
     fn default() -> Self {
-        Self { max_in_flight: 256, capture_batch_size: 500, capture_linger: Duration::from_millis(5) }
+        Self {
+            max_in_flight: 256,
+            capture_batch_size: 500,
+            capture_linger: Duration::from_millis(5),
+        }
     }
 }
 
@@ -271,13 +278,17 @@ impl Default for DlqConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self { listen: SocketAddr::from(([127, 0, 0, 1], 9464)) }
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }
     }
 }
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
-        Self { timeout: Duration::from_secs(30) }
+        Self {
+            timeout: Duration::from_secs(30),
+        }
     }
 }
 
@@ -305,7 +316,10 @@ impl RetryPolicy {
             return Err(invalid(format!("{at}.jitter"), "must be between 0 and 1"));
         }
         if self.max_delay < self.initial_delay {
-            return Err(invalid(format!("{at}.max_delay"), "must not be shorter than initial_delay"));
+            return Err(invalid(
+                format!("{at}.max_delay"),
+                "must not be shorter than initial_delay",
+            ));
         }
         Ok(())
     }
@@ -320,7 +334,9 @@ impl RetryConfig {
     /// Reads `[retry]`: the default policy's fields, and `topics.<name>` tables that override some.
     fn from_figment(figment: &Figment) -> Result<Self, ConfigError> {
         let mut section: Dict = match figment.find_value("retry") {
-            Ok(v) => v.into_dict().ok_or_else(|| invalid("retry", "must be a table"))?,
+            Ok(v) => v
+                .into_dict()
+                .ok_or_else(|| invalid("retry", "must be a table"))?,
             Err(_) => Dict::new(),
         };
         let overrides = section.remove("topics");
@@ -330,12 +346,16 @@ impl RetryConfig {
         default.validate("retry")?;
         let mut topics = BTreeMap::new();
         let overrides = match overrides {
-            Some(v) => v.into_dict().ok_or_else(|| invalid("retry.topics", "must be a table"))?,
+            Some(v) => v
+                .into_dict()
+                .ok_or_else(|| invalid("retry.topics", "must be a table"))?,
             None => Dict::new(),
         };
         for (topic, value) in overrides {
             let at = format!("retry.topics.\"{topic}\"");
-            let dict = value.into_dict().ok_or_else(|| invalid(&at, "must be a table"))?;
+            let dict = value
+                .into_dict()
+                .ok_or_else(|| invalid(&at, "must be a table"))?;
             let policy: RetryPolicy = Figment::from(Serialized::defaults(&default))
                 .merge(Serialized::defaults(dict))
                 .extract()
@@ -350,7 +370,10 @@ impl RetryConfig {
 /// Prefixes the path of a figment error that was raised on a sub-figment.
 fn prefixed(mut e: figment::Error, at: &str) -> ConfigError {
     let path = std::mem::take(&mut e.path);
-    let field = std::iter::once(at.to_string()).chain(path).collect::<Vec<_>>().join(".");
+    let field = std::iter::once(at.to_string())
+        .chain(path)
+        .collect::<Vec<_>>()
+        .join(".");
     invalid(field, e.kind.to_string())
 }
 
@@ -362,45 +385,73 @@ impl KafkaConfig {
     fn from_figment(figment: &Figment) -> Result<Self, ConfigError> {
         let mut section = figment
             .find_value("kafka")
-            .map_err(|_| invalid("kafka", "is missing: it needs at least `topics` and \"group.id\""))?
+            .map_err(|_| {
+                invalid(
+                    "kafka",
+                    "is missing: it needs at least `topics` and \"group.id\"",
+                )
+            })?
             .into_dict()
             .ok_or_else(|| invalid("kafka", "must be a table"))?;
         let topics = match section.remove("topics") {
             Some(Value::Array(_, items)) => items
                 .into_iter()
-                .map(|v| v.into_string().ok_or_else(|| invalid("kafka.topics", "must be a list of strings")))
+                .map(|v| {
+                    v.into_string()
+                        .ok_or_else(|| invalid("kafka.topics", "must be a list of strings"))
+                })
                 .collect::<Result<Vec<_>, _>>()?,
             Some(Value::String(_, s)) => s.split(',').map(|t| t.trim().to_string()).collect(),
             Some(_) => return Err(invalid("kafka.topics", "must be a list of strings")),
-            None => return Err(invalid("kafka.topics", "is missing: name the topics to consume")),
+            None => {
+                return Err(invalid(
+                    "kafka.topics",
+                    "is missing: name the topics to consume",
+                ))
+            }
         };
         if topics.is_empty() || topics.iter().any(|t| t.is_empty()) {
-            return Err(invalid("kafka.topics", "must name at least one topic, none of them empty"));
+            return Err(invalid(
+                "kafka.topics",
+                "must name at least one topic, none of them empty",
+            ));
         }
         let properties = flatten_properties(section, "kafka")?;
         if !properties.contains_key("group.id") {
-            return Err(invalid("kafka.\"group.id\"", "is missing: the consumer group is required"));
+            return Err(invalid(
+                "kafka.\"group.id\"",
+                "is missing: the consumer group is required",
+            ));
         }
         Ok(Self { topics, properties })
     }
 
     /// The consumer group.
     pub fn group_id(&self) -> &str {
-        self.properties.get("group.id").map(String::as_str).unwrap_or_default()
+        self.properties
+            .get("group.id")
+            .map(String::as_str)
+            .unwrap_or_default()
     }
 }
 
 /// Turns a table of librdkafka properties into dotted names and string values.
 pub fn flatten_properties(dict: Dict, at: &str) -> Result<BTreeMap<String, String>, ConfigError> {
     let mut out = BTreeMap::new();
-    let (flat, nested): (Vec<_>, Vec<_>) = dict.into_iter().partition(|(_, v)| v.as_dict().is_none());
+    let (flat, nested): (Vec<_>, Vec<_>) =
+        dict.into_iter().partition(|(_, v)| v.as_dict().is_none());
     for (key, value) in flat.into_iter().chain(nested) {
         flatten_into(&mut out, key.replace('_', "."), value, at)?;
     }
     Ok(out)
 }
 
-fn flatten_into(out: &mut BTreeMap<String, String>, key: String, v: Value, at: &str) -> Result<(), ConfigError> {
+fn flatten_into(
+    out: &mut BTreeMap<String, String>,
+    key: String,
+    v: Value,
+    at: &str,
+) -> Result<(), ConfigError> {
     let text = match v {
         Value::Dict(_, d) => {
             for (k, inner) in d {
@@ -417,7 +468,10 @@ fn flatten_into(out: &mut BTreeMap<String, String>, key: String, v: Value, at: &
             .or_else(|| n.to_f64().map(|f| f.to_string()))
             .unwrap_or_default(),
         Value::Empty(..) | Value::Array(..) => {
-            return Err(invalid(format!("{at}.\"{key}\""), "must be a string, number or boolean"))
+            return Err(invalid(
+                format!("{at}.\"{key}\""),
+                "must be a string, number or boolean",
+            ))
         }
     };
     out.insert(key, text);
@@ -446,7 +500,9 @@ impl Config {
         // The sections with their own readers are taken out of the typed extraction.
         let kafka = KafkaConfig::from_figment(&figment)?;
         let retry = RetryConfig::from_figment(&figment)?;
-        let partial: Partial = figment.extract().map_err(|e| ConfigError::Parse(Box::new(e)))?;
+        let partial: Partial = figment
+            .extract()
+            .map_err(|e| ConfigError::Parse(Box::new(e)))?;
         let config = Config {
             postgres: partial.postgres,
             kafka,
@@ -470,31 +526,56 @@ impl Config {
         }
         let positive = [
             ("consumer.max_in_flight", self.consumer.max_in_flight),
-            ("consumer.capture_batch_size", self.consumer.capture_batch_size),
+            (
+                "consumer.capture_batch_size",
+                self.consumer.capture_batch_size,
+            ),
             ("workers.concurrency", self.workers.concurrency),
             ("workers.claim_batch_size", self.workers.claim_batch_size),
-            ("workers.complete_batch_size", self.workers.complete_batch_size),
-            ("postgres.max_connections", self.postgres.max_connections as usize),
+            (
+                "workers.complete_batch_size",
+                self.workers.complete_batch_size,
+            ),
+            (
+                "postgres.max_connections",
+                self.postgres.max_connections as usize,
+            ),
             ("dlq.batch_size", self.dlq.batch_size.max(0) as usize),
         ];
         if let Some((field, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(invalid(*field, "must be at least 1"));
         }
         if self.workers.lease <= self.handler.timeout {
-            return Err(invalid("workers.lease", "must be longer than handler.timeout, or live attempts would be taken over"));
+            return Err(invalid(
+                "workers.lease",
+                "must be longer than handler.timeout, or live attempts would be taken over",
+            ));
         }
         if let Some(u) = &self.handler.url {
-            let parsed = url::Url::parse(u).map_err(|e| invalid("handler.url", format!("is not a URL: {e}")))?;
+            let parsed = url::Url::parse(u)
+                .map_err(|e| invalid("handler.url", format!("is not a URL: {e}")))?;
             if !matches!(parsed.scheme(), "http" | "https") {
                 return Err(invalid("handler.url", "must be an http:// or https:// URL"));
             }
         }
         for (field, list) in [
-            ("handler.retryable_statuses", &self.handler.retryable_statuses),
-            ("handler.permanent_statuses", &self.handler.permanent_statuses),
+            (
+                "handler.retryable_statuses",
+                &self.handler.retryable_statuses,
+            ),
+            (
+                "handler.permanent_statuses",
+                &self.handler.permanent_statuses,
+            ),
         ] {
-            if let Some(bad) = list.iter().find(|s| crate::handler::http::StatusPattern::parse(s).is_none()) {
-                return Err(invalid(field, format!("has {bad:?}, which is neither a status code nor a class like \"5xx\"")));
+            if let Some(bad) = list
+                .iter()
+                .find(|s| crate::handler::http::StatusPattern::parse(s).is_none())
+            {
+                return Err(invalid(
+                    field,
+                    format!("has {bad:?}, which is neither a status code nor a class like \"5xx\""),
+                ));
             }
         }
         if self.dlq.topic.trim().is_empty() {
@@ -506,7 +587,10 @@ impl Config {
     /// The DLQ producer's librdkafka properties: `[kafka]`'s, then `[dlq.kafka]` over them.
     pub fn dlq_kafka_properties(&self) -> Result<BTreeMap<String, String>, ConfigError> {
         let mut props = self.kafka.properties.clone();
-        props.extend(flatten_properties(self.dlq.kafka.clone().into_iter().collect(), "dlq.kafka")?);
+        props.extend(flatten_properties(
+            self.dlq.kafka.clone().into_iter().collect(),
+            "dlq.kafka",
+        )?);
         Ok(props)
     }
 }
@@ -559,7 +643,10 @@ pub fn redact_url(url: &str) -> String {
 /// Whether a librdkafka property holds a secret (`sasl.password`, `ssl.key.password`, …).
 pub fn kafka_property_is_secret(name: &str) -> bool {
     let n = name.to_ascii_lowercase();
-    n.contains("password") || n.contains("secret") || n.contains("sasl.jaas") || n.contains("oauthbearer.config")
+    n.contains("password")
+        || n.contains("secret")
+        || n.contains("sasl.jaas")
+        || n.contains("oauthbearer.config")
 }
 
 #[cfg(test)]

@@ -89,7 +89,9 @@ impl<H: Handler> Consumer<H> {
                 }
             };
             metrics::counter!("redrive_messages_consumed_total").increment(1);
-            self.shared.lock_tracker().begin(&message.topic, message.partition, message.offset);
+            self.shared
+                .lock_tracker()
+                .begin(&message.topic, message.partition, message.offset);
             let shared = self.shared.clone();
             let span = tracing::info_span!("message", topic = %message.topic, partition = message.partition, offset = message.offset);
             tasks.spawn(
@@ -104,17 +106,27 @@ impl<H: Handler> Consumer<H> {
     }
 
     async fn drain(self, mut tasks: JoinSet<()>, limit: Duration) {
+        while tasks.try_join_next().is_some() {}
         let waiting = tasks.len();
-        tracing::info!(in_flight = waiting, "consumer stopping: finishing in-flight messages");
-        let finished = tokio::time::timeout(limit, async { while tasks.join_next().await.is_some() {} }).await;
+        tracing::info!(
+            in_flight = waiting,
+            "consumer stopping: finishing in-flight messages"
+        );
+        let finished =
+            tokio::time::timeout(limit, async { while tasks.join_next().await.is_some() {} }).await;
         if finished.is_err() {
-            tracing::warn!(abandoned = tasks.len(), "drain timeout: unfinished messages will be redelivered");
+            tracing::warn!(
+                abandoned = tasks.len(),
+                "drain timeout: unfinished messages will be redelivered"
+            );
             tasks.abort_all();
         }
         match self.shared.consumer.commit_consumer_state(CommitMode::Sync) {
             Ok(()) => tracing::info!("committed stored offsets"),
             Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::NoOffset) => {}
-            Err(e) => tracing::warn!("final offset commit failed (the messages will be redelivered): {e}"),
+            Err(e) => {
+                tracing::warn!("final offset commit failed (the messages will be redelivered): {e}")
+            }
         }
     }
 }
@@ -127,16 +139,27 @@ impl<H: Handler> Shared<H> {
 
     /// Handles one message to a durable outcome, then lets its offset be stored.
     async fn process(&self, message: Message) {
-        let delivery = Delivery { message: &message, attempt: 1, group: &self.group };
+        let delivery = Delivery {
+            message: &message,
+            attempt: 1,
+            group: &self.group,
+        };
         let result = call_with_timeout(self.handler.as_ref(), delivery, self.timeout).await;
         let (topic, partition, offset) = (message.topic.clone(), message.partition, message.offset);
         match result {
-            Ok(()) => metrics::counter!("redrive_deliveries_total", "outcome" => "succeeded").increment(1),
+            Ok(()) => {
+                metrics::counter!("redrive_deliveries_total", "outcome" => "succeeded").increment(1)
+            }
             Err(error) => {
-                metrics::counter!("redrive_deliveries_total", "outcome" => error.kind.as_str()).increment(1);
+                metrics::counter!("redrive_deliveries_total", "outcome" => error.kind.as_str())
+                    .increment(1);
                 tracing::debug!("first delivery failed: {error}");
                 let policy = self.retry.for_topic(&topic);
-                if !self.capture.capture(Capture::first_failure(message, policy, error)).await {
+                if !self
+                    .capture
+                    .capture(Capture::first_failure(message, policy, error))
+                    .await
+                {
                     return; // not durable: the offset stays unstored
                 }
             }

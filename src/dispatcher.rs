@@ -64,7 +64,11 @@ impl<H: Handler> Dispatcher<H> {
 
     /// Claims and attempts rows until `shutdown`; then in-flight attempts get `drain` to finish and
     /// the claims of the rest are released.
-    pub async fn run(self, shutdown: CancellationToken, drain: Duration) -> Result<(), crate::store::StoreError> {
+    pub async fn run(
+        self,
+        shutdown: CancellationToken,
+        drain: Duration,
+    ) -> Result<(), crate::store::StoreError> {
         let mut listener = PgListener::connect_with(self.store.pool()).await?;
         listener.listen(PENDING_CHANNEL).await?;
         let mut running: Running = (JoinSet::new(), HashMap::new());
@@ -95,7 +99,11 @@ impl<H: Handler> Dispatcher<H> {
             return self.config.max_idle;
         }
         let asked = free.min(self.config.claim_batch_size);
-        let claimed = match self.store.claim(&self.group, asked as i64, self.config.lease, &self.worker).await {
+        let claimed = match self
+            .store
+            .claim(&self.group, asked as i64, self.config.lease, &self.worker)
+            .await
+        {
             Ok(rows) => rows,
             Err(e) => {
                 tracing::error!("claiming due rows failed: {e}");
@@ -125,31 +133,49 @@ impl<H: Handler> Dispatcher<H> {
                 return Duration::from_secs(1);
             }
         };
-        let Some(at) = wake.earliest() else { return self.config.max_idle };
+        let Some(at) = wake.earliest() else {
+            return self.config.max_idle;
+        };
         // A few milliseconds late rather than early: the claim compares with the database clock.
         let wait = (at - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(5);
         wait.clamp(Duration::from_millis(10), self.config.max_idle)
     }
 
     fn attempt(&self, row: Claimed) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let (handler, complete, retry, group) =
-            (self.handler.clone(), self.complete.clone(), self.retry.clone(), self.group.clone());
+        let (handler, complete, retry, group) = (
+            self.handler.clone(),
+            self.complete.clone(),
+            self.retry.clone(),
+            self.group.clone(),
+        );
         let timeout = self.timeout;
         async move {
             let attempt = u32::try_from(row.attempt).unwrap_or(u32::MAX);
-            let delivery = Delivery { message: &row.message, attempt, group: &group };
+            let delivery = Delivery {
+                message: &row.message,
+                attempt,
+                group: &group,
+            };
             let result = call_with_timeout(handler.as_ref(), delivery, timeout).await;
             let outcome = match result {
                 Ok(()) => Outcome::Succeeded,
-                Err(error) if error.kind == ErrorKind::Permanent || row.attempt >= row.max_attempts => {
+                Err(error)
+                    if error.kind == ErrorKind::Permanent || row.attempt >= row.max_attempts =>
+                {
                     tracing::info!("attempt failed, row is dead: {error}");
                     Outcome::Dead { error }
                 }
                 Err(error) => {
                     let policy = retry.for_topic(&row.message.topic);
-                    let delay = policy.backoff().delay(attempt, rand::random::<f64>(), error.retry_after);
+                    let delay =
+                        policy
+                            .backoff()
+                            .delay(attempt, rand::random::<f64>(), error.retry_after);
                     tracing::debug!(retry_in = ?delay, "attempt failed: {error}");
-                    Outcome::Retry { next_attempt_at: Utc::now() + delay, error }
+                    Outcome::Retry {
+                        next_attempt_at: Utc::now() + delay,
+                        error,
+                    }
                 }
             };
             let label = match &outcome {
@@ -158,15 +184,27 @@ impl<H: Handler> Dispatcher<H> {
                 Outcome::Dead { .. } => "dead",
             };
             metrics::counter!("redrive_attempts_total", "outcome" => label).increment(1);
-            complete.send(Completion { id: row.id, attempt: row.attempt, outcome }).await;
+            complete
+                .send(Completion {
+                    id: row.id,
+                    attempt: row.attempt,
+                    outcome,
+                })
+                .await;
         }
     }
 
     async fn drain(self, (mut tasks, mut claims): Running, limit: Duration) {
-        tracing::info!(in_flight = tasks.len(), "retry workers stopping: finishing in-flight attempts");
+        tracing::info!(
+            in_flight = tasks.len(),
+            "retry workers stopping: finishing in-flight attempts"
+        );
         let _ = tokio::time::timeout(limit, async {
             while let Some(done) = tasks.join_next_with_id().await {
-                let id = match done { Ok((id, ())) => id, Err(e) => e.id() };
+                let id = match done {
+                    Ok((id, ())) => id,
+                    Err(e) => e.id(),
+                };
                 claims.remove(&id);
             }
         })
@@ -178,7 +216,9 @@ impl<H: Handler> Dispatcher<H> {
         }
         match self.store.release(&unfinished).await {
             Ok(n) => tracing::info!(released = n, "released the claims of unfinished attempts"),
-            Err(e) => tracing::warn!("releasing claims failed; their leases will expire instead: {e}"),
+            Err(e) => {
+                tracing::warn!("releasing claims failed; their leases will expire instead: {e}")
+            }
         }
     }
 }

@@ -63,7 +63,13 @@ pub struct DlqPublisher {
 
 impl DlqPublisher {
     /// `topic_template` names the DLQ topic; `{topic}` is the source topic.
-    pub fn new(store: Store, producer: FutureProducer, group: &str, topic_template: &str, batch_size: i64) -> Self {
+    pub fn new(
+        store: Store,
+        producer: FutureProducer,
+        group: &str,
+        topic_template: &str,
+        batch_size: i64,
+    ) -> Self {
         Self {
             store,
             producer,
@@ -116,12 +122,23 @@ impl DlqPublisher {
 
     /// Publishes one batch of the outbox and marks what the broker acknowledged.
     pub async fn run_once(&self) -> Result<Round, StoreError> {
-        let batch = self.store.outbox_batch(&self.group, self.batch_size).await?;
+        let batch = self
+            .store
+            .outbox_batch(&self.group, self.batch_size)
+            .await?;
         if batch.rows.is_empty() {
             return Ok(Round::default());
         }
-        let topics: Vec<String> = batch.rows.iter().map(|r| self.topic_for(&r.message.topic)).collect();
-        let sends = batch.rows.iter().zip(&topics).map(|(row, topic)| self.send(row, topic));
+        let topics: Vec<String> = batch
+            .rows
+            .iter()
+            .map(|r| self.topic_for(&r.message.topic))
+            .collect();
+        let sends = batch
+            .rows
+            .iter()
+            .zip(&topics)
+            .map(|(row, topic)| self.send(row, topic));
         let results = futures::future::join_all(sends).await;
         let mut published = Vec::new();
         let mut failed = 0;
@@ -138,12 +155,17 @@ impl DlqPublisher {
         batch.finish(&published).await?;
         metrics::counter!("redrive_dlq_published_total").increment(published.len() as u64);
         metrics::counter!("redrive_dlq_failures_total").increment(failed as u64);
-        Ok(Round { fetched, published: published.len(), failed })
+        Ok(Round {
+            fetched,
+            published: published.len(),
+            failed,
+        })
     }
 
     async fn send(&self, row: &DeadRow, topic: &str) -> Result<(), rdkafka::error::KafkaError> {
         let m = &row.message;
-        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(origin_headers(row));
+        let mut record: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(topic).headers(origin_headers(row));
         if let Some(k) = &m.key {
             record = record.key(k.as_slice());
         }
@@ -164,22 +186,39 @@ fn origin_headers(row: &DeadRow) -> OwnedHeaders {
     let m = &row.message;
     let mut h = OwnedHeaders::new_with_capacity(m.headers.len() + 10);
     for header in &m.headers {
-        h = h.insert(Header { key: &header.key, value: header.value.as_deref() });
+        h = h.insert(Header {
+            key: &header.key,
+            value: header.value.as_deref(),
+        });
     }
     let origin = [
         (headers::TOPIC, m.topic.clone()),
         (headers::PARTITION, m.partition.to_string()),
         (headers::OFFSET, m.offset.to_string()),
-        (headers::TIMESTAMP, m.timestamp.map(|t| t.timestamp_millis().to_string()).unwrap_or_default()),
+        (
+            headers::TIMESTAMP,
+            m.timestamp
+                .map(|t| t.timestamp_millis().to_string())
+                .unwrap_or_default(),
+        ),
         (headers::GROUP, row.consumer_group.clone()),
         (headers::ATTEMPTS, row.attempts.to_string()),
         (headers::FIRST_FAILED_AT, row.first_failed_at.to_rfc3339()),
-        (headers::LAST_ERROR, row.last_error.clone().unwrap_or_default()),
-        (headers::ERROR_KIND, row.error_kind.clone().unwrap_or_default()),
+        (
+            headers::LAST_ERROR,
+            row.last_error.clone().unwrap_or_default(),
+        ),
+        (
+            headers::ERROR_KIND,
+            row.error_kind.clone().unwrap_or_default(),
+        ),
         (headers::ID, row.id.to_string()),
     ];
     for (key, value) in &origin {
-        h = h.insert(Header { key, value: Some(value.as_bytes()) });
+        h = h.insert(Header {
+            key,
+            value: Some(value.as_bytes()),
+        });
     }
     h
 }

@@ -10,7 +10,11 @@ use std::net::SocketAddr;
 use tokio_util::sync::CancellationToken;
 
 /// Serves until `shutdown`.
-pub async fn serve(listen: SocketAddr, store: Store, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn serve(
+    listen: SocketAddr,
+    store: Store,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     use anyhow::Context;
     let metrics = crate::telemetry::metrics();
     let app = Router::new()

@@ -15,25 +15,49 @@ use std::time::Duration;
 
 /// Consumer-only properties, left out of the DLQ producer's configuration.
 const CONSUMER_ONLY: &[&str] = &[
-    "group.id", "group.instance.id", "enable.auto.commit", "auto.commit.interval.ms",
-    "auto.offset.reset", "enable.auto.offset.store", "session.timeout.ms", "max.poll.interval.ms",
-    "partition.assignment.strategy", "group.protocol", "isolation.level", "fetch.min.bytes",
-    "fetch.wait.max.ms", "fetch.max.bytes", "max.partition.fetch.bytes", "queued.min.messages",
-    "queued.max.messages.kbytes", "heartbeat.interval.ms", "enable.partition.eof", "check.crcs",
+    "group.id",
+    "group.instance.id",
+    "enable.auto.commit",
+    "auto.commit.interval.ms",
+    "auto.offset.reset",
+    "enable.auto.offset.store",
+    "session.timeout.ms",
+    "max.poll.interval.ms",
+    "partition.assignment.strategy",
+    "group.protocol",
+    "isolation.level",
+    "fetch.min.bytes",
+    "fetch.wait.max.ms",
+    "fetch.max.bytes",
+    "max.partition.fetch.bytes",
+    "queued.min.messages",
+    "queued.max.messages.kbytes",
+    "heartbeat.interval.ms",
+    "enable.partition.eof",
+    "check.crcs",
 ];
 
 /// Properties as one log-safe line, secrets replaced by `***`.
 pub fn describe(props: &BTreeMap<String, String>) -> String {
     props
         .iter()
-        .map(|(k, v)| if kafka_property_is_secret(k) { format!("{k}=***") } else { format!("{k}={v}") })
+        .map(|(k, v)| {
+            if kafka_property_is_secret(k) {
+                format!("{k}=***")
+            } else {
+                format!("{k}={v}")
+            }
+        })
         .collect::<Vec<_>>()
         .join(" ")
 }
 
 /// The consumer's configuration: the user's properties with redrive's required settings.
 pub fn consumer_config(props: &BTreeMap<String, String>) -> anyhow::Result<ClientConfig> {
-    if props.get("enable.auto.offset.store").is_some_and(|v| v != "false") {
+    if props
+        .get("enable.auto.offset.store")
+        .is_some_and(|v| v != "false")
+    {
         bail!("`kafka.\"enable.auto.offset.store\"` must be false: redrive stores offsets itself, only after a durable outcome");
     }
     let mut c = ClientConfig::new();
@@ -49,21 +73,35 @@ pub fn consumer_config(props: &BTreeMap<String, String>) -> anyhow::Result<Clien
 }
 
 /// The DLQ producer's configuration: idempotent and fully acknowledged, large records allowed.
-pub fn producer_config(props: &BTreeMap<String, String>, publish_timeout: Duration) -> ClientConfig {
+pub fn producer_config(
+    props: &BTreeMap<String, String>,
+    publish_timeout: Duration,
+) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("enable.idempotence", "true")
         .set("acks", "all")
         .set("message.max.bytes", "16777216")
         .set("linger.ms", "5");
-    for (k, v) in props.iter().filter(|(k, _)| !CONSUMER_ONLY.contains(&k.as_str())) {
+    for (k, v) in props
+        .iter()
+        .filter(|(k, _)| !CONSUMER_ONLY.contains(&k.as_str()))
+    {
         c.set(k, v);
     }
-    c.set("message.timeout.ms", publish_timeout.as_millis().to_string());
+    c.set(
+        "message.timeout.ms",
+        publish_timeout.as_millis().to_string(),
+    );
     c
 }
 
 /// Fails with a clear error unless every topic exists on the cluster.
-pub fn ensure_topics<C: ClientContext>(client: &rdkafka::client::Client<C>, topics: &[String], what: &str, timeout: Duration) -> anyhow::Result<()> {
+pub fn ensure_topics<C: ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topics: &[String],
+    what: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     for topic in topics {
         let metadata = client
             .fetch_metadata(Some(topic), timeout)
@@ -89,7 +127,9 @@ impl ClientContext for LoggingContext {}
 impl ConsumerContext for LoggingContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
-            Rebalance::Assign(tpl) => tracing::info!(partitions = %list(tpl), "partitions assigned"),
+            Rebalance::Assign(tpl) => {
+                tracing::info!(partitions = %list(tpl), "partitions assigned")
+            }
             Rebalance::Revoke(tpl) => tracing::info!(partitions = %list(tpl), "partitions revoked"),
             Rebalance::Error(e) => tracing::warn!("rebalance error: {e}"),
         }

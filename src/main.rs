@@ -52,9 +52,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::CheckConfig => {
             println!("configuration is valid");
-            println!("postgres: {}", redact_url(config.postgres.url.expose_secret()));
+            println!(
+                "postgres: {}",
+                redact_url(config.postgres.url.expose_secret())
+            );
             println!("topics: {}", config.kafka.topics.join(", "));
-            println!("kafka: {}", redrive::kafka::describe(&config.kafka.properties));
+            println!(
+                "kafka: {}",
+                redrive::kafka::describe(&config.kafka.properties)
+            );
             println!("retry (default): {:?}", config.retry.default);
             for (topic, policy) in &config.retry.topics {
                 println!("retry ({topic}): {policy:?}");

@@ -113,9 +113,18 @@ mod tests {
             key: None,
             payload: None,
             headers: vec![
-                Header { key: "bin".into(), value: Some(vec![0xff, 0x00, 0xfe]) },
-                Header { key: "null".into(), value: None },
-                Header { key: "empty".into(), value: Some(vec![]) },
+                Header {
+                    key: "bin".into(),
+                    value: Some(vec![0xff, 0x00, 0xfe]),
+                },
+                Header {
+                    key: "null".into(),
+                    value: None,
+                },
+                Header {
+                    key: "empty".into(),
+                    value: Some(vec![]),
+                },
             ],
         };
         let back = Message::headers_from_json(m.headers_json()).unwrap();

@@ -26,7 +26,10 @@ pub struct OffsetTracker {
 impl OffsetTracker {
     /// Registers a message before its handler runs. Call in consumption order.
     pub fn begin(&mut self, topic: &str, partition: i32, offset: i64) {
-        let p = self.partitions.entry((topic.to_string(), partition)).or_default();
+        let p = self
+            .partitions
+            .entry((topic.to_string(), partition))
+            .or_default();
         // The first message seen is where the group's committed position already is.
         p.stored.get_or_insert(offset);
         *p.in_flight.entry(offset).or_default() += 1;
@@ -57,7 +60,10 @@ impl OffsetTracker {
 
     /// Messages registered and not yet done, over all partitions.
     pub fn in_flight(&self) -> usize {
-        self.partitions.values().map(|p| p.in_flight.values().sum::<u32>() as usize).sum()
+        self.partitions
+            .values()
+            .map(|p| p.in_flight.values().sum::<u32>() as usize)
+            .sum()
     }
 }
 
@@ -97,7 +103,11 @@ mod tests {
         t.begin("t", 0, 3);
         t.begin("t", 0, 4);
         assert_eq!(t.done("t", 0, 4), None);
-        assert_eq!(t.done("t", 0, 3), None, "one delivery of 3 is still running");
+        assert_eq!(
+            t.done("t", 0, 3),
+            None,
+            "one delivery of 3 is still running"
+        );
         assert_eq!(t.done("t", 0, 3), Some(5));
     }
 

@@ -15,7 +15,9 @@ pub fn on_signals() -> std::io::Result<CancellationToken> {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
-        tracing::info!("shutdown requested: finishing in-flight work (signal again to exit at once)");
+        tracing::info!(
+            "shutdown requested: finishing in-flight work (signal again to exit at once)"
+        );
         cancel.cancel();
         tokio::select! {
             _ = term.recv() => {}

@@ -6,7 +6,8 @@ use std::sync::OnceLock;
 use tracing_subscriber::EnvFilter;
 
 /// Default log filter: redrive at info, noisy dependencies at warn.
-pub const DEFAULT_FILTER: &str = "info,sqlx=warn,rdkafka=warn,librdkafka=warn,hyper=warn,reqwest=warn";
+pub const DEFAULT_FILTER: &str =
+    "info,sqlx=warn,rdkafka=warn,librdkafka=warn,hyper=warn,reqwest=warn";
 
 /// Installs the global tracing subscriber. Safe to call more than once (later calls do nothing).
 pub fn init_tracing() {

@@ -79,9 +79,10 @@ fn missing_group_and_topics_are_named() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("group.id"), "{e}");
-    let e = Config::from_toml("[postgres]\nurl = \"postgres://a@b/c\"\n[kafka]\n\"group.id\" = \"g\"")
-        .unwrap_err()
-        .to_string();
+    let e =
+        Config::from_toml("[postgres]\nurl = \"postgres://a@b/c\"\n[kafka]\n\"group.id\" = \"g\"")
+            .unwrap_err()
+            .to_string();
     assert!(e.contains("kafka.topics"), "{e}");
 }
 

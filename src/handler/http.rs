@@ -33,7 +33,9 @@ impl StatusPattern {
             return (1..=5).contains(&d).then_some(StatusPattern::Class(d));
         }
         let code: u16 = s.parse().ok()?;
-        (100..=599).contains(&code).then_some(StatusPattern::Exact(code))
+        (100..=599)
+            .contains(&code)
+            .then_some(StatusPattern::Exact(code))
     }
 
     fn matches(self, status: u16) -> bool {
@@ -58,11 +60,14 @@ pub struct HttpHandler {
 impl HttpHandler {
     /// Builds the handler from `[handler]`; the config was validated at load time.
     pub fn new(config: &HandlerConfig) -> anyhow::Result<Self> {
-        let url = config
-            .url
-            .as_deref()
-            .ok_or_else(|| anyhow::anyhow!("`handler.url` is not set: redrive needs an endpoint to deliver to"))?;
-        let parse = |list: &[String]| list.iter().filter_map(|s| StatusPattern::parse(s)).collect();
+        let url = config.url.as_deref().ok_or_else(|| {
+            anyhow::anyhow!("`handler.url` is not set: redrive needs an endpoint to deliver to")
+        })?;
+        let parse = |list: &[String]| {
+            list.iter()
+                .filter_map(|s| StatusPattern::parse(s))
+                .collect()
+        };
         Ok(Self {
             client: reqwest::Client::builder()
                 .timeout(config.timeout)
@@ -101,17 +106,34 @@ impl HttpHandler {
             }
         };
         put("ce-specversion", "1.0".into());
-        put("ce-id", format!("partition:{}/offset:{}", m.partition, m.offset));
+        put(
+            "ce-id",
+            format!("partition:{}/offset:{}", m.partition, m.offset),
+        );
         put("ce-source", fill(&self.ce_source));
         put("ce-type", self.ce_type.clone());
-        put("ce-subject", format!("partition:{}#{}", m.partition, m.offset));
+        put(
+            "ce-subject",
+            format!("partition:{}#{}", m.partition, m.offset),
+        );
         if let Some(ts) = m.timestamp {
-            put("ce-time", ts.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+            put(
+                "ce-time",
+                ts.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            );
         }
         put(ATTEMPT_HEADER, d.attempt.to_string());
         match m.key.as_deref().map(std::str::from_utf8) {
-            Some(Ok(text)) if HeaderValue::from_str(text).is_ok() => put("ce-key", text.to_string()),
-            Some(_) => put("ce-keybase64", m.key.as_deref().map(|k| BASE64.encode(k)).unwrap_or_default()),
+            Some(Ok(text)) if HeaderValue::from_str(text).is_ok() => {
+                put("ce-key", text.to_string())
+            }
+            Some(_) => put(
+                "ce-keybase64",
+                m.key
+                    .as_deref()
+                    .map(|k| BASE64.encode(k))
+                    .unwrap_or_default(),
+            ),
             None => {}
         }
         if m.payload.is_none() {
@@ -119,7 +141,10 @@ impl HttpHandler {
         }
         let content_type = m.header("content-type").and_then(|h| h.value.clone());
         let content_type = content_type.and_then(|v| String::from_utf8(v).ok());
-        put("content-type", content_type.unwrap_or_else(|| "application/octet-stream".into()));
+        put(
+            "content-type",
+            content_type.unwrap_or_else(|| "application/octet-stream".into()),
+        );
         for header in &m.headers {
             let name = format!("ce-kafkaheader{}", extension_name(&header.key));
             let Some(value) = &header.value else { continue };
@@ -134,7 +159,10 @@ impl HttpHandler {
 
 /// A CloudEvents extension name: lower-case letters and digits only.
 fn extension_name(key: &str) -> String {
-    key.chars().filter(char::is_ascii_alphanumeric).map(|c| c.to_ascii_lowercase()).collect()
+    key.chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect()
 }
 
 /// `Retry-After` as seconds or as an HTTP date.
@@ -159,11 +187,24 @@ impl Handler for HttpHandler {
             .await;
         let response = match response {
             Ok(r) => r,
-            Err(e) if e.is_timeout() => return Err(HandlerError::timeout(format!("POST {}: timed out", self.url))),
-            Err(e) => return Err(HandlerError::retryable(format!("POST {}: {}", self.url, error_chain(&e)))),
+            Err(e) if e.is_timeout() => {
+                return Err(HandlerError::timeout(format!(
+                    "POST {}: timed out",
+                    self.url
+                )))
+            }
+            Err(e) => {
+                return Err(HandlerError::retryable(format!(
+                    "POST {}: {}",
+                    self.url,
+                    error_chain(&e)
+                )))
+            }
         };
         let status = response.status().as_u16();
-        let Some(kind) = self.classify(status) else { return Ok(()) };
+        let Some(kind) = self.classify(status) else {
+            return Ok(());
+        };
         let retry_after = response
             .headers()
             .get(RETRY_AFTER)
@@ -176,7 +217,11 @@ impl Handler for HttpHandler {
         } else {
             format!("POST {} answered {status}: {}", self.url, text.trim())
         };
-        Err(HandlerError { kind, message, retry_after })
+        Err(HandlerError {
+            kind,
+            message,
+            retry_after,
+        })
     }
 }
 
@@ -201,7 +246,10 @@ impl FloorCharBoundary for String {
         if index >= self.len() {
             return self.len();
         }
-        (0..=index).rev().find(|i| self.is_char_boundary(*i)).unwrap_or(0)
+        (0..=index)
+            .rev()
+            .find(|i| self.is_char_boundary(*i))
+            .unwrap_or(0)
     }
 }
 
@@ -212,7 +260,10 @@ mod tests {
     use crate::message::{Header, Message};
 
     fn handler() -> HttpHandler {
-        let config = HandlerConfig { url: Some("http://127.0.0.1:1/".into()), ..Default::default() };
+        let config = HandlerConfig {
+            url: Some("http://127.0.0.1:1/".into()),
+            ..Default::default()
+        };
         HttpHandler::new(&config).unwrap()
     }
 
@@ -233,9 +284,15 @@ mod tests {
     #[test]
     fn retry_after_reads_seconds_and_dates() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
-        assert_eq!(parse_retry_after("120", now), Some(Duration::from_secs(120)));
+        assert_eq!(
+            parse_retry_after("120", now),
+            Some(Duration::from_secs(120))
+        );
         let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
-        assert_eq!(parse_retry_after(&later, now), Some(Duration::from_secs(30)));
+        assert_eq!(
+            parse_retry_after(&later, now),
+            Some(Duration::from_secs(30))
+        );
         assert_eq!(parse_retry_after("soon", now), None);
     }
 
@@ -249,11 +306,21 @@ mod tests {
             key: Some(vec![0xff]),
             payload: None,
             headers: vec![
-                Header { key: "Trace-Id".into(), value: Some(b"abc".to_vec()) },
-                Header { key: "bin".into(), value: Some(vec![0, 0xff]) },
+                Header {
+                    key: "Trace-Id".into(),
+                    value: Some(b"abc".to_vec()),
+                },
+                Header {
+                    key: "bin".into(),
+                    value: Some(vec![0, 0xff]),
+                },
             ],
         };
-        let h = handler().headers(Delivery { message: &m, attempt: 3, group: "g" });
+        let h = handler().headers(Delivery {
+            message: &m,
+            attempt: 3,
+            group: "g",
+        });
         assert_eq!(h["ce-id"], "partition:2/offset:7");
         assert_eq!(h["ce-source"], "/redrive/g#orders");
         assert_eq!(h["ce-type"], "dev.knative.kafka.event");

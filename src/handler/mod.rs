@@ -47,17 +47,29 @@ pub struct HandlerError {
 impl HandlerError {
     /// A failure worth retrying.
     pub fn retryable(message: impl Into<String>) -> Self {
-        Self { kind: ErrorKind::Retryable, message: message.into(), retry_after: None }
+        Self {
+            kind: ErrorKind::Retryable,
+            message: message.into(),
+            retry_after: None,
+        }
     }
 
     /// A failure that will never succeed: the row goes dead at once.
     pub fn permanent(message: impl Into<String>) -> Self {
-        Self { kind: ErrorKind::Permanent, message: message.into(), retry_after: None }
+        Self {
+            kind: ErrorKind::Permanent,
+            message: message.into(),
+            retry_after: None,
+        }
     }
 
     /// An attempt that ran out of time.
     pub fn timeout(message: impl Into<String>) -> Self {
-        Self { kind: ErrorKind::Timeout, message: message.into(), retry_after: None }
+        Self {
+            kind: ErrorKind::Timeout,
+            message: message.into(),
+            retry_after: None,
+        }
     }
 }
 
@@ -77,7 +89,10 @@ pub struct Delivery<'a> {
 /// message (delivery is at least once).
 pub trait Handler: Send + Sync + 'static {
     /// Handles one delivery.
-    fn handle(&self, delivery: Delivery<'_>) -> impl Future<Output = Result<(), HandlerError>> + Send;
+    fn handle(
+        &self,
+        delivery: Delivery<'_>,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
 }
 
 /// Calls the handler with a time limit, so a hung handler turns into a timeout error.
@@ -102,6 +117,8 @@ pub struct Unused;
 
 impl Handler for Unused {
     async fn handle(&self, _delivery: Delivery<'_>) -> Result<(), HandlerError> {
-        Err(HandlerError::permanent("no handler is configured in this process"))
+        Err(HandlerError::permanent(
+            "no handler is configured in this process",
+        ))
     }
 }

@@ -40,10 +40,26 @@ impl Store {
     pub async fn capture(&self, group: &str, batch: &[Capture]) -> Result<u64, StoreError> {
         let n = batch.len();
         let mut ids = Vec::with_capacity(n);
-        let (mut topics, mut partitions, mut offsets) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-        let (mut timestamps, mut keys, mut payloads) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-        let (mut headers, mut states, mut max_attempts) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-        let (mut next_at, mut errors, mut kinds) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut topics, mut partitions, mut offsets) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut timestamps, mut keys, mut payloads) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut headers, mut states, mut max_attempts) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut next_at, mut errors, mut kinds) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
         for c in batch {
             let m = &c.message;
             ids.push(Uuid::now_v7());

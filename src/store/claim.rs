@@ -45,7 +45,13 @@ impl NextWake {
 
 impl Store {
     /// Rescues expired leases, then claims up to `limit` due rows of `group` for `lease`.
-    pub async fn claim(&self, group: &str, limit: i64, lease: Duration, worker: &str) -> Result<Vec<Claimed>, StoreError> {
+    pub async fn claim(
+        &self,
+        group: &str,
+        limit: i64,
+        lease: Duration,
+        worker: &str,
+    ) -> Result<Vec<Claimed>, StoreError> {
         self.rescue_expired(group).await?;
         let rows = sqlx::query!(
             r#"
@@ -72,8 +78,11 @@ impl Store {
         .await?;
         rows.into_iter()
             .map(|r| {
-                let headers = Message::headers_from_json(r.headers)
-                    .map_err(|e| StoreError::BadRow { id: r.id, problem: format!("headers: {e}") })?;
+                let headers =
+                    Message::headers_from_json(r.headers).map_err(|e| StoreError::BadRow {
+                        id: r.id,
+                        problem: format!("headers: {e}"),
+                    })?;
                 Ok(Claimed {
                     id: r.id,
                     attempt: r.attempts,
@@ -117,7 +126,11 @@ impl Store {
         .execute(self.pool())
         .await?;
         if result.rows_affected() > 0 {
-            tracing::warn!(group, rows = result.rows_affected(), "rescued rows whose lease expired");
+            tracing::warn!(
+                group,
+                rows = result.rows_affected(),
+                "rescued rows whose lease expired"
+            );
         }
         Ok(result.rows_affected())
     }
@@ -136,6 +149,9 @@ impl Store {
         )
         .fetch_one(self.pool())
         .await?;
-        Ok(NextWake { next_due: r.next_due, next_lease_expiry: r.next_lease_expiry })
+        Ok(NextWake {
+            next_due: r.next_due,
+            next_lease_expiry: r.next_lease_expiry,
+        })
     }
 }

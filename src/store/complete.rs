@@ -13,7 +13,10 @@ pub enum Outcome {
     /// The handler succeeded: the row is deleted.
     Succeeded,
     /// Try again at the given time.
-    Retry { next_attempt_at: DateTime<Utc>, error: HandlerError },
+    Retry {
+        next_attempt_at: DateTime<Utc>,
+        error: HandlerError,
+    },
     /// Out of attempts or permanent: the row becomes dead and goes to the DLQ outbox.
     Dead { error: HandlerError },
 }
@@ -46,8 +49,14 @@ impl Store {
     /// Applies a batch of completions in one transaction: one DELETE, one UPDATE.
     pub async fn complete(&self, batch: &[Completion]) -> Result<Completed, StoreError> {
         let (mut ok_ids, mut ok_attempts) = (Vec::new(), Vec::new());
-        let (mut ids, mut attempts, mut states, mut next_at, mut errors, mut kinds) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut ids, mut attempts, mut states, mut next_at, mut errors, mut kinds) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
         for c in batch {
             let (state, at, error) = match &c.outcome {
                 Outcome::Succeeded => {
@@ -55,7 +64,10 @@ impl Store {
                     ok_attempts.push(c.attempt);
                     continue;
                 }
-                Outcome::Retry { next_attempt_at, error } => ("pending", *next_attempt_at, error),
+                Outcome::Retry {
+                    next_attempt_at,
+                    error,
+                } => ("pending", *next_attempt_at, error),
                 Outcome::Dead { error } => ("dead", Utc::now(), error),
             };
             ids.push(c.id);

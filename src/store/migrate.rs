@@ -38,9 +38,10 @@ pub struct Applied {
 pub async fn run(url: &SecretString) -> anyhow::Result<Vec<Applied>> {
     use anyhow::Context;
     let shown = redact_url(url.expose_secret());
-    let (mut client, connection) = tokio_postgres::connect(url.expose_secret(), tokio_postgres::NoTls)
-        .await
-        .with_context(|| format!("connecting to postgres at {shown}"))?;
+    let (mut client, connection) =
+        tokio_postgres::connect(url.expose_secret(), tokio_postgres::NoTls)
+            .await
+            .with_context(|| format!("connecting to postgres at {shown}"))?;
     let driver = tokio::spawn(connection);
     client
         .batch_execute("SELECT pg_advisory_lock(hashtext('redrive.migrate')); CREATE SCHEMA IF NOT EXISTS redrive;")
@@ -51,13 +52,19 @@ pub async fn run(url: &SecretString) -> anyhow::Result<Vec<Applied>> {
         .run_async(&mut client)
         .await
         .context("applying migrations")?;
-    client.batch_execute("SELECT pg_advisory_unlock(hashtext('redrive.migrate'))").await.ok();
+    client
+        .batch_execute("SELECT pg_advisory_unlock(hashtext('redrive.migrate'))")
+        .await
+        .ok();
     drop(client);
     driver.abort();
     Ok(report
         .applied_migrations()
         .iter()
-        .map(|m| Applied { version: m.version() as i32, name: m.name().to_string() })
+        .map(|m| Applied {
+            version: m.version() as i32,
+            name: m.name().to_string(),
+        })
         .collect())
 }
 

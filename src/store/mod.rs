@@ -56,7 +56,10 @@ impl Store {
 
     /// Connects, retrying with backoff while Postgres is unreachable, and logging each failure
     /// with the password redacted. Wrong credentials or a missing database fail at once.
-    pub async fn connect(config: &PostgresConfig, shutdown: &CancellationToken) -> Result<Self, StoreError> {
+    pub async fn connect(
+        config: &PostgresConfig,
+        shutdown: &CancellationToken,
+    ) -> Result<Self, StoreError> {
         let shown = redact_url(config.url.expose_secret());
         let options = PgConnectOptions::from_str(config.url.expose_secret())?;
         let pool = PgPoolOptions::new()
@@ -92,11 +95,17 @@ impl Store {
 /// Whether an error may go away by itself: I/O, timeouts, a server starting or shutting down.
 pub fn is_transient(e: &sqlx::Error) -> bool {
     match e {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_) => true,
         sqlx::Error::Database(db) => {
             // 08: connection exceptions; 57P0x: admin shutdown / cannot connect now; 53: resources.
             let code = db.code().unwrap_or_default();
-            code.starts_with("08") || code.starts_with("57P0") || code.starts_with("53") || code == "40001"
+            code.starts_with("08")
+                || code.starts_with("57P0")
+                || code.starts_with("53")
+                || code == "40001"
         }
         _ => false,
     }

@@ -59,8 +59,11 @@ impl Store {
         .await?;
         let mut rows = Vec::with_capacity(records.len());
         for r in records {
-            let headers = Message::headers_from_json(r.headers)
-                .map_err(|e| StoreError::BadRow { id: r.id, problem: format!("headers: {e}") })?;
+            let headers =
+                Message::headers_from_json(r.headers).map_err(|e| StoreError::BadRow {
+                    id: r.id,
+                    problem: format!("headers: {e}"),
+                })?;
             rows.push(DeadRow {
                 id: r.id,
                 consumer_group: r.consumer_group,
