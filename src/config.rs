@@ -497,7 +497,10 @@ impl Config {
     }
 
     fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
-        // The sections with their own readers are taken out of the typed extraction.
+        // A file that does not parse is reported as such, before any field is looked for.
+        let _: Dict = figment
+            .extract()
+            .map_err(|e| ConfigError::Parse(Box::new(e)))?;
         let kafka = KafkaConfig::from_figment(&figment)?;
         let retry = RetryConfig::from_figment(&figment)?;
         let partial: Partial = figment

@@ -1,0 +1,180 @@
+//! The consumer on the real broker: offsets are committed only past durable outcomes (I1), also
+//! while Postgres is away, and a crash before the commit redelivers without a second row (I2).
+
+use crate::helpers::*;
+use redrive::cli::RunArgs;
+use std::time::Duration;
+
+fn consumer_only() -> RunArgs {
+    RunArgs {
+        no_workers: true,
+        no_dlq: true,
+        no_http: true,
+        ..Default::default()
+    }
+}
+
+/// 500 for bodies starting with "fail", 200 otherwise.
+async fn fail_stub() -> Stub {
+    Stub::start(|r| {
+        (
+            if r.body.starts_with(b"fail") {
+                500
+            } else {
+                200
+            },
+            vec![],
+        )
+    })
+    .await
+}
+
+#[tokio::test]
+async fn offsets_stop_at_failures_while_postgres_is_unreachable_and_nothing_is_skipped() {
+    let db = TestDb::new().await;
+    let proxy = Proxy::start(postgres_addr()).await;
+    let (topic, group) = (unique("outage"), unique("g"));
+    create_topic(&topic, 1).await;
+    let stub = fail_stub().await;
+    let config = config(&proxy.url(&db.url), &[&topic], &group, Some(stub.addr), "");
+    let failures_before = counter("redrive_store_write_failures_total{what=\"capture\"}");
+    let (stop, app) = spawn_app(config, consumer_only());
+    let p = producer(&kafka());
+
+    produce(&p, &topic, None, Some(b"ok-0"), &[]).await;
+    wait_for(
+        "offset 1 to be committed",
+        Duration::from_secs(60),
+        || async { (committed(&group, &topic, 0) == Some(1)).then_some(()) },
+    )
+    .await;
+
+    proxy.cut();
+    for body in ["fail-1", "ok-2", "fail-3", "ok-4"] {
+        produce(&p, &topic, None, Some(body.as_bytes()), &[]).await;
+    }
+    wait_for(
+        "all four messages to reach the handler",
+        Duration::from_secs(30),
+        || async { (stub.count() == 5).then_some(()) },
+    )
+    .await;
+    wait_for(
+        "capture to fail against the unreachable database",
+        Duration::from_secs(30),
+        || async {
+            (counter("redrive_store_write_failures_total{what=\"capture\"}")
+                >= failures_before + 2.0)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        committed(&group, &topic, 0),
+        Some(1),
+        "no offset may pass a failure that is not stored"
+    );
+
+    proxy.restore();
+    wait_for(
+        "the failures to be captured and every offset committed",
+        Duration::from_secs(60),
+        || async { (committed(&group, &topic, 0) == Some(5)).then_some(()) },
+    )
+    .await;
+    let offsets: Vec<i64> =
+        sqlx::query_scalar("SELECT kafka_offset FROM redrive.retry_messages ORDER BY 1")
+            .fetch_all(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        offsets,
+        vec![1, 3],
+        "each failure is stored once, none skipped"
+    );
+    stop.cancel();
+    app.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_crash_after_capture_redelivers_without_a_second_row() {
+    let db = TestDb::new().await;
+    let (topic, group) = (unique("crash"), unique("g"));
+    create_topic(&topic, 1).await;
+    let stub = fail_stub().await;
+    let text = |commit_ms: u32| {
+        format!(
+            "[postgres]\nurl = \"{}\"\n[kafka]\ntopics = [\"{topic}\"]\n\"bootstrap.servers\" = \"{}\"\n\
+             \"group.id\" = \"{group}\"\n\"session.timeout.ms\" = 6000\n\"auto.commit.interval.ms\" = {commit_ms}\n\
+             [handler]\nurl = \"http://{}/\"\n",
+            db.url,
+            kafka(),
+            stub.addr
+        )
+    };
+    let run = |file: &std::path::Path| {
+        tokio::process::Command::new(redrive_bin())
+            .args([
+                "--config",
+                file.to_str().unwrap(),
+                "run",
+                "--no-workers",
+                "--no-dlq",
+                "--no-http",
+            ])
+            .env("REDRIVE_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    produce(
+        &producer(&kafka()),
+        &topic,
+        Some(b"k"),
+        Some(b"fail-0"),
+        &[],
+    )
+    .await;
+
+    // The first process captures the failure but is killed before it commits anything.
+    let slow_commits = write_config(&text(600_000));
+    let mut first = run(&slow_commits.0);
+    wait_for(
+        "the failure to be captured",
+        Duration::from_secs(60),
+        || async { (db.count("true").await == 1).then_some(()) },
+    )
+    .await;
+    first.kill().await.unwrap();
+    assert_eq!(
+        committed(&group, &topic, 0),
+        None,
+        "the killed process committed nothing"
+    );
+
+    let normal = write_config(&text(100));
+    let mut second = run(&normal.0);
+    wait_for(
+        "the message to be redelivered and its offset committed",
+        Duration::from_secs(90),
+        || async { (stub.count() >= 2 && committed(&group, &topic, 0) == Some(1)).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        db.count("true").await,
+        1,
+        "the redelivered message must not create a second row"
+    );
+    assert_eq!(db.count("attempts = 1").await, 1);
+    let pid = second.id().unwrap().to_string();
+    tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), second.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "graceful shutdown exits 0, got {status}");
+}

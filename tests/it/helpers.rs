@@ -1,0 +1,441 @@
+//! Test helpers: a fresh database per test, Kafka topics on the real broker, an HTTP stub that
+//! records deliveries, a TCP proxy that can cut Postgres off, and condition waits with deadlines.
+
+use axum::body::Bytes;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use axum::Router;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use redrive::store::Store;
+use redrive::Config;
+use sqlx::{Connection, PgPool};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The Postgres URL whose role may create databases.
+pub fn admin_url() -> String {
+    std::env::var("REDRIVE_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://redrive:redrive@127.0.0.1:5432/redrive".into())
+}
+
+/// The real broker's bootstrap address.
+pub fn kafka() -> String {
+    std::env::var("REDRIVE_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// A name no other test uses.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::now_v7().simple())
+}
+
+/// A fresh, migrated database.
+pub struct TestDb {
+    pub url: String,
+    pub store: Store,
+}
+
+impl TestDb {
+    pub async fn new() -> Self {
+        let db = Self::empty().await;
+        redrive::store::migrate::run(&db.url.clone().into())
+            .await
+            .expect("migrate");
+        db
+    }
+
+    /// A fresh database without the redrive schema.
+    pub async fn empty() -> Self {
+        let name = unique("redrive_test").replace('-', "_");
+        let mut admin = sqlx::PgConnection::connect(&admin_url())
+            .await
+            .expect("postgres is running (make services)");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        let mut url = url::Url::parse(&admin_url()).unwrap();
+        url.set_path(&name);
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(5)
+            .connect(url.as_str())
+            .await
+            .unwrap();
+        TestDb {
+            url: url.to_string(),
+            store: Store::from_pool(pool),
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        self.store.pool()
+    }
+
+    pub async fn count(&self, filter: &str) -> i64 {
+        sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM redrive.retry_messages WHERE {filter}"
+        ))
+        .fetch_one(self.pool())
+        .await
+        .unwrap()
+    }
+}
+
+/// A configuration for tests: fast timings, the given topics and handler.
+pub fn config(
+    db_url: &str,
+    topics: &[&str],
+    group: &str,
+    handler: Option<SocketAddr>,
+    extra: &str,
+) -> Config {
+    let topics = topics
+        .iter()
+        .map(|t| format!("{t:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let handler = handler
+        .map(|a| format!("url = \"http://{a}/\""))
+        .unwrap_or_default();
+    let text = format!(
+        r#"
+[postgres]
+url = "{db_url}"
+max_connections = 5
+
+[kafka]
+topics = [{topics}]
+"bootstrap.servers" = "{kafka}"
+"group.id" = "{group}"
+"auto.commit.interval.ms" = 100
+"session.timeout.ms" = 6000
+
+[handler]
+{handler}
+timeout = "5s"
+
+[workers]
+lease = "30s"
+max_idle = "60s"
+
+[shutdown]
+timeout = "5s"
+
+[http]
+listen = "127.0.0.1:0"
+{extra}
+"#,
+        kafka = kafka()
+    );
+    Config::from_toml(&text).expect("test config")
+}
+
+pub async fn create_topic(name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .create()
+        .unwrap();
+    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    for r in admin
+        .create_topics(&[topic], &AdminOptions::new())
+        .await
+        .unwrap()
+    {
+        r.unwrap();
+    }
+}
+
+pub fn producer(bootstrap: &str) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("message.max.bytes", "16777216")
+        .create()
+        .unwrap()
+}
+
+/// Produces one record and returns its offset.
+pub async fn produce(
+    p: &FutureProducer,
+    topic: &str,
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
+    headers: &[(&str, Option<&[u8]>)],
+) -> i64 {
+    let mut h = OwnedHeaders::new();
+    for (k, v) in headers {
+        h = h.insert(Header { key: k, value: *v });
+    }
+    let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(h);
+    if let Some(k) = key {
+        record = record.key(k);
+    }
+    if let Some(v) = payload {
+        record = record.payload(v);
+    }
+    p.send(record, Duration::from_secs(30))
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap()
+        .offset
+}
+
+/// Reads `n` records from the start of a topic.
+pub async fn read_topic(
+    bootstrap: &str,
+    topic: &str,
+    n: usize,
+    limit: Duration,
+) -> Vec<OwnedMessage> {
+    let c: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    c.subscribe(&[topic]).unwrap();
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    while out.len() < n {
+        match tokio::time::timeout_at(deadline, c.recv()).await {
+            Ok(m) => out.push(m.unwrap().detach()),
+            Err(_) => panic!(
+                "only {} of {n} records arrived on {topic} within {limit:?}",
+                out.len()
+            ),
+        }
+    }
+    out
+}
+
+/// The group's committed offset for a partition, if any.
+pub fn committed(group: &str, topic: &str, partition: i32) -> Option<i64> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    let got = c.committed_offsets(tpl, Duration::from_secs(10)).ok()?;
+    match got.find_partition(topic, partition)?.offset() {
+        Offset::Offset(o) => Some(o),
+        _ => None,
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics naming `what` after `limit`.
+pub async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One request the stub received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub at: chrono::DateTime<chrono::Utc>,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    }
+    pub fn attempt(&self) -> u32 {
+        self.header(redrive::handler::http::ATTEMPT_HEADER)
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+}
+
+type Responder = Arc<dyn Fn(&Received) -> (u16, Vec<(&'static str, String)>) + Send + Sync>;
+
+/// An HTTP handler stub: answers with `respond` and records every request.
+#[derive(Clone)]
+pub struct Stub {
+    pub addr: SocketAddr,
+    pub received: Arc<Mutex<Vec<Received>>>,
+}
+
+impl Stub {
+    pub async fn start(
+        respond: impl Fn(&Received) -> (u16, Vec<(&'static str, String)>) + Send + Sync + 'static,
+    ) -> Self {
+        let received: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let respond: Responder = Arc::new(respond);
+        let sink = received.clone();
+        let app = Router::new()
+            .route(
+                "/",
+                post(move |headers: HeaderMap, body: Bytes| {
+                    let (sink, respond) = (sink.clone(), respond.clone());
+                    async move {
+                        let r = Received {
+                            at: chrono::Utc::now(),
+                            headers,
+                            body,
+                        };
+                        let (status, extra) = respond(&r);
+                        sink.lock().unwrap().push(r);
+                        let mut h = HeaderMap::new();
+                        for (k, v) in extra {
+                            h.insert(k, v.parse().unwrap());
+                        }
+                        (StatusCode::from_u16(status).unwrap(), h)
+                    }
+                }),
+            )
+            .layer(DefaultBodyLimit::disable());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Stub { addr, received }
+    }
+
+    pub fn all(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+}
+
+/// A TCP proxy in front of Postgres that can cut every connection and refuse new ones.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    open: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = Arc::new(AtomicBool::new(true));
+        let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (o, c) = (open.clone(), conns.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if !o.load(Ordering::SeqCst) {
+                    continue; // dropped: the client sees the connection close
+                }
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                c.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        Proxy { addr, open, conns }
+    }
+
+    /// The database URL rewritten to go through the proxy.
+    pub fn url(&self, db_url: &str) -> String {
+        let mut u = url::Url::parse(db_url).unwrap();
+        u.set_port(Some(self.addr.port())).unwrap();
+        u.set_host(Some("127.0.0.1")).unwrap();
+        u.to_string()
+    }
+
+    pub fn cut(&self) {
+        self.open.store(false, Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The Postgres server's address from the admin URL.
+pub fn postgres_addr() -> SocketAddr {
+    let u = url::Url::parse(&admin_url()).unwrap();
+    format!("{}:{}", u.host_str().unwrap(), u.port().unwrap_or(5432))
+        .parse()
+        .unwrap()
+}
+
+/// Reads a Prometheus counter's value from the process-wide recorder.
+pub fn counter(name_and_labels: &str) -> f64 {
+    redrive::telemetry::metrics()
+        .render()
+        .lines()
+        .find(|l| l.starts_with(name_and_labels))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Runs `redrive run` in this process until the returned token is cancelled.
+pub fn spawn_app(
+    config: Config,
+    parts: redrive::cli::RunArgs,
+) -> (
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let token = tokio_util::sync::CancellationToken::new();
+    let handler = redrive::handler::http::HttpHandler::new(&config.handler).unwrap();
+    let t = token.clone();
+    let task = tokio::spawn(async move { redrive::app::run(config, handler, parts, t).await });
+    (token, task)
+}
+
+/// Path of the `redrive` binary built with the tests.
+pub fn redrive_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_redrive")
+}
+
+/// Writes a config file for the binary.
+pub fn write_config(text: &str) -> tempfile_path::TempPath {
+    tempfile_path::TempPath::with(text)
+}
+
+pub mod tempfile_path {
+    /// A file removed on drop.
+    pub struct TempPath(pub std::path::PathBuf);
+    impl TempPath {
+        pub fn with(text: &str) -> Self {
+            let p = std::env::temp_dir().join(format!("{}.toml", super::unique("redrive-test")));
+            std::fs::write(&p, text).unwrap();
+            TempPath(p)
+        }
+    }
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! Integration tests on a real Postgres and a real Kafka broker (`make test` starts both); the
+//! librdkafka mock cluster stands in where a broker fault is injected.
+
+mod consumer;
+mod dlq;
+mod e2e;
+mod helpers;
+mod startup;
+mod store;
+mod workers;

@@ -1,0 +1,239 @@
+//! Startup and bad input: bad configuration names its field, an unreachable Postgres is retried
+//! with a clear log line, a missing topic or an old schema is refused clearly, and the database
+//! password never appears in logs or errors (I8, I9).
+
+use crate::helpers::*;
+use redrive::cli::RunArgs;
+use redrive::config::PostgresConfig;
+use redrive::store::Store;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio_util::sync::CancellationToken;
+
+const PASSWORD: &str = "s3cr3t-Pa55word";
+
+fn base_config(pg_url: &str) -> String {
+    format!("[postgres]\nurl = \"{pg_url}\"\n[kafka]\ntopics = [\"t\"]\n\"group.id\" = \"g\"\n\"bootstrap.servers\" = \"{}\"\n[handler]\nurl = \"http://127.0.0.1:9/\"\n", kafka())
+}
+
+async fn run_binary(config: &str, args: &[&str]) -> std::process::Output {
+    let file = write_config(config);
+    let mut all = vec!["--config", file.0.to_str().unwrap()];
+    all.extend_from_slice(args);
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(redrive_bin())
+            .args(all)
+            .output(),
+    )
+    .await
+    .expect("the command finishes")
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_bad_config_value_fails_at_startup_naming_the_field() {
+    let base = base_config("postgres://redrive:redrive@127.0.0.1:5432/redrive");
+    let without_handler = base.replace("[handler]\nurl = \"http://127.0.0.1:9/\"\n", "");
+    for (extra, field) in [
+        ("[retry]\nmax_attempts = \"lots\"\n", "max_attempts"),
+        ("[workers]\nlease = \"a while\"\n", "lease"),
+        (
+            "[handler]\nurl = \"http://h/\"\npermanent_statuses = [\"4x4\"]\n",
+            "handler.permanent_statuses",
+        ),
+        ("[handler]\nurl = \"ftp://h/\"\n", "handler.url"),
+        ("[dlq]\nbatch_sise = 3\n", "batch_sise"),
+        ("[kafka]\ntopics = [\"again\"]\n", "duplicate key"),
+    ] {
+        let out = run_binary(&format!("{without_handler}{extra}"), &["run"]).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains(field),
+            "error for {extra:?} does not name {field}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    let out = run_binary(&base, &["check-config"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_postgres_is_retried_with_a_clear_log_line_and_no_password() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://redrive:{PASSWORD}@127.0.0.1:{closed}/redrive");
+    let file = write_config(&base_config(&url));
+    let mut child = tokio::process::Command::new(redrive_bin())
+        .args(["--config", file.0.to_str().unwrap(), "run"])
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut log = Vec::new();
+    let mut retries = 0;
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while retries < 3 {
+            let line = lines
+                .next_line()
+                .await
+                .unwrap()
+                .expect("redrive exited instead of retrying");
+            if line.contains("postgres is unreachable, retrying") {
+                retries += 1;
+            }
+            log.push(line);
+        }
+    })
+    .await
+    .expect("three retry log lines");
+    let pid = child.id().unwrap().to_string();
+    tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    while let Ok(Some(line)) = lines.next_line().await {
+        log.push(line);
+    }
+    let status = child.wait().await.unwrap();
+    let log = log.join("\n");
+    assert!(!log.contains(PASSWORD), "the password leaked: {log}");
+    assert!(
+        log.contains("redrive:***@127.0.0.1"),
+        "the log names the server: {log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "gave up on shutdown with an error: {log}"
+    );
+}
+
+/// Captures this thread's tracing output.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn the_password_stays_out_of_logs_and_errors() {
+    let captured = Captured::default();
+    let sink = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || sink.clone())
+        .with_max_level(tracing::Level::DEBUG)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let mut wrong = url::Url::parse(&admin_url()).unwrap();
+    wrong.set_password(Some(PASSWORD)).unwrap();
+    let config = |url: &str| PostgresConfig {
+        url: url.to_string().into(),
+        max_connections: 1,
+        connect_timeout: Duration::from_secs(5),
+    };
+    let auth_error = Store::connect(&config(wrong.as_str()), &CancellationToken::new())
+        .await
+        .unwrap_err();
+    let migrate_error = redrive::store::migrate::run(&wrong.to_string().into())
+        .await
+        .unwrap_err();
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let unreachable = format!("postgres://redrive:{PASSWORD}@127.0.0.1:{closed}/redrive");
+    let stop = CancellationToken::new();
+    let canceller = stop.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        canceller.cancel();
+    });
+    let gave_up = Store::connect(&config(&unreachable), &stop)
+        .await
+        .unwrap_err();
+
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains("postgres is unreachable"),
+        "the retries were logged: {logs}"
+    );
+    for text in [
+        format!("{auth_error:?} {auth_error}"),
+        format!("{migrate_error:?} {migrate_error:#}"),
+        format!("{gave_up:?} {gave_up}"),
+        logs,
+    ] {
+        assert!(!text.contains(PASSWORD), "the password leaked: {text}");
+    }
+}
+
+#[tokio::test]
+async fn an_unknown_topic_is_a_clear_startup_error() {
+    let db = TestDb::new().await;
+    let missing = unique("no-such-topic");
+    let (_stop, app) = spawn_app(
+        config(
+            &db.url,
+            &[&missing],
+            "g",
+            Some("127.0.0.1:9".parse().unwrap()),
+            "",
+        ),
+        RunArgs::default(),
+    );
+    let error = format!("{:#}", app.await.unwrap().unwrap_err());
+    assert!(
+        error.contains(&missing) && error.contains("does not exist"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn run_refuses_a_database_without_the_schema_and_says_to_migrate() {
+    let db = TestDb::empty().await;
+    let (_stop, app) = spawn_app(
+        config(
+            &db.url,
+            &["t"],
+            "g",
+            Some("127.0.0.1:9".parse().unwrap()),
+            "",
+        ),
+        RunArgs::default(),
+    );
+    let error = format!("{:#}", app.await.unwrap().unwrap_err());
+    assert!(error.contains("redrive migrate"), "{error}");
+    redrive::store::migrate::run(&db.url.clone().into())
+        .await
+        .unwrap();
+    db.store.check_schema().await.unwrap();
+    // A second migrate is a no-op.
+    assert!(redrive::store::migrate::run(&db.url.clone().into())
+        .await
+        .unwrap()
+        .is_empty());
+}

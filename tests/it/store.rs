@@ -1,0 +1,235 @@
+//! The store's statements: idempotent capture (I2), leased claims with fenced completion (I3),
+//! deletion only on success (I5).
+
+use crate::helpers::*;
+use chrono::Utc;
+use redrive::handler::HandlerError;
+use redrive::message::Message;
+use redrive::store::capture::{Capture, InitialState};
+use redrive::store::complete::{Completion, Outcome};
+use std::time::Duration;
+
+pub fn message(topic: &str, offset: i64, payload: &[u8]) -> Message {
+    Message {
+        topic: topic.into(),
+        partition: 0,
+        offset,
+        timestamp: Some(Utc::now()),
+        key: Some(b"k".to_vec()),
+        payload: Some(payload.to_vec()),
+        headers: vec![],
+    }
+}
+
+pub fn pending(topic: &str, offset: i64, due_in: Duration, max_attempts: i32) -> Capture {
+    Capture {
+        message: message(topic, offset, b"p"),
+        state: InitialState::Pending,
+        max_attempts,
+        next_attempt_at: Utc::now() + due_in,
+        error: HandlerError::retryable("first delivery failed"),
+    }
+}
+
+#[tokio::test]
+async fn capturing_the_same_message_twice_keeps_one_row() {
+    let db = TestDb::new().await;
+    let c = pending("orders", 7, Duration::ZERO, 3);
+    assert_eq!(db.store.capture("g", &[c.clone()]).await.unwrap(), 1);
+    assert_eq!(
+        db.store
+            .capture("g", &[c.clone(), pending("orders", 8, Duration::ZERO, 3)])
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(db.count("topic = 'orders' AND kafka_offset = 7").await, 1);
+    // Another group consuming the same topic has its own row.
+    assert_eq!(db.store.capture("other", &[c]).await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn an_expired_lease_is_claimable_again_and_the_late_completion_is_refused() {
+    let db = TestDb::new().await;
+    db.store
+        .capture("g", &[pending("orders", 1, Duration::ZERO, 5)])
+        .await
+        .unwrap();
+    let first = db
+        .store
+        .claim("g", 10, Duration::from_millis(500), "worker-a")
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].attempt, 2, "the capture was attempt 1");
+    assert!(
+        db.store
+            .claim("g", 10, Duration::from_secs(30), "worker-b")
+            .await
+            .unwrap()
+            .is_empty(),
+        "leased rows are not claimable"
+    );
+
+    // Nobody completes: once the lease runs out another worker gets the row.
+    let second = wait_for(
+        "the expired lease to be claimable",
+        Duration::from_secs(30),
+        || async {
+            let rows = db
+                .store
+                .claim("g", 10, Duration::from_secs(30), "worker-b")
+                .await
+                .unwrap();
+            (!rows.is_empty()).then_some(rows)
+        },
+    )
+    .await;
+    assert_eq!(second[0].id, first[0].id);
+    assert_eq!(second[0].attempt, 3);
+
+    let late = Completion {
+        id: first[0].id,
+        attempt: first[0].attempt,
+        outcome: Outcome::Succeeded,
+    };
+    let done = db.store.complete(&[late]).await.unwrap();
+    assert_eq!(
+        (done.deleted, done.rejected),
+        (0, 1),
+        "the old claim must not complete the newer attempt"
+    );
+    assert_eq!(db.count("state = 'running'").await, 1);
+
+    let current = Completion {
+        id: second[0].id,
+        attempt: second[0].attempt,
+        outcome: Outcome::Succeeded,
+    };
+    assert_eq!(db.store.complete(&[current]).await.unwrap().deleted, 1);
+    assert_eq!(
+        db.count("true").await,
+        0,
+        "a successful retry deletes the row"
+    );
+}
+
+#[tokio::test]
+async fn a_lease_that_expires_on_the_last_attempt_makes_the_row_dead() {
+    let db = TestDb::new().await;
+    db.store
+        .capture("g", &[pending("orders", 1, Duration::ZERO, 2)])
+        .await
+        .unwrap();
+    let claimed = db
+        .store
+        .claim("g", 10, Duration::from_millis(200), "w")
+        .await
+        .unwrap();
+    assert_eq!(claimed[0].attempt, 2);
+    wait_for(
+        "the rescue to mark the row dead",
+        Duration::from_secs(30),
+        || async {
+            db.store.rescue_expired("g").await.unwrap();
+            (db.count(
+                "state = 'dead' AND dead_at IS NOT NULL AND last_error LIKE 'lease expired%'",
+            )
+            .await
+                == 1)
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn failures_reschedule_or_kill_and_keep_a_bounded_error_history() {
+    let db = TestDb::new().await;
+    db.store
+        .capture("g", &[pending("orders", 1, Duration::ZERO, 30)])
+        .await
+        .unwrap();
+    for n in 0..12 {
+        let c = db
+            .store
+            .claim("g", 1, Duration::from_secs(30), "w")
+            .await
+            .unwrap()
+            .remove(0);
+        let outcome = Outcome::Retry {
+            next_attempt_at: Utc::now(),
+            error: HandlerError::retryable(format!("boom {n}")),
+        };
+        let done = db
+            .store
+            .complete(&[Completion {
+                id: c.id,
+                attempt: c.attempt,
+                outcome,
+            }])
+            .await
+            .unwrap();
+        assert_eq!(done.rescheduled, 1);
+    }
+    let (history_len, last): (i32, String) = sqlx::query_as(
+        "SELECT jsonb_array_length(error_history), error_history->-1->>'error' FROM redrive.retry_messages",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(history_len, 10);
+    assert_eq!(last, "boom 11");
+
+    let c = db
+        .store
+        .claim("g", 1, Duration::from_secs(30), "w")
+        .await
+        .unwrap()
+        .remove(0);
+    let outcome = Outcome::Dead {
+        error: HandlerError::permanent("bad request"),
+    };
+    assert_eq!(
+        db.store
+            .complete(&[Completion {
+                id: c.id,
+                attempt: c.attempt,
+                outcome
+            }])
+            .await
+            .unwrap()
+            .dead,
+        1
+    );
+    assert_eq!(
+        db.count("state = 'dead' AND error_kind = 'permanent' AND dlq_published_at IS NULL")
+            .await,
+        1
+    );
+    assert!(
+        db.store
+            .claim("g", 10, Duration::from_secs(30), "w")
+            .await
+            .unwrap()
+            .is_empty(),
+        "dead rows are never claimed"
+    );
+}
+
+#[tokio::test]
+async fn rows_are_not_claimed_before_they_are_due() {
+    let db = TestDb::new().await;
+    db.store
+        .capture("g", &[pending("orders", 1, Duration::from_secs(3600), 3)])
+        .await
+        .unwrap();
+    assert!(db
+        .store
+        .claim("g", 10, Duration::from_secs(30), "w")
+        .await
+        .unwrap()
+        .is_empty());
+    let wake = db.store.next_wake("g").await.unwrap();
+    assert!(wake.next_due.unwrap() > Utc::now() + chrono::Duration::minutes(59));
+}
