@@ -20,7 +20,7 @@ pub fn required_version() -> i32 {
     embedded::migrations::runner()
         .get_migrations()
         .iter()
-        .map(|m| m.version() as i32)
+        .map(|m| m.version())
         .max()
         .unwrap_or(0)
 }
@@ -62,7 +62,7 @@ pub async fn run(url: &SecretString) -> anyhow::Result<Vec<Applied>> {
         .applied_migrations()
         .iter()
         .map(|m| Applied {
-            version: m.version() as i32,
+            version: m.version(),
             name: m.name().to_string(),
         })
         .collect())

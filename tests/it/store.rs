@@ -35,7 +35,13 @@ pub fn pending(topic: &str, offset: i64, due_in: Duration, max_attempts: i32) ->
 async fn capturing_the_same_message_twice_keeps_one_row() {
     let db = TestDb::new().await;
     let c = pending("orders", 7, Duration::ZERO, 3);
-    assert_eq!(db.store.capture("g", &[c.clone()]).await.unwrap(), 1);
+    assert_eq!(
+        db.store
+            .capture("g", std::slice::from_ref(&c))
+            .await
+            .unwrap(),
+        1
+    );
     assert_eq!(
         db.store
             .capture("g", &[c.clone(), pending("orders", 8, Duration::ZERO, 3)])

@@ -13,10 +13,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+/// Offsets attempted and when.
+type Calls = Arc<Mutex<Vec<(i64, DateTime<Utc>)>>>;
+
 /// A library handler that records when each offset was attempted, and can hang forever.
 #[derive(Clone, Default)]
 struct Recorder {
-    calls: Arc<Mutex<Vec<(i64, DateTime<Utc>)>>>,
+    calls: Calls,
     hang: bool,
 }
 
