@@ -31,7 +31,7 @@ services-stop:
 ## The whole suite: unit tests, then integration tests on the real Postgres and Kafka broker.
 test: services clean-test-dbs
 	$(CARGO) build --bins --tests
-	$(CARGO) test --no-fail-fast -- --test-threads=2
+	scripts/test.sh
 
 ## The Knative seed experiment, end to end, with a printed timeline.
 demo: services

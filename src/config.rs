@@ -624,8 +624,9 @@ struct Partial {
 /// `REDRIVE_SECTION__FIELD` variables, for the known sections only.
 fn environment() -> Env {
     Env::prefixed("REDRIVE_").split("__").filter(|key| {
+        // The key is not lower-cased yet at this point: `KAFKA.GROUP_ID`.
         let section = key.as_str().split('.').next().unwrap_or_default();
-        SECTIONS.contains(&section)
+        SECTIONS.iter().any(|s| s.eq_ignore_ascii_case(section))
     })
 }
 

@@ -110,3 +110,35 @@ fn the_password_never_prints() {
     assert!(kafka_property_is_secret("sasl.password"));
     assert!(!kafka_property_is_secret("bootstrap.servers"));
 }
+
+#[test]
+#[allow(clippy::result_large_err)] // figment's Jail fixes the closure's error type
+fn environment_variables_override_the_file() {
+    figment::Jail::expect_with(|jail| {
+        jail.create_file("redrive.toml", MINIMAL)?;
+        jail.set_env("REDRIVE_KAFKA__GROUP_ID", "from-env");
+        jail.set_env("REDRIVE_KAFKA__TOPICS", "a,b");
+        jail.set_env("REDRIVE_RETRY__MAX_ATTEMPTS", "8");
+        jail.set_env("REDRIVE_HANDLER__TIMEOUT", "2s");
+        jail.set_env("REDRIVE_TEST_DATABASE_URL", "not config: ignored");
+        let c = Config::load(Some(Path::new("redrive.toml"))).map_err(|e| e.to_string())?;
+        assert_eq!(c.kafka.group_id(), "from-env");
+        assert_eq!(c.kafka.topics, vec!["a", "b"]);
+        assert_eq!(c.retry.default.max_attempts, 8);
+        assert_eq!(c.handler.timeout, Duration::from_secs(2));
+        jail.set_env("REDRIVE_WORKERS__LEASE", "never");
+        let e = Config::load(Some(Path::new("redrive.toml")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.to_lowercase().contains("workers.lease"), "{e}");
+        Ok(())
+    });
+}
+
+#[test]
+fn a_missing_file_is_named() {
+    let e = Config::load(Some(Path::new("/nonexistent/redrive.toml")))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("/nonexistent/redrive.toml"), "{e}");
+}

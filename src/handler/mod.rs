@@ -87,6 +87,23 @@ pub struct Delivery<'a> {
 /// Processes one message. Implement it to use redrive as a library; the binary's HTTP handler is
 /// one implementation. A handler is called concurrently and must be safe to call again for the same
 /// message (delivery is at least once).
+///
+/// ```
+/// use redrive::handler::{Delivery, Handler, HandlerError};
+///
+/// struct Mailer;
+///
+/// impl Handler for Mailer {
+///     async fn handle(&self, d: Delivery<'_>) -> Result<(), HandlerError> {
+///         match d.message.payload.as_deref() {
+///             None => Err(HandlerError::permanent("a tombstone has no address")),
+///             Some(b"") => Err(HandlerError::permanent("empty message")),
+///             Some(_) if d.attempt > 3 => Ok(()), // the SMTP server is back by now
+///             Some(_) => Err(HandlerError::retryable("SMTP server unavailable")),
+///         }
+///     }
+/// }
+/// ```
 pub trait Handler: Send + Sync + 'static {
     /// Handles one delivery.
     fn handle(

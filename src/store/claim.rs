@@ -116,7 +116,7 @@ impl Store {
             SET state = CASE WHEN r.attempts >= r.max_attempts THEN 'dead' ELSE 'pending' END,
                 dead_at = CASE WHEN r.attempts >= r.max_attempts THEN now() END,
                 next_attempt_at = now(), lease_expires_at = NULL, locked_by = NULL,
-                error_kind = 'timeout', updated_at = now(),
+                error_kind = 'timeout', updated_at = now(), dlq_published_at = NULL, dlq_topic = NULL,
                 last_error = format('lease expired: worker %s did not finish attempt %s',
                                     coalesce(r.locked_by, '?'), r.attempts)
             FROM expired WHERE r.id = expired.id

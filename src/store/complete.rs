@@ -103,6 +103,7 @@ impl Store {
                 SET state = f.state, next_attempt_at = f.next_at, last_error = f.err,
                     error_kind = f.kind, lease_expires_at = NULL, locked_by = NULL,
                     updated_at = now(), dead_at = CASE WHEN f.state = 'dead' THEN now() END,
+                    dlq_published_at = NULL, dlq_topic = NULL,
                     error_history = (
                         SELECT jsonb_agg(e ORDER BY n) FROM (
                             SELECT e, n FROM jsonb_array_elements(r.error_history || jsonb_build_array(
