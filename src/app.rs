@@ -66,7 +66,7 @@ pub async fn run<H: Handler>(
         services.spawn(async move {
             let completing = tokio::spawn(completer.run());
             let result = dispatcher.run(token, drain).await;
-            let _ = completing.await; // the dispatcher dropped its handle: flush and stop
+            finish("completer", completing, drain).await; // the dispatcher dropped its handle
             ("retry workers", result.map_err(Into::into))
         });
     }
@@ -86,7 +86,7 @@ pub async fn run<H: Handler>(
         services.spawn(async move {
             let capturing = tokio::spawn(capturer.run());
             consumer.run(token, drain).await;
-            let _ = capturing.await; // every capture handle is gone: the capturer flushes and ends
+            finish("capturer", capturing, drain).await; // every capture handle is gone
             ("consumer", Ok(()))
         });
     }
@@ -141,6 +141,16 @@ async fn supervise(
     match failure {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// Lets a batching writer flush what it holds, within `limit`; a writer still retrying against an
+/// unreachable Postgres then is stopped, and what it held is redelivered or rescued later.
+async fn finish(name: &str, task: tokio::task::JoinHandle<()>, limit: Duration) {
+    let abort = task.abort_handle();
+    if tokio::time::timeout(limit, task).await.is_err() {
+        tracing::warn!("{name} could not flush within {limit:?}; its batch is left to redelivery");
+        abort.abort();
     }
 }
 

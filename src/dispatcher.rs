@@ -77,8 +77,7 @@ impl<H: Handler> Dispatcher<H> {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 Some(done) = running.0.join_next_with_id(), if !running.0.is_empty() => {
-                    let id = match done { Ok((id, ())) => id, Err(e) => e.id() };
-                    running.1.remove(&id);
+                    forget(&mut running.1, done);
                 }
                 n = listener.try_recv() => if let Err(e) = n {
                     tracing::warn!("LISTEN connection lost, falling back to timers: {e}");
@@ -94,6 +93,10 @@ impl<H: Handler> Dispatcher<H> {
     /// Claims as many due rows as there are free slots and starts their attempts. Returns how long
     /// to wait before looking again when nothing else wakes the loop.
     pub async fn run_once(&self, running: &mut Running) -> Duration {
+        // Finished attempts still sit in the set until joined; reap them so the count is true.
+        while let Some(done) = running.0.try_join_next_with_id() {
+            forget(&mut running.1, done);
+        }
         let free = self.config.concurrency.saturating_sub(running.0.len());
         if free == 0 {
             return self.config.max_idle;
@@ -221,6 +224,15 @@ impl<H: Handler> Dispatcher<H> {
             }
         }
     }
+}
+
+/// Drops the claim of a finished attempt task (finished normally, panicked or aborted).
+fn forget(claims: &mut HashMap<Id, (Uuid, i32)>, done: Result<(Id, ()), tokio::task::JoinError>) {
+    let id = match done {
+        Ok((id, ())) => id,
+        Err(e) => e.id(),
+    };
+    claims.remove(&id);
 }
 
 /// `host-pid`, recorded in `locked_by` so operators can see who holds a row.

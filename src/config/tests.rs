@@ -1,4 +1,5 @@
 use super::*;
+use crate::backoff::BackoffKind;
 
 const MINIMAL: &str = r#"
 [postgres]
@@ -100,9 +101,15 @@ fn nested_environment_style_keys_become_dotted_properties_and_win() {
 
 #[test]
 fn the_password_never_prints() {
-    let c = with("").unwrap();
+    let c = with(
+        "\"sasl.password\" = \"kafka-hunter3\"\n[dlq.kafka]\n\"sasl.password\" = \"dlq-hunter4\"",
+    )
+    .unwrap();
+    assert_eq!(c.kafka.properties["sasl.password"], "kafka-hunter3");
     let debug = format!("{c:?}");
-    assert!(!debug.contains("hunter2"), "{debug}");
+    for secret in ["hunter2", "hunter3", "hunter4"] {
+        assert!(!debug.contains(secret), "{debug}");
+    }
     assert_eq!(
         redact_url("postgres://redrive:hunter2@127.0.0.1:5432/redrive"),
         "postgres://redrive:***@127.0.0.1:5432/redrive"

@@ -69,10 +69,7 @@ impl HttpHandler {
                 .collect()
         };
         Ok(Self {
-            client: reqwest::Client::builder()
-                .timeout(config.timeout)
-                .pool_max_idle_per_host(256)
-                .build()?,
+            client: reqwest::Client::builder().timeout(config.timeout).build()?,
             url: url.parse()?,
             retryable: parse(&config.retryable_statuses),
             permanent: parse(&config.permanent_statuses),

@@ -1,7 +1,7 @@
 //! Claims: due rows are taken in batches with `FOR UPDATE SKIP LOCKED`, so any number of workers
 //! share the table without taking a row twice. A claim is a lease (I3): `attempts` goes up by one,
-//! and the row is the worker's until `lease_expires_at`. Expired leases are rescued before each
-//! claim, so a dead worker's rows come back without anyone acting.
+//! and the row is the worker's until `lease_expires_at`. Every claim statement also rescues expired
+//! leases, so a dead worker's rows come back without anyone acting.
 
 use super::{Store, StoreError};
 use crate::message::Message;
@@ -44,7 +44,9 @@ impl NextWake {
 }
 
 impl Store {
-    /// Rescues expired leases, then claims up to `limit` due rows of `group` for `lease`.
+    /// Claims up to `limit` due rows of `group` for `lease`, in one statement that also rescues
+    /// expired leases: a running row whose lease ran out goes back to `pending` (or `dead`, when
+    /// that was its last attempt) and is claimable from the next call on.
     pub async fn claim(
         &self,
         group: &str,
@@ -52,10 +54,23 @@ impl Store {
         lease: Duration,
         worker: &str,
     ) -> Result<Vec<Claimed>, StoreError> {
-        self.rescue_expired(group).await?;
         let rows = sqlx::query!(
             r#"
-            WITH due AS (
+            WITH rescued AS (
+                UPDATE redrive.retry_messages r
+                SET state = CASE WHEN r.attempts >= r.max_attempts THEN 'dead' ELSE 'pending' END,
+                    dead_at = CASE WHEN r.attempts >= r.max_attempts THEN now() END,
+                    next_attempt_at = now(), lease_expires_at = NULL, locked_by = NULL,
+                    error_kind = 'timeout', updated_at = now(), dlq_published_at = NULL, dlq_topic = NULL,
+                    last_error = format('lease expired: worker %s did not finish attempt %s',
+                                        coalesce(r.locked_by, '?'), r.attempts)
+                WHERE r.id IN (
+                    SELECT id FROM redrive.retry_messages
+                    WHERE consumer_group = $1 AND state = 'running' AND lease_expires_at < now()
+                    LIMIT 1000
+                    FOR UPDATE SKIP LOCKED)
+                RETURNING r.id
+            ), due AS (
                 SELECT id FROM redrive.retry_messages
                 WHERE consumer_group = $1 AND state = 'pending' AND next_attempt_at <= now()
                 ORDER BY next_attempt_at
@@ -100,39 +115,6 @@ impl Store {
                 })
             })
             .collect()
-    }
-
-    /// Returns rows whose lease ran out to `pending` (or `dead`, when that was their last attempt).
-    pub async fn rescue_expired(&self, group: &str) -> Result<u64, StoreError> {
-        let result = sqlx::query!(
-            r#"
-            WITH expired AS (
-                SELECT id FROM redrive.retry_messages
-                WHERE consumer_group = $1 AND state = 'running' AND lease_expires_at < now()
-                LIMIT 1000
-                FOR UPDATE SKIP LOCKED
-            )
-            UPDATE redrive.retry_messages r
-            SET state = CASE WHEN r.attempts >= r.max_attempts THEN 'dead' ELSE 'pending' END,
-                dead_at = CASE WHEN r.attempts >= r.max_attempts THEN now() END,
-                next_attempt_at = now(), lease_expires_at = NULL, locked_by = NULL,
-                error_kind = 'timeout', updated_at = now(), dlq_published_at = NULL, dlq_topic = NULL,
-                last_error = format('lease expired: worker %s did not finish attempt %s',
-                                    coalesce(r.locked_by, '?'), r.attempts)
-            FROM expired WHERE r.id = expired.id
-            "#,
-            group,
-        )
-        .execute(self.pool())
-        .await?;
-        if result.rows_affected() > 0 {
-            tracing::warn!(
-                group,
-                rows = result.rows_affected(),
-                "rescued rows whose lease expired"
-            );
-        }
-        Ok(result.rows_affected())
     }
 
     /// When the next row of `group` is due, or the next lease expires.

@@ -137,7 +137,12 @@ async fn a_lease_that_expires_on_the_last_attempt_makes_the_row_dead() {
         "the rescue to mark the row dead",
         Duration::from_secs(30),
         || async {
-            db.store.rescue_expired("g").await.unwrap();
+            assert!(db
+                .store
+                .claim("g", 10, Duration::from_secs(30), "w")
+                .await
+                .unwrap()
+                .is_empty());
             (db.count(
                 "state = 'dead' AND dead_at IS NOT NULL AND last_error LIKE 'lease expired%'",
             )

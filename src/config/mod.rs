@@ -5,8 +5,7 @@
 //! [`SecretString`] or are redacted by [`redact_url`] / [`kafka_property_is_secret`], so they never
 //! reach a log line, an error or `status` output (I9).
 
-use crate::backoff::{Backoff, BackoffKind};
-use figment::providers::{Env, Format, Serialized, Toml};
+use figment::providers::{Env, Format, Toml};
 use figment::value::{Dict, Value};
 use figment::Figment;
 use secrecy::{ExposeSecret, SecretString};
@@ -35,7 +34,7 @@ pub enum ConfigError {
     Missing(String),
 }
 
-fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+pub(super) fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         field: field.into(),
         problem: problem.into(),
@@ -79,15 +78,6 @@ pub struct PostgresConfig {
     pub connect_timeout: Duration,
 }
 
-/// `[kafka]`: `topics`, plus any librdkafka property (`"bootstrap.servers"`, `"group.id"`, …).
-#[derive(Debug, Clone)]
-pub struct KafkaConfig {
-    /// Topics to consume. They must exist: redrive never creates or assumes them.
-    pub topics: Vec<String>,
-    /// librdkafka properties, passed to the consumer and the DLQ producer as they are.
-    pub properties: BTreeMap<String, String>,
-}
-
 /// `[consumer]`
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -122,38 +112,6 @@ pub struct WorkersConfig {
     pub complete_linger: Duration,
 }
 
-/// One retry policy (`[retry]`, or a `[retry.topics."name"]` override of some of its fields).
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct RetryPolicy {
-    /// Attempts in all, the first delivery included: 4 means one delivery and three retries.
-    pub max_attempts: u32,
-    /// `exponential` or `linear`.
-    pub backoff: BackoffKind,
-    /// Delay after the first failure.
-    #[serde(with = "humantime_serde")]
-    pub initial_delay: Duration,
-    /// Growth per attempt for the exponential policy.
-    pub multiplier: f64,
-    /// Cap on the delay.
-    #[serde(with = "humantime_serde")]
-    pub max_delay: Duration,
-    /// Fraction in [0, 1] by which a delay is shortened at random, to spread retries out.
-    pub jitter: f64,
-    /// Cap on a handler's `Retry-After`.
-    #[serde(with = "humantime_serde")]
-    pub retry_after_max: Duration,
-}
-
-/// `[retry]`: the default policy, and `topics` with per-topic overrides.
-#[derive(Debug, Clone, Default)]
-pub struct RetryConfig {
-    /// Applies to topics without an override.
-    pub default: RetryPolicy,
-    /// Fully resolved policy per overridden topic.
-    pub topics: BTreeMap<String, RetryPolicy>,
-}
-
 /// `[handler]`
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -174,7 +132,7 @@ pub struct HandlerConfig {
 }
 
 /// `[dlq]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DlqConfig {
     /// The DLQ topic; `{topic}` is the source topic. It must exist.
@@ -238,20 +196,6 @@ impl Default for WorkersConfig {
     }
 }
 
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        Self {
-            max_attempts: 5,
-            backoff: BackoffKind::Exponential,
-            initial_delay: Duration::from_secs(1),
-            multiplier: 2.0,
-            max_delay: Duration::from_secs(3600),
-            jitter: 0.1,
-            retry_after_max: Duration::from_secs(3600),
-        }
-    }
-}
-
 impl Default for HandlerConfig {
     fn default() -> Self {
         Self {
@@ -292,190 +236,16 @@ impl Default for ShutdownConfig {
     }
 }
 
-impl RetryPolicy {
-    /// The backoff parameters of this policy.
-    pub fn backoff(&self) -> Backoff {
-        Backoff {
-            kind: self.backoff,
-            initial: self.initial_delay,
-            multiplier: self.multiplier,
-            max_delay: self.max_delay,
-            jitter: self.jitter,
-            retry_after_max: self.retry_after_max,
-        }
+impl std::fmt::Debug for DlqConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kafka: Vec<&String> = self.kafka.keys().collect();
+        f.debug_struct("DlqConfig")
+            .field("topic", &self.topic)
+            .field("publish_timeout", &self.publish_timeout)
+            .field("batch_size", &self.batch_size)
+            .field("kafka (values hidden)", &kafka)
+            .finish()
     }
-
-    fn validate(&self, at: &str) -> Result<(), ConfigError> {
-        if self.max_attempts < 1 {
-            return Err(invalid(format!("{at}.max_attempts"), "must be at least 1"));
-        }
-        if !(self.multiplier >= 1.0 && self.multiplier.is_finite()) {
-            return Err(invalid(format!("{at}.multiplier"), "must be a number >= 1"));
-        }
-        if !(0.0..=1.0).contains(&self.jitter) {
-            return Err(invalid(format!("{at}.jitter"), "must be between 0 and 1"));
-        }
-        if self.max_delay < self.initial_delay {
-            return Err(invalid(
-                format!("{at}.max_delay"),
-                "must not be shorter than initial_delay",
-            ));
-        }
-        Ok(())
-    }
-}
-
-impl RetryConfig {
-    /// The policy for a topic: its override, or the default.
-    pub fn for_topic(&self, topic: &str) -> &RetryPolicy {
-        self.topics.get(topic).unwrap_or(&self.default)
-    }
-
-    /// Reads `[retry]`: the default policy's fields, and `topics.<name>` tables that override some.
-    fn from_figment(figment: &Figment) -> Result<Self, ConfigError> {
-        let mut section: Dict = match figment.find_value("retry") {
-            Ok(v) => v
-                .into_dict()
-                .ok_or_else(|| invalid("retry", "must be a table"))?,
-            Err(_) => Dict::new(),
-        };
-        let overrides = section.remove("topics");
-        let base = Figment::from(Serialized::defaults(RetryPolicy::default()))
-            .merge(Serialized::defaults(section));
-        let default: RetryPolicy = base.extract().map_err(|e| prefixed(e, "retry"))?;
-        default.validate("retry")?;
-        let mut topics = BTreeMap::new();
-        let overrides = match overrides {
-            Some(v) => v
-                .into_dict()
-                .ok_or_else(|| invalid("retry.topics", "must be a table"))?,
-            None => Dict::new(),
-        };
-        for (topic, value) in overrides {
-            let at = format!("retry.topics.\"{topic}\"");
-            let dict = value
-                .into_dict()
-                .ok_or_else(|| invalid(&at, "must be a table"))?;
-            let policy: RetryPolicy = Figment::from(Serialized::defaults(&default))
-                .merge(Serialized::defaults(dict))
-                .extract()
-                .map_err(|e| prefixed(e, &at))?;
-            policy.validate(&at)?;
-            topics.insert(topic, policy);
-        }
-        Ok(Self { default, topics })
-    }
-}
-
-/// Prefixes the path of a figment error that was raised on a sub-figment.
-fn prefixed(mut e: figment::Error, at: &str) -> ConfigError {
-    let path = std::mem::take(&mut e.path);
-    let field = std::iter::once(at.to_string())
-        .chain(path)
-        .collect::<Vec<_>>()
-        .join(".");
-    invalid(field, e.kind.to_string())
-}
-
-impl KafkaConfig {
-    /// Reads `[kafka]`: `topics`, and every other key as a librdkafka property.
-    ///
-    /// An environment override arrives nested (`REDRIVE_KAFKA__GROUP_ID` → `group` → `id`), so
-    /// nested tables are flattened back into dotted names, after (and so over) the file's keys.
-    fn from_figment(figment: &Figment) -> Result<Self, ConfigError> {
-        let mut section = figment
-            .find_value("kafka")
-            .map_err(|_| {
-                invalid(
-                    "kafka",
-                    "is missing: it needs at least `topics` and \"group.id\"",
-                )
-            })?
-            .into_dict()
-            .ok_or_else(|| invalid("kafka", "must be a table"))?;
-        let topics = match section.remove("topics") {
-            Some(Value::Array(_, items)) => items
-                .into_iter()
-                .map(|v| {
-                    v.into_string()
-                        .ok_or_else(|| invalid("kafka.topics", "must be a list of strings"))
-                })
-                .collect::<Result<Vec<_>, _>>()?,
-            Some(Value::String(_, s)) => s.split(',').map(|t| t.trim().to_string()).collect(),
-            Some(_) => return Err(invalid("kafka.topics", "must be a list of strings")),
-            None => {
-                return Err(invalid(
-                    "kafka.topics",
-                    "is missing: name the topics to consume",
-                ))
-            }
-        };
-        if topics.is_empty() || topics.iter().any(|t| t.is_empty()) {
-            return Err(invalid(
-                "kafka.topics",
-                "must name at least one topic, none of them empty",
-            ));
-        }
-        let properties = flatten_properties(section, "kafka")?;
-        if !properties.contains_key("group.id") {
-            return Err(invalid(
-                "kafka.\"group.id\"",
-                "is missing: the consumer group is required",
-            ));
-        }
-        Ok(Self { topics, properties })
-    }
-
-    /// The consumer group.
-    pub fn group_id(&self) -> &str {
-        self.properties
-            .get("group.id")
-            .map(String::as_str)
-            .unwrap_or_default()
-    }
-}
-
-/// Turns a table of librdkafka properties into dotted names and string values.
-pub fn flatten_properties(dict: Dict, at: &str) -> Result<BTreeMap<String, String>, ConfigError> {
-    let mut out = BTreeMap::new();
-    let (flat, nested): (Vec<_>, Vec<_>) =
-        dict.into_iter().partition(|(_, v)| v.as_dict().is_none());
-    for (key, value) in flat.into_iter().chain(nested) {
-        flatten_into(&mut out, key.replace('_', "."), value, at)?;
-    }
-    Ok(out)
-}
-
-fn flatten_into(
-    out: &mut BTreeMap<String, String>,
-    key: String,
-    v: Value,
-    at: &str,
-) -> Result<(), ConfigError> {
-    let text = match v {
-        Value::Dict(_, d) => {
-            for (k, inner) in d {
-                flatten_into(out, format!("{key}.{}", k.replace('_', ".")), inner, at)?;
-            }
-            return Ok(());
-        }
-        Value::String(_, s) => s,
-        Value::Char(_, c) => c.to_string(),
-        Value::Bool(_, b) => b.to_string(),
-        Value::Num(_, n) => n
-            .to_i128()
-            .map(|i| i.to_string())
-            .or_else(|| n.to_f64().map(|f| f.to_string()))
-            .unwrap_or_default(),
-        Value::Empty(..) | Value::Array(..) => {
-            return Err(invalid(
-                format!("{at}.\"{key}\""),
-                "must be a string, number or boolean",
-            ))
-        }
-    };
-    out.insert(key, text);
-    Ok(())
 }
 
 impl Config {
@@ -630,28 +400,20 @@ fn environment() -> Env {
     })
 }
 
-/// The URL with its password replaced by `***`, for logs and errors.
-pub fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) => {
-            if u.password().is_some() {
-                // Setting a password only fails for URLs that cannot have one, checked just above.
-                let _ = u.set_password(Some("***"));
-            }
-            u.to_string()
-        }
-        Err(_) => "<unparseable url>".to_string(),
-    }
-}
+mod kafka;
+mod retry;
 
-/// Whether a librdkafka property holds a secret (`sasl.password`, `ssl.key.password`, …).
-pub fn kafka_property_is_secret(name: &str) -> bool {
-    let n = name.to_ascii_lowercase();
-    n.contains("password")
-        || n.contains("secret")
-        || n.contains("sasl.jaas")
-        || n.contains("oauthbearer.config")
-}
+pub use kafka::{flatten_properties, kafka_property_is_secret, redact_url, KafkaConfig};
+pub use retry::{RetryConfig, RetryPolicy};
 
 #[cfg(test)]
 mod tests;
+/// Prefixes the path of a figment error that was raised on a sub-figment.
+pub(super) fn prefixed(mut e: figment::Error, at: &str) -> ConfigError {
+    let path = std::mem::take(&mut e.path);
+    let field = std::iter::once(at.to_string())
+        .chain(path)
+        .collect::<Vec<_>>()
+        .join(".");
+    invalid(field, e.kind.to_string())
+}

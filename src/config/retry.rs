@@ -1,0 +1,134 @@
+//! `[retry]`: the default retry policy and per-topic overrides (I6).
+//!
+//! A `[retry.topics."name"]` table overrides some fields of the default; the rest are inherited.
+//! Each resolved policy is validated, and an error names the field, override path included.
+
+use super::{invalid, prefixed, ConfigError};
+use crate::backoff::{Backoff, BackoffKind};
+use figment::providers::Serialized;
+use figment::value::Dict;
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// One retry policy (`[retry]`, or a `[retry.topics."name"]` override of some of its fields).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first delivery included: 4 means one delivery and three retries.
+    pub max_attempts: u32,
+    /// `exponential` or `linear`.
+    pub backoff: BackoffKind,
+    /// Delay after the first failure.
+    #[serde(with = "humantime_serde")]
+    pub initial_delay: Duration,
+    /// Growth per attempt for the exponential policy.
+    pub multiplier: f64,
+    /// Cap on the delay.
+    #[serde(with = "humantime_serde")]
+    pub max_delay: Duration,
+    /// Fraction in [0, 1] by which a delay is shortened at random, to spread retries out.
+    pub jitter: f64,
+    /// Cap on a handler's `Retry-After`.
+    #[serde(with = "humantime_serde")]
+    pub retry_after_max: Duration,
+}
+
+/// `[retry]`: the default policy, and `topics` with per-topic overrides.
+#[derive(Debug, Clone, Default)]
+pub struct RetryConfig {
+    /// Applies to topics without an override.
+    pub default: RetryPolicy,
+    /// Fully resolved policy per overridden topic.
+    pub topics: BTreeMap<String, RetryPolicy>,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            backoff: BackoffKind::Exponential,
+            initial_delay: Duration::from_secs(1),
+            multiplier: 2.0,
+            max_delay: Duration::from_secs(3600),
+            jitter: 0.1,
+            retry_after_max: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The backoff parameters of this policy.
+    pub fn backoff(&self) -> Backoff {
+        Backoff {
+            kind: self.backoff,
+            initial: self.initial_delay,
+            multiplier: self.multiplier,
+            max_delay: self.max_delay,
+            jitter: self.jitter,
+            retry_after_max: self.retry_after_max,
+        }
+    }
+
+    pub(super) fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        if self.max_attempts < 1 {
+            return Err(invalid(format!("{at}.max_attempts"), "must be at least 1"));
+        }
+        if !(self.multiplier >= 1.0 && self.multiplier.is_finite()) {
+            return Err(invalid(format!("{at}.multiplier"), "must be a number >= 1"));
+        }
+        if !(0.0..=1.0).contains(&self.jitter) {
+            return Err(invalid(format!("{at}.jitter"), "must be between 0 and 1"));
+        }
+        if self.max_delay < self.initial_delay {
+            return Err(invalid(
+                format!("{at}.max_delay"),
+                "must not be shorter than initial_delay",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl RetryConfig {
+    /// The policy for a topic: its override, or the default.
+    pub fn for_topic(&self, topic: &str) -> &RetryPolicy {
+        self.topics.get(topic).unwrap_or(&self.default)
+    }
+
+    /// Reads `[retry]`: the default policy's fields, and `topics.<name>` tables that override some.
+    pub(super) fn from_figment(figment: &Figment) -> Result<Self, ConfigError> {
+        let mut section: Dict = match figment.find_value("retry") {
+            Ok(v) => v
+                .into_dict()
+                .ok_or_else(|| invalid("retry", "must be a table"))?,
+            Err(_) => Dict::new(),
+        };
+        let overrides = section.remove("topics");
+        let base = Figment::from(Serialized::defaults(RetryPolicy::default()))
+            .merge(Serialized::defaults(section));
+        let default: RetryPolicy = base.extract().map_err(|e| prefixed(e, "retry"))?;
+        default.validate("retry")?;
+        let mut topics = BTreeMap::new();
+        let overrides = match overrides {
+            Some(v) => v
+                .into_dict()
+                .ok_or_else(|| invalid("retry.topics", "must be a table"))?,
+            None => Dict::new(),
+        };
+        for (topic, value) in overrides {
+            let at = format!("retry.topics.\"{topic}\"");
+            let dict = value
+                .into_dict()
+                .ok_or_else(|| invalid(&at, "must be a table"))?;
+            let policy: RetryPolicy = Figment::from(Serialized::defaults(&default))
+                .merge(Serialized::defaults(dict))
+                .extract()
+                .map_err(|e| prefixed(e, &at))?;
+            policy.validate(&at)?;
+            topics.insert(topic, policy);
+        }
+        Ok(Self { default, topics })
+    }
+}
