@@ -11,7 +11,7 @@ export REDRIVE_TEST_DATABASE_URL ?= postgres://redrive:redrive@127.0.0.1:5432/re
 export REDRIVE_TEST_KAFKA ?= 127.0.0.1:9092
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: all build test demo bench services services-stop prepare prepare-check lint clean-test-dbs
+.PHONY: all build test demo bench bench-peers services services-stop prepare prepare-check lint clean-test-dbs
 
 all: build
 
@@ -42,6 +42,10 @@ demo: services
 ## Throughput figures for BENCHMARKS.md.
 bench: services
 	scripts/bench.sh
+
+## The dispatch benchmark's peers (River, graphile-worker, PgQueuer) on the same Postgres.
+bench-peers: services
+	scripts/bench-peers.sh
 
 ## Regenerate .sqlx/ (offline query data) from a database built from the migrations.
 prepare:

@@ -167,14 +167,17 @@ async fn the_password_stays_out_of_logs_and_errors() {
         .port();
     let unreachable = format!("postgres://redrive:{PASSWORD}@127.0.0.1:{closed}/redrive");
     let stop = CancellationToken::new();
-    let canceller = stop.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(1200)).await;
-        canceller.cancel();
+    let connecting = tokio::spawn({
+        let (config, stop) = (config(&unreachable), stop.clone());
+        async move { Store::connect(&config, &stop).await }
     });
-    let gave_up = Store::connect(&config(&unreachable), &stop)
-        .await
-        .unwrap_err();
+    wait_for("a retry to be logged", Duration::from_secs(30), || async {
+        let logs = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
+        logs.contains("postgres is unreachable").then_some(())
+    })
+    .await;
+    stop.cancel();
+    let gave_up = connecting.await.unwrap().unwrap_err();
 
     let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
     assert!(
