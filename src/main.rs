@@ -2,9 +2,10 @@
 
 use anyhow::Context;
 use clap::Parser;
-use redrive::cli::{Cli, Command};
+use redrive::cli::{Cli, Command, RunArgs};
+use redrive::config::{redact_url, PostgresConfig};
 use redrive::handler::http::HttpHandler;
-use redrive::{config::redact_url, Config};
+use redrive::Config;
 use secrecy::ExposeSecret;
 use std::process::ExitCode;
 
@@ -12,7 +13,19 @@ use std::process::ExitCode;
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     redrive::telemetry::init_tracing();
-    match run(cli).await {
+    let path = cli.config.as_deref();
+    let result = match cli.command {
+        Command::Run(parts) => match Config::load(path) {
+            Ok(config) => run(config, parts).await,
+            Err(e) => Err(e.into()),
+        },
+        Command::Migrate => match PostgresConfig::load(path) {
+            Ok(postgres) => migrate(postgres).await,
+            Err(e) => Err(e.into()),
+        },
+        Command::CheckConfig => Config::load(path).map_err(Into::into).map(check_config),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -22,50 +35,45 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    let config = Config::load(cli.config.as_deref())?;
-    match cli.command {
-        Command::Run(parts) => {
-            let handler = if parts.no_consumer && parts.no_workers {
-                None
-            } else {
-                Some(HttpHandler::new(&config.handler)?)
-            };
-            let shutdown = redrive::shutdown::on_signals().context("installing signal handlers")?;
-            match handler {
-                Some(h) => redrive::app::run(config, h, parts, shutdown).await,
-                None => redrive::app::run(config, redrive::handler::Unused, parts, shutdown).await,
-            }
-        }
-        Command::Migrate => {
-            let applied = redrive::store::migrate::run(&config.postgres.url).await?;
-            for m in &applied {
-                println!("applied V{}__{}", m.version, m.name);
-            }
-            println!(
-                "schema is at version {} ({} migration(s) applied now) in {}",
-                redrive::store::migrate::required_version(),
-                applied.len(),
-                redact_url(config.postgres.url.expose_secret())
-            );
-            Ok(())
-        }
-        Command::CheckConfig => {
-            println!("configuration is valid");
-            println!(
-                "postgres: {}",
-                redact_url(config.postgres.url.expose_secret())
-            );
-            println!("topics: {}", config.kafka.topics.join(", "));
-            println!(
-                "kafka: {}",
-                redrive::kafka::describe(&config.kafka.properties)
-            );
-            println!("retry (default): {:?}", config.retry.default);
-            for (topic, policy) in &config.retry.topics {
-                println!("retry ({topic}): {policy:?}");
-            }
-            Ok(())
-        }
+/// `redrive run`: the HTTP handler, unless this process runs neither consumer nor workers.
+async fn run(config: Config, parts: RunArgs) -> anyhow::Result<()> {
+    let shutdown = redrive::shutdown::on_signals().context("installing signal handlers")?;
+    if parts.no_consumer && parts.no_workers {
+        return redrive::app::run(config, redrive::handler::Unused, parts, shutdown).await;
+    }
+    let handler = HttpHandler::new(&config.handler)?;
+    redrive::app::run(config, handler, parts, shutdown).await
+}
+
+/// `redrive migrate`: needs only `[postgres]`.
+async fn migrate(postgres: PostgresConfig) -> anyhow::Result<()> {
+    let applied = redrive::store::migrate::run(&postgres.url).await?;
+    for m in &applied {
+        println!("applied V{}__{}", m.version, m.name);
+    }
+    println!(
+        "schema is at version {} ({} migration(s) applied now) in {}",
+        redrive::store::migrate::required_version(),
+        applied.len(),
+        redact_url(postgres.url.expose_secret())
+    );
+    Ok(())
+}
+
+/// `redrive check-config`: the effective configuration, secrets redacted.
+fn check_config(config: Config) {
+    println!("configuration is valid");
+    println!(
+        "postgres: {}",
+        redact_url(config.postgres.url.expose_secret())
+    );
+    println!("topics: {}", config.kafka.topics.join(", "));
+    println!(
+        "kafka: {}",
+        redrive::kafka::describe(&config.kafka.properties)
+    );
+    println!("retry (default): {:?}", config.retry.default);
+    for (topic, policy) in &config.retry.topics {
+        println!("retry ({topic}): {policy:?}");
     }
 }

@@ -251,14 +251,7 @@ impl std::fmt::Debug for DlqConfig {
 impl Config {
     /// Loads the file (if any), then the environment over it, and validates the result.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let mut figment = Figment::new();
-        if let Some(path) = path {
-            if !path.exists() {
-                return Err(ConfigError::Missing(path.display().to_string()));
-            }
-            figment = figment.merge(Toml::file_exact(path));
-        }
-        Self::from_figment(figment.merge(environment()))
+        Self::from_figment(sources(path)?)
     }
 
     /// Parses a TOML document with no environment overrides (tests, and embedded configs).
@@ -292,11 +285,7 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let url = url::Url::parse(self.postgres.url.expose_secret())
-            .map_err(|e| invalid("postgres.url", format!("is not a URL: {e}")))?;
-        if !matches!(url.scheme(), "postgres" | "postgresql") {
-            return Err(invalid("postgres.url", "must start with postgres://"));
-        }
+        self.postgres.validate()?;
         let positive = [
             ("consumer.max_in_flight", self.consumer.max_in_flight),
             (
@@ -389,6 +378,38 @@ struct Partial {
     http: HttpConfig,
     #[serde(default)]
     shutdown: ShutdownConfig,
+}
+
+/// The file (if any), then the environment over it.
+fn sources(path: Option<&Path>) -> Result<Figment, ConfigError> {
+    let mut figment = Figment::new();
+    if let Some(path) = path {
+        if !path.exists() {
+            return Err(ConfigError::Missing(path.display().to_string()));
+        }
+        figment = figment.merge(Toml::file_exact(path));
+    }
+    Ok(figment.merge(environment()))
+}
+
+impl PostgresConfig {
+    /// Reads only `[postgres]`: all that `redrive migrate` needs.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let config: Self = sources(path)?
+            .extract_inner("postgres")
+            .map_err(|e| ConfigError::Parse(Box::new(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let url = url::Url::parse(self.url.expose_secret())
+            .map_err(|e| invalid("postgres.url", format!("is not a URL: {e}")))?;
+        if !matches!(url.scheme(), "postgres" | "postgresql") {
+            return Err(invalid("postgres.url", "must start with postgres://"));
+        }
+        Ok(())
+    }
 }
 
 /// `REDRIVE_SECTION__FIELD` variables, for the known sections only.

@@ -240,3 +240,24 @@ async fn run_refuses_a_database_without_the_schema_and_says_to_migrate() {
         .unwrap()
         .is_empty());
 }
+
+#[tokio::test]
+async fn migrate_needs_only_the_postgres_section_and_is_idempotent() {
+    let db = TestDb::empty().await;
+    let config = format!("[postgres]\nurl = \"{}\"\n", db.url);
+    let first = run_binary(&config, &["migrate"]).await;
+    let stdout = String::from_utf8_lossy(&first.stdout);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(stdout.contains("applied V1__retry_table"), "{stdout}");
+    assert!(
+        stdout.contains("redrive:***@"),
+        "the password is redacted: {stdout}"
+    );
+    let again = run_binary(&config, &["migrate"]).await;
+    assert!(String::from_utf8_lossy(&again.stdout).contains("(0 migration(s) applied now)"));
+    db.store.check_schema().await.unwrap();
+}
