@@ -112,21 +112,8 @@ async fn a_crash_after_capture_redelivers_without_a_second_row() {
             stub.addr
         )
     };
-    let run = |file: &std::path::Path| {
-        tokio::process::Command::new(redrive_bin())
-            .args([
-                "--config",
-                file.to_str().unwrap(),
-                "run",
-                "--no-workers",
-                "--no-dlq",
-                "--no-http",
-            ])
-            .env("REDRIVE_LOG", "warn")
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap()
-    };
+    let run =
+        |file: &std::path::Path| spawn_redrive(file, &["--no-workers", "--no-dlq", "--no-http"]);
     produce(
         &producer(&kafka()),
         &topic,
@@ -166,15 +153,6 @@ async fn a_crash_after_capture_redelivers_without_a_second_row() {
         "the redelivered message must not create a second row"
     );
     assert_eq!(db.count("attempts = 1").await, 1);
-    let pid = second.id().unwrap().to_string();
-    tokio::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await
-        .unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(30), second.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let status = terminate(&mut second).await;
     assert!(status.success(), "graceful shutdown exits 0, got {status}");
 }

@@ -79,6 +79,16 @@ impl TestDb {
         self.store.pool()
     }
 
+    /// Captures rows for group "g", the group the store tests use.
+    pub async fn seed(&self, rows: &[redrive::store::capture::Capture]) {
+        self.store.capture("g", rows).await.unwrap();
+    }
+
+    /// Claims up to 10 due rows of group "g" for `lease`.
+    pub async fn claim(&self, lease: Duration) -> Vec<redrive::store::claim::Claimed> {
+        self.store.claim("g", 10, lease, "w").await.unwrap()
+    }
+
     pub async fn count(&self, filter: &str) -> i64 {
         sqlx::query_scalar(&format!(
             "SELECT count(*) FROM redrive.retry_messages WHERE {filter}"
@@ -411,6 +421,34 @@ pub fn spawn_app(
     let t = token.clone();
     let task = tokio::spawn(async move { redrive::app::run(config, handler, parts, t).await });
     (token, task)
+}
+
+/// Starts the `redrive` binary with a config file and `run` flags, quietly.
+pub fn spawn_redrive(config: &std::path::Path, run_flags: &[&str]) -> tokio::process::Child {
+    tokio::process::Command::new(redrive_bin())
+        .args(["--config", config.to_str().unwrap(), "run"])
+        .args(run_flags)
+        .env("REDRIVE_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+/// Sends SIGTERM, as an orchestrator would, and waits (bounded) for the exit.
+pub async fn terminate(child: &mut tokio::process::Child) -> std::process::ExitStatus {
+    let pid = child
+        .id()
+        .expect("the process is still running")
+        .to_string();
+    tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("redrive stops within 30s of SIGTERM")
+        .unwrap()
 }
 
 /// Path of the `redrive` binary built with the tests.

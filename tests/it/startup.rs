@@ -98,16 +98,10 @@ async fn an_unreachable_postgres_is_retried_with_a_clear_log_line_and_no_passwor
     })
     .await
     .expect("three retry log lines");
-    let pid = child.id().unwrap().to_string();
-    tokio::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await
-        .unwrap();
+    let status = terminate(&mut child).await;
     while let Ok(Some(line)) = lines.next_line().await {
         log.push(line);
     }
-    let status = child.wait().await.unwrap();
     let log = log.join("\n");
     assert!(!log.contains(PASSWORD), "the password leaked: {log}");
     assert!(

@@ -57,23 +57,12 @@ async fn capturing_the_same_message_twice_keeps_one_row() {
 #[tokio::test]
 async fn an_expired_lease_is_claimable_again_and_the_late_completion_is_refused() {
     let db = TestDb::new().await;
-    db.store
-        .capture("g", &[pending("orders", 1, Duration::ZERO, 5)])
-        .await
-        .unwrap();
-    let first = db
-        .store
-        .claim("g", 10, Duration::from_millis(500), "worker-a")
-        .await
-        .unwrap();
+    db.seed(&[pending("orders", 1, Duration::ZERO, 5)]).await;
+    let first = db.claim(Duration::from_millis(500)).await;
     assert_eq!(first.len(), 1);
     assert_eq!(first[0].attempt, 2, "the capture was attempt 1");
     assert!(
-        db.store
-            .claim("g", 10, Duration::from_secs(30), "worker-b")
-            .await
-            .unwrap()
-            .is_empty(),
+        db.claim(Duration::from_secs(30)).await.is_empty(),
         "leased rows are not claimable"
     );
 
@@ -82,11 +71,7 @@ async fn an_expired_lease_is_claimable_again_and_the_late_completion_is_refused(
         "the expired lease to be claimable",
         Duration::from_secs(30),
         || async {
-            let rows = db
-                .store
-                .claim("g", 10, Duration::from_secs(30), "worker-b")
-                .await
-                .unwrap();
+            let rows = db.claim(Duration::from_secs(30)).await;
             (!rows.is_empty()).then_some(rows)
         },
     )
@@ -123,26 +108,14 @@ async fn an_expired_lease_is_claimable_again_and_the_late_completion_is_refused(
 #[tokio::test]
 async fn a_lease_that_expires_on_the_last_attempt_makes_the_row_dead() {
     let db = TestDb::new().await;
-    db.store
-        .capture("g", &[pending("orders", 1, Duration::ZERO, 2)])
-        .await
-        .unwrap();
-    let claimed = db
-        .store
-        .claim("g", 10, Duration::from_millis(200), "w")
-        .await
-        .unwrap();
+    db.seed(&[pending("orders", 1, Duration::ZERO, 2)]).await;
+    let claimed = db.claim(Duration::from_millis(200)).await;
     assert_eq!(claimed[0].attempt, 2);
     wait_for(
         "the rescue to mark the row dead",
         Duration::from_secs(30),
         || async {
-            assert!(db
-                .store
-                .claim("g", 10, Duration::from_secs(30), "w")
-                .await
-                .unwrap()
-                .is_empty());
+            assert!(db.claim(Duration::from_secs(30)).await.is_empty());
             (db.count(
                 "state = 'dead' AND dead_at IS NOT NULL AND last_error LIKE 'lease expired%'",
             )
@@ -157,17 +130,9 @@ async fn a_lease_that_expires_on_the_last_attempt_makes_the_row_dead() {
 #[tokio::test]
 async fn failures_reschedule_or_kill_and_keep_a_bounded_error_history() {
     let db = TestDb::new().await;
-    db.store
-        .capture("g", &[pending("orders", 1, Duration::ZERO, 30)])
-        .await
-        .unwrap();
+    db.seed(&[pending("orders", 1, Duration::ZERO, 30)]).await;
     for n in 0..12 {
-        let c = db
-            .store
-            .claim("g", 1, Duration::from_secs(30), "w")
-            .await
-            .unwrap()
-            .remove(0);
+        let c = db.claim(Duration::from_secs(30)).await.remove(0);
         let outcome = Outcome::Retry {
             next_attempt_at: Utc::now(),
             error: HandlerError::retryable(format!("boom {n}")),
@@ -192,12 +157,7 @@ async fn failures_reschedule_or_kill_and_keep_a_bounded_error_history() {
     assert_eq!(history_len, 10);
     assert_eq!(last, "boom 11");
 
-    let c = db
-        .store
-        .claim("g", 1, Duration::from_secs(30), "w")
-        .await
-        .unwrap()
-        .remove(0);
+    let c = db.claim(Duration::from_secs(30)).await.remove(0);
     let outcome = Outcome::Dead {
         error: HandlerError::permanent("bad request"),
     };
@@ -219,11 +179,7 @@ async fn failures_reschedule_or_kill_and_keep_a_bounded_error_history() {
         1
     );
     assert!(
-        db.store
-            .claim("g", 10, Duration::from_secs(30), "w")
-            .await
-            .unwrap()
-            .is_empty(),
+        db.claim(Duration::from_secs(30)).await.is_empty(),
         "dead rows are never claimed"
     );
 }
@@ -231,16 +187,9 @@ async fn failures_reschedule_or_kill_and_keep_a_bounded_error_history() {
 #[tokio::test]
 async fn rows_are_not_claimed_before_they_are_due() {
     let db = TestDb::new().await;
-    db.store
-        .capture("g", &[pending("orders", 1, Duration::from_secs(3600), 3)])
-        .await
-        .unwrap();
-    assert!(db
-        .store
-        .claim("g", 10, Duration::from_secs(30), "w")
-        .await
-        .unwrap()
-        .is_empty());
+    db.seed(&[pending("orders", 1, Duration::from_secs(3600), 3)])
+        .await;
+    assert!(db.claim(Duration::from_secs(30)).await.is_empty());
     let wake = db.store.next_wake("g").await.unwrap();
     assert!(wake.next_due.unwrap() > Utc::now() + chrono::Duration::minutes(59));
 }

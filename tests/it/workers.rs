@@ -87,10 +87,8 @@ async fn a_row_is_not_attempted_before_it_is_due_and_promptly_once_it_is() {
     // The fallback wake-up is an hour away: only NOTIFY and the due-time timer can wake the worker.
     let (stop, task) = start(&db, recorder.clone(), RetryConfig::default());
 
-    db.store
-        .capture("g", &[pending("t", 1, Duration::from_millis(1500), 3)])
-        .await
-        .unwrap();
+    db.seed(&[pending("t", 1, Duration::from_millis(1500), 3)])
+        .await;
     let due: DateTime<Utc> =
         sqlx::query_scalar("SELECT next_attempt_at FROM redrive.retry_messages")
             .fetch_one(db.pool())
@@ -105,10 +103,7 @@ async fn a_row_is_not_attempted_before_it_is_due_and_promptly_once_it_is() {
     assert!(at >= due, "attempted at {at}, before next_attempt_at {due}");
 
     // The worker is idle now; a row due at once must wake it (NOTIFY), long before the fallback.
-    db.store
-        .capture("g", &[pending("t", 2, Duration::ZERO, 3)])
-        .await
-        .unwrap();
+    db.seed(&[pending("t", 2, Duration::ZERO, 3)]).await;
     wait_for(
         "an idle worker to pick up a due row",
         Duration::from_secs(20),
@@ -133,10 +128,7 @@ async fn shutdown_releases_the_claims_of_attempts_that_did_not_finish() {
         ..Default::default()
     };
     let (stop, task) = start(&db, recorder.clone(), RetryConfig::default());
-    db.store
-        .capture("g", &[pending("t", 1, Duration::ZERO, 3)])
-        .await
-        .unwrap();
+    db.seed(&[pending("t", 1, Duration::ZERO, 3)]).await;
     wait_for("the attempt to start", Duration::from_secs(20), || async {
         recorder.called(1)
     })
@@ -172,16 +164,11 @@ async fn retry_after_is_honoured_up_to_its_cap() {
     let config = config(&db.url, &["t"], "g", Some(stub.addr), "[retry]\ninitial_delay = \"60s\"\nmax_delay = \"1h\"\nretry_after_max = \"5s\"\njitter = 0.0");
     let handler = redrive::handler::http::HttpHandler::new(&config.handler).unwrap();
     let (stop, task) = start(&db, handler, config.retry.clone());
-    db.store
-        .capture(
-            "g",
-            &[
-                pending("t", 1, Duration::ZERO, 5),
-                pending("t", 2, Duration::ZERO, 5),
-            ],
-        )
-        .await
-        .unwrap();
+    db.seed(&[
+        pending("t", 1, Duration::ZERO, 5),
+        pending("t", 2, Duration::ZERO, 5),
+    ])
+    .await;
     let delays: HashMap<i64, f64> = wait_for(
         "both rows to be rescheduled",
         Duration::from_secs(20),
@@ -220,7 +207,7 @@ async fn two_processes_with_four_workers_each_attempt_every_row_exactly_once() {
             .iter()
             .map(|&o| pending("t", o, Duration::ZERO, 3))
             .collect();
-        db.store.capture("g", &batch).await.unwrap();
+        db.seed(&batch).await;
     }
     let stub = Stub::start(|_| (200, vec![])).await;
     let file = write_config(&format!(
@@ -228,21 +215,7 @@ async fn two_processes_with_four_workers_each_attempt_every_row_exactly_once() {
          [handler]\nurl = \"http://{}/\"\n[workers]\nconcurrency = 4\nclaim_batch_size = 4\n",
         db.url, stub.addr
     ));
-    let spawn = || {
-        tokio::process::Command::new(redrive_bin())
-            .args([
-                "--config",
-                file.0.to_str().unwrap(),
-                "run",
-                "--no-consumer",
-                "--no-dlq",
-                "--no-http",
-            ])
-            .env("REDRIVE_LOG", "warn")
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap()
-    };
+    let spawn = || spawn_redrive(&file.0, &["--no-consumer", "--no-dlq", "--no-http"]);
     let (mut a, mut b) = (spawn(), spawn());
     wait_for(
         "every row to be processed",
@@ -251,16 +224,7 @@ async fn two_processes_with_four_workers_each_attempt_every_row_exactly_once() {
     )
     .await;
     for child in [&mut a, &mut b] {
-        let pid = child.id().unwrap().to_string();
-        tokio::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .await
-            .unwrap();
-        let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-            .await
-            .unwrap()
-            .unwrap();
+        let status = terminate(child).await;
         assert!(status.success(), "a worker process exited with {status}");
     }
     let mut seen: HashMap<String, usize> = HashMap::new();
