@@ -11,12 +11,18 @@ export REDRIVE_TEST_DATABASE_URL ?= postgres://redrive:redrive@127.0.0.1:5432/re
 export REDRIVE_TEST_KAFKA ?= 127.0.0.1:9092
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: all build test demo bench bench-peers services services-stop prepare prepare-check lint clean-test-dbs
+.PHONY: all build build-deps test demo bench bench-peers services services-stop prepare prepare-check lint clean-test-dbs
 
 all: build
 
-build:
+build: build-deps
 	$(CARGO) build --bins
+
+## librdkafka is built with TLS and SASL, against the system OpenSSL.
+build-deps:
+	@pkg-config --exists openssl 2>/dev/null || { \
+	  echo "installing libssl-dev and pkg-config from Debian's packages"; \
+	  apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q libssl-dev pkg-config >/dev/null; }
 
 ## Start Postgres and Kafka (idempotent).
 services:
@@ -29,18 +35,18 @@ services-stop:
 	@scripts/postgres.sh stop
 
 ## The whole suite: unit tests, then integration tests on the real Postgres and Kafka broker.
-test: services clean-test-dbs
+test: build-deps services clean-test-dbs
 	$(CARGO) build --bins --tests
 	scripts/test.sh
 
 ## The Knative seed experiment, end to end, with a printed timeline.
-demo: services
+demo: build-deps services
 	$(CARGO) build --bins
 	@status=0; $(TARGET_DIR)/debug/redrive-demo run || status=$$?; \
 	  scripts/kafka.sh stop; scripts/postgres.sh stop-if-started; exit $$status
 
 ## Throughput figures for BENCHMARKS.md.
-bench: services
+bench: build-deps services
 	scripts/bench.sh
 
 ## The dispatch benchmark's peers (River, graphile-worker, PgQueuer) on the same Postgres.

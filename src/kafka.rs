@@ -151,3 +151,67 @@ fn list(tpl: &TopicPartitionList) -> String {
         .collect::<Vec<_>>()
         .join(",")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::consumer::BaseConsumer;
+
+    fn props(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn tls_and_sasl_settings_are_accepted_and_their_secrets_hidden() {
+        let p = props(&[
+            ("bootstrap.servers", "127.0.0.1:1"),
+            ("group.id", "g"),
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.mechanism", "SCRAM-SHA-512"),
+            ("sasl.username", "svc"),
+            ("sasl.password", "kafka-s3cret"),
+        ]);
+        let consumer: Result<BaseConsumer, _> = consumer_config(&p).unwrap().create();
+        assert!(
+            consumer.is_ok(),
+            "this build must support SASL_SSL: {:?}",
+            consumer.err()
+        );
+        let line = describe(&p);
+        assert!(
+            !line.contains("kafka-s3cret") && line.contains("sasl.password=***"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn offsets_are_never_stored_automatically() {
+        let p = props(&[("group.id", "g"), ("enable.auto.offset.store", "true")]);
+        let e = consumer_config(&p).unwrap_err().to_string();
+        assert!(e.contains("enable.auto.offset.store"), "{e}");
+        let c = consumer_config(&props(&[("group.id", "g")])).unwrap();
+        assert_eq!(c.get("enable.auto.offset.store"), Some("false"));
+    }
+
+    #[test]
+    fn the_dlq_producer_drops_consumer_settings_and_waits_for_all_replicas() {
+        let c = producer_config(
+            &props(&[("group.id", "g"), ("acks", "1")]),
+            Duration::from_secs(7),
+        );
+        assert_eq!(c.get("group.id"), None);
+        assert_eq!(
+            c.get("acks"),
+            Some("1"),
+            "a user's choice wins over the default"
+        );
+        assert_eq!(c.get("message.timeout.ms"), Some("7000"));
+        assert_eq!(
+            producer_config(&BTreeMap::new(), Duration::from_secs(1)).get("acks"),
+            Some("all")
+        );
+    }
+}

@@ -155,6 +155,7 @@ async fn run(kafka: &str, admin_url: &str) -> anyhow::Result<()> {
         .kill_on_drop(true)
         .spawn()?;
     produce_values(kafka, &topic).await?;
+    println!("   produced {{\"value\":1}} … {{\"value\":10}}; waiting for the retries and the DLQ records (about 10 s)…\n");
     let dlq_records = read_dlq(kafka, &dlq, 3, Duration::from_secs(90)).await;
     wait_for_deliveries(&log, Duration::from_secs(30)).await;
     // SIGTERM, as an orchestrator would; redrive drains and commits before it exits.
