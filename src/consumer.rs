@@ -14,9 +14,11 @@ use crate::offsets::OffsetTracker;
 use crate::store::capture::Capture;
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::TopicPartitionList;
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -71,38 +73,102 @@ impl<H: Handler> Consumer<H> {
     pub async fn run(self, shutdown: CancellationToken, drain: Duration) {
         let slots = Arc::new(Semaphore::new(self.max_in_flight));
         let mut tasks = JoinSet::new();
+        let mut held = VecDeque::new();
         loop {
-            let permit = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            let Some(permit) = self.next_slot(&slots, &mut held, &shutdown).await else {
+                break;
             };
-            let received = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                m = self.shared.consumer.recv() => m,
+            let message = match held.pop_front() {
+                Some(m) => m,
+                None => {
+                    let received = tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        m = self.shared.consumer.recv() => m,
+                    };
+                    match received {
+                        Ok(m) => Message::from_kafka(&m),
+                        Err(e) => {
+                            log_consume_error(&e);
+                            continue;
+                        }
+                    }
+                }
             };
             while tasks.try_join_next().is_some() {}
-            let message = match received {
-                Ok(m) => Message::from_kafka(&m),
-                Err(e) => {
-                    log_consume_error(&e);
-                    continue;
-                }
-            };
-            metrics::counter!("redrive_messages_consumed_total").increment(1);
-            self.shared
-                .lock_tracker()
-                .begin(&message.topic, message.partition, message.offset);
-            let shared = self.shared.clone();
-            let span = tracing::info_span!("message", topic = %message.topic, partition = message.partition, offset = message.offset);
-            tasks.spawn(
-                async move {
-                    shared.process(message).await;
-                    drop(permit);
-                }
-                .instrument(span),
-            );
+            self.start(&mut tasks, message, permit);
         }
         self.drain(tasks, drain).await;
+    }
+
+    /// Waits for a free slot. While every slot is busy (a slow handler, or captures waiting for
+    /// Postgres), the assigned partitions are paused and the consumer keeps polling, so it stays in
+    /// its group however long that lasts (`max.poll.interval.ms`). A message fetched before the
+    /// pause took effect is held, in order, for the next free slot. `None` on shutdown.
+    async fn next_slot(
+        &self,
+        slots: &Arc<Semaphore>,
+        held: &mut VecDeque<Message>,
+        shutdown: &CancellationToken,
+    ) -> Option<OwnedSemaphorePermit> {
+        if let Ok(permit) = slots.clone().try_acquire_owned() {
+            return Some(permit);
+        }
+        let mut paused = self.pause();
+        let permit = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break None,
+                p = slots.clone().acquire_owned() => break p.ok(),
+                m = self.shared.consumer.recv() => match m {
+                    Ok(m) => {
+                        held.push_back(Message::from_kafka(&m));
+                        // A rebalance may have assigned partitions that are not paused yet.
+                        paused = self.pause().or(paused);
+                    }
+                    Err(e) => log_consume_error(&e),
+                },
+            }
+        };
+        if let Some(partitions) = paused {
+            if let Err(e) = self.shared.consumer.resume(&partitions) {
+                tracing::debug!("resuming partitions: {e}");
+            }
+        }
+        permit
+    }
+
+    /// Pauses every assigned partition; returns what was paused.
+    fn pause(&self) -> Option<TopicPartitionList> {
+        let assignment = self.shared.consumer.assignment().ok()?;
+        match self.shared.consumer.pause(&assignment) {
+            Ok(()) => {
+                tracing::debug!(
+                    in_flight = self.max_in_flight,
+                    "every slot is busy: partitions paused"
+                );
+                Some(assignment)
+            }
+            Err(e) => {
+                tracing::warn!("pausing partitions failed: {e}");
+                None
+            }
+        }
+    }
+
+    /// Registers the message with the offset tracker (in consumption order) and handles it.
+    fn start(&self, tasks: &mut JoinSet<()>, message: Message, permit: OwnedSemaphorePermit) {
+        metrics::counter!("redrive_messages_consumed_total").increment(1);
+        self.shared
+            .lock_tracker()
+            .begin(&message.topic, message.partition, message.offset);
+        let shared = self.shared.clone();
+        let span = tracing::info_span!("message", topic = %message.topic, partition = message.partition, offset = message.offset);
+        tasks.spawn(
+            async move {
+                shared.process(message).await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
     }
 
     async fn drain(self, mut tasks: JoinSet<()>, limit: Duration) {

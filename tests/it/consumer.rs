@@ -3,7 +3,10 @@
 
 use crate::helpers::*;
 use redrive::cli::RunArgs;
+use redrive::handler::{Delivery, Handler, HandlerError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 fn consumer_only() -> RunArgs {
     RunArgs {
@@ -155,4 +158,58 @@ async fn a_crash_after_capture_redelivers_without_a_second_row() {
     assert_eq!(db.count("attempts = 1").await, 1);
     let status = terminate(&mut second).await;
     assert!(status.success(), "graceful shutdown exits 0, got {status}");
+}
+
+/// Records each offset it handles; offset 0 takes longer than `max.poll.interval.ms`.
+#[derive(Clone, Default)]
+struct SlowFirst(Arc<Mutex<Vec<i64>>>);
+
+impl Handler for SlowFirst {
+    async fn handle(&self, d: Delivery<'_>) -> Result<(), HandlerError> {
+        self.0.lock().unwrap().push(d.message.offset);
+        if d.message.offset == 0 {
+            // The scenario itself: a handler busy for longer than the group's poll interval.
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_busy_consumer_keeps_polling_and_stays_in_its_group() {
+    let db = TestDb::new().await;
+    let (topic, group) = (unique("busy"), unique("g"));
+    create_topic(&topic, 1).await;
+    let mut config = config(&db.url, &[&topic], &group, None, "");
+    config
+        .kafka
+        .properties
+        .insert("max.poll.interval.ms".into(), "6000".into());
+    config.consumer.max_in_flight = 1;
+    config.handler.timeout = Duration::from_secs(60);
+    let handler = SlowFirst::default();
+    let stop = CancellationToken::new();
+    let app = tokio::spawn(redrive::app::run(
+        config,
+        handler.clone(),
+        consumer_only(),
+        stop.clone(),
+    ));
+    let p = producer(&kafka());
+    for body in ["slow", "b", "c"] {
+        produce(&p, &topic, None, Some(body.as_bytes()), &[]).await;
+    }
+    wait_for(
+        "all three offsets to be committed",
+        Duration::from_secs(90),
+        || async { (committed(&group, &topic, 0) == Some(3)).then_some(()) },
+    )
+    .await;
+    stop.cancel();
+    app.await.unwrap().unwrap();
+    assert_eq!(
+        *handler.0.lock().unwrap(),
+        vec![0, 1, 2],
+        "each message handled once, in order, no rebalance"
+    );
 }
