@@ -39,10 +39,16 @@ pub async fn run<H: Handler>(
     tracing::info!(group, topics = ?config.kafka.topics, kafka = %kafka::describe(&config.kafka.properties), "starting");
     let handler = Arc::new(handler);
     let drain = config.shutdown.timeout;
+    // Every startup check (topics, clients) runs before any service starts.
+    let consumer = (!parts.no_consumer)
+        .then(|| subscribe(&config))
+        .transpose()?;
+    let publisher = (!parts.no_dlq)
+        .then(|| dlq_publisher(&config, store.clone()))
+        .transpose()?;
     let mut services: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
 
-    if !parts.no_dlq {
-        let publisher = dlq_publisher(&config, store.clone())?;
+    if let Some(publisher) = publisher {
         let token = shutdown.clone();
         services.spawn(async move {
             (
@@ -70,8 +76,7 @@ pub async fn run<H: Handler>(
             ("retry workers", result.map_err(Into::into))
         });
     }
-    if !parts.no_consumer {
-        let consumer = subscribe(&config)?;
+    if let Some(consumer) = consumer {
         let (capturer, capture) = capturer(store.clone(), &group, &config.consumer);
         let consumer = Consumer::new(
             consumer,

@@ -203,10 +203,25 @@ async fn an_unknown_topic_is_a_clear_startup_error() {
         RunArgs::default(),
     );
     let error = format!("{:#}", app.await.unwrap().unwrap_err());
-    assert!(
-        error.contains(&missing) && error.contains("does not exist"),
-        "{error}"
+    let named = format!("source topic {missing:?} does not exist");
+    assert!(error.contains(&named), "{error}");
+
+    // The source exists, its DLQ topic does not.
+    let source = unique("source");
+    create_topic(&source, 1).await;
+    let (_stop, app) = spawn_app(
+        config(
+            &db.url,
+            &[&source],
+            "g",
+            Some("127.0.0.1:9".parse().unwrap()),
+            "",
+        ),
+        RunArgs::default(),
     );
+    let error = format!("{:#}", app.await.unwrap().unwrap_err());
+    let named = format!("DLQ topic \"{source}.dlq\" does not exist");
+    assert!(error.contains(&named), "{error}");
 }
 
 #[tokio::test]
