@@ -23,6 +23,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+/// How long every slot must stay busy before the partitions are paused; far below librdkafka's
+/// default `max.poll.interval.ms` of five minutes.
+const PAUSE_AFTER: Duration = Duration::from_secs(1);
+
 /// The librdkafka consumer type redrive uses.
 pub type KafkaConsumer = StreamConsumer<LoggingContext>;
 
@@ -100,7 +104,7 @@ impl<H: Handler> Consumer<H> {
         self.drain(tasks, drain).await;
     }
 
-    /// Waits for a free slot. While every slot is busy (a slow handler, or captures waiting for
+    /// Waits for a free slot. While every slot stays busy (a slow handler, or captures waiting for
     /// Postgres), the assigned partitions are paused and the consumer keeps polling, so it stays in
     /// its group however long that lasts (`max.poll.interval.ms`). A message fetched before the
     /// pause took effect is held, in order, for the next free slot. `None` on shutdown.
@@ -110,8 +114,12 @@ impl<H: Handler> Consumer<H> {
         held: &mut VecDeque<Message>,
         shutdown: &CancellationToken,
     ) -> Option<OwnedSemaphorePermit> {
-        if let Ok(permit) = slots.clone().try_acquire_owned() {
-            return Some(permit);
+        // Under load a slot frees within milliseconds. Pausing purges librdkafka's fetch queue, so
+        // it is kept for slots that stay busy.
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            p = slots.clone().acquire_owned() => return p.ok(),
+            _ = tokio::time::sleep(PAUSE_AFTER) => {}
         }
         let mut paused = self.pause();
         let permit = loop {
