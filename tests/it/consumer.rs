@@ -213,3 +213,37 @@ async fn a_busy_consumer_keeps_polling_and_stays_in_its_group() {
         "each message handled once, in order, no rebalance"
     );
 }
+
+#[tokio::test]
+async fn shutdown_commits_the_stored_offsets() {
+    let db = TestDb::new().await;
+    let (topic, group) = (unique("shutdown"), unique("g"));
+    create_topic(&topic, 1).await;
+    let stub = fail_stub().await;
+    let mut config = config(&db.url, &[&topic], &group, Some(stub.addr), "");
+    // No periodic commit: only the shutdown can commit (redrive's final commit, and librdkafka's
+    // close, which commits what was stored).
+    config
+        .kafka
+        .properties
+        .insert("auto.commit.interval.ms".into(), "3600000".into());
+    let (stop, app) = spawn_app(config, consumer_only());
+    let p = producer(&kafka());
+    for body in ["ok-0", "fail-1", "ok-2"] {
+        produce(&p, &topic, None, Some(body.as_bytes()), &[]).await;
+    }
+    wait_for(
+        "the failure to be captured",
+        Duration::from_secs(60),
+        || async { (stub.count() == 3 && db.count("true").await == 1).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        committed(&group, &topic, 0),
+        None,
+        "nothing is committed before shutdown"
+    );
+    stop.cancel();
+    app.await.unwrap().unwrap();
+    assert_eq!(committed(&group, &topic, 0), Some(3));
+}
