@@ -47,7 +47,9 @@ where
     Fut: Future<Output = Result<T, E>>,
 {
     let mut delay = Duration::from_millis(100);
-    for failures in 1u64.. {
+    let mut failures: u64 = 0;
+    loop {
+        failures += 1;
         match write().await {
             Ok(v) => return v,
             Err(e) => {
@@ -59,7 +61,6 @@ where
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(30));
     }
-    unreachable!("the loop above only ends by returning")
 }
 
 #[cfg(test)]

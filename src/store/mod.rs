@@ -67,7 +67,9 @@ impl Store {
             .acquire_timeout(config.connect_timeout)
             .connect_lazy_with(options);
         let mut delay = Duration::from_millis(250);
-        for attempt in 1u32.. {
+        let mut attempt: u32 = 0;
+        loop {
+            attempt += 1;
             let error = match sqlx::query("SELECT 1").execute(&pool).await {
                 Ok(_) => return Ok(Self { pool }),
                 Err(e) if !is_transient(&e) => return Err(e.into()),
@@ -83,7 +85,6 @@ impl Store {
             }
             delay = (delay * 2).min(Duration::from_secs(30));
         }
-        unreachable!("the loop above only ends by returning")
     }
 
     /// Whether the database answers: `/readyz`.
