@@ -188,56 +188,40 @@ async fn the_password_stays_out_of_logs_and_errors() {
     }
 }
 
+/// The error `redrive run` stops with, for a database and one source topic.
+async fn startup_error(db_url: &str, topic: &str) -> String {
+    let handler = Some("127.0.0.1:9".parse().unwrap());
+    let (_stop, app) = spawn_app(
+        config(db_url, &[topic], "g", handler, ""),
+        RunArgs::default(),
+    );
+    format!("{:#}", app.await.unwrap().unwrap_err())
+}
+
 #[tokio::test]
 async fn an_unknown_topic_is_a_clear_startup_error() {
     let db = TestDb::new().await;
     let missing = unique("no-such-topic");
-    let (_stop, app) = spawn_app(
-        config(
-            &db.url,
-            &[&missing],
-            "g",
-            Some("127.0.0.1:9".parse().unwrap()),
-            "",
-        ),
-        RunArgs::default(),
+    let error = startup_error(&db.url, &missing).await;
+    assert!(
+        error.contains(&format!("source topic {missing:?} does not exist")),
+        "{error}"
     );
-    let error = format!("{:#}", app.await.unwrap().unwrap_err());
-    let named = format!("source topic {missing:?} does not exist");
-    assert!(error.contains(&named), "{error}");
 
     // The source exists, its DLQ topic does not.
     let source = unique("source");
     create_topic(&source, 1).await;
-    let (_stop, app) = spawn_app(
-        config(
-            &db.url,
-            &[&source],
-            "g",
-            Some("127.0.0.1:9".parse().unwrap()),
-            "",
-        ),
-        RunArgs::default(),
+    let error = startup_error(&db.url, &source).await;
+    assert!(
+        error.contains(&format!("DLQ topic \"{source}.dlq\" does not exist")),
+        "{error}"
     );
-    let error = format!("{:#}", app.await.unwrap().unwrap_err());
-    let named = format!("DLQ topic \"{source}.dlq\" does not exist");
-    assert!(error.contains(&named), "{error}");
 }
 
 #[tokio::test]
 async fn run_refuses_a_database_without_the_schema_and_says_to_migrate() {
     let db = TestDb::empty().await;
-    let (_stop, app) = spawn_app(
-        config(
-            &db.url,
-            &["t"],
-            "g",
-            Some("127.0.0.1:9".parse().unwrap()),
-            "",
-        ),
-        RunArgs::default(),
-    );
-    let error = format!("{:#}", app.await.unwrap().unwrap_err());
+    let error = startup_error(&db.url, "t").await;
     assert!(error.contains("redrive migrate"), "{error}");
     redrive::store::migrate::run(&db.url.clone().into())
         .await
