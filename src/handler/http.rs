@@ -208,7 +208,7 @@ impl Handler for HttpHandler {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, SystemTime::now()));
         let mut text = response.text().await.unwrap_or_default();
-        text.truncate(text.floor_char_boundary_compat(512));
+        text.truncate(text.floor_char_boundary(512));
         let message = if text.is_empty() {
             format!("POST {} answered {status}", self.url)
         } else {
@@ -232,22 +232,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
-}
-
-trait FloorCharBoundary {
-    fn floor_char_boundary_compat(&self, index: usize) -> usize;
-}
-
-impl FloorCharBoundary for String {
-    fn floor_char_boundary_compat(&self, index: usize) -> usize {
-        if index >= self.len() {
-            return self.len();
-        }
-        (0..=index)
-            .rev()
-            .find(|i| self.is_char_boundary(*i))
-            .unwrap_or(0)
-    }
 }
 
 #[cfg(test)]

@@ -19,6 +19,16 @@ pub enum InitialState {
     Dead,
 }
 
+impl InitialState {
+    /// The value stored in the `state` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InitialState::Pending => "pending",
+            InitialState::Dead => "dead",
+        }
+    }
+}
+
 /// A failed first delivery, ready to be stored.
 #[derive(Debug, Clone)]
 pub struct Capture {
@@ -38,47 +48,26 @@ impl Store {
     /// Inserts the batch in one statement; rows that already exist are left as they are.
     /// Returns how many rows were new.
     pub async fn capture(&self, group: &str, batch: &[Capture]) -> Result<u64, StoreError> {
-        let n = batch.len();
-        let mut ids = Vec::with_capacity(n);
-        let (mut topics, mut partitions, mut offsets) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        let (mut timestamps, mut keys, mut payloads) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        let (mut headers, mut states, mut max_attempts) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        let (mut next_at, mut errors, mut kinds) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        for c in batch {
-            let m = &c.message;
-            ids.push(Uuid::now_v7());
-            topics.push(m.topic.clone());
-            partitions.push(m.partition);
-            offsets.push(m.offset);
-            timestamps.push(m.timestamp);
-            keys.push(m.key.clone());
-            payloads.push(m.payload.clone());
-            headers.push(m.headers_json());
-            states.push(match c.state {
-                InitialState::Pending => "pending".to_string(),
-                InitialState::Dead => "dead".to_string(),
-            });
-            max_attempts.push(c.max_attempts);
-            next_at.push(c.next_attempt_at);
-            errors.push(c.error.message.clone());
-            kinds.push(c.error.kind.as_str().to_string());
-        }
+        // One array per column, for the UNNEST below.
+        let ids: Vec<Uuid> = batch.iter().map(|_| Uuid::now_v7()).collect();
+        let topics: Vec<String> = batch.iter().map(|c| c.message.topic.clone()).collect();
+        let partitions: Vec<i32> = batch.iter().map(|c| c.message.partition).collect();
+        let offsets: Vec<i64> = batch.iter().map(|c| c.message.offset).collect();
+        let timestamps: Vec<Option<DateTime<Utc>>> =
+            batch.iter().map(|c| c.message.timestamp).collect();
+        let keys: Vec<Option<Vec<u8>>> = batch.iter().map(|c| c.message.key.clone()).collect();
+        let payloads: Vec<Option<Vec<u8>>> =
+            batch.iter().map(|c| c.message.payload.clone()).collect();
+        let headers: Vec<serde_json::Value> =
+            batch.iter().map(|c| c.message.headers_json()).collect();
+        let states: Vec<String> = batch.iter().map(|c| c.state.as_str().to_string()).collect();
+        let max_attempts: Vec<i32> = batch.iter().map(|c| c.max_attempts).collect();
+        let next_at: Vec<DateTime<Utc>> = batch.iter().map(|c| c.next_attempt_at).collect();
+        let errors: Vec<String> = batch.iter().map(|c| c.error.message.clone()).collect();
+        let kinds: Vec<String> = batch
+            .iter()
+            .map(|c| c.error.kind.as_str().to_string())
+            .collect();
         let result = sqlx::query!(
             r#"
             INSERT INTO redrive.retry_messages (
@@ -102,6 +91,7 @@ impl Store {
             &topics,
             &partitions,
             &offsets,
+            // The casts let the macro accept NULL elements (a record without key or value).
             &timestamps as &[Option<DateTime<Utc>>],
             &keys as &[Option<Vec<u8>>],
             &payloads as &[Option<Vec<u8>>],
