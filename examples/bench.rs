@@ -3,9 +3,12 @@
 //! - happy:    every handler call succeeds; messages/s until every offset is committed.
 //! - capture:  every handler call fails; messages/s until every failure is a row and committed.
 //! - dispatch: due rows in the table, the handler succeeds; rows/s until the table is empty.
+//! - replay:   dead rows in the table; rows/s of `redrive replay --all` (chunks of 1,000).
+//! - purge:    dead rows in the table; rows/s of `redrive purge` (chunks of 1,000).
 //!
 //! The handler is an in-process `Handler` (redrive's own cost), and for `happy-http` the HTTP
-//! handler against a local endpoint. Usage: `bench [happy|happy-http|capture|dispatch|all] [N]`.
+//! handler against a local endpoint. Usage:
+//! `bench [happy|happy-http|capture|dispatch|replay|purge|all] [N]`.
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -52,11 +55,19 @@ async fn main() -> anyhow::Result<()> {
         "postgres://redrive:redrive@127.0.0.1:5432/redrive",
     );
     println!("| benchmark | messages | seconds | per second |\n|---|---|---|---|");
-    for case in ["happy", "happy-http", "capture", "dispatch"] {
+    for case in [
+        "happy",
+        "happy-http",
+        "capture",
+        "dispatch",
+        "replay",
+        "purge",
+    ] {
         if which == "all" || which == case {
             let db = fresh_db(&admin_url).await?;
             let (secs, count) = match case {
                 "dispatch" => dispatch(&db, n).await?,
+                "replay" | "purge" => operate(case, &db, n).await?,
                 _ => consume(case, &db, &kafka, n).await?,
             };
             println!(
@@ -69,19 +80,9 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn fresh_db(admin_url: &str) -> anyhow::Result<String> {
-    use sqlx::Connection;
-    let name = "redrive_bench";
-    let mut admin = sqlx::PgConnection::connect(admin_url).await?;
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .execute(&mut admin)
-        .await?;
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut admin)
-        .await?;
-    let mut url = url::Url::parse(admin_url)?;
-    url.set_path(name);
-    redrive::store::migrate::run(&url.to_string().into()).await?;
-    Ok(url.to_string())
+    let url = redrive::support::recreate_database(admin_url, "redrive_bench").await?;
+    redrive::store::migrate::run(&url.clone().into()).await?;
+    Ok(url)
 }
 
 fn config(
@@ -200,8 +201,8 @@ async fn consume(case: &str, db: &str, kafka: &str, n: usize) -> anyhow::Result<
 }
 
 /// Fills the table with `n` due rows, then times the retry workers emptying it.
-async fn dispatch(db: &str, n: usize) -> anyhow::Result<(f64, usize)> {
-    let store = Store::from_pool(sqlx::PgPool::connect(db).await?);
+/// `n` rows of 1 KiB in `state`, in batches of 1,000.
+async fn seed(store: &Store, n: usize, state: InitialState) -> anyhow::Result<()> {
     for start in (0..n).step_by(1000) {
         let batch: Vec<Capture> = (start..(start + 1000).min(n))
             .map(|i| Capture {
@@ -214,7 +215,7 @@ async fn dispatch(db: &str, n: usize) -> anyhow::Result<(f64, usize)> {
                     payload: Some(vec![b'x'; 1024]),
                     headers: vec![],
                 },
-                state: InitialState::Pending,
+                state,
                 max_attempts: 5,
                 next_attempt_at: chrono::Utc::now(),
                 error: HandlerError::retryable("seeded"),
@@ -222,6 +223,12 @@ async fn dispatch(db: &str, n: usize) -> anyhow::Result<(f64, usize)> {
             .collect();
         store.capture("bench", &batch).await?;
     }
+    Ok(())
+}
+
+async fn dispatch(db: &str, n: usize) -> anyhow::Result<(f64, usize)> {
+    let store = Store::from_pool(sqlx::PgPool::connect(db).await?);
+    seed(&store, n, InitialState::Pending).await?;
     let config = config(db, "127.0.0.1:1", "bench", "bench", "http://127.0.0.1:1/")?;
     let parts = RunArgs {
         no_consumer: true,
@@ -245,6 +252,35 @@ async fn dispatch(db: &str, n: usize) -> anyhow::Result<(f64, usize)> {
     stop.cancel();
     task.await??;
     Ok((secs, n))
+}
+
+/// Replays, or purges, `n` dead rows in chunks of 1,000, as the commands do.
+async fn operate(case: &str, db: &str, n: usize) -> anyhow::Result<(f64, usize)> {
+    let store = Store::from_pool(sqlx::PgPool::connect(db).await?);
+    seed(&store, n, InitialState::Dead).await?;
+    sqlx::query("VACUUM ANALYZE redrive.retry_messages")
+        .execute(store.pool())
+        .await?;
+    let (filter, audit) = (
+        redrive::store::find::Filter::default(),
+        redrive::store::replay::Audit {
+            by: "bench".into(),
+            reason: None,
+        },
+    );
+    let started = Instant::now();
+    let mut done = 0;
+    loop {
+        let chunk = match case {
+            "replay" => store.replay_chunk(&filter, 1000, &audit, None).await?,
+            _ => store.purge_chunk(&filter, true, 1000).await?,
+        };
+        if chunk.selected == 0 {
+            break;
+        }
+        done += chunk.changed as usize;
+    }
+    Ok((started.elapsed().as_secs_f64(), done))
 }
 
 async fn start_stub() -> anyhow::Result<std::net::SocketAddr> {

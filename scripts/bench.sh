@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Throughput benchmarks (not tests): see BENCHMARKS.md for the figures and how they were made.
-#   scripts/bench.sh [happy|happy-http|capture|dispatch|all] [MESSAGES]
+#   scripts/bench.sh [happy|happy-http|capture|dispatch|replay|purge|all] [MESSAGES]
 # Needs the services from `make services`; builds the benchmark in release mode.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

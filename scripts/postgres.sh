@@ -8,7 +8,8 @@
 #                               stop the cluster only if `start` was the one that started it
 #   scripts/postgres.sh url     print the DATABASE_URL only
 #
-# The role may create databases: the tests give each test a fresh one. Every command is idempotent.
+# The role may create databases and roles: the tests give each test a fresh database, and the role
+# tests create login roles in the groups of sql/roles.sql. Every command is idempotent.
 set -euo pipefail
 
 PG_ROLE="${REDRIVE_PG_ROLE:-redrive}"
@@ -70,9 +71,9 @@ start() {
 DO \$\$
 BEGIN
   IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$PG_ROLE') THEN
-    CREATE ROLE "$PG_ROLE" LOGIN CREATEDB PASSWORD '$PG_PASSWORD';
+    CREATE ROLE "$PG_ROLE" LOGIN CREATEDB CREATEROLE PASSWORD '$PG_PASSWORD';
   ELSE
-    ALTER ROLE "$PG_ROLE" LOGIN CREATEDB PASSWORD '$PG_PASSWORD';
+    ALTER ROLE "$PG_ROLE" LOGIN CREATEDB CREATEROLE PASSWORD '$PG_PASSWORD';
   END IF;
 END
 \$\$;

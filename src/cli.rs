@@ -1,7 +1,10 @@
 //! The command line. Each subcommand maps to one library function.
 
+use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
+use std::time::Duration;
+use uuid::Uuid;
 
 /// Durable retries, dead-lettering and replay for Kafka consumers, with Postgres as the retry store.
 ///
@@ -42,6 +45,220 @@ pub enum Command {
     Migrate,
     /// Load and validate the configuration, print it with secrets redacted, and exit.
     CheckConfig,
+    /// Re-enqueue dead rows: back to pending, due now, with a fresh attempt budget.
+    ///
+    /// The error history is kept and the audit columns (replay_count, last_replayed_at,
+    /// last_replayed_by, last_replay_reason) are set. Running workers pick the rows up at once.
+    /// With --to-topic the records are produced back to Kafka instead, and the rows are marked
+    /// replayed. Works in chunks of one short transaction each, with a progress bar; Ctrl-C stops
+    /// after the current chunk, and every finished chunk stays replayed.
+    ///
+    /// Needs [postgres] from the configuration ([kafka] too with --to-topic).
+    #[command(after_help = REPLAY_EXAMPLES)]
+    Replay(ReplayArgs),
+    /// Show row counts by topic and state, due times, the DLQ backlog and the top errors.
+    #[command(after_help = STATUS_EXAMPLES)]
+    Status(StatusArgs),
+    /// Delete dead rows (and rows replayed to a topic) that died longer ago than --older-than.
+    ///
+    /// Dead rows the DLQ broker has not acknowledged yet are kept unless --include-unpublished is
+    /// given. Works in chunks of one short transaction each, with a progress bar; Ctrl-C stops
+    /// after the current chunk.
+    #[command(after_help = PURGE_EXAMPLES)]
+    Purge(PurgeArgs),
+}
+
+const REPLAY_EXAMPLES: &str = "Examples:
+  redrive replay --topic orders --error-contains timeout --dead-since 24h --dry-run
+  redrive replay --id 01936f6e-2b7c-7d4a-9a51-6f0c1e0b9a2e --reason 'fixed in v1.4.2'
+  redrive replay --all --limit 1000
+  redrive replay --topic orders --to-topic          (back to each row's original topic)
+  redrive replay --topic orders --to-topic orders.v2";
+
+const STATUS_EXAMPLES: &str = "Examples:
+  redrive status
+  redrive status --window 24h --top 20
+  redrive status --json | jq '.groups[] | {consumer_group, dlq_backlog}'";
+
+const PURGE_EXAMPLES: &str = "Examples:
+  redrive purge --older-than 30d --dry-run
+  redrive purge --older-than 7d --topic orders
+  redrive purge --older-than 0s --id 01936f6e-2b7c-7d4a-9a51-6f0c1e0b9a2e";
+
+/// The row filters `replay` and `purge` share. Filters combine with AND; repeated flags of one
+/// kind combine with OR.
+#[derive(Debug, Clone, Args, Default)]
+pub struct FilterArgs {
+    /// Only this row (repeatable).
+    #[arg(long = "id", value_name = "UUID")]
+    pub ids: Vec<Uuid>,
+    /// Only rows from this source topic (repeatable).
+    #[arg(long = "topic", value_name = "TOPIC")]
+    pub topics: Vec<String>,
+    /// Only rows of this consumer group (repeatable).
+    #[arg(long = "consumer-group", value_name = "GROUP")]
+    pub consumer_groups: Vec<String>,
+    /// Only rows whose Kafka key is exactly this text.
+    #[arg(long, value_name = "KEY")]
+    pub key: Option<String>,
+    /// Only rows whose last error contains this text (ignoring case; no wildcards).
+    #[arg(long, value_name = "TEXT")]
+    pub error_contains: Option<String>,
+    /// Only rows whose last failure was of this kind (repeatable).
+    #[arg(long = "error-kind", value_name = "KIND", value_parser = ["retryable", "permanent", "timeout"])]
+    pub error_kinds: Vec<String>,
+    /// Only rows that died at or after this time: a duration ago ("2h", "1d 12h") or a time
+    /// ("2026-11-20", "2026-11-20 14:00", RFC 3339; UTC unless an offset is given).
+    #[arg(long, value_name = "WHEN", value_parser = parse_when)]
+    pub dead_since: Option<DateTime<Utc>>,
+    /// Only rows that died before this time (same forms as --dead-since).
+    #[arg(long, value_name = "WHEN", value_parser = parse_when)]
+    pub dead_before: Option<DateTime<Utc>>,
+    /// Act on at most this many rows, oldest death first.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<u64>,
+    /// Print how many rows match and a sample of them; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Rows per transaction.
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub chunk_size: u64,
+}
+
+/// `redrive replay`
+#[derive(Debug, Clone, Args)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// Replay every dead row that the filters match, even with no filter at all.
+    #[arg(long)]
+    pub all: bool,
+    /// Produce each record back to Kafka instead of re-enqueueing the row: to its original topic,
+    /// or to TOPIC when given. The rows are then marked replayed.
+    #[arg(long, value_name = "TOPIC", num_args = 0..=1, default_missing_value = "")]
+    pub to_topic: Option<String>,
+    /// A note kept in last_replay_reason, such as a ticket or a release.
+    #[arg(long, value_name = "TEXT")]
+    pub reason: Option<String>,
+    /// Recorded in last_replayed_by; defaults to the operating-system user.
+    #[arg(long, value_name = "NAME")]
+    pub by: Option<String>,
+    /// Also set the rows' attempt budget (re-enqueue only).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..), conflicts_with = "to_topic")]
+    pub max_attempts: Option<i32>,
+}
+
+/// `redrive status`
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// Count errors of failed attempts over this window.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub window: Duration,
+    /// How many of the most frequent errors to show.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub top: i64,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `redrive purge`
+#[derive(Debug, Clone, Args)]
+pub struct PurgeArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// Only rows that died longer ago than this ("30d", "12h"; "0s" for any age).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub older_than: Option<Duration>,
+    /// Also delete dead rows the DLQ broker has not acknowledged yet (their only copy).
+    #[arg(long)]
+    pub include_unpublished: bool,
+}
+
+/// A point in time: a duration ago ("2h", "1d 12h"), an RFC 3339 time, or a UTC date or date and
+/// time ("2026-11-20", "2026-11-20 14:00", "2026-11-20T14:00:00").
+pub fn parse_when(s: &str) -> Result<DateTime<Utc>, String> {
+    let s = s.trim();
+    if let Ok(ago) = humantime::parse_duration(s) {
+        let ago = chrono::Duration::from_std(ago).map_err(|_| format!("{s:?} is too long ago"))?;
+        return Ok(Utc::now() - ago);
+    }
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    for format in [
+        "%Y-%m-%d %H:%M:%S",
+        "%Y-%m-%d %H:%M",
+        "%Y-%m-%dT%H:%M:%S",
+        "%Y-%m-%dT%H:%M",
+    ] {
+        if let Ok(t) = NaiveDateTime::parse_from_str(s, format) {
+            return Ok(t.and_utc());
+        }
+    }
+    if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return Ok(d.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc());
+    }
+    Err(format!(
+        "{s:?} is neither a duration (\"2h\", \"1d 12h\") nor a time (\"2026-11-20\", \"2026-11-20 14:00\", RFC 3339)"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn when_takes_durations_dates_and_times() {
+        let before = Utc::now();
+        let two_hours_ago = parse_when("2h").unwrap();
+        let drift = (before - chrono::Duration::hours(2) - two_hours_ago)
+            .num_seconds()
+            .abs();
+        assert!(drift < 5, "2h ago was off by {drift}s");
+        assert_eq!(
+            parse_when("2026-11-20").unwrap().to_rfc3339(),
+            "2026-11-20T00:00:00+00:00"
+        );
+        assert_eq!(
+            parse_when("2026-11-20 14:30").unwrap().to_rfc3339(),
+            "2026-11-20T14:30:00+00:00"
+        );
+        assert_eq!(
+            parse_when("2026-11-20T14:30:00+02:00")
+                .unwrap()
+                .to_rfc3339(),
+            "2026-11-20T12:30:00+00:00"
+        );
+        let e = parse_when("yesterday-ish").unwrap_err();
+        assert!(e.contains("yesterday-ish") && e.contains("duration"), "{e}");
+    }
+
+    #[test]
+    fn to_topic_takes_an_optional_name() {
+        let parse = |args: &[&str]| {
+            let cli = Cli::try_parse_from(args).unwrap();
+            match cli.command {
+                Command::Replay(r) => r.to_topic,
+                other => panic!("parsed {other:?}"),
+            }
+        };
+        assert_eq!(parse(&["redrive", "replay", "--all"]), None);
+        assert_eq!(
+            parse(&["redrive", "replay", "--all", "--to-topic"]),
+            Some(String::new())
+        );
+        assert_eq!(
+            parse(&["redrive", "replay", "--to-topic", "orders.v2", "--all"]),
+            Some("orders.v2".into())
+        );
+    }
 }
 
 /// Which parts of `run` to start; all by default.

@@ -7,8 +7,7 @@
 
 use crate::store::outbox::DeadRow;
 use crate::store::{Store, StoreError};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 use sqlx::postgres::PgListener;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -163,35 +162,14 @@ impl DlqPublisher {
     }
 
     async fn send(&self, row: &DeadRow, topic: &str) -> Result<(), rdkafka::error::KafkaError> {
-        let m = &row.message;
-        let mut record: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(topic).headers(origin_headers(row));
-        if let Some(k) = &m.key {
-            record = record.key(k.as_slice());
-        }
-        if let Some(p) = &m.payload {
-            record = record.payload(p.as_slice());
-        }
-        // The producer's message.timeout.ms bounds the wait; the queue itself is not waited on.
-        self.producer
-            .send(record, Duration::from_secs(0))
-            .await
-            .map(|_| ())
-            .map_err(|(e, _)| e)
+        crate::kafka::produce(&self.producer, topic, &row.message, &origin_headers(row)).await
     }
 }
 
-/// The record's own headers, then the origin headers.
-fn origin_headers(row: &DeadRow) -> OwnedHeaders {
+/// The origin headers added after the record's own.
+fn origin_headers(row: &DeadRow) -> [(&'static str, String); 10] {
     let m = &row.message;
-    let mut h = OwnedHeaders::new_with_capacity(m.headers.len() + 10);
-    for header in &m.headers {
-        h = h.insert(Header {
-            key: &header.key,
-            value: header.value.as_deref(),
-        });
-    }
-    let origin = [
+    [
         (headers::TOPIC, m.topic.clone()),
         (headers::PARTITION, m.partition.to_string()),
         (headers::OFFSET, m.offset.to_string()),
@@ -213,12 +191,5 @@ fn origin_headers(row: &DeadRow) -> OwnedHeaders {
             row.error_kind.clone().unwrap_or_default(),
         ),
         (headers::ID, row.id.to_string()),
-    ];
-    for (key, value) in &origin {
-        h = h.insert(Header {
-            key,
-            value: Some(value.as_bytes()),
-        });
-    }
-    h
+    ]
 }

@@ -5,10 +5,13 @@
 //! Secret properties are never logged (I9).
 
 use crate::config::kafka_property_is_secret;
+use crate::message::Message;
 use anyhow::{bail, Context};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
-use rdkafka::error::{KafkaResult, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, TopicPartitionList};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -116,6 +119,42 @@ pub fn ensure_topics<C: ClientContext>(
         }
     }
     Ok(())
+}
+
+/// Produces a stored record, byte for byte, to `topic`: its key, value and headers, then `extra`
+/// headers. Waits for the broker's acknowledgement, bounded by the producer's `message.timeout.ms`.
+pub async fn produce(
+    producer: &FutureProducer,
+    topic: &str,
+    m: &Message,
+    extra: &[(&str, String)],
+) -> Result<(), KafkaError> {
+    let mut headers = OwnedHeaders::new_with_capacity(m.headers.len() + extra.len());
+    for h in &m.headers {
+        headers = headers.insert(Header {
+            key: &h.key,
+            value: h.value.as_deref(),
+        });
+    }
+    for (key, value) in extra {
+        headers = headers.insert(Header {
+            key,
+            value: Some(value.as_bytes()),
+        });
+    }
+    let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
+    if let Some(k) = &m.key {
+        record = record.key(k.as_slice());
+    }
+    if let Some(p) = &m.payload {
+        record = record.payload(p.as_slice());
+    }
+    // The queue itself is not waited on: message.timeout.ms bounds the whole send.
+    producer
+        .send(record, Duration::from_secs(0))
+        .await
+        .map(|_| ())
+        .map_err(|(e, _)| e)
 }
 
 /// Logs rebalances and commit failures of the consumer.

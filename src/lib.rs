@@ -20,7 +20,9 @@
 //! - [`completer`]: finishes attempts in batches, fenced on the claimed attempt.
 //! - [`dlq`]: the outbox publisher that produces dead rows to the DLQ topic.
 //! - [`backoff`]: the retry delay, a pure function of the attempt number.
-//! - [`store`]: all SQL: migrations, capture, claim, complete, outbox.
+//! - [`store`]: all SQL: migrations, capture, claim, complete, outbox, and the operators' find,
+//!   replay, purge and status.
+//! - [`ops`]: the operator commands `replay`, `purge` and `status`: chunking, progress, output.
 //! - [`kafka`]: librdkafka client configuration and topic checks.
 //! - [`batch`]: the collect-a-few-milliseconds helper that capture and completion share.
 //! - [`http_server`]: `/metrics`, `/healthz` and `/readyz`.
@@ -42,8 +44,11 @@ pub mod http_server;
 pub mod kafka;
 pub mod message;
 pub mod offsets;
+pub mod ops;
 pub mod shutdown;
 pub mod store;
+#[doc(hidden)]
+pub mod support;
 pub mod telemetry;
 
 pub use config::Config;

@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use redrive::cli::{Cli, Command, RunArgs};
+use redrive::cli::{Cli, Command, PurgeArgs, ReplayArgs, RunArgs};
 use redrive::config::{redact_url, PostgresConfig};
 use redrive::handler::http::HttpHandler;
 use redrive::Config;
@@ -14,6 +14,8 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     redrive::telemetry::init_tracing();
     let path = cli.config.as_deref();
+    // `run` logs its fatal error too, for log collectors; the other commands only print it.
+    let logs = matches!(cli.command, Command::Run(_));
     let result = match cli.command {
         Command::Run(parts) => match Config::load(path) {
             Ok(config) => run(config, parts).await,
@@ -24,11 +26,20 @@ async fn main() -> ExitCode {
             Err(e) => Err(e.into()),
         },
         Command::CheckConfig => Config::load(path).map_err(Into::into).map(check_config),
+        Command::Replay(args) => replay(path, &args).await,
+        Command::Purge(args) => purge(path, &args).await,
+        Command::Status(args) => match PostgresConfig::load(path) {
+            Ok(postgres) => redrive::ops::status::run(&postgres, &args).await,
+            Err(e) => Err(e.into()),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<Interrupted>() => ExitCode::from(redrive::ops::INTERRUPTED),
         Err(e) => {
-            tracing::error!("{e:#}");
+            if logs {
+                tracing::error!("{e:#}");
+            }
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
@@ -43,6 +54,40 @@ async fn run(config: Config, parts: RunArgs) -> anyhow::Result<()> {
     }
     let handler = HttpHandler::new(&config.handler)?;
     redrive::app::run(config, handler, parts, shutdown).await
+}
+
+/// A command stopped early on SIGINT or SIGTERM; it has said so already.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted")]
+struct Interrupted;
+
+/// `redrive replay`: `[postgres]`, and the whole configuration for `--to-topic`.
+async fn replay(path: Option<&std::path::Path>, args: &ReplayArgs) -> anyhow::Result<()> {
+    use redrive::ops::replay::Target;
+    let target = if args.to_topic.is_some() {
+        Target::Kafka(Box::new(Config::load(path)?))
+    } else {
+        Target::Requeue(PostgresConfig::load(path)?)
+    };
+    let stop = redrive::shutdown::on_signals().context("installing signal handlers")?;
+    let finished = redrive::ops::replay::run(target, args, &stop).await?;
+    interrupted(finished)
+}
+
+/// `redrive purge`: needs only `[postgres]`.
+async fn purge(path: Option<&std::path::Path>, args: &PurgeArgs) -> anyhow::Result<()> {
+    let postgres = PostgresConfig::load(path)?;
+    let stop = redrive::shutdown::on_signals().context("installing signal handlers")?;
+    let finished = redrive::ops::purge::run(&postgres, args, &stop).await?;
+    interrupted(finished)
+}
+
+fn interrupted(finished: redrive::ops::Finished) -> anyhow::Result<()> {
+    if finished.interrupted {
+        Err(Interrupted.into())
+    } else {
+        Ok(())
+    }
 }
 
 /// `redrive migrate`: needs only `[postgres]`.

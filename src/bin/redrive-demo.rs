@@ -124,7 +124,7 @@ async fn run(kafka: &str, admin_url: &str) -> anyhow::Result<()> {
     let stamp = chrono::Utc::now().format("%Y%m%d%H%M%S");
     let topic = format!("demo.values.{stamp}");
     let dlq = format!("{topic}.dlq");
-    let db_url = fresh_database(admin_url, "redrive_demo").await?;
+    let db_url = redrive::support::recreate_database(admin_url, "redrive_demo").await?;
     create_topics(kafka, &[&topic, &dlq]).await?;
     let (addr, log) = start_handler("127.0.0.1:0".parse()?).await?;
     let dir = std::env::temp_dir().join(format!("redrive-demo-{stamp}"));
@@ -226,22 +226,6 @@ fn sibling_binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
         );
     }
     Ok(path)
-}
-
-async fn fresh_database(admin_url: &str, name: &str) -> anyhow::Result<String> {
-    use sqlx::Connection;
-    let mut admin = sqlx::PgConnection::connect(admin_url)
-        .await
-        .context("connecting to postgres")?;
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .execute(&mut admin)
-        .await?;
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut admin)
-        .await?;
-    let mut url = url::Url::parse(admin_url)?;
-    url.set_path(name);
-    Ok(url.to_string())
 }
 
 async fn create_topics(kafka: &str, names: &[&str]) -> anyhow::Result<()> {

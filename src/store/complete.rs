@@ -46,7 +46,8 @@ pub struct Completed {
 }
 
 impl Store {
-    /// Applies a batch of completions in one transaction: one DELETE, one UPDATE.
+    /// Applies a batch of completions in one transaction: one fenced delete of the successes
+    /// (`redrive.delete_succeeded`), one UPDATE of the failures.
     pub async fn complete(&self, batch: &[Completion]) -> Result<Completed, StoreError> {
         let (mut ok_ids, mut ok_attempts) = (Vec::new(), Vec::new());
         let (mut ids, mut attempts, mut states, mut next_at, mut errors, mut kinds) = (
@@ -81,18 +82,14 @@ impl Store {
         let deleted = if ok_ids.is_empty() {
             0
         } else {
-            sqlx::query!(
-                r#"
-                DELETE FROM redrive.retry_messages r
-                USING UNNEST($1::uuid[], $2::int4[]) AS f(id, attempt)
-                WHERE r.id = f.id AND r.attempts = f.attempt AND r.state = 'running'
-                "#,
+            // Through a SECURITY DEFINER function, so the worker role needs no DELETE privilege.
+            sqlx::query_scalar!(
+                r#"SELECT redrive.delete_succeeded($1::uuid[], $2::int4[]) AS "deleted!""#,
                 &ok_ids,
                 &ok_attempts,
             )
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
+            .fetch_one(&mut *tx)
+            .await? as u64
         };
         let updated = if ids.is_empty() {
             Vec::new()

@@ -5,12 +5,20 @@
 //! - [`claim`]: batch claims with a lease, and the rescue of expired leases (I3).
 //! - [`complete`]: fenced, batched completions (I3).
 //! - [`outbox`]: dead rows the DLQ broker has not acknowledged yet (I4).
+//! - [`find`]: the row filters of `replay` and `purge` (`redrive.find()`).
+//! - [`replay`]: dead rows back to pending, or their records back to Kafka, in chunks.
+//! - [`purge`]: deleting dead and replayed rows, in chunks (I5).
+//! - [`status`]: counts, due times, the DLQ backlog and top errors for `redrive status`.
 
 pub mod capture;
 pub mod claim;
 pub mod complete;
+pub mod find;
 pub mod migrate;
 pub mod outbox;
+pub mod purge;
+pub mod replay;
+pub mod status;
 
 use crate::config::{redact_url, PostgresConfig};
 use secrecy::ExposeSecret;
@@ -85,6 +93,25 @@ impl Store {
             }
             delay = (delay * 2).min(Duration::from_secs(30));
         }
+    }
+
+    /// Connects once, for a short-lived command: an unreachable server is an error at once, naming
+    /// the server with its password redacted.
+    pub async fn connect_once(config: &PostgresConfig) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let options = PgConnectOptions::from_str(config.url.expose_secret())?;
+        let pool = PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(config.connect_timeout)
+            .connect_with(options)
+            .await
+            .with_context(|| {
+                format!(
+                    "connecting to postgres at {}",
+                    redact_url(config.url.expose_secret())
+                )
+            })?;
+        Ok(Self { pool })
     }
 
     /// Whether the database answers: `/readyz`.

@@ -5,6 +5,7 @@ mod consumer;
 mod dlq;
 mod e2e;
 mod helpers;
+mod operators;
 mod startup;
 mod store;
 mod workers;

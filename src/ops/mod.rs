@@ -1,0 +1,301 @@
+//! The operator commands: `redrive replay`, `redrive purge` and `redrive status`. The SQL is in
+//! [`crate::store`]; this module turns command-line arguments into filters, runs chunked work with
+//! a progress display and a clean stop on Ctrl-C, and prints the results.
+
+pub mod purge;
+pub mod replay;
+pub mod status;
+
+use crate::cli::FilterArgs;
+use crate::store::find::{Filter, Sample, Skipped};
+use crate::store::purge::Chunk;
+use crate::store::StoreError;
+use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::future::Future;
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// The exit status of a command stopped by SIGINT or SIGTERM.
+pub const INTERRUPTED: u8 = 130;
+
+/// How a chunked command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Finished {
+    /// Rows changed.
+    pub done: u64,
+    /// Whether it stopped early on a signal.
+    pub interrupted: bool,
+}
+
+impl From<&FilterArgs> for Filter {
+    fn from(a: &FilterArgs) -> Self {
+        Filter {
+            ids: a.ids.clone(),
+            topics: a.topics.clone(),
+            consumer_groups: a.consumer_groups.clone(),
+            key: a.key.clone(),
+            error_contains: a.error_contains.clone(),
+            error_kinds: a.error_kinds.clone(),
+            dead_since: a.dead_since,
+            dead_before: a.dead_before,
+        }
+    }
+}
+
+/// Runs `step` on chunks of at most `chunk_size` rows until no row is left, `limit` rows are done
+/// or `stop` is cancelled; a chunk that has started always finishes. Shows a progress bar on a
+/// terminal and a line every few seconds otherwise.
+pub async fn chunked<F, Fut>(
+    verb: &str,
+    total: u64,
+    chunk_size: u64,
+    limit: Option<u64>,
+    stop: &CancellationToken,
+    mut step: F,
+) -> anyhow::Result<Finished>
+where
+    F: FnMut(i64) -> Fut,
+    Fut: Future<Output = anyhow::Result<Chunk>>,
+{
+    let total = limit.map_or(total, |l| l.min(total));
+    let bar = progress_bar(verb, total);
+    let mut done = 0u64;
+    let mut last_line = Instant::now();
+    let interrupted = loop {
+        let want = limit.map_or(chunk_size, |l| l.saturating_sub(done).min(chunk_size));
+        if want == 0 {
+            break false;
+        }
+        if stop.is_cancelled() {
+            break true;
+        }
+        let chunk = match step(want as i64).await {
+            Ok(chunk) => chunk,
+            Err(e) => {
+                bar.abandon();
+                return Err(e.context(format!(
+                    "stopped after {done} of {total} rows; the chunks before this one are kept"
+                )));
+            }
+        };
+        if chunk.selected == 0 {
+            break false;
+        }
+        done += chunk.changed;
+        bar.set_position(done.min(total));
+        if bar.is_hidden() && last_line.elapsed() >= Duration::from_secs(5) {
+            eprintln!("{verb}: {done} of {total} rows");
+            last_line = Instant::now();
+        }
+    };
+    bar.finish_and_clear();
+    Ok(Finished { done, interrupted })
+}
+
+fn progress_bar(verb: &str, total: u64) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix} [{bar:40}] {human_pos}/{human_len} rows  {per_sec}  eta {eta}",
+        )
+        .expect("a valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(verb.to_string());
+    bar
+}
+
+/// Connects for one operator command: fails at once, naming the server (password redacted), when
+/// Postgres is unreachable, then checks the schema version.
+pub async fn connect(postgres: &crate::config::PostgresConfig) -> anyhow::Result<crate::Store> {
+    let store = crate::Store::connect_once(postgres).await?;
+    store
+        .check_schema()
+        .await
+        .map_err(|e| explain(e, "reading the schema version"))?;
+    Ok(store)
+}
+
+/// Turns a store error into one that says what to do, for the errors operators meet: a role
+/// without the privilege, and a schema that was never migrated.
+pub fn explain(e: StoreError, what: &str) -> anyhow::Error {
+    if let StoreError::Sql(sqlx::Error::Database(db)) = &e {
+        match db.code().as_deref() {
+            Some("42501") => {
+                return anyhow::anyhow!(
+                    "{what} is not allowed for this database role: {}. Grant it the redrive_operator role (sql/roles.sql); nothing was changed by the refused statement",
+                    db.message()
+                )
+            }
+            Some("42P01") | Some("42883") | Some("3F000") => {
+                return anyhow::anyhow!(
+                    "{what} needs the redrive schema at the current version ({}): run `redrive migrate`",
+                    db.message()
+                )
+            }
+            _ => {}
+        }
+    }
+    anyhow::Error::new(e).context(format!("{what} failed"))
+}
+
+/// Prints a dry run: the count, then a sample of the rows.
+pub fn print_sample(what: &str, count: i64, sample: &[Sample]) {
+    println!("dry run: {what} {count} row(s); nothing was changed");
+    if sample.is_empty() {
+        return;
+    }
+    let mut table = table(&[
+        "id",
+        "group",
+        "topic",
+        "partition",
+        "offset",
+        "state",
+        "key",
+        "attempts",
+        "dead at",
+        "last error",
+    ]);
+    for s in sample {
+        table.add_row(vec![
+            s.id.to_string(),
+            s.consumer_group.clone(),
+            s.topic.clone(),
+            s.partition.to_string(),
+            s.offset.to_string(),
+            s.state.clone(),
+            s.key.as_deref().map(|k| clip(k, 24)).unwrap_or_default(),
+            s.attempts.to_string(),
+            s.dead_at
+                .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                .unwrap_or_default(),
+            s.last_error
+                .as_deref()
+                .map(|e| clip(e, 60))
+                .unwrap_or_default(),
+        ]);
+    }
+    println!("{table}");
+    if (sample.len() as i64) < count {
+        println!("(the {} oldest of {count} shown)", sample.len());
+    }
+}
+
+/// Reports the rows named by `--id` that the command left alone.
+pub fn print_skipped(skipped: &[Skipped], wanted: &str) {
+    for s in skipped {
+        match &s.state {
+            Some(state) => println!("skipped {}: not {wanted} (state {state})", s.id),
+            None => println!("skipped {}: no such row", s.id),
+        }
+    }
+}
+
+/// A table in the house style.
+pub fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_style(UTF8_BORDERS_ONLY).set_header(header.to_vec());
+    t
+}
+
+/// At most `max` characters of one line of `s`, with an ellipsis when cut.
+pub fn clip(s: &str, max: usize) -> String {
+    let line = s.lines().next().unwrap_or_default();
+    if line.chars().count() <= max && line.len() == s.len() {
+        return line.to_string();
+    }
+    let cut: String = line.chars().take(max.saturating_sub(1)).collect();
+    format!("{cut}…")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clip_cuts_long_and_multi_line_text() {
+        assert_eq!(clip("short", 10), "short");
+        assert_eq!(clip("0123456789abc", 10), "012345678…");
+        assert_eq!(clip("first\nsecond", 10), "first…");
+        assert_eq!(clip("ééééé", 3), "éé…");
+    }
+
+    #[tokio::test]
+    async fn chunked_stops_at_the_limit_when_empty_and_when_told() {
+        // 25 rows in chunks of 10 with a limit of 22: chunks of 10, 10, 2.
+        let mut asked = Vec::new();
+        let stop = CancellationToken::new();
+        let r = chunked("test", 25, 10, Some(22), &stop, |n| {
+            asked.push(n);
+            async move {
+                Ok(Chunk {
+                    selected: n as u64,
+                    changed: n as u64,
+                })
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(asked, vec![10, 10, 2]);
+        assert_eq!(
+            r,
+            Finished {
+                done: 22,
+                interrupted: false
+            }
+        );
+
+        // No limit: it stops when a chunk selects nothing.
+        let mut left = 15u64;
+        let r = chunked("test", 15, 10, None, &stop, |n| {
+            let got = left.min(n as u64);
+            left -= got;
+            async move {
+                Ok(Chunk {
+                    selected: got,
+                    changed: got,
+                })
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            r,
+            Finished {
+                done: 15,
+                interrupted: false
+            }
+        );
+
+        // Cancelled after the first chunk: that chunk counts, no other starts.
+        let mut calls = 0;
+        let r = chunked("test", 100, 10, None, &stop.clone(), |n| {
+            calls += 1;
+            stop.cancel();
+            async move {
+                Ok(Chunk {
+                    selected: n as u64,
+                    changed: n as u64,
+                })
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            (calls, r),
+            (
+                1,
+                Finished {
+                    done: 10,
+                    interrupted: true
+                }
+            )
+        );
+    }
+}

@@ -1,0 +1,125 @@
+//! `redrive status`: tables for people, `--json` for scripts. Both show the same [`Status`].
+
+use super::{clip, connect, explain, table};
+use crate::cli::StatusArgs;
+use crate::config::{redact_url, PostgresConfig};
+use crate::store::status::Status;
+use chrono::{DateTime, Utc};
+use secrecy::ExposeSecret;
+
+/// Runs `redrive status` and prints it.
+pub async fn run(postgres: &PostgresConfig, args: &StatusArgs) -> anyhow::Result<()> {
+    let store = connect(postgres).await?;
+    let status = store
+        .status(args.window, args.top)
+        .await
+        .map_err(|e| explain(e, "reading the status"))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!(
+            "{}",
+            render(&status, &redact_url(postgres.url.expose_secret()))
+        );
+    }
+    Ok(())
+}
+
+/// The status as text tables.
+pub fn render(s: &Status, database: &str) -> String {
+    let mut out = format!(
+        "redrive status of {database} at {}\n\n",
+        s.at.format("%Y-%m-%d %H:%M:%S UTC")
+    );
+    out += "Rows by topic\n";
+    if s.topics.is_empty() {
+        out += "  (the retry table is empty)\n";
+    } else {
+        let mut t = table(&[
+            "group", "topic", "pending", "running", "paused", "dead", "replayed",
+        ]);
+        for c in &s.topics {
+            t.add_row(vec![
+                c.consumer_group.clone(),
+                c.topic.clone(),
+                c.pending.to_string(),
+                c.running.to_string(),
+                c.paused.to_string(),
+                c.dead.to_string(),
+                c.replayed.to_string(),
+            ]);
+        }
+        out += &format!("{t}\n");
+    }
+    if !s.groups.is_empty() {
+        out += "\nRetries and DLQ outbox by group\n";
+        let mut t = table(&[
+            "group",
+            "due now",
+            "oldest due",
+            "next due",
+            "DLQ backlog",
+            "oldest unpublished",
+        ]);
+        for g in &s.groups {
+            t.add_row(vec![
+                g.consumer_group.clone(),
+                g.due.to_string(),
+                when(g.oldest_due_at, s.at),
+                when(g.next_due_at, s.at),
+                g.dlq_backlog.to_string(),
+                when(g.dlq_oldest_dead_at, s.at),
+            ]);
+        }
+        out += &format!("{t}\n");
+    }
+    if !s.paused_topics.is_empty() {
+        out += "\nPaused topics\n";
+        let mut t = table(&["group", "topic", "since", "by", "reason"]);
+        for p in &s.paused_topics {
+            t.add_row(vec![
+                p.consumer_group.clone(),
+                p.topic.clone(),
+                when(Some(p.paused_at), s.at),
+                p.paused_by.clone(),
+                p.reason.clone().unwrap_or_default(),
+            ]);
+        }
+        out += &format!("{t}\n");
+    }
+    let window = humantime::format_duration(std::time::Duration::from_secs(s.error_window_seconds));
+    out += &format!("\nTop errors in the last {window}\n");
+    if s.top_errors.is_empty() {
+        out += "  (no failed attempts recorded in the window)\n";
+    } else {
+        let mut t = table(&["failures", "rows", "kind", "error", "last seen"]);
+        for e in &s.top_errors {
+            t.add_row(vec![
+                e.failures.to_string(),
+                e.rows.to_string(),
+                e.kind.clone().unwrap_or_default(),
+                e.error.as_deref().map(|e| clip(e, 72)).unwrap_or_default(),
+                when(e.last_at, s.at),
+            ]);
+        }
+        out += &format!("{t}\n");
+    }
+    out
+}
+
+/// A time, with how far it is from `now` ("… (3m ago)", "… (in 20s)").
+fn when(t: Option<DateTime<Utc>>, now: DateTime<Utc>) -> String {
+    let Some(t) = t else {
+        return "-".into();
+    };
+    let secs = (t - now).num_seconds();
+    let distance = humantime::format_duration(std::time::Duration::from_secs(secs.unsigned_abs()));
+    let relative = if secs == 0 {
+        "now".to_string()
+    } else if secs < 0 {
+        format!("{distance} ago")
+    } else {
+        format!("in {distance}")
+    };
+    format!("{} ({relative})", t.format("%Y-%m-%d %H:%M:%S"))
+}
