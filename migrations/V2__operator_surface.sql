@@ -19,8 +19,9 @@ ALTER TABLE redrive.retry_messages
     -- Where `replay --to-topic` produced the record; NULL when the row was re-enqueued.
     ADD COLUMN replayed_to_topic  text;
 
--- Replayed rows by time, for purges.
-CREATE INDEX retry_messages_replayed ON redrive.retry_messages (dead_at) WHERE state = 'replayed';
+-- Dead and replayed rows by time: the chunks of `redrive purge` (and of replay) walk it in order.
+CREATE INDEX retry_messages_finished ON redrive.retry_messages (dead_at, id)
+    WHERE state IN ('dead', 'replayed');
 
 -- Topic pauses. While a topic is paused (for one consumer group, or for all with '*'), every row
 -- of it that would become pending becomes paused instead: new failures, rescheduled attempts,

@@ -7,9 +7,9 @@ pub mod replay;
 pub mod status;
 
 use crate::cli::FilterArgs;
-use crate::store::find::{Filter, Sample, Skipped};
+use crate::store::find::{Filter, Matched, Sample, Scope, Skipped};
 use crate::store::purge::Chunk;
-use crate::store::StoreError;
+use crate::store::{Store, StoreError};
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::future::Future;
@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 pub const INTERRUPTED: u8 = 130;
 
 /// How a chunked command ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Finished {
     /// Rows changed.
     pub done: u64,
@@ -44,14 +44,65 @@ impl From<&FilterArgs> for Filter {
     }
 }
 
+/// What a replay or purge is about to act on.
+#[derive(Debug)]
+pub struct Plan {
+    /// Rows the filters match, and those held back.
+    pub matched: Matched,
+    /// Rows named by `--id` that are outside the command's states.
+    pub skipped: Vec<Skipped>,
+    /// Rows the command will act on: the eligible ones, up to `--limit`.
+    pub total: u64,
+}
+
+/// Counts what the filters select, and the `--id` rows the command must leave alone.
+pub async fn plan(
+    store: &Store,
+    scope: Scope,
+    filter: &Filter,
+    with_unpublished: bool,
+    args: &FilterArgs,
+) -> anyhow::Result<Plan> {
+    let matched = store
+        .count_matching(scope, filter, with_unpublished)
+        .await
+        .map_err(|e| explain(e, "counting the matching rows"))?;
+    let skipped = store
+        .outside_scope(scope, &filter.ids)
+        .await
+        .map_err(|e| explain(e, "looking up the --id rows"))?;
+    let eligible = matched.eligible as u64;
+    Ok(Plan {
+        matched,
+        skipped,
+        total: args.limit.map_or(eligible, |l| l.min(eligible)),
+    })
+}
+
+/// Prints a dry run: how many rows `what` ("would replay"), the oldest ten of them.
+pub async fn dry_run(
+    store: &Store,
+    scope: Scope,
+    filter: &Filter,
+    with_unpublished: bool,
+    plan: &Plan,
+    what: &str,
+) -> anyhow::Result<()> {
+    let sample = store
+        .sample_matching(scope, filter, with_unpublished, 10.min(plan.total as i64))
+        .await
+        .map_err(|e| explain(e, "reading the matching rows"))?;
+    print_sample(what, plan.total as i64, &sample);
+    Ok(())
+}
+
 /// Runs `step` on chunks of at most `chunk_size` rows until no row is left, `limit` rows are done
 /// or `stop` is cancelled; a chunk that has started always finishes. Shows a progress bar on a
 /// terminal and a line every few seconds otherwise.
 pub async fn chunked<F, Fut>(
     verb: &str,
     total: u64,
-    chunk_size: u64,
-    limit: Option<u64>,
+    args: &FilterArgs,
     stop: &CancellationToken,
     mut step: F,
 ) -> anyhow::Result<Finished>
@@ -59,6 +110,7 @@ where
     F: FnMut(i64) -> Fut,
     Fut: Future<Output = anyhow::Result<Chunk>>,
 {
+    let (chunk_size, limit) = (args.chunk_size, args.limit);
     let total = limit.map_or(total, |l| l.min(total));
     let bar = progress_bar(verb, total);
     let mut done = 0u64;
@@ -231,7 +283,12 @@ mod tests {
         // 25 rows in chunks of 10 with a limit of 22: chunks of 10, 10, 2.
         let mut asked = Vec::new();
         let stop = CancellationToken::new();
-        let r = chunked("test", 25, 10, Some(22), &stop, |n| {
+        let args = |limit| FilterArgs {
+            chunk_size: 10,
+            limit,
+            ..FilterArgs::default()
+        };
+        let r = chunked("test", 25, &args(Some(22)), &stop, |n| {
             asked.push(n);
             async move {
                 Ok(Chunk {
@@ -253,7 +310,7 @@ mod tests {
 
         // No limit: it stops when a chunk selects nothing.
         let mut left = 15u64;
-        let r = chunked("test", 15, 10, None, &stop, |n| {
+        let r = chunked("test", 15, &args(None), &stop, |n| {
             let got = left.min(n as u64);
             left -= got;
             async move {
@@ -275,7 +332,7 @@ mod tests {
 
         // Cancelled after the first chunk: that chunk counts, no other starts.
         let mut calls = 0;
-        let r = chunked("test", 100, 10, None, &stop.clone(), |n| {
+        let r = chunked("test", 100, &args(None), &stop.clone(), |n| {
             calls += 1;
             stop.cancel();
             async move {

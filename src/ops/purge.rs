@@ -1,6 +1,6 @@
 //! `redrive purge`: deletes dead and replayed rows older than a cutoff (I5).
 
-use super::{chunked, connect, explain, print_sample, print_skipped, Finished};
+use super::{chunked, connect, dry_run, explain, plan, print_skipped, Finished};
 use crate::cli::PurgeArgs;
 use crate::config::PostgresConfig;
 use crate::store::find::{Filter, Scope};
@@ -21,60 +21,46 @@ pub async fn run(
     let cutoff = Utc::now() - chrono::Duration::from_std(older_than)?;
     filter.dead_before = Some(filter.dead_before.map_or(cutoff, |b| b.min(cutoff)));
     let store = connect(postgres).await?;
-    let matched = store
-        .count_matching(Scope::Finished, &filter, args.include_unpublished)
-        .await
-        .map_err(|e| explain(e, "counting rows to purge"))?;
-    let skipped = store
-        .outside_scope(Scope::Finished, &filter.ids)
-        .await
-        .map_err(|e| explain(e, "looking up --id rows"))?;
-    let total = args
-        .filter
-        .limit
-        .map_or(matched.eligible as u64, |l| l.min(matched.eligible as u64));
+    let plan = plan(
+        &store,
+        Scope::Finished,
+        &filter,
+        args.include_unpublished,
+        &args.filter,
+    )
+    .await?;
     let kept = || {
-        if matched.unpublished > 0 {
+        if plan.matched.unpublished > 0 {
             println!(
                 "kept {} matching dead row(s) that the DLQ broker has not acknowledged yet (--include-unpublished deletes them too)",
-                matched.unpublished
+                plan.matched.unpublished
             );
         }
     };
     if args.filter.dry_run {
-        let sample = store
-            .sample_matching(
-                Scope::Finished,
-                &filter,
-                args.include_unpublished,
-                10.min(total as i64),
-            )
-            .await
-            .map_err(|e| explain(e, "reading rows to purge"))?;
-        print_sample("would delete", total as i64, &sample);
+        dry_run(
+            &store,
+            Scope::Finished,
+            &filter,
+            args.include_unpublished,
+            &plan,
+            "would delete",
+        )
+        .await?;
         kept();
-        print_skipped(&skipped, "dead or replayed");
-        return Ok(Finished {
-            done: 0,
-            interrupted: false,
-        });
+        print_skipped(&plan.skipped, "dead or replayed");
+        return Ok(Finished::default());
     }
-    let finished = chunked(
-        "purge",
-        total,
-        args.filter.chunk_size,
-        args.filter.limit,
-        stop,
-        |n| {
-            let (store, filter) = (&store, &filter);
-            async move {
-                store
-                    .purge_chunk(filter, args.include_unpublished, n)
-                    .await
-                    .map_err(|e| explain(e, "purge"))
-            }
-        },
-    )
+    let total = plan.total;
+    let finished = chunked("purge", total, &args.filter, stop, |n| {
+        let (store, filter) = (&store, &filter);
+        async move {
+            store
+                .purge_chunk(filter, args.include_unpublished, n)
+                .await
+                .map_err(|e| explain(e, "purge"))
+        }
+    })
     .await?;
     if finished.interrupted {
         println!(
@@ -90,6 +76,6 @@ pub async fn run(
         );
     }
     kept();
-    print_skipped(&skipped, "dead or replayed");
+    print_skipped(&plan.skipped, "dead or replayed");
     Ok(finished)
 }

@@ -1,6 +1,6 @@
 //! `redrive replay`: dead rows back to pending (the default), or their records back to Kafka.
 
-use super::{chunked, connect, explain, print_sample, print_skipped, Finished};
+use super::{chunked, connect, dry_run, explain, plan, print_skipped, Finished};
 use crate::cli::ReplayArgs;
 use crate::config::{Config, PostgresConfig};
 use crate::kafka;
@@ -43,64 +43,35 @@ pub async fn run(
         Target::Kafka(c) => &c.postgres,
     };
     let store = connect(postgres).await?;
-    let matched = store
-        .count_matching(Scope::Dead, &filter, true)
-        .await
-        .map_err(|e| explain(e, "counting dead rows"))?;
-    let skipped = store
-        .outside_scope(Scope::Dead, &filter.ids)
-        .await
-        .map_err(|e| explain(e, "looking up --id rows"))?;
-    let total = args
-        .filter
-        .limit
-        .map_or(matched.eligible as u64, |l| l.min(matched.eligible as u64));
+    let plan = plan(&store, Scope::Dead, &filter, true, &args.filter).await?;
     if args.filter.dry_run {
-        let sample = store
-            .sample_matching(Scope::Dead, &filter, true, 10.min(total as i64))
-            .await
-            .map_err(|e| explain(e, "reading dead rows"))?;
-        print_sample("would replay", total as i64, &sample);
-        print_skipped(&skipped, "dead");
-        return Ok(Finished {
-            done: 0,
-            interrupted: false,
-        });
+        dry_run(&store, Scope::Dead, &filter, true, &plan, "would replay").await?;
+        print_skipped(&plan.skipped, "dead");
+        return Ok(Finished::default());
     }
+    let total = plan.total;
     let audit = Audit {
         by: args.by.clone().unwrap_or_else(os_user),
         reason: args.reason.clone(),
     };
     let finished = match &target {
         Target::Requeue(_) => {
-            chunked(
-                "replay",
-                total,
-                args.filter.chunk_size,
-                args.filter.limit,
-                stop,
-                |n| {
-                    let (store, filter, audit) = (&store, &filter, &audit);
-                    async move {
-                        store
-                            .replay_chunk(filter, n, audit, args.max_attempts)
-                            .await
-                            .map_err(|e| explain(e, "replay"))
-                    }
-                },
-            )
+            chunked("replay", total, &args.filter, stop, |n| {
+                let (store, filter, audit) = (&store, &filter, &audit);
+                async move {
+                    store
+                        .replay_chunk(filter, n, audit, args.max_attempts)
+                        .await
+                        .map_err(|e| explain(e, "replay"))
+                }
+            })
             .await?
         }
         Target::Kafka(config) => {
             let to = ToTopic::new(config, args.to_topic.as_deref().unwrap_or_default())?;
-            chunked(
-                "replay",
-                total,
-                args.filter.chunk_size,
-                args.filter.limit,
-                stop,
-                |n| to.chunk(&store, &filter, n, &audit),
-            )
+            chunked("replay", total, &args.filter, stop, |n| {
+                to.chunk(&store, &filter, n, &audit)
+            })
             .await?
         }
     };
@@ -116,7 +87,7 @@ pub async fn run(
     } else {
         println!("replayed {} row(s), {how}", finished.done);
     }
-    print_skipped(&skipped, "dead");
+    print_skipped(&plan.skipped, "dead");
     Ok(finished)
 }
 

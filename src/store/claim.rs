@@ -93,25 +93,12 @@ impl Store {
         .await?;
         rows.into_iter()
             .map(|r| {
-                let headers =
-                    Message::headers_from_json(r.headers).map_err(|e| StoreError::BadRow {
-                        id: r.id,
-                        problem: format!("headers: {e}"),
-                    })?;
                 Ok(Claimed {
                     id: r.id,
                     attempt: r.attempts,
                     max_attempts: r.max_attempts,
                     first_failed_at: r.first_failed_at,
-                    message: Message {
-                        topic: r.topic,
-                        partition: r.partition,
-                        offset: r.kafka_offset,
-                        timestamp: r.kafka_timestamp,
-                        key: r.key,
-                        payload: r.payload,
-                        headers,
-                    },
+                    message: stored_message!(r),
                 })
             })
             .collect()

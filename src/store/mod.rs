@@ -10,6 +10,28 @@
 //! - [`purge`]: deleting dead and replayed rows, in chunks (I5).
 //! - [`status`]: counts, due times, the DLQ backlog and top errors for `redrive status`.
 
+/// The [`crate::message::Message`] of a row that a `query!` read with its source columns (`id`,
+/// `topic`, `partition`, `kafka_offset`, `kafka_timestamp`, `key`, `payload`, `headers`). Malformed
+/// headers (written by hand) are a [`StoreError::BadRow`], returned with `?`.
+macro_rules! stored_message {
+    ($r:ident) => {
+        crate::message::Message {
+            headers: crate::message::Message::headers_from_json($r.headers).map_err(|e| {
+                crate::store::StoreError::BadRow {
+                    id: $r.id,
+                    problem: format!("headers: {e}"),
+                }
+            })?,
+            topic: $r.topic,
+            partition: $r.partition,
+            offset: $r.kafka_offset,
+            timestamp: $r.kafka_timestamp,
+            key: $r.key,
+            payload: $r.payload,
+        }
+    };
+}
+
 pub mod capture;
 pub mod claim;
 pub mod complete;

@@ -59,11 +59,6 @@ impl Store {
         .await?;
         let mut rows = Vec::with_capacity(records.len());
         for r in records {
-            let headers =
-                Message::headers_from_json(r.headers).map_err(|e| StoreError::BadRow {
-                    id: r.id,
-                    problem: format!("headers: {e}"),
-                })?;
             rows.push(DeadRow {
                 id: r.id,
                 consumer_group: r.consumer_group,
@@ -71,15 +66,7 @@ impl Store {
                 first_failed_at: r.first_failed_at,
                 last_error: r.last_error,
                 error_kind: r.error_kind,
-                message: Message {
-                    topic: r.topic,
-                    partition: r.partition,
-                    offset: r.kafka_offset,
-                    timestamp: r.kafka_timestamp,
-                    key: r.key,
-                    payload: r.payload,
-                    headers,
-                },
+                message: stored_message!(r),
             });
         }
         Ok(OutboxBatch { tx, rows })

@@ -85,21 +85,7 @@ impl Store {
         .await?;
         let mut rows = Vec::with_capacity(records.len());
         for r in records {
-            let headers =
-                Message::headers_from_json(r.headers).map_err(|e| StoreError::BadRow {
-                    id: r.id,
-                    problem: format!("headers: {e}"),
-                })?;
-            let message = Message {
-                topic: r.topic,
-                partition: r.partition,
-                offset: r.kafka_offset,
-                timestamp: r.kafka_timestamp,
-                key: r.key,
-                payload: r.payload,
-                headers,
-            };
-            rows.push((r.id, message));
+            rows.push((r.id, stored_message!(r)));
         }
         Ok(ToTopicChunk { tx, rows })
     }
