@@ -66,12 +66,15 @@ struct Delivery {
 
 type Log = Arc<Mutex<Vec<Delivery>>>;
 
+/// Set once "the bug is fixed": from then on the handler answers 200 to every value.
+type Fixed = Arc<std::sync::atomic::AtomicBool>;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     redrive::telemetry::init_tracing();
     match Cli::parse().command {
         Cmd::Handler { listen } => {
-            let (addr, _log) = start_handler(listen).await?;
+            let (addr, _log) = start_handler(listen, Fixed::default()).await?;
             println!("demo handler listening on http://{addr}/ (500 when value % 3 == 0)");
             std::future::pending::<()>().await;
             Ok(())
@@ -83,14 +86,14 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn start_handler(listen: SocketAddr) -> anyhow::Result<(SocketAddr, Log)> {
+async fn start_handler(listen: SocketAddr, fixed: Fixed) -> anyhow::Result<(SocketAddr, Log)> {
     let log: Log = Arc::default();
     let started = Instant::now();
     let sink = log.clone();
     let app = Router::new().route(
         "/",
         post(move |headers: HeaderMap, body: Bytes| {
-            let sink = sink.clone();
+            let (sink, fixed) = (sink.clone(), fixed.clone());
             async move {
                 let value = serde_json::from_slice::<serde_json::Value>(&body)
                     .ok()
@@ -100,7 +103,8 @@ async fn start_handler(listen: SocketAddr) -> anyhow::Result<(SocketAddr, Log)> 
                     .get(redrive::handler::http::ATTEMPT_HEADER)
                     .and_then(|v| v.to_str().ok()?.parse().ok())
                     .unwrap_or(0);
-                let status = if value % 3 == 0 { 500 } else { 200 };
+                let broken = !fixed.load(std::sync::atomic::Ordering::SeqCst);
+                let status = if broken && value % 3 == 0 { 500 } else { 200 };
                 let at = started.elapsed();
                 sink.lock().unwrap().push(Delivery {
                     at,
@@ -126,7 +130,8 @@ async fn run(kafka: &str, admin_url: &str) -> anyhow::Result<()> {
     let dlq = format!("{topic}.dlq");
     let db_url = redrive::support::recreate_database(admin_url, "redrive_demo").await?;
     create_topics(kafka, &[&topic, &dlq]).await?;
-    let (addr, log) = start_handler("127.0.0.1:0".parse()?).await?;
+    let fixed = Fixed::default();
+    let (addr, log) = start_handler("127.0.0.1:0".parse()?, fixed.clone()).await?;
     let dir = std::env::temp_dir().join(format!("redrive-demo-{stamp}"));
     std::fs::create_dir_all(&dir)?;
     let config = dir.join("redrive.toml");
@@ -157,7 +162,45 @@ async fn run(kafka: &str, admin_url: &str) -> anyhow::Result<()> {
     produce_values(kafka, &topic).await?;
     println!("   produced {{\"value\":1}} … {{\"value\":10}}; waiting for the retries and the DLQ records (about 10 s)…\n");
     let dlq_records = read_dlq(kafka, &dlq, 3, Duration::from_secs(90)).await;
-    wait_for_deliveries(&log, Duration::from_secs(30)).await;
+    wait_for_deliveries(&log, 7 + 3 * 4, Duration::from_secs(30)).await;
+    let failed_phase = log.lock().unwrap().clone();
+    print_timeline(&failed_phase);
+    print_dead_rows(&db_url).await?;
+    let dlq_records = dlq_records?;
+    print_dlq(&dlq_records);
+
+    // The operator's side: look, fix the cause, replay.
+    let ops = |args: &[&str]| {
+        let mut c = tokio::process::Command::new(&redrive);
+        c.arg("--config").arg(&config).args(args);
+        c
+    };
+    println!("== redrive status");
+    let out = ops(&["status"]).output().await?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    fixed.store(true, std::sync::atomic::Ordering::SeqCst);
+    println!(
+        "\n== The handler is fixed; redrive replay --topic {topic} --reason \"handler fixed\""
+    );
+    let out = ops(&["replay", "--topic", &topic, "--reason", "handler fixed"])
+        .output()
+        .await?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    wait_for_deliveries(&log, 7 + 3 * 5, Duration::from_secs(30)).await;
+    let store = redrive::Store::from_pool(sqlx::PgPool::connect(&db_url).await?);
+    let left = wait_for_empty_table(&store, Duration::from_secs(30)).await?;
+    let replayed: Vec<Delivery> = log.lock().unwrap()[failed_phase.len()..].to_vec();
+    for d in &replayed {
+        println!(
+            "   {:>6.2}s  value={} attempt={} -> {}",
+            d.at.as_secs_f64(),
+            d.value,
+            d.attempt,
+            d.status
+        );
+    }
+    println!("   rows left in redrive.retry_messages: {left}\n");
+
     // SIGTERM, as an orchestrator would; redrive drains and commits before it exits.
     let pid = child.id().context("redrive exited early")?;
     tokio::process::Command::new("kill")
@@ -168,17 +211,31 @@ async fn run(kafka: &str, admin_url: &str) -> anyhow::Result<()> {
     let exit = tokio::time::timeout(Duration::from_secs(60), child.wait())
         .await
         .context("redrive did not stop")??;
-
-    let deliveries = log.lock().unwrap().clone();
-    print_timeline(&deliveries);
-    print_dead_rows(&db_url).await?;
-    let dlq_records = dlq_records?;
-    print_dlq(&dlq_records);
     println!(
         "redrive exited with {exit}; its log is {}",
         dir.join("redrive.log").display()
     );
-    check(&deliveries, dlq_records.len(), exit.success())
+    check(
+        &failed_phase,
+        &replayed,
+        left,
+        dlq_records.len(),
+        exit.success(),
+    )
+}
+
+/// Waits (bounded) until the retry table is empty; returns how many rows are left.
+async fn wait_for_empty_table(store: &redrive::Store, limit: Duration) -> anyhow::Result<i64> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM redrive.retry_messages")
+            .fetch_one(store.pool())
+            .await?;
+        if left == 0 || Instant::now() >= deadline {
+            return Ok(left);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn demo_config(db_url: &str, kafka: &str, topic: &str, handler: SocketAddr) -> String {
@@ -313,11 +370,10 @@ async fn read_dlq(
     Ok(out)
 }
 
-async fn wait_for_deliveries(log: &Log, limit: Duration) {
+async fn wait_for_deliveries(log: &Log, n: usize, limit: Duration) {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
-        let n = log.lock().unwrap().len();
-        if n >= 7 + 3 * 4 {
+        if log.lock().unwrap().len() >= n {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -388,7 +444,13 @@ fn print_dlq(records: &[DlqRecord]) {
 }
 
 /// The experiment's expectations; the demo fails loudly when redrive misbehaves.
-fn check(deliveries: &[Delivery], dlq: usize, clean_exit: bool) -> anyhow::Result<()> {
+fn check(
+    deliveries: &[Delivery],
+    replayed: &[Delivery],
+    left: i64,
+    dlq: usize,
+    clean_exit: bool,
+) -> anyhow::Result<()> {
     let mut problems = Vec::new();
     for v in 1..=10 {
         let attempts: Vec<u32> = deliveries
@@ -407,6 +469,19 @@ fn check(deliveries: &[Delivery], dlq: usize, clean_exit: bool) -> anyhow::Resul
             ));
         }
     }
+    let mut again: Vec<(i64, u32, u16)> = replayed
+        .iter()
+        .map(|d| (d.value, d.attempt, d.status))
+        .collect();
+    again.sort();
+    if again != [(3, 1, 200), (6, 1, 200), (9, 1, 200)] {
+        problems.push(format!(
+            "after the replay: (value, attempt, status) {again:?}, expected 3, 6 and 9 once each, attempt 1, 200"
+        ));
+    }
+    if left != 0 {
+        problems.push(format!("{left} rows left in the table after the replay"));
+    }
     if dlq != 3 {
         problems.push(format!("{dlq} DLQ records, expected 3"));
     }
@@ -414,7 +489,10 @@ fn check(deliveries: &[Delivery], dlq: usize, clean_exit: bool) -> anyhow::Resul
         problems.push("redrive did not exit cleanly on SIGTERM".into());
     }
     if problems.is_empty() {
-        println!("OK: 3, 6 and 9 were delivered 4 times with growing gaps and dead-lettered; the others once.");
+        println!("OK: 3, 6 and 9 were delivered 4 times with growing gaps and dead-lettered, the others once;");
+        println!(
+            "    after the fix, the replay delivered 3, 6 and 9 once more and they succeeded."
+        );
         Ok(())
     } else {
         bail!(
