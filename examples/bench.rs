@@ -200,7 +200,6 @@ async fn consume(case: &str, db: &str, kafka: &str, n: usize) -> anyhow::Result<
     Ok((secs, n))
 }
 
-/// Fills the table with `n` due rows, then times the retry workers emptying it.
 /// `n` rows of 1 KiB in `state`, in batches of 1,000.
 async fn seed(store: &Store, n: usize, state: InitialState) -> anyhow::Result<()> {
     for start in (0..n).step_by(1000) {
@@ -226,6 +225,7 @@ async fn seed(store: &Store, n: usize, state: InitialState) -> anyhow::Result<()
     Ok(())
 }
 
+/// Fills the table with `n` due rows, then times the retry workers emptying it.
 async fn dispatch(db: &str, n: usize) -> anyhow::Result<(f64, usize)> {
     let store = Store::from_pool(sqlx::PgPool::connect(db).await?);
     seed(&store, n, InitialState::Pending).await?;

@@ -283,6 +283,12 @@ mod tests {
         // 25 rows in chunks of 10 with a limit of 22: chunks of 10, 10, 2.
         let mut asked = Vec::new();
         let stop = CancellationToken::new();
+        let all = |n: u64| -> anyhow::Result<Chunk> {
+            Ok(Chunk {
+                selected: n,
+                changed: n,
+            })
+        };
         let args = |limit| FilterArgs {
             chunk_size: 10,
             limit,
@@ -290,12 +296,7 @@ mod tests {
         };
         let r = chunked("test", 25, &args(Some(22)), &stop, |n| {
             asked.push(n);
-            async move {
-                Ok(Chunk {
-                    selected: n as u64,
-                    changed: n as u64,
-                })
-            }
+            async move { all(n as u64) }
         })
         .await
         .unwrap();
@@ -313,12 +314,7 @@ mod tests {
         let r = chunked("test", 15, &args(None), &stop, |n| {
             let got = left.min(n as u64);
             left -= got;
-            async move {
-                Ok(Chunk {
-                    selected: got,
-                    changed: got,
-                })
-            }
+            async move { all(got) }
         })
         .await
         .unwrap();
@@ -335,12 +331,7 @@ mod tests {
         let r = chunked("test", 100, &args(None), &stop.clone(), |n| {
             calls += 1;
             stop.cancel();
-            async move {
-                Ok(Chunk {
-                    selected: n as u64,
-                    changed: n as u64,
-                })
-            }
+            async move { all(n as u64) }
         })
         .await
         .unwrap();

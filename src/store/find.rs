@@ -229,6 +229,9 @@ impl Store {
         scope: Scope,
         ids: &[Uuid],
     ) -> Result<Vec<Skipped>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
         let rows = sqlx::query_as!(
             Skipped,
             r#"
