@@ -216,7 +216,7 @@ async fn seed(store: &Store, n: usize, state: InitialState) -> anyhow::Result<()
                 },
                 state,
                 max_attempts: 5,
-                next_attempt_at: chrono::Utc::now(),
+                retry_in: Duration::ZERO,
                 error: HandlerError::retryable("seeded"),
             })
             .collect();

@@ -50,9 +50,10 @@ GRANT SELECT ON redrive.refinery_schema_history, redrive.paused_topics TO redriv
 GRANT SELECT, INSERT ON redrive.retry_messages TO redrive_worker;
 -- Only the columns the claim, the completer, the release at shutdown and the DLQ publisher set.
 GRANT UPDATE (state, attempts, next_attempt_at, lease_expires_at, locked_by, last_error, error_kind,
-              error_history, updated_at, dead_at, dlq_published_at, dlq_topic)
+              error_history, updated_at, dead_at, dlq_published_at, dlq_topic, dlq_error,
+              dlq_refused_at, claim_token)
     ON redrive.retry_messages TO redrive_worker;
-GRANT EXECUTE ON FUNCTION redrive.delete_succeeded(uuid[], integer[]) TO redrive_worker;
+GRANT EXECUTE ON FUNCTION redrive.delete_succeeded(uuid[], uuid[]) TO redrive_worker;
 
 -- Operator: read-only, plus replay, reschedule, pause and purge.
 GRANT redrive_readonly TO redrive_operator;

@@ -13,8 +13,8 @@ use crate::consumer::{Consumer, KafkaConsumer};
 use crate::dispatcher::Dispatcher;
 use crate::dlq::DlqPublisher;
 use crate::handler::Handler;
-use crate::kafka::{self, LoggingContext};
-use crate::store::Store;
+use crate::kafka::{self, GroupContext};
+use crate::store::{Store, StoreError};
 use anyhow::Context;
 use rdkafka::consumer::Consumer as _;
 use rdkafka::producer::{FutureProducer, Producer as _};
@@ -23,8 +23,8 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-/// How long startup waits for the Kafka cluster to describe a topic.
-const METADATA_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long startup waits for the Kafka cluster to describe a topic before it logs and tries again.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs the selected services until `shutdown` is cancelled or one of them fails.
 pub async fn run<H: Handler>(
@@ -33,19 +33,37 @@ pub async fn run<H: Handler>(
     parts: RunArgs,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let store = Store::connect(&config.postgres, &shutdown).await?;
+    check_connection_budget(&config, &parts)?;
+    let store = match Store::connect(&config.postgres, &shutdown).await {
+        Ok(store) => store,
+        // A stop asked for while Postgres was still away is a clean exit, not a failure.
+        Err(StoreError::Cancelled(at)) => {
+            tracing::info!("stopped before postgres at {at} answered");
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
     store.check_schema().await?;
     let group = config.kafka.group_id().to_string();
     tracing::info!(group, topics = ?config.kafka.topics, kafka = %kafka::describe(&config.kafka.properties), "starting");
     let handler = Arc::new(handler);
     let drain = config.shutdown.timeout;
-    // Every startup check (topics, clients) runs before any service starts.
-    let consumer = (!parts.no_consumer)
-        .then(|| subscribe(&config))
-        .transpose()?;
-    let publisher = (!parts.no_dlq)
-        .then(|| dlq_publisher(&config, store.clone()))
-        .transpose()?;
+    // Every startup check (topics, clients) runs before any service starts. A stop asked for while
+    // the Kafka cluster is still away is a clean exit.
+    let consumer = match parts.no_consumer {
+        true => None,
+        false => match subscribe(&config, &shutdown).await? {
+            Some(c) => Some(c),
+            None => return Ok(()),
+        },
+    };
+    let publisher = match parts.no_dlq {
+        true => None,
+        false => match dlq_publisher(&config, store.clone(), &shutdown).await? {
+            Some(p) => Some(p),
+            None => return Ok(()),
+        },
+    };
     let mut services: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
 
     if let Some(publisher) = publisher {
@@ -58,7 +76,7 @@ pub async fn run<H: Handler>(
         });
     }
     if !parts.no_workers {
-        let (completer, complete) = completer(store.clone(), &config.workers);
+        let (completer, complete) = completer(store.clone(), &group, &config.workers);
         let dispatcher = Dispatcher::new(
             store.clone(),
             handler.clone(),
@@ -105,6 +123,25 @@ pub async fn run<H: Handler>(
         });
     }
     supervise(services, shutdown, drain).await
+}
+
+/// Refuses a pool too small for what `run` holds (I10). The LISTEN connections of the workers and
+/// the DLQ publisher are their own, outside the pool; inside it, the publisher holds one connection
+/// while the broker acknowledges a batch (up to `dlq.publish_timeout`), and capture, claims and
+/// completions need at least one more between them.
+fn check_connection_budget(config: &Config, parts: &RunArgs) -> anyhow::Result<()> {
+    let held = usize::from(!parts.no_dlq);
+    let working = usize::from(!parts.no_consumer || !parts.no_workers);
+    let needed = held + working.max(1);
+    let max = config.postgres.max_connections as usize;
+    if max < needed {
+        anyhow::bail!(
+            "invalid configuration: `postgres.max_connections` is {max}, but this `redrive run` needs at \
+             least {needed}: the DLQ publisher holds one while the broker acknowledges a batch, and \
+             capture, claims and completions need one more"
+        );
+    }
+    Ok(())
 }
 
 /// Waits for shutdown, or for a service to end by itself (which shuts the others down).
@@ -166,26 +203,73 @@ async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-/// Creates the consumer, checks that every topic exists, and subscribes.
-fn subscribe(config: &Config) -> anyhow::Result<Arc<KafkaConsumer>> {
+/// Runs a topic check until the Kafka cluster answers it. A cluster that does not answer (down,
+/// unreachable) is retried with backoff and a log line, as an unreachable Postgres is; any other
+/// failure (a missing topic) is an error at once. `false` when shutdown came first.
+async fn until_kafka_answers(
+    bootstrap: &str,
+    check: impl Fn() -> anyhow::Result<()> + Send + Sync + 'static,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<bool> {
+    let check = Arc::new(check);
+    let (mut delay, mut attempt) = (Duration::from_secs(1), 0u64);
+    loop {
+        attempt += 1;
+        // The metadata request blocks for up to its timeout: off the async threads.
+        let c = check.clone();
+        let result = tokio::select! {
+            r = tokio::task::spawn_blocking(move || c()) => r?,
+            _ = shutdown.cancelled() => return Ok(false),
+        };
+        match result {
+            Ok(()) => return Ok(true),
+            Err(e) if e.downcast_ref::<kafka::Unreachable>().is_some() => {
+                tracing::warn!(kafka = bootstrap, attempt, retry_in = %humantime::format_duration(delay),
+                    "kafka is unreachable, retrying: {e:#}");
+            }
+            Err(e) => return Err(e),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(false),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// The configured `bootstrap.servers`, for log lines.
+fn bootstrap(config: &Config) -> String {
+    let servers = config.kafka.properties.get("bootstrap.servers");
+    servers.cloned().unwrap_or_default()
+}
+
+/// Creates the consumer, checks that every topic exists, and subscribes. `None` on shutdown.
+async fn subscribe(
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<Arc<KafkaConsumer>>> {
     let consumer: KafkaConsumer = kafka::consumer_config(&config.kafka.properties)?
-        .create_with_context(LoggingContext)
+        .create_with_context(GroupContext::default())
         .context("creating the Kafka consumer (check the [kafka] properties)")?;
-    kafka::ensure_topics(
-        consumer.client(),
-        &config.kafka.topics,
-        "source",
-        METADATA_TIMEOUT,
-    )?;
+    let consumer = Arc::new(consumer);
+    let (c, topics) = (consumer.clone(), config.kafka.topics.clone());
+    let check = move || kafka::ensure_topics(c.client(), &topics, "source", METADATA_TIMEOUT);
+    if !until_kafka_answers(&bootstrap(config), check, shutdown).await? {
+        return Ok(None);
+    }
     let topics: Vec<&str> = config.kafka.topics.iter().map(String::as_str).collect();
     consumer
         .subscribe(&topics)
         .context("subscribing to the topics")?;
-    Ok(Arc::new(consumer))
+    Ok(Some(consumer))
 }
 
-/// Creates the DLQ producer and checks that every DLQ topic exists.
-fn dlq_publisher(config: &Config, store: Store) -> anyhow::Result<DlqPublisher> {
+/// Creates the DLQ producer and checks that every DLQ topic exists. `None` on shutdown.
+async fn dlq_publisher(
+    config: &Config,
+    store: Store,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<DlqPublisher>> {
     let props = config.dlq_kafka_properties()?;
     let producer: FutureProducer = kafka::producer_config(&props, config.dlq.publish_timeout)
         .create()
@@ -203,6 +287,10 @@ fn dlq_publisher(config: &Config, store: Store) -> anyhow::Result<DlqPublisher> 
         .iter()
         .map(|t| publisher.topic_for(t))
         .collect();
-    kafka::ensure_topics(producer.client(), &dlq_topics, "DLQ", METADATA_TIMEOUT)?;
-    Ok(publisher)
+    let check =
+        move || kafka::ensure_topics(producer.client(), &dlq_topics, "DLQ", METADATA_TIMEOUT);
+    if !until_kafka_answers(&bootstrap(config), check, shutdown).await? {
+        return Ok(None);
+    }
+    Ok(Some(publisher))
 }

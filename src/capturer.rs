@@ -11,7 +11,6 @@ use crate::handler::{ErrorKind, HandlerError};
 use crate::message::Message;
 use crate::store::capture::{Capture, InitialState};
 use crate::store::Store;
-use chrono::Utc;
 use tokio::sync::{mpsc, oneshot};
 
 type Request = (Capture, oneshot::Sender<()>);
@@ -27,8 +26,7 @@ pub struct Capturer {
     store: Store,
     group: String,
     rx: mpsc::Receiver<Request>,
-    batch_size: usize,
-    linger: std::time::Duration,
+    limits: batch::Limits,
 }
 
 /// Creates a capturer for `group` and the handle that feeds it.
@@ -38,8 +36,11 @@ pub fn capturer(store: Store, group: &str, config: &ConsumerConfig) -> (Capturer
         store,
         group: group.to_string(),
         rx,
-        batch_size: config.capture_batch_size,
-        linger: config.capture_linger,
+        limits: batch::Limits {
+            max: config.capture_batch_size,
+            max_bytes: config.capture_batch_bytes,
+            linger: config.capture_linger,
+        },
     };
     (capturer, CaptureHandle { tx })
 }
@@ -60,8 +61,54 @@ impl Capture {
                 InitialState::Pending
             },
             max_attempts: policy.max_attempts.min(i32::MAX as u32) as i32,
-            next_attempt_at: Utc::now() + delay,
+            retry_in: delay,
             error,
+        }
+    }
+}
+
+impl Capture {
+    /// Bytes this row carries into the statement, for the batch's byte limit.
+    pub fn size(&self) -> usize {
+        let m = &self.message;
+        let headers: usize = m
+            .headers
+            .iter()
+            .map(|h| h.key.len() + h.value.as_ref().map_or(0, Vec::len))
+            .sum();
+        m.key.as_ref().map_or(0, Vec::len)
+            + m.payload.as_ref().map_or(0, Vec::len)
+            + headers
+            + self.error.message.len()
+    }
+
+    /// The row kept when Postgres refuses this one: the source coordinates and timestamp, dead at
+    /// once, with the database's error; no key, value or headers, which stay readable in the
+    /// source topic at those coordinates. The message is never lost (I10).
+    pub fn safe_form(&self, db_error: &str) -> Capture {
+        let m = &self.message;
+        Capture {
+            message: Message {
+                topic: m.topic.clone(),
+                partition: m.partition,
+                offset: m.offset,
+                timestamp: m.timestamp,
+                key: None,
+                payload: None,
+                headers: Vec::new(),
+            },
+            state: InitialState::Dead,
+            max_attempts: self.max_attempts.max(1),
+            retry_in: self.retry_in,
+            error: HandlerError {
+                kind: self.error.kind,
+                // Only the database's error: the handler's own text may be what was refused.
+                message: format!(
+                    "postgres refused this message's row, so it is kept without key, value and headers \
+                     (read them from the topic at this offset): {db_error}"
+                ),
+                retry_after: None,
+            },
         }
     }
 }
@@ -81,12 +128,23 @@ impl CaptureHandle {
 impl Capturer {
     /// Writes batches until every handle is dropped and the queue is empty.
     pub async fn run(mut self) {
-        while let Some(requests) = batch::collect(&mut self.rx, self.batch_size, self.linger).await
+        while let Some(requests) =
+            batch::collect(&mut self.rx, self.limits, |(c, _)| c.size()).await
         {
             let (rows, waiting): (Vec<Capture>, Vec<oneshot::Sender<()>>) =
                 requests.into_iter().unzip();
-            let inserted =
-                batch::until_written("capture", || self.store.capture(&self.group, &rows)).await;
+            let (store, group) = (&self.store, self.group.as_str());
+            let inserted = batch::write_isolating(
+                "capture",
+                group,
+                &rows,
+                |chunk| store.capture(group, chunk),
+                |row, error| {
+                    let safe = row.safe_form(&error);
+                    async move { store.capture(group, std::slice::from_ref(&safe)).await }
+                },
+            )
+            .await;
             let dead = rows
                 .iter()
                 .filter(|r| r.state == InitialState::Dead)

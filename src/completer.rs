@@ -17,19 +17,26 @@ pub struct CompleteHandle {
 /// The batching writer; run it with [`Completer::run`].
 pub struct Completer {
     store: Store,
+    group: String,
     rx: mpsc::Receiver<Completion>,
-    batch_size: usize,
-    linger: std::time::Duration,
+    limits: batch::Limits,
 }
 
+/// Most bytes of error text in one completion statement.
+const COMPLETE_BATCH_BYTES: usize = 16 << 20;
+
 /// Creates a completer and the handle that feeds it.
-pub fn completer(store: Store, config: &WorkersConfig) -> (Completer, CompleteHandle) {
+pub fn completer(store: Store, group: &str, config: &WorkersConfig) -> (Completer, CompleteHandle) {
     let (tx, rx) = mpsc::channel(config.complete_batch_size * 2);
     let completer = Completer {
         store,
+        group: group.to_string(),
         rx,
-        batch_size: config.complete_batch_size,
-        linger: config.complete_linger,
+        limits: batch::Limits {
+            max: config.complete_batch_size,
+            max_bytes: COMPLETE_BATCH_BYTES,
+            linger: config.complete_linger,
+        },
     };
     (completer, CompleteHandle { tx })
 }
@@ -45,8 +52,19 @@ impl CompleteHandle {
 impl Completer {
     /// Writes batches until every handle is dropped and the queue is empty.
     pub async fn run(mut self) {
-        while let Some(batch) = batch::collect(&mut self.rx, self.batch_size, self.linger).await {
-            let done = batch::until_written("completion", || self.store.complete(&batch)).await;
+        while let Some(batch) = batch::collect(&mut self.rx, self.limits, Completion::size).await {
+            let store = &self.store;
+            let done = batch::write_isolating(
+                "completion",
+                &self.group,
+                &batch,
+                |chunk| store.complete(chunk),
+                |c, error| {
+                    let safe = c.safe_form(&error);
+                    async move { store.complete(std::slice::from_ref(&safe)).await }
+                },
+            )
+            .await;
             metrics::counter!("redrive_completions_total", "result" => "deleted")
                 .increment(done.deleted);
             metrics::counter!("redrive_completions_total", "result" => "rescheduled")

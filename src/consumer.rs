@@ -4,11 +4,16 @@
 //! A message's outcome is durable when the handler succeeded, or when the capturer committed its
 //! retry or dead row. Messages are handled concurrently (up to `max_in_flight`), so one failing or
 //! slow message never blocks the others; [`OffsetTracker`] keeps the stored offsets in order.
+//!
+//! Each message is tagged with its partition's epoch when it is received. A partition revoked in a
+//! rebalance gets a new epoch ([`crate::kafka::GroupContext`]), so a message received before, still
+//! held or still running, stores no offset for it (I11). A partition whose commits wait on one
+//! message for longer than a handler call and a capture should take is logged and counted.
 
 use crate::capturer::CaptureHandle;
 use crate::config::{ConsumerConfig, RetryConfig};
 use crate::handler::{call_with_timeout, Delivery, Handler};
-use crate::kafka::LoggingContext;
+use crate::kafka::GroupContext;
 use crate::message::Message;
 use crate::offsets::OffsetTracker;
 use crate::store::capture::Capture;
@@ -27,15 +32,25 @@ use tracing::Instrument;
 /// default `max.poll.interval.ms` of five minutes.
 const PAUSE_AFTER: Duration = Duration::from_secs(1);
 
+/// On top of the handler timeout, how long a capture may take (Postgres retries included) before
+/// a partition whose lowest unfinished offset has not moved counts as stalled.
+pub const STALL_GRACE: Duration = Duration::from_secs(60);
+
+/// How often the stall guard looks.
+const STALL_CHECK_EVERY: Duration = Duration::from_secs(5);
+
 /// The librdkafka consumer type redrive uses.
-pub type KafkaConsumer = StreamConsumer<LoggingContext>;
+pub type KafkaConsumer = StreamConsumer<GroupContext>;
+
+/// A received message and its partition's epoch at that moment.
+type Received = (Message, u64);
 
 /// What every message task needs.
 struct Shared<H> {
     consumer: Arc<KafkaConsumer>,
     handler: Arc<H>,
     capture: CaptureHandle,
-    tracker: Mutex<OffsetTracker>,
+    tracker: Arc<Mutex<OffsetTracker>>,
     retry: RetryConfig,
     group: String,
     timeout: Duration,
@@ -62,10 +77,10 @@ impl<H: Handler> Consumer<H> {
             max_in_flight: config.max_in_flight,
             shared: Arc::new(Shared {
                 group: group.to_string(),
-                consumer,
+                consumer: consumer.clone(),
                 handler,
                 capture,
-                tracker: Mutex::new(OffsetTracker::default()),
+                tracker: consumer.context().tracker.clone(),
                 retry,
                 timeout: handler_timeout,
             }),
@@ -78,6 +93,11 @@ impl<H: Handler> Consumer<H> {
         let slots = Arc::new(Semaphore::new(self.max_in_flight));
         let mut tasks = JoinSet::new();
         let mut held = VecDeque::new();
+        let guard = tokio::spawn(stall_guard(
+            self.shared.tracker.clone(),
+            self.shared.timeout + STALL_GRACE,
+            shutdown.clone(),
+        ));
         loop {
             let Some(permit) = self.next_slot(&slots, &mut held, &shutdown).await else {
                 break;
@@ -90,7 +110,7 @@ impl<H: Handler> Consumer<H> {
                         m = self.shared.consumer.recv() => m,
                     };
                     match received {
-                        Ok(m) => Message::from_kafka(&m),
+                        Ok(m) => self.shared.received(Message::from_kafka(&m)),
                         Err(e) => {
                             log_consume_error(&e);
                             continue;
@@ -101,6 +121,7 @@ impl<H: Handler> Consumer<H> {
             while tasks.try_join_next().is_some() {}
             self.start(&mut tasks, message, permit);
         }
+        guard.abort();
         self.drain(tasks, drain).await;
     }
 
@@ -111,7 +132,7 @@ impl<H: Handler> Consumer<H> {
     async fn next_slot(
         &self,
         slots: &Arc<Semaphore>,
-        held: &mut VecDeque<Message>,
+        held: &mut VecDeque<Received>,
         shutdown: &CancellationToken,
     ) -> Option<OwnedSemaphorePermit> {
         // Under load a slot frees within milliseconds. Pausing purges librdkafka's fetch queue, so
@@ -128,7 +149,7 @@ impl<H: Handler> Consumer<H> {
                 p = slots.clone().acquire_owned() => break p.ok(),
                 m = self.shared.consumer.recv() => match m {
                     Ok(m) => {
-                        held.push_back(Message::from_kafka(&m));
+                        held.push_back(self.shared.received(Message::from_kafka(&m)));
                         // A rebalance may have assigned partitions that are not paused yet.
                         paused = self.pause().or(paused);
                     }
@@ -162,17 +183,34 @@ impl<H: Handler> Consumer<H> {
         }
     }
 
-    /// Registers the message with the offset tracker (in consumption order) and handles it.
-    fn start(&self, tasks: &mut JoinSet<()>, message: Message, permit: OwnedSemaphorePermit) {
-        metrics::counter!("redrive_messages_consumed_total").increment(1);
-        self.shared
+    /// Registers the message with the offset tracker (in consumption order) and handles it. A
+    /// message of a partition revoked since it was received is dropped: its new owner has it.
+    fn start(
+        &self,
+        tasks: &mut JoinSet<()>,
+        (message, epoch): Received,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let (topic, partition, offset) = (&message.topic, message.partition, message.offset);
+        if !self
+            .shared
             .lock_tracker()
-            .begin(&message.topic, message.partition, message.offset);
+            .begin(topic, partition, offset, epoch)
+        {
+            tracing::debug!(
+                topic,
+                partition,
+                offset,
+                "partition revoked since the message arrived: dropped"
+            );
+            return;
+        }
+        metrics::counter!("redrive_messages_consumed_total").increment(1);
         let shared = self.shared.clone();
         let span = tracing::info_span!("message", topic = %message.topic, partition = message.partition, offset = message.offset);
         tasks.spawn(
             async move {
-                shared.process(message).await;
+                shared.process(message, epoch).await;
                 drop(permit);
             }
             .instrument(span),
@@ -211,8 +249,15 @@ impl<H: Handler> Shared<H> {
         self.tracker.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Handles one message to a durable outcome, then lets its offset be stored.
-    async fn process(&self, message: Message) {
+    /// Tags a message with its partition's epoch on arrival.
+    fn received(&self, message: Message) -> Received {
+        let epoch = self.lock_tracker().epoch(&message.topic, message.partition);
+        (message, epoch)
+    }
+
+    /// Handles one message to a durable outcome, then lets its offset be stored, unless the
+    /// partition was revoked meanwhile (the epoch moved on).
+    async fn process(&self, message: Message, epoch: u64) {
         let delivery = Delivery {
             message: &message,
             attempt: 1,
@@ -238,7 +283,7 @@ impl<H: Handler> Shared<H> {
                 }
             }
         }
-        let position = self.lock_tracker().done(&topic, partition, offset);
+        let position = self.lock_tracker().done(&topic, partition, offset, epoch);
         if let Some(next) = position {
             // librdkafka stores `offset + 1`, the next message to read.
             if let Err(e) = self.consumer.store_offset(&topic, partition, next - 1) {
@@ -246,6 +291,40 @@ impl<H: Handler> Shared<H> {
                 tracing::debug!("offset not stored: {e}");
             }
         }
+    }
+}
+
+/// Logs, and counts in `redrive_stalled_partitions`, partitions whose lowest unfinished offset has
+/// not moved for longer than `limit`: their commits wait on that one message. Each stall is logged
+/// once, when it is first seen.
+async fn stall_guard(
+    tracker: Arc<Mutex<OffsetTracker>>,
+    limit: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut reported = Vec::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(STALL_CHECK_EVERY) => {}
+        }
+        let stalled = tracker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .stalled(limit);
+        metrics::gauge!("redrive_stalled_partitions").set(stalled.len() as f64);
+        for s in &stalled {
+            let key = (s.topic.clone(), s.partition, s.offset);
+            if !reported.contains(&key) {
+                tracing::error!(topic = s.topic, partition = s.partition, offset = s.offset,
+                    waiting = %humantime::format_duration(Duration::from_secs(s.for_.as_secs())),
+                    "partition stalled: its commits wait on this offset, which has not finished");
+            }
+        }
+        reported = stalled
+            .into_iter()
+            .map(|s| (s.topic, s.partition, s.offset))
+            .collect();
     }
 }
 

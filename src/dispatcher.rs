@@ -7,12 +7,10 @@
 
 use crate::completer::CompleteHandle;
 use crate::config::{RetryConfig, WorkersConfig};
-use crate::handler::{call_with_timeout, Delivery, ErrorKind, Handler};
-use crate::store::claim::Claimed;
+use crate::handler::{call_with_timeout, Delivery, ErrorKind, Handler, HandlerError};
+use crate::store::claim::{Claimed, Unreadable};
 use crate::store::complete::{Completion, Outcome};
 use crate::store::Store;
-use chrono::Utc;
-use sqlx::postgres::PgListener;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,8 +34,8 @@ pub struct Dispatcher<H> {
     timeout: Duration,
 }
 
-/// Attempts in flight, by task, with the claim each holds.
-type Running = (JoinSet<()>, HashMap<Id, (Uuid, i32)>);
+/// Attempts in flight, by task, with the claim (row id, claim token) each holds.
+type Running = (JoinSet<()>, HashMap<Id, (Uuid, Uuid)>);
 
 impl<H: Handler> Dispatcher<H> {
     /// Creates the workers; `timeout` bounds each handler call.
@@ -69,8 +67,7 @@ impl<H: Handler> Dispatcher<H> {
         shutdown: CancellationToken,
         drain: Duration,
     ) -> Result<(), crate::store::StoreError> {
-        let mut listener = PgListener::connect_with(self.store.pool()).await?;
-        listener.listen(PENDING_CHANNEL).await?;
+        let mut listener = self.store.listen(PENDING_CHANNEL).await?;
         let mut running: Running = (JoinSet::new(), HashMap::new());
         while !shutdown.is_cancelled() {
             let wake = self.run_once(&mut running).await;
@@ -79,10 +76,7 @@ impl<H: Handler> Dispatcher<H> {
                 Some(done) = running.0.join_next_with_id(), if !running.0.is_empty() => {
                     forget(&mut running.1, done);
                 }
-                n = listener.try_recv() => if let Err(e) = n {
-                    tracing::warn!("LISTEN connection lost, falling back to timers: {e}");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                },
+                _ = listener.wait() => {}
                 _ = tokio::time::sleep(wake) => {}
             }
         }
@@ -107,15 +101,18 @@ impl<H: Handler> Dispatcher<H> {
             .claim(&self.group, asked as i64, self.config.lease, &self.worker)
             .await
         {
-            Ok(rows) => rows,
+            Ok(claim) => claim,
             Err(e) => {
                 tracing::error!("claiming due rows failed: {e}");
                 return Duration::from_secs(1);
             }
         };
         let got = claimed.len();
-        for row in claimed {
-            let claim = (row.id, row.attempt);
+        for bad in claimed.unreadable {
+            self.fail_unreadable(bad).await;
+        }
+        for row in claimed.rows {
+            let claim = (row.id, row.token);
             let span = tracing::info_span!("attempt", id = %row.id, attempt = row.attempt,
                 topic = %row.message.topic, partition = row.message.partition, offset = row.message.offset);
             let task = self.attempt(row).instrument(span);
@@ -128,6 +125,22 @@ impl<H: Handler> Dispatcher<H> {
         self.until_next_wake().await
     }
 
+    /// A row whose stored message cannot be read is dead at once, without a handler call: only
+    /// that row fails, and it stays in the table for an operator (I10).
+    async fn fail_unreadable(&self, bad: Unreadable) {
+        tracing::error!(id = %bad.id, "a claimed row cannot be read; it is dead: {}", bad.problem);
+        metrics::counter!("redrive_attempts_total", "outcome" => "unreadable").increment(1);
+        let completion = Completion {
+            id: bad.id,
+            attempt: bad.attempt,
+            token: bad.token,
+            outcome: Outcome::Dead {
+                error: HandlerError::permanent(bad.problem),
+            },
+        };
+        self.complete.send(completion).await;
+    }
+
     async fn until_next_wake(&self) -> Duration {
         let wake = match self.store.next_wake(&self.group).await {
             Ok(w) => w,
@@ -136,11 +149,11 @@ impl<H: Handler> Dispatcher<H> {
                 return Duration::from_secs(1);
             }
         };
-        let Some(at) = wake.earliest() else {
+        let Some(wait) = wake else {
             return self.config.max_idle;
         };
         // A few milliseconds late rather than early: the claim compares with the database clock.
-        let wait = (at - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(5);
+        let wait = wait + Duration::from_millis(5);
         wait.clamp(Duration::from_millis(10), self.config.max_idle)
     }
 
@@ -176,7 +189,7 @@ impl<H: Handler> Dispatcher<H> {
                             .delay(attempt, rand::random::<f64>(), error.retry_after);
                     tracing::debug!(retry_in = ?delay, "attempt failed: {error}");
                     Outcome::Retry {
-                        next_attempt_at: Utc::now() + delay,
+                        retry_in: delay,
                         error,
                     }
                 }
@@ -191,6 +204,7 @@ impl<H: Handler> Dispatcher<H> {
                 .send(Completion {
                     id: row.id,
                     attempt: row.attempt,
+                    token: row.token,
                     outcome,
                 })
                 .await;
@@ -213,7 +227,7 @@ impl<H: Handler> Dispatcher<H> {
         })
         .await;
         tasks.abort_all();
-        let unfinished: Vec<(Uuid, i32)> = claims.into_values().collect();
+        let unfinished: Vec<(Uuid, Uuid)> = claims.into_values().collect();
         if unfinished.is_empty() {
             return;
         }
@@ -227,7 +241,7 @@ impl<H: Handler> Dispatcher<H> {
 }
 
 /// Drops the claim of a finished attempt task (finished normally, panicked or aborted).
-fn forget(claims: &mut HashMap<Id, (Uuid, i32)>, done: Result<(Id, ()), tokio::task::JoinError>) {
+fn forget(claims: &mut HashMap<Id, (Uuid, Uuid)>, done: Result<(Id, ()), tokio::task::JoinError>) {
     let id = match done {
         Ok((id, ())) => id,
         Err(e) => e.id(),

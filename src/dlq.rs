@@ -4,11 +4,15 @@
 //! A DLQ outage leaves rows unpublished and retries with backoff; it never drops a row and never
 //! touches capture, which runs on its own. The record keeps the original key, value and headers and
 //! adds origin headers (DESIGN §4).
+//!
+//! A record the broker refuses for good (too large for the DLQ topic, an invalid topic) is marked on
+//! its row and the publisher moves on; only broker-wide trouble (timeouts, a broker down) makes it
+//! back off (I10).
 
 use crate::store::outbox::DeadRow;
 use crate::store::{Store, StoreError};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::FutureProducer;
-use sqlx::postgres::PgListener;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -46,8 +50,10 @@ pub struct Round {
     pub fetched: usize,
     /// Rows acknowledged by the broker and marked published.
     pub published: usize,
-    /// Rows whose send failed; they stay in the outbox.
+    /// Rows whose send failed for a reason that may pass; they stay in the outbox.
     pub failed: usize,
+    /// Rows refused for good, or unreadable: marked with the error, out of the outbox.
+    pub refused: usize,
 }
 
 /// Publishes one consumer group's dead rows.
@@ -87,12 +93,13 @@ impl DlqPublisher {
     /// Publishes until `shutdown`: at once on a `redrive_dead` NOTIFY, after a backoff following a
     /// failed round, and at the latest every 30 s.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), StoreError> {
-        let mut listener = PgListener::connect_with(self.store.pool()).await?;
-        listener.listen(DEAD_CHANNEL).await?;
+        let mut listener = self.store.listen(DEAD_CHANNEL).await?;
         let mut backoff = Duration::from_millis(500);
         while !shutdown.is_cancelled() {
             let wait = match self.run_once().await {
                 Ok(r) if r.failed == 0 && r.fetched as i64 == self.batch_size => continue,
+                // Records refused for good leave the outbox: go on with the rest at once.
+                Ok(r) if r.failed == 0 && r.refused > 0 => continue,
                 Ok(r) if r.failed == 0 => {
                     backoff = Duration::from_millis(500);
                     self.idle
@@ -109,61 +116,87 @@ impl DlqPublisher {
             };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                n = listener.try_recv(), if wait == self.idle => if let Err(e) = n {
-                    tracing::warn!("LISTEN connection lost: {e}");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                },
+                _ = listener.wait(), if wait == self.idle => {}
                 _ = tokio::time::sleep(wait) => {}
             }
         }
         Ok(())
     }
 
-    /// Publishes one batch of the outbox and marks what the broker acknowledged.
+    /// Publishes one batch of the outbox, and marks what the broker acknowledged and what it
+    /// refused for good.
     pub async fn run_once(&self) -> Result<Round, StoreError> {
         let batch = self
             .store
             .outbox_batch(&self.group, self.batch_size)
             .await?;
-        if batch.rows.is_empty() {
+        let fetched = batch.rows.len() + batch.unreadable.len();
+        if fetched == 0 {
             return Ok(Round::default());
         }
-        let topics: Vec<String> = batch
-            .rows
-            .iter()
-            .map(|r| self.topic_for(&r.message.topic))
-            .collect();
-        let sends = batch
-            .rows
-            .iter()
-            .zip(&topics)
-            .map(|(row, topic)| self.send(row, topic));
-        let results = futures::future::join_all(sends).await;
-        let mut published = Vec::new();
-        let mut failed = 0;
-        for ((row, topic), result) in batch.rows.iter().zip(&topics).zip(results) {
+        let mut refused = batch.unreadable.clone();
+        let results = futures::future::join_all(batch.rows.iter().map(|r| self.send(r))).await;
+        let (mut published, mut failed) = (Vec::new(), 0);
+        for (row, result) in batch.rows.iter().zip(results) {
+            let topic = self.topic_for(&row.message.topic);
             match result {
-                Ok(()) => published.push((row.id, topic.clone())),
+                Ok(()) => published.push((row.id, topic)),
+                // The broker refuses a whole produce batch for one oversized record, so a refusal
+                // counts only once the record is refused on its own.
+                Err(e) if refused_for_good(&e) => match self.send(row).await {
+                    Ok(()) => published.push((row.id, topic)),
+                    Err(e) if refused_for_good(&e) => refused.push((
+                        row.id,
+                        format!("the broker refused the record for {topic}: {e}"),
+                    )),
+                    Err(_) => failed += 1,
+                },
                 Err(e) => {
                     failed += 1;
                     tracing::debug!(id = %row.id, topic, "DLQ send failed: {e}");
                 }
             }
         }
-        let fetched = batch.rows.len();
-        batch.finish(&published).await?;
+        for (id, error) in &refused {
+            tracing::warn!(%id, "dead row left out of the DLQ topic (see dlq_error on the row): {error}");
+        }
+        batch.finish(&published, &refused).await?;
         metrics::counter!("redrive_dlq_published_total").increment(published.len() as u64);
         metrics::counter!("redrive_dlq_failures_total").increment(failed as u64);
+        metrics::counter!("redrive_dlq_refused_total").increment(refused.len() as u64);
         Ok(Round {
             fetched,
             published: published.len(),
             failed,
+            refused: refused.len(),
         })
     }
 
-    async fn send(&self, row: &DeadRow, topic: &str) -> Result<(), rdkafka::error::KafkaError> {
-        crate::kafka::produce(&self.producer, topic, &row.message, &origin_headers(row)).await
+    async fn send(&self, row: &DeadRow) -> Result<(), KafkaError> {
+        let topic = self.topic_for(&row.message.topic);
+        crate::kafka::produce(&self.producer, &topic, &row.message, &origin_headers(row)).await
     }
+}
+
+/// Whether the broker (or the client, before sending) refused this record for a reason of its own
+/// that trying again will not change. Timeouts, a broker down, missing rights and the like are
+/// broker-wide: the publisher backs off and tries again. So is a DLQ topic that does not exist:
+/// startup checks that every configured one does, and one deleted later is an outage to repair.
+fn refused_for_good(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            MessageSizeTooLarge
+                | MessageBatchTooLarge
+                | InvalidMessageSize
+                | InvalidMessage
+                | InvalidRecord
+                | BadMessage
+                | InvalidTopic
+                | PolicyViolation
+        )
+    )
 }
 
 /// The origin headers added after the record's own.

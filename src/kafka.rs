@@ -6,14 +6,19 @@
 
 use crate::config::kafka_property_is_secret;
 use crate::message::Message;
-use anyhow::{bail, Context};
+use crate::offsets::OffsetTracker;
+use anyhow::bail;
+use rdkafka::bindings as rdsys;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{CommitMode, Consumer as _};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{BorrowedHeaders, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, TopicPartitionList};
 use std::collections::BTreeMap;
+use std::ffi::{c_char, c_void};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 /// Consumer-only properties, left out of the DLQ producer's configuration.
@@ -64,7 +69,10 @@ pub fn consumer_config(props: &BTreeMap<String, String>) -> anyhow::Result<Clien
         bail!("`kafka.\"enable.auto.offset.store\"` must be false: redrive stores offsets itself, only after a durable outcome");
     }
     let mut c = ClientConfig::new();
-    c.set("auto.offset.reset", "earliest")
+    // Cooperative rebalancing moves only the partitions that change owner, so a member joining or
+    // leaving does not stop the whole group (the user's choice wins).
+    c.set("partition.assignment.strategy", "cooperative-sticky")
+        .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "1000")
         .set("fetch.message.max.bytes", "16777216");
@@ -98,7 +106,19 @@ pub fn producer_config(
     c
 }
 
-/// Fails with a clear error unless every topic exists on the cluster.
+/// The cluster did not answer a metadata request: the broker is down or unreachable, which may
+/// pass. Startup retries on this error and stops on any other.
+#[derive(Debug, thiserror::Error)]
+#[error("the Kafka cluster did not answer about {what} topic {topic:?}: {source}")]
+pub struct Unreachable {
+    what: String,
+    topic: String,
+    #[source]
+    source: KafkaError,
+}
+
+/// Fails with a clear error unless every topic exists on the cluster; an [`Unreachable`] error
+/// when the cluster does not answer.
 pub fn ensure_topics<C: ClientContext>(
     client: &rdkafka::client::Client<C>,
     topics: &[String],
@@ -108,7 +128,11 @@ pub fn ensure_topics<C: ClientContext>(
     for topic in topics {
         let metadata = client
             .fetch_metadata(Some(topic), timeout)
-            .with_context(|| format!("asking the Kafka cluster about {what} topic {topic:?}"))?;
+            .map_err(|source| Unreachable {
+                what: what.to_string(),
+                topic: topic.clone(),
+                source,
+            })?;
         let known = metadata.topics().iter().find(|t| t.name() == topic);
         match known.and_then(|t| t.error()) {
             None if known.is_some_and(|t| !t.partitions().is_empty()) => {}
@@ -129,18 +153,12 @@ pub async fn produce(
     m: &Message,
     extra: &[(&str, String)],
 ) -> Result<(), KafkaError> {
-    let mut headers = OwnedHeaders::new_with_capacity(m.headers.len() + extra.len());
+    let headers = OwnedHeaders::new_with_capacity(m.headers.len() + extra.len());
     for h in &m.headers {
-        headers = headers.insert(Header {
-            key: &h.key,
-            value: h.value.as_deref(),
-        });
+        add_header(&headers, &h.key, h.value.as_deref());
     }
     for (key, value) in extra {
-        headers = headers.insert(Header {
-            key,
-            value: Some(value.as_bytes()),
-        });
+        add_header(&headers, key.as_bytes(), Some(value.as_bytes()));
     }
     let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
     if let Some(k) = &m.key {
@@ -157,13 +175,75 @@ pub async fn produce(
         .map_err(|(e, _)| e)
 }
 
-/// Logs rebalances and commit failures of the consumer.
+/// Appends a header whose name may be any bytes. rdkafka's `OwnedHeaders::insert` takes the name as
+/// `&str`, but a record consumed with a non-UTF-8 name must reach the DLQ with that same name.
+fn add_header(headers: &OwnedHeaders, key: &[u8], value: Option<&[u8]>) {
+    let hdrs = headers.as_borrowed() as *const BorrowedHeaders as *mut rdsys::rd_kafka_headers_t;
+    let (value_ptr, value_len) = match value {
+        Some(v) => (v.as_ptr().cast::<c_void>(), v.len() as isize),
+        None => (std::ptr::null(), 0),
+    };
+    // SAFETY: `BorrowedHeaders` is rdkafka's zero-sized view of the `rd_kafka_headers_t` that
+    // `headers` owns (its `as_borrowed` is that same cast), and an `OwnedHeaders` is always writable.
+    // librdkafka copies the name and value, with the explicit sizes, before returning.
+    let err = unsafe {
+        rdsys::rd_kafka_header_add(
+            hdrs,
+            key.as_ptr().cast::<c_char>(),
+            key.len() as isize,
+            value_ptr,
+            value_len,
+        )
+    };
+    debug_assert_eq!(err, rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR);
+}
+
+/// The consumer's side of a rebalance (I11). Before partitions are revoked it commits the stored
+/// offsets, so their next owner starts where this member's durable work ends rather than at the
+/// last periodic commit, and it tells the offset tracker, so that work still in flight for them
+/// stores nothing. It also logs rebalances and failed commits.
 #[derive(Debug, Default)]
-pub struct LoggingContext;
+pub struct GroupContext {
+    /// The consumer's offset tracker, shared with [`crate::consumer::Consumer`].
+    pub tracker: Arc<Mutex<OffsetTracker>>,
+}
 
-impl ClientContext for LoggingContext {}
+impl GroupContext {
+    /// The tracker, whatever a panic elsewhere left in its lock (its counters stay usable).
+    pub fn lock_tracker(&self) -> MutexGuard<'_, OffsetTracker> {
+        self.tracker.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
 
-impl ConsumerContext for LoggingContext {
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(tpl) = rebalance else {
+            return;
+        };
+        match consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) => tracing::debug!(partitions = %list(tpl), "committed before the revoke"),
+            Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::NoOffset) => {}
+            Err(e) => tracing::warn!(
+                partitions = %list(tpl),
+                "commit before the revoke failed (the next owner redelivers from the last commit): {e}"
+            ),
+        }
+        let mut tracker = self.lock_tracker();
+        let abandoned: usize = tpl
+            .elements()
+            .iter()
+            .map(|e| tracker.revoke(e.topic(), e.partition()))
+            .sum();
+        if abandoned > 0 {
+            tracing::info!(
+                abandoned,
+                "messages in flight for revoked partitions will store no offset; their new owner redelivers them"
+            );
+        }
+    }
+
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {

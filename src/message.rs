@@ -1,11 +1,16 @@
 //! A Kafka record as redrive keeps it: everything needed to call the handler again and to produce
 //! the record to a DLQ topic unchanged (I8: bad input is data, not a crash).
+//!
+//! Header names are bytes, not strings: other clients can produce names that are not UTF-8, and
+//! such a record must be kept, handled and dead-lettered like any other (I10).
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use chrono::{DateTime, Utc};
-use rdkafka::message::{BorrowedMessage, Headers, Message as _};
+use rdkafka::bindings as rdsys;
+use rdkafka::message::{BorrowedMessage, Message as _};
 use serde::{Deserialize, Serialize};
+use std::ffi::CStr;
 
 /// One Kafka record. `None` and `Some(vec![])` differ: a `None` payload is a tombstone.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,30 +31,81 @@ pub struct Message {
     pub headers: Vec<Header>,
 }
 
-/// One record header. Kafka header names are strings; values are arbitrary bytes or null.
+/// One record header. Names are meant to be strings but are kept as the bytes the producer sent;
+/// values are arbitrary bytes or null.
+///
+/// In the table's `headers` jsonb a name that is UTF-8 without NUL is stored as `"key"`, any other
+/// name as base64 in `"key_b64"`; values are always base64 in `"value"`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "StoredHeader", into = "StoredHeader")]
 pub struct Header {
-    /// Header name.
-    pub key: String,
-    /// Header value, byte for byte (stored as base64 in the table's `headers` jsonb).
-    #[serde(with = "base64_opt")]
+    /// Header name, byte for byte.
+    pub key: Vec<u8>,
+    /// Header value, byte for byte.
     pub value: Option<Vec<u8>>,
+}
+
+impl Header {
+    /// A header from a text name.
+    pub fn new(key: impl Into<String>, value: Option<Vec<u8>>) -> Self {
+        Header {
+            key: key.into().into_bytes(),
+            value,
+        }
+    }
+
+    /// The name as text, when it is UTF-8.
+    pub fn key_str(&self) -> Option<&str> {
+        std::str::from_utf8(&self.key).ok()
+    }
+}
+
+/// The jsonb form of a [`Header`]: jsonb text cannot hold NUL, and JSON strings must be UTF-8.
+#[derive(Serialize, Deserialize)]
+struct StoredHeader {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key_b64: Option<String>,
+    #[serde(with = "base64_opt")]
+    value: Option<Vec<u8>>,
+}
+
+impl From<Header> for StoredHeader {
+    fn from(h: Header) -> Self {
+        let (key, key_b64) = match String::from_utf8(h.key) {
+            Ok(text) if !text.contains('\0') => (Some(text), None),
+            Ok(text) => (None, Some(BASE64.encode(text))),
+            Err(e) => (None, Some(BASE64.encode(e.into_bytes()))),
+        };
+        StoredHeader {
+            key,
+            key_b64,
+            value: h.value,
+        }
+    }
+}
+
+impl TryFrom<StoredHeader> for Header {
+    type Error = String;
+    fn try_from(s: StoredHeader) -> Result<Self, String> {
+        let key = match (s.key, s.key_b64) {
+            (Some(text), None) => text.into_bytes(),
+            (None, Some(b64)) => BASE64
+                .decode(b64)
+                .map_err(|e| format!("key_b64 is not base64: {e}"))?,
+            _ => return Err("a header needs exactly one of key and key_b64".into()),
+        };
+        Ok(Header {
+            key,
+            value: s.value,
+        })
+    }
 }
 
 impl Message {
     /// Copies a consumed record out of librdkafka's buffer.
     pub fn from_kafka(m: &BorrowedMessage<'_>) -> Self {
-        let headers = m
-            .headers()
-            .map(|hs| {
-                hs.iter()
-                    .map(|h| Header {
-                        key: h.key.to_string(),
-                        value: h.value.map(<[u8]>::to_vec),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
         Message {
             topic: m.topic().to_string(),
             partition: m.partition(),
@@ -60,13 +116,13 @@ impl Message {
                 .and_then(DateTime::from_timestamp_millis),
             key: m.key().map(<[u8]>::to_vec),
             payload: m.payload().map(<[u8]>::to_vec),
-            headers,
+            headers: raw_headers(m),
         }
     }
 
     /// The headers as the jsonb array the table stores.
     pub fn headers_json(&self) -> serde_json::Value {
-        // Serializing plain strings and options cannot fail.
+        // Serializing byte vectors as base64 strings cannot fail.
         serde_json::to_value(&self.headers).unwrap_or(serde_json::Value::Array(vec![]))
     }
 
@@ -77,7 +133,40 @@ impl Message {
 
     /// The first header with this name.
     pub fn header(&self, name: &str) -> Option<&Header> {
-        self.headers.iter().find(|h| h.key == name)
+        self.headers.iter().find(|h| h.key == name.as_bytes())
+    }
+}
+
+/// Reads a record's headers through librdkafka's C API. rdkafka's own accessor unwraps the name
+/// as UTF-8 and panics on any other name; here the name is kept as bytes.
+fn raw_headers(m: &BorrowedMessage<'_>) -> Vec<Header> {
+    let mut hdrs: *mut rdsys::rd_kafka_headers_t = std::ptr::null_mut();
+    // SAFETY: `m.ptr()` is a live message for the borrow of `m`; the headers it hands out belong to
+    // the message and are only read here, before `m` can be dropped.
+    unsafe {
+        if rdsys::rd_kafka_message_headers(m.ptr(), &mut hdrs)
+            != rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+            || hdrs.is_null()
+        {
+            return Vec::new();
+        }
+        let count = rdsys::rd_kafka_header_cnt(hdrs);
+        let mut out = Vec::with_capacity(count);
+        for idx in 0..count {
+            let (mut name, mut value, mut size) = (std::ptr::null(), std::ptr::null(), 0usize);
+            if rdsys::rd_kafka_header_get_all(hdrs, idx, &mut name, &mut value, &mut size)
+                != rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+                || name.is_null()
+            {
+                continue;
+            }
+            out.push(Header {
+                key: CStr::from_ptr(name).to_bytes().to_vec(),
+                value: (!value.is_null())
+                    .then(|| std::slice::from_raw_parts(value.cast::<u8>(), size).to_vec()),
+            });
+        }
+        out
     }
 }
 
@@ -113,21 +202,34 @@ mod tests {
             key: None,
             payload: None,
             headers: vec![
+                Header::new("bin", Some(vec![0xff, 0x00, 0xfe])),
+                Header::new("null", None),
+                Header::new("empty", Some(vec![])),
                 Header {
-                    key: "bin".into(),
-                    value: Some(vec![0xff, 0x00, 0xfe]),
+                    key: vec![0xc3, 0x28, b'k'],
+                    value: Some(b"not utf-8 name".to_vec()),
                 },
-                Header {
-                    key: "null".into(),
-                    value: None,
-                },
-                Header {
-                    key: "empty".into(),
-                    value: Some(vec![]),
-                },
+                Header::new("nul\0inside", Some(b"v".to_vec())),
             ],
         };
         let back = Message::headers_from_json(m.headers_json()).unwrap();
         assert_eq!(back, m.headers);
+        let json = m.headers_json().to_string();
+        assert!(
+            json.contains(r#""key":"bin""#) && !json.contains("\\u0000"),
+            "text names stay readable, and nothing jsonb refuses is stored: {json}"
+        );
+    }
+
+    #[test]
+    fn a_malformed_stored_header_is_an_error() {
+        for bad in [
+            r#"[{"key": 5}]"#,
+            r#"[{"value": null}]"#,
+            r#"[{"key_b64": "%%"}]"#,
+        ] {
+            let v: serde_json::Value = serde_json::from_str(bad).unwrap();
+            assert!(Message::headers_from_json(v).is_err(), "{bad}");
+        }
     }
 }

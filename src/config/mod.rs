@@ -86,6 +86,9 @@ pub struct ConsumerConfig {
     pub max_in_flight: usize,
     /// Most failed messages written in one INSERT.
     pub capture_batch_size: usize,
+    /// Most bytes (keys, values, headers, errors) written in one INSERT. Postgres refuses a value
+    /// over 1 GB, so a burst of large records is split over several statements.
+    pub capture_batch_bytes: usize,
     /// How long the capturer waits for more failures before it writes a batch.
     #[serde(with = "humantime_serde")]
     pub capture_linger: Duration,
@@ -178,6 +181,7 @@ impl Default for ConsumerConfig {
         Self {
             max_in_flight: 256,
             capture_batch_size: 500,
+            capture_batch_bytes: 16 << 20,
             capture_linger: Duration::from_millis(5),
         }
     }
@@ -291,6 +295,10 @@ impl Config {
             (
                 "consumer.capture_batch_size",
                 self.consumer.capture_batch_size,
+            ),
+            (
+                "consumer.capture_batch_bytes",
+                self.consumer.capture_batch_bytes,
             ),
             ("workers.concurrency", self.workers.concurrency),
             ("workers.claim_batch_size", self.workers.claim_batch_size),

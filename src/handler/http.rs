@@ -155,10 +155,10 @@ impl HttpHandler {
 }
 
 /// A CloudEvents extension name: lower-case letters and digits only.
-fn extension_name(key: &str) -> String {
-    key.chars()
-        .filter(char::is_ascii_alphanumeric)
-        .map(|c| c.to_ascii_lowercase())
+fn extension_name(key: &[u8]) -> String {
+    key.iter()
+        .filter(|b| b.is_ascii_alphanumeric())
+        .map(|b| char::from(b.to_ascii_lowercase()))
         .collect()
 }
 

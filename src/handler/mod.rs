@@ -7,7 +7,9 @@
 pub mod http;
 
 use crate::message::Message;
+use futures::FutureExt as _;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
 /// How a failed attempt is treated.
@@ -112,18 +114,39 @@ pub trait Handler: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
 }
 
-/// Calls the handler with a time limit, so a hung handler turns into a timeout error.
+/// Calls the handler with a time limit, so a hung handler turns into a timeout error, and catches
+/// a panic, which is a permanent failure of that message with the panic's text as its error (I10):
+/// the rest of the partition and its offsets carry on.
 pub async fn call_with_timeout<H: Handler>(
     handler: &H,
     delivery: Delivery<'_>,
     limit: Duration,
 ) -> Result<(), HandlerError> {
-    match tokio::time::timeout(limit, handler.handle(delivery)).await {
-        Ok(result) => result,
+    // Nothing of redrive's is shared with the handler call, so nothing can be seen half-updated
+    // after the unwind.
+    let call = AssertUnwindSafe(handler.handle(delivery)).catch_unwind();
+    match tokio::time::timeout(limit, call).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(panic)) => {
+            let text = panic_text(panic.as_ref());
+            tracing::error!("the handler panicked; the message is dead: {text}");
+            Err(HandlerError::permanent(format!("handler panicked: {text}")))
+        }
         Err(_) => Err(HandlerError::timeout(format!(
             "handler did not finish within {}",
             humantime::format_duration(limit)
         ))),
+    }
+}
+
+/// The message a panic was raised with (`panic!("…")` gives a `&str` or a `String`).
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".to_string()
     }
 }
 

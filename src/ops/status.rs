@@ -60,6 +60,7 @@ pub fn render(s: &Status, database: &str) -> String {
             "next due",
             "DLQ backlog",
             "oldest unpublished",
+            "DLQ refused",
         ]);
         for g in &s.groups {
             t.add_row(vec![
@@ -69,6 +70,7 @@ pub fn render(s: &Status, database: &str) -> String {
                 when(g.next_due_at, s.at),
                 g.dlq_backlog.to_string(),
                 when(g.dlq_oldest_dead_at, s.at),
+                g.dlq_refused.to_string(),
             ]);
         }
         out += &format!("{t}\n");

@@ -8,6 +8,7 @@ use super::{Store, StoreError};
 use crate::handler::HandlerError;
 use crate::message::Message;
 use chrono::{DateTime, Utc};
+use std::time::Duration;
 use uuid::Uuid;
 
 /// Where a captured row starts.
@@ -38,8 +39,9 @@ pub struct Capture {
     pub state: InitialState,
     /// The policy's attempt budget for this topic.
     pub max_attempts: i32,
-    /// When the first retry is due (ignored for dead rows).
-    pub next_attempt_at: DateTime<Utc>,
+    /// How long after the capture commits the first retry is due (ignored for dead rows). The
+    /// database adds it to its own `now()`, so a worker's clock never decides a due time (I11).
+    pub retry_in: Duration,
     /// Why the first delivery failed.
     pub error: HandlerError,
 }
@@ -62,8 +64,11 @@ impl Store {
             batch.iter().map(|c| c.message.headers_json()).collect();
         let states: Vec<String> = batch.iter().map(|c| c.state.as_str().to_string()).collect();
         let max_attempts: Vec<i32> = batch.iter().map(|c| c.max_attempts).collect();
-        let next_at: Vec<DateTime<Utc>> = batch.iter().map(|c| c.next_attempt_at).collect();
-        let errors: Vec<String> = batch.iter().map(|c| c.error.message.clone()).collect();
+        let retry_in: Vec<f64> = batch.iter().map(|c| c.retry_in.as_secs_f64()).collect();
+        let errors: Vec<String> = batch
+            .iter()
+            .map(|c| super::safe::error_text(&c.error.message))
+            .collect();
         let kinds: Vec<String> = batch
             .iter()
             .map(|c| c.error.kind.as_str().to_string())
@@ -75,15 +80,16 @@ impl Store {
                 headers, state, attempts, max_attempts, next_attempt_at, last_error, error_kind,
                 error_history, first_failed_at, updated_at, dead_at)
             SELECT t.id, $1, t.topic, t.part, t.off, t.ts, t.key, t.payload,
-                   t.headers, t.state, 1, t.max_attempts, t.next_at, t.err, t.kind,
+                   t.headers, t.state, 1, t.max_attempts, now() + make_interval(secs => t.retry_in),
+                   t.err, t.kind,
                    jsonb_build_array(jsonb_build_object(
                        'at', now(), 'attempt', 1, 'kind', t.kind, 'error', t.err)),
                    now(), now(), CASE WHEN t.state = 'dead' THEN now() END
             FROM UNNEST($2::uuid[], $3::text[], $4::int4[], $5::int8[], $6::timestamptz[],
                         $7::bytea[], $8::bytea[], $9::jsonb[], $10::text[], $11::int4[],
-                        $12::timestamptz[], $13::text[], $14::text[])
+                        $12::float8[], $13::text[], $14::text[])
                  AS t(id, topic, part, off, ts, key, payload, headers, state, max_attempts,
-                      next_at, err, kind)
+                      retry_in, err, kind)
             ON CONFLICT (consumer_group, topic, "partition", kafka_offset) DO NOTHING
             "#,
             group,
@@ -98,7 +104,7 @@ impl Store {
             &headers,
             &states,
             &max_attempts,
-            &next_at,
+            &retry_in,
             &errors,
             &kinds,
         )

@@ -1,7 +1,10 @@
 //! Claims: due rows are taken in batches with `FOR UPDATE SKIP LOCKED`, so any number of workers
 //! share the table without taking a row twice. A claim is a lease (I3): `attempts` goes up by one,
-//! and the row is the worker's until `lease_expires_at`. Every claim statement also rescues expired
-//! leases, so a dead worker's rows come back without anyone acting.
+//! the row gets a fresh `claim_token`, and it is the worker's until `lease_expires_at`. Every claim
+//! statement also rescues expired leases, so a dead worker's rows come back without anyone acting.
+//!
+//! A claimed row whose stored message cannot be read is returned apart, as [`Unreadable`], so it
+//! fails alone and the rest of the batch is attempted (I10).
 
 use super::{Store, StoreError};
 use crate::message::Message;
@@ -14,8 +17,10 @@ use uuid::Uuid;
 pub struct Claimed {
     /// The row.
     pub id: Uuid,
-    /// The attempt this claim is for; the completion is fenced on it.
+    /// The attempt this claim is for.
     pub attempt: i32,
+    /// This claim's token; its completion is fenced on it (I3).
+    pub token: Uuid,
     /// The row's attempt budget.
     pub max_attempts: i32,
     /// The message.
@@ -24,22 +29,38 @@ pub struct Claimed {
     pub first_failed_at: DateTime<Utc>,
 }
 
-/// When a worker should look again: the next due row and the next lease to expire.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NextWake {
-    /// `min(next_attempt_at)` of pending rows.
-    pub next_due: Option<DateTime<Utc>>,
-    /// `min(lease_expires_at)` of running rows.
-    pub next_lease_expiry: Option<DateTime<Utc>>,
+/// A claimed row whose stored message cannot be read back: the worker completes it as dead with
+/// `problem` as its error, without calling the handler.
+#[derive(Debug, Clone)]
+pub struct Unreadable {
+    /// The row.
+    pub id: Uuid,
+    /// The attempt this claim is for.
+    pub attempt: i32,
+    /// This claim's token.
+    pub token: Uuid,
+    /// Why the row cannot be read.
+    pub problem: String,
 }
 
-impl NextWake {
-    /// The earlier of the two, if any.
-    pub fn earliest(&self) -> Option<DateTime<Utc>> {
-        match (self.next_due, self.next_lease_expiry) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+/// What one claim statement took.
+#[derive(Debug, Default)]
+pub struct Claim {
+    /// Rows to attempt.
+    pub rows: Vec<Claimed>,
+    /// Rows that cannot be attempted.
+    pub unreadable: Vec<Unreadable>,
+}
+
+impl Claim {
+    /// Rows claimed in all.
+    pub fn len(&self) -> usize {
+        self.rows.len() + self.unreadable.len()
+    }
+
+    /// Whether nothing was claimed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -53,15 +74,16 @@ impl Store {
         limit: i64,
         lease: Duration,
         worker: &str,
-    ) -> Result<Vec<Claimed>, StoreError> {
+    ) -> Result<Claim, StoreError> {
         let rows = sqlx::query!(
             r#"
             WITH rescued AS (
                 UPDATE redrive.retry_messages r
                 SET state = CASE WHEN r.attempts >= r.max_attempts THEN 'dead' ELSE 'pending' END,
                     dead_at = CASE WHEN r.attempts >= r.max_attempts THEN now() END,
-                    next_attempt_at = now(), lease_expires_at = NULL, locked_by = NULL,
+                    next_attempt_at = now(), lease_expires_at = NULL, locked_by = NULL, claim_token = NULL,
                     error_kind = 'timeout', updated_at = now(), dlq_published_at = NULL, dlq_topic = NULL,
+                    dlq_error = NULL, dlq_refused_at = NULL,
                     last_error = format('lease expired: worker %s did not finish attempt %s',
                                         coalesce(r.locked_by, '?'), r.attempts)
                 WHERE r.id IN (
@@ -79,9 +101,9 @@ impl Store {
             )
             UPDATE redrive.retry_messages r
             SET state = 'running', attempts = r.attempts + 1, locked_by = $4, updated_at = now(),
-                lease_expires_at = now() + make_interval(secs => $3)
+                lease_expires_at = now() + make_interval(secs => $3), claim_token = gen_random_uuid()
             FROM due WHERE r.id = due.id
-            RETURNING r.id, r.attempts, r.max_attempts, r.topic, r."partition", r.kafka_offset,
+            RETURNING r.id, r.attempts, r.claim_token AS "claim_token!", r.max_attempts, r.topic, r."partition", r.kafka_offset,
                       r.kafka_timestamp, r.key, r.payload, r.headers, r.first_failed_at
             "#,
             group,
@@ -91,36 +113,46 @@ impl Store {
         )
         .fetch_all(self.pool())
         .await?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(Claimed {
-                    id: r.id,
-                    attempt: r.attempts,
-                    max_attempts: r.max_attempts,
-                    first_failed_at: r.first_failed_at,
-                    message: stored_message!(r),
-                })
-            })
-            .collect()
+        let mut claim = Claim::default();
+        for r in rows {
+            let (id, attempt, token) = (r.id, r.attempts, r.claim_token);
+            let (max_attempts, first_failed_at) = (r.max_attempts, r.first_failed_at);
+            match stored_message!(r) {
+                Ok(message) => claim.rows.push(Claimed {
+                    id,
+                    attempt,
+                    token,
+                    max_attempts,
+                    first_failed_at,
+                    message,
+                }),
+                Err(e) => claim.unreadable.push(Unreadable {
+                    id,
+                    attempt,
+                    token,
+                    problem: e.to_string(),
+                }),
+            }
+        }
+        Ok(claim)
     }
 
-    /// When the next row of `group` is due, or the next lease expires.
-    pub async fn next_wake(&self, group: &str) -> Result<NextWake, StoreError> {
-        let r = sqlx::query!(
+    /// How long until the next row of `group` is due or the next lease expires, by the database's
+    /// clock (I11): a worker whose own clock is off neither shortens a backoff nor polls in a loop.
+    /// `None` when nothing is waiting.
+    pub async fn next_wake(&self, group: &str) -> Result<Option<Duration>, StoreError> {
+        let seconds = sqlx::query_scalar!(
             r#"
-            SELECT
+            SELECT extract(epoch FROM least(
               (SELECT min(next_attempt_at) FROM redrive.retry_messages
-                WHERE consumer_group = $1 AND state = 'pending') AS next_due,
+                WHERE consumer_group = $1 AND state = 'pending'),
               (SELECT min(lease_expires_at) FROM redrive.retry_messages
-                WHERE consumer_group = $1 AND state = 'running') AS next_lease_expiry
+                WHERE consumer_group = $1 AND state = 'running')) - now())::float8 AS wait
             "#,
             group,
         )
         .fetch_one(self.pool())
         .await?;
-        Ok(NextWake {
-            next_due: r.next_due,
-            next_lease_expiry: r.next_lease_expiry,
-        })
+        Ok(seconds.map(|s| Duration::try_from_secs_f64(s).unwrap_or_default()))
     }
 }

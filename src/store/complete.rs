@@ -1,10 +1,12 @@
-//! Completions, in batches, fenced on the claimed attempt (I3): a worker whose lease was taken
-//! over finds `attempts` moved on (or the row gone) and its late completion changes nothing.
+//! Completions, in batches, fenced on the claim's token (I3, I11): a worker whose lease was taken
+//! over finds another token on the row (or the row gone) and its late completion changes nothing.
+//! The token is fresh on every claim, so unlike the attempt number it never comes back after a
+//! replay or a release.
 //! Successes delete the row (I5); failures reschedule it or mark it dead.
 
 use super::{Store, StoreError};
 use crate::handler::HandlerError;
-use chrono::{DateTime, Utc};
+use std::time::Duration;
 use uuid::Uuid;
 
 /// How one claimed attempt ended.
@@ -12,9 +14,9 @@ use uuid::Uuid;
 pub enum Outcome {
     /// The handler succeeded: the row is deleted.
     Succeeded,
-    /// Try again at the given time.
+    /// Try again after `retry_in`, counted from the database's `now()` (I11).
     Retry {
-        next_attempt_at: DateTime<Utc>,
+        retry_in: Duration,
         error: HandlerError,
     },
     /// Out of attempts or permanent: the row becomes dead and goes to the DLQ outbox.
@@ -26,10 +28,37 @@ pub enum Outcome {
 pub struct Completion {
     /// The row.
     pub id: Uuid,
-    /// The attempt that was claimed; the fence.
+    /// The attempt that was claimed, recorded in the error history.
     pub attempt: i32,
+    /// The claim's token; the fence.
+    pub token: Uuid,
     /// What happened.
     pub outcome: Outcome,
+}
+
+impl Completion {
+    /// Bytes of error text this completion carries, for the batch's byte limit.
+    pub fn size(&self) -> usize {
+        match &self.outcome {
+            Outcome::Succeeded => 0,
+            Outcome::Retry { error, .. } | Outcome::Dead { error } => error.message.len(),
+        }
+    }
+
+    /// The completion written when Postgres refuses this one: the row becomes dead (fenced as
+    /// before) with the database's error, so it is kept and reaches the DLQ (I10).
+    pub fn safe_form(&self, db_error: &str) -> Completion {
+        Completion {
+            id: self.id,
+            attempt: self.attempt,
+            token: self.token,
+            outcome: Outcome::Dead {
+                error: HandlerError::permanent(format!(
+                    "postgres refused this attempt's completion: {db_error}"
+                )),
+            },
+        }
+    }
 }
 
 /// What a batch of completions did.
@@ -45,37 +74,42 @@ pub struct Completed {
     pub rejected: u64,
 }
 
+impl std::ops::AddAssign for Completed {
+    fn add_assign(&mut self, o: Completed) {
+        self.deleted += o.deleted;
+        self.rescheduled += o.rescheduled;
+        self.dead += o.dead;
+        self.rejected += o.rejected;
+    }
+}
+
 impl Store {
     /// Applies a batch of completions in one transaction: one fenced delete of the successes
     /// (`redrive.delete_succeeded`), one UPDATE of the failures.
     pub async fn complete(&self, batch: &[Completion]) -> Result<Completed, StoreError> {
-        let (mut ok_ids, mut ok_attempts) = (Vec::new(), Vec::new());
-        let (mut ids, mut attempts, mut states, mut next_at, mut errors, mut kinds) = (
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-        );
+        let (mut ok_ids, mut ok_tokens) = (Vec::new(), Vec::new());
+        let (mut ids, mut tokens, mut attempts) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut states, mut retry_in, mut errors, mut kinds) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for c in batch {
             let (state, at, error) = match &c.outcome {
                 Outcome::Succeeded => {
                     ok_ids.push(c.id);
-                    ok_attempts.push(c.attempt);
+                    ok_tokens.push(c.token);
                     continue;
                 }
                 Outcome::Retry {
-                    next_attempt_at,
+                    retry_in: delay,
                     error,
-                } => ("pending", *next_attempt_at, error),
-                Outcome::Dead { error } => ("dead", Utc::now(), error),
+                } => ("pending", delay.as_secs_f64(), error),
+                Outcome::Dead { error } => ("dead", 0.0, error),
             };
             ids.push(c.id);
+            tokens.push(c.token);
             attempts.push(c.attempt);
             states.push(state.to_string());
-            next_at.push(at);
-            errors.push(error.message.clone());
+            retry_in.push(at);
+            errors.push(super::safe::error_text(&error.message));
             kinds.push(error.kind.as_str().to_string());
         }
         let mut tx = self.pool().begin().await?;
@@ -84,9 +118,9 @@ impl Store {
         } else {
             // Through a SECURITY DEFINER function, so the worker role needs no DELETE privilege.
             sqlx::query_scalar!(
-                r#"SELECT redrive.delete_succeeded($1::uuid[], $2::int4[]) AS "deleted!""#,
+                r#"SELECT redrive.delete_succeeded($1::uuid[], $2::uuid[]) AS "deleted!""#,
                 &ok_ids,
-                &ok_attempts,
+                &ok_tokens,
             )
             .fetch_one(&mut *tx)
             .await? as u64
@@ -97,10 +131,11 @@ impl Store {
             sqlx::query_scalar!(
                 r#"
                 UPDATE redrive.retry_messages r
-                SET state = f.state, next_attempt_at = f.next_at, last_error = f.err,
-                    error_kind = f.kind, lease_expires_at = NULL, locked_by = NULL,
+                SET state = f.state, next_attempt_at = now() + make_interval(secs => f.retry_in),
+                    last_error = f.err,
+                    error_kind = f.kind, lease_expires_at = NULL, locked_by = NULL, claim_token = NULL,
                     updated_at = now(), dead_at = CASE WHEN f.state = 'dead' THEN now() END,
-                    dlq_published_at = NULL, dlq_topic = NULL,
+                    dlq_published_at = NULL, dlq_topic = NULL, dlq_error = NULL, dlq_refused_at = NULL,
                     error_history = (
                         SELECT jsonb_agg(e ORDER BY n) FROM (
                             SELECT e, n FROM jsonb_array_elements(r.error_history || jsonb_build_array(
@@ -108,15 +143,17 @@ impl Store {
                                                    'kind', f.kind, 'error', f.err)))
                                 WITH ORDINALITY AS h(e, n)
                             ORDER BY n DESC LIMIT 10) AS recent)
-                FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::timestamptz[], $5::text[], $6::text[])
-                     AS f(id, attempt, state, next_at, err, kind)
-                WHERE r.id = f.id AND r.attempts = f.attempt AND r.state = 'running'
+                FROM UNNEST($1::uuid[], $2::uuid[], $3::int4[], $4::text[], $5::float8[],
+                            $6::text[], $7::text[])
+                     AS f(id, token, attempt, state, retry_in, err, kind)
+                WHERE r.id = f.id AND r.claim_token = f.token AND r.state = 'running'
                 RETURNING r.state
                 "#,
                 &ids,
+                &tokens,
                 &attempts,
                 &states,
-                &next_at,
+                &retry_in,
                 &errors,
                 &kinds,
             )
@@ -134,18 +171,19 @@ impl Store {
     }
 
     /// Gives claimed-but-abandoned rows back at shutdown: pending, due now, the attempt returned.
-    pub async fn release(&self, claims: &[(Uuid, i32)]) -> Result<u64, StoreError> {
-        let (ids, attempts): (Vec<Uuid>, Vec<i32>) = claims.iter().copied().unzip();
+    /// `claims` are (row id, claim token); a row claimed by someone else since is left alone.
+    pub async fn release(&self, claims: &[(Uuid, Uuid)]) -> Result<u64, StoreError> {
+        let (ids, tokens): (Vec<Uuid>, Vec<Uuid>) = claims.iter().copied().unzip();
         let result = sqlx::query!(
             r#"
             UPDATE redrive.retry_messages r
             SET state = 'pending', attempts = r.attempts - 1, next_attempt_at = now(),
-                lease_expires_at = NULL, locked_by = NULL, updated_at = now()
-            FROM UNNEST($1::uuid[], $2::int4[]) AS f(id, attempt)
-            WHERE r.id = f.id AND r.attempts = f.attempt AND r.state = 'running'
+                lease_expires_at = NULL, locked_by = NULL, claim_token = NULL, updated_at = now()
+            FROM UNNEST($1::uuid[], $2::uuid[]) AS f(id, token)
+            WHERE r.id = f.id AND r.claim_token = f.token AND r.state = 'running'
             "#,
             &ids,
-            &attempts,
+            &tokens,
         )
         .execute(self.pool())
         .await?;

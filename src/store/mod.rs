@@ -5,29 +5,33 @@
 //! - [`claim`]: batch claims with a lease, and the rescue of expired leases (I3).
 //! - [`complete`]: fenced, batched completions (I3).
 //! - [`outbox`]: dead rows the DLQ broker has not acknowledged yet (I4).
+//! - [`listen`]: LISTEN connections of their own, checked while idle and replaced when dead.
 //! - [`find`]: the row filters of `replay` and `purge` (`redrive.find()`).
 //! - [`replay`]: dead rows back to pending, or their records back to Kafka, in chunks.
 //! - [`purge`]: deleting dead and replayed rows, in chunks (I5).
+//! - [`safe`]: error texts cleaned of what Postgres refuses (NUL) and bounded (I10).
 //! - [`status`]: counts, due times, the DLQ backlog and top errors for `redrive status`.
 
 /// The [`crate::message::Message`] of a row that a `query!` read with its source columns (`id`,
-/// `topic`, `partition`, `kafka_offset`, `kafka_timestamp`, `key`, `payload`, `headers`). Malformed
-/// headers (written by hand) are a [`StoreError::BadRow`], returned with `?`.
+/// `topic`, `partition`, `kafka_offset`, `kafka_timestamp`, `key`, `payload`, `headers`), as a
+/// `Result`: malformed headers (written by hand) are a [`StoreError::BadRow`], which fails only that
+/// row, never the batch it was read with (I10).
 macro_rules! stored_message {
     ($r:ident) => {
-        crate::message::Message {
-            headers: crate::message::Message::headers_from_json($r.headers).map_err(|e| {
-                crate::store::StoreError::BadRow {
-                    id: $r.id,
-                    problem: format!("headers: {e}"),
-                }
-            })?,
-            topic: $r.topic,
-            partition: $r.partition,
-            offset: $r.kafka_offset,
-            timestamp: $r.kafka_timestamp,
-            key: $r.key,
-            payload: $r.payload,
+        match crate::message::Message::headers_from_json($r.headers) {
+            Ok(headers) => Ok(crate::message::Message {
+                headers,
+                topic: $r.topic,
+                partition: $r.partition,
+                offset: $r.kafka_offset,
+                timestamp: $r.kafka_timestamp,
+                key: $r.key,
+                payload: $r.payload,
+            }),
+            Err(e) => Err(crate::store::StoreError::BadRow {
+                id: $r.id,
+                problem: format!("its stored headers cannot be read: {e}"),
+            }),
         }
     };
 }
@@ -36,10 +40,12 @@ pub mod capture;
 pub mod claim;
 pub mod complete;
 pub mod find;
+pub mod listen;
 pub mod migrate;
 pub mod outbox;
 pub mod purge;
 pub mod replay;
+pub mod safe;
 pub mod status;
 
 use crate::config::{redact_url, PostgresConfig};
@@ -65,6 +71,17 @@ pub enum StoreError {
     /// Startup was cancelled while Postgres was still unreachable.
     #[error("gave up connecting to postgres at {0}: shutting down")]
     Cancelled(String),
+}
+
+impl StoreError {
+    /// Whether trying again may succeed: the connection, not the statement, was the problem.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Sql(e) => is_transient(e),
+            StoreError::Cancelled(_) => true,
+            StoreError::Schema(_) | StoreError::BadRow { .. } => false,
+        }
+    }
 }
 
 /// The retry store: a connection pool to the database that holds the `redrive` schema.

@@ -4,6 +4,9 @@
 //! the work), produces the records, and sets `dlq_published_at` only for those the broker
 //! acknowledged, in the same transaction. A failed send leaves the row unpublished for the next
 //! round; the row itself never leaves the table.
+//!
+//! A record the broker refuses for good, and a row whose stored message cannot be read, are marked
+//! with `dlq_error` and `dlq_refused_at` and leave the outbox, so they never sit at its head (I10).
 
 use super::{Store, StoreError};
 use crate::message::Message;
@@ -36,6 +39,8 @@ pub struct OutboxBatch {
     tx: Transaction<'static, Postgres>,
     /// The rows to publish.
     pub rows: Vec<DeadRow>,
+    /// Rows whose stored message cannot be read, with the reason; they cannot be published.
+    pub unreadable: Vec<(Uuid, String)>,
 }
 
 impl Store {
@@ -48,6 +53,7 @@ impl Store {
                    headers, attempts, first_failed_at, last_error, error_kind
             FROM redrive.retry_messages
             WHERE consumer_group = $1 AND state = 'dead' AND dlq_published_at IS NULL
+              AND dlq_refused_at IS NULL
             ORDER BY dead_at
             LIMIT $2
             FOR UPDATE SKIP LOCKED
@@ -57,26 +63,37 @@ impl Store {
         )
         .fetch_all(&mut *tx)
         .await?;
-        let mut rows = Vec::with_capacity(records.len());
+        let (mut rows, mut unreadable) = (Vec::with_capacity(records.len()), Vec::new());
         for r in records {
-            rows.push(DeadRow {
-                id: r.id,
-                consumer_group: r.consumer_group,
-                attempts: r.attempts,
-                first_failed_at: r.first_failed_at,
-                last_error: r.last_error,
-                error_kind: r.error_kind,
-                message: stored_message!(r),
-            });
+            let (id, consumer_group, attempts) = (r.id, r.consumer_group, r.attempts);
+            let (first_failed_at, last_error, error_kind) =
+                (r.first_failed_at, r.last_error, r.error_kind);
+            match stored_message!(r) {
+                Ok(message) => rows.push(DeadRow {
+                    id,
+                    consumer_group,
+                    attempts,
+                    first_failed_at,
+                    last_error,
+                    error_kind,
+                    message,
+                }),
+                Err(e) => unreadable.push((id, e.to_string())),
+            }
         }
-        Ok(OutboxBatch { tx, rows })
+        Ok(OutboxBatch {
+            tx,
+            rows,
+            unreadable,
+        })
     }
 
     /// How many dead rows of `group` wait for the DLQ broker.
     pub async fn outbox_backlog(&self, group: &str) -> Result<i64, StoreError> {
         let n = sqlx::query_scalar!(
             r#"SELECT count(*) AS "n!" FROM redrive.retry_messages
-               WHERE consumer_group = $1 AND state = 'dead' AND dlq_published_at IS NULL"#,
+               WHERE consumer_group = $1 AND state = 'dead' AND dlq_published_at IS NULL
+                 AND dlq_refused_at IS NULL"#,
             group,
         )
         .fetch_one(self.pool())
@@ -86,8 +103,13 @@ impl Store {
 }
 
 impl OutboxBatch {
-    /// Records the acknowledged rows (id and the topic they went to) and unlocks the batch.
-    pub async fn finish(mut self, published: &[(Uuid, String)]) -> Result<u64, StoreError> {
+    /// Records the acknowledged rows (id and the topic they went to) and the refused ones (id and
+    /// why), and unlocks the batch.
+    pub async fn finish(
+        mut self,
+        published: &[(Uuid, String)],
+        refused: &[(Uuid, String)],
+    ) -> Result<u64, StoreError> {
         let (ids, topics): (Vec<Uuid>, Vec<String>) = published.iter().cloned().unzip();
         let result = sqlx::query!(
             r#"
@@ -101,6 +123,24 @@ impl OutboxBatch {
         )
         .execute(&mut *self.tx)
         .await?;
+        if !refused.is_empty() {
+            let (ids, errors): (Vec<Uuid>, Vec<String>) = refused
+                .iter()
+                .map(|(id, e)| (*id, super::safe::error_text(e)))
+                .unzip();
+            sqlx::query!(
+                r#"
+                UPDATE redrive.retry_messages r
+                SET dlq_refused_at = now(), dlq_error = f.err, updated_at = now()
+                FROM UNNEST($1::uuid[], $2::text[]) AS f(id, err)
+                WHERE r.id = f.id AND r.state = 'dead' AND r.dlq_published_at IS NULL
+                "#,
+                &ids,
+                &errors,
+            )
+            .execute(&mut *self.tx)
+            .await?;
+        }
         self.tx.commit().await?;
         Ok(result.rows_affected())
     }

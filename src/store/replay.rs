@@ -85,7 +85,7 @@ impl Store {
         .await?;
         let mut rows = Vec::with_capacity(records.len());
         for r in records {
-            rows.push((r.id, stored_message!(r)));
+            rows.push((r.id, stored_message!(r)?));
         }
         Ok(ToTopicChunk { tx, rows })
     }

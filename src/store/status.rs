@@ -46,10 +46,12 @@ pub struct GroupStatus {
     pub oldest_due_at: Option<DateTime<Utc>>,
     /// The earliest `next_attempt_at` still in the future.
     pub next_due_at: Option<DateTime<Utc>>,
-    /// Dead rows the DLQ broker has not acknowledged yet.
+    /// Dead rows the DLQ broker has not acknowledged yet and may still take.
     pub dlq_backlog: i64,
     /// When the oldest of them died.
     pub dlq_oldest_dead_at: Option<DateTime<Utc>>,
+    /// Dead rows the DLQ broker refused for good, or that cannot be read: `dlq_error` says why.
+    pub dlq_refused: i64,
 }
 
 /// A row of `redrive.paused_topics`.
@@ -111,8 +113,11 @@ impl Store {
                    count(*) FILTER (WHERE state = 'pending' AND next_attempt_at <= now()) AS "due!",
                    min(next_attempt_at) FILTER (WHERE state = 'pending' AND next_attempt_at <= now()) AS oldest_due_at,
                    min(next_attempt_at) FILTER (WHERE state = 'pending' AND next_attempt_at > now()) AS next_due_at,
-                   count(*) FILTER (WHERE state = 'dead' AND dlq_published_at IS NULL) AS "dlq_backlog!",
-                   min(dead_at) FILTER (WHERE state = 'dead' AND dlq_published_at IS NULL) AS dlq_oldest_dead_at
+                   count(*) FILTER (WHERE state = 'dead' AND dlq_published_at IS NULL
+                                      AND dlq_refused_at IS NULL) AS "dlq_backlog!",
+                   min(dead_at) FILTER (WHERE state = 'dead' AND dlq_published_at IS NULL
+                                        AND dlq_refused_at IS NULL) AS dlq_oldest_dead_at,
+                   count(*) FILTER (WHERE state = 'dead' AND dlq_refused_at IS NOT NULL) AS "dlq_refused!"
             FROM redrive.retry_messages
             GROUP BY consumer_group
             ORDER BY consumer_group

@@ -3,7 +3,6 @@
 
 use crate::helpers::*;
 use crate::store::message;
-use chrono::Utc;
 use rdkafka::message::{Headers, Message as _};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::FutureProducer;
@@ -18,7 +17,7 @@ fn dead(topic: &str, offset: i64) -> Capture {
         message: message(topic, offset, format!("dead-{offset}").as_bytes()),
         state: InitialState::Dead,
         max_attempts: 3,
-        next_attempt_at: Utc::now(),
+        retry_in: Duration::ZERO,
         error: HandlerError::permanent("400 bad request"),
     }
 }

@@ -86,7 +86,7 @@ impl TestDb {
 
     /// Claims up to 10 due rows of group "g" for `lease`.
     pub async fn claim(&self, lease: Duration) -> Vec<redrive::store::claim::Claimed> {
-        self.store.claim("g", 10, lease, "w").await.unwrap()
+        self.store.claim("g", 10, lease, "w").await.unwrap().rows
     }
 
     pub async fn count(&self, filter: &str) -> i64 {
@@ -149,11 +149,19 @@ listen = "127.0.0.1:0"
 }
 
 pub async fn create_topic(name: &str, partitions: i32) {
+    create_topic_with(name, partitions, &[]).await
+}
+
+/// Creates a topic with topic-level settings (`max.message.bytes`, …).
+pub async fn create_topic_with(name: &str, partitions: i32, settings: &[(&str, &str)]) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", kafka())
         .create()
         .unwrap();
-    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    for (k, v) in settings {
+        topic = topic.set(k, v);
+    }
     for r in admin
         .create_topics(&[topic], &AdminOptions::new())
         .await
@@ -195,6 +203,27 @@ pub async fn produce(
         .map_err(|(e, _)| e)
         .unwrap()
         .offset
+}
+
+/// Reads `n` records from the start of a topic as redrive reads them: header names as bytes.
+pub async fn read_topic_raw(topic: &str, n: usize, limit: Duration) -> Vec<redrive::Message> {
+    let c: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("group.id", unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    c.subscribe(&[topic]).unwrap();
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    while out.len() < n {
+        match tokio::time::timeout_at(deadline, c.recv()).await {
+            Ok(m) => out.push(redrive::Message::from_kafka(&m.unwrap())),
+            Err(_) => panic!("only {} of {n} records arrived on {topic}", out.len()),
+        }
+    }
+    out
 }
 
 /// Reads `n` records from the start of a topic.
@@ -284,7 +313,9 @@ impl Received {
     }
 }
 
-type Responder = Arc<dyn Fn(&Received) -> (u16, Vec<(&'static str, String)>) + Send + Sync>;
+/// A status, extra response headers and a body.
+type Response = (u16, Vec<(&'static str, String)>, Vec<u8>);
+type Responder = Arc<dyn Fn(&Received) -> Response + Send + Sync>;
 
 /// An HTTP handler stub: answers with `respond` and records every request.
 #[derive(Clone)]
@@ -296,6 +327,17 @@ pub struct Stub {
 impl Stub {
     pub async fn start(
         respond: impl Fn(&Received) -> (u16, Vec<(&'static str, String)>) + Send + Sync + 'static,
+    ) -> Self {
+        Self::start_with_body(move |r| {
+            let (status, headers) = respond(r);
+            (status, headers, Vec::new())
+        })
+        .await
+    }
+
+    /// Like [`Stub::start`], with a response body as well.
+    pub async fn start_with_body(
+        respond: impl Fn(&Received) -> Response + Send + Sync + 'static,
     ) -> Self {
         let received: Arc<Mutex<Vec<Received>>> = Arc::default();
         let respond: Responder = Arc::new(respond);
@@ -311,13 +353,13 @@ impl Stub {
                             headers,
                             body,
                         };
-                        let (status, extra) = respond(&r);
+                        let (status, extra, body) = respond(&r);
                         sink.lock().unwrap().push(r);
                         let mut h = HeaderMap::new();
                         for (k, v) in extra {
                             h.insert(k, v.parse().unwrap());
                         }
-                        (StatusCode::from_u16(status).unwrap(), h)
+                        (StatusCode::from_u16(status).unwrap(), h, body)
                     }
                 }),
             )
@@ -337,11 +379,35 @@ impl Stub {
     }
 }
 
-/// A TCP proxy in front of Postgres that can cut every connection and refuse new ones.
+/// A TCP proxy in front of Postgres that can cut every connection and refuse new ones, or freeze
+/// the connections it has: they stay open and forward nothing, as half-open connections do.
 pub struct Proxy {
     pub addr: SocketAddr,
     open: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+    frozen: Arc<Mutex<Vec<Arc<AtomicBool>>>>,
+}
+
+/// Copies one direction of a proxied connection; while `frozen`, holds what it read.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: Arc<AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        while frozen.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Proxy {
@@ -350,24 +416,34 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let open = Arc::new(AtomicBool::new(true));
         let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
-        let (o, c) = (open.clone(), conns.clone());
+        let frozen: Arc<Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
+        let (o, c, f) = (open.clone(), conns.clone(), frozen.clone());
         tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
+                let Ok((inbound, _)) = listener.accept().await else {
                     return;
                 };
                 if !o.load(Ordering::SeqCst) {
                     continue; // dropped: the client sees the connection close
                 }
+                let flag = Arc::new(AtomicBool::new(false));
+                f.lock().unwrap().push(flag.clone());
                 let task = tokio::spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    if let Ok(outbound) = tokio::net::TcpStream::connect(target).await {
+                        let (ir, iw) = inbound.into_split();
+                        let (or, ow) = outbound.into_split();
+                        tokio::join!(pump(ir, ow, flag.clone()), pump(or, iw, flag));
                     }
                 });
                 c.lock().unwrap().push(task.abort_handle());
             }
         });
-        Proxy { addr, open, conns }
+        Proxy {
+            addr,
+            open,
+            conns,
+            frozen,
+        }
     }
 
     /// The database URL rewritten to go through the proxy.
@@ -382,6 +458,13 @@ impl Proxy {
         self.open.store(false, Ordering::SeqCst);
         for c in self.conns.lock().unwrap().drain(..) {
             c.abort();
+        }
+    }
+
+    /// Freezes every connection open now; new connections work.
+    pub fn freeze_existing(&self) {
+        for f in self.frozen.lock().unwrap().drain(..) {
+            f.store(true, Ordering::SeqCst);
         }
     }
 

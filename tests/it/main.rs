@@ -4,8 +4,10 @@
 mod consumer;
 mod dlq;
 mod e2e;
+mod hardening;
 mod helpers;
 mod operators;
+mod rebalance;
 mod startup;
 mod store;
 mod workers;

@@ -1122,7 +1122,7 @@ async fn each_role_can_do_its_job_and_nothing_more() {
         },
         state,
         max_attempts: 3,
-        next_attempt_at: chrono::Utc::now(),
+        retry_in: Duration::ZERO,
         error: redrive::HandlerError::retryable("HTTP 503"),
     };
     let captured = store
@@ -1141,26 +1141,30 @@ async fn each_role_can_do_its_job_and_nothing_more() {
     let claimed = store
         .claim("g", 10, Duration::from_secs(60), "w")
         .await
-        .unwrap();
+        .unwrap()
+        .rows;
     assert_eq!(claimed.len(), 3);
     let done = store
         .complete(&[
             Completion {
                 id: claimed[0].id,
                 attempt: claimed[0].attempt,
+                token: claimed[0].token,
                 outcome: Outcome::Succeeded,
             },
             Completion {
                 id: claimed[1].id,
                 attempt: claimed[1].attempt,
+                token: claimed[1].token,
                 outcome: Outcome::Retry {
-                    next_attempt_at: chrono::Utc::now(),
+                    retry_in: Duration::ZERO,
                     error: redrive::HandlerError::retryable("again"),
                 },
             },
             Completion {
                 id: claimed[2].id,
                 attempt: claimed[2].attempt,
+                token: claimed[2].token,
                 outcome: Outcome::Dead {
                     error: redrive::HandlerError::permanent("HTTP 400"),
                 },
@@ -1172,10 +1176,11 @@ async fn each_role_can_do_its_job_and_nothing_more() {
     let again = store
         .claim("g", 10, Duration::from_secs(60), "w")
         .await
-        .unwrap();
+        .unwrap()
+        .rows;
     assert_eq!(
         store
-            .release(&[(again[0].id, again[0].attempt)])
+            .release(&[(again[0].id, again[0].token)])
             .await
             .unwrap(),
         1
@@ -1187,7 +1192,7 @@ async fn each_role_can_do_its_job_and_nothing_more() {
         .map(|r| (r.id, "orders.dlq".to_string()))
         .collect();
     assert_eq!(published.len(), 2);
-    batch.finish(&published).await.unwrap();
+    batch.finish(&published, &[]).await.unwrap();
     // ... and nothing an operator does.
     denied(&worker, "DELETE FROM redrive.retry_messages").await;
     denied(&worker, "UPDATE redrive.retry_messages SET payload = 'x'").await;
@@ -1652,8 +1657,15 @@ async fn every_recipe_in_the_operators_guide_works() {
         },
     )
     .await;
+    let token = uuid::Uuid::now_v7();
+    sqlx::query("UPDATE redrive.retry_messages SET claim_token = $1 WHERE id = $2")
+        .bind(token)
+        .bind(running)
+        .execute(db.pool())
+        .await
+        .unwrap();
     let retry = redrive::store::complete::Outcome::Retry {
-        next_attempt_at: chrono::Utc::now(),
+        retry_in: Duration::ZERO,
         error: redrive::HandlerError::retryable("HTTP 503"),
     };
     let done = db
@@ -1661,6 +1673,7 @@ async fn every_recipe_in_the_operators_guide_works() {
         .complete(&[redrive::store::complete::Completion {
             id: running,
             attempt: 1,
+            token,
             outcome: retry,
         }])
         .await

@@ -66,14 +66,38 @@ async fn a_bad_config_value_fails_at_startup_naming_the_field() {
 }
 
 #[tokio::test]
-async fn an_unreachable_postgres_is_retried_with_a_clear_log_line_and_no_password() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let url = format!("postgres://redrive:{PASSWORD}@127.0.0.1:{closed}/redrive");
-    let file = write_config(&base_config(&url));
+async fn a_pool_too_small_for_what_run_holds_is_refused_naming_the_field() {
+    let config = base_config("postgres://redrive:redrive@127.0.0.1:5432/redrive")
+        .replace("[kafka]", "max_connections = 1\n[kafka]");
+    let out = run_binary(&config, &["run"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("`postgres.max_connections` is 1"),
+        "{stderr}"
+    );
+    let flags = [
+        "run",
+        "--no-dlq",
+        "--no-consumer",
+        "--no-workers",
+        "--no-http",
+    ];
+    let without_dlq = run_binary(&config, &flags).await;
+    assert!(
+        !String::from_utf8_lossy(&without_dlq.stderr).contains("max_connections"),
+        "one connection is enough without the publisher"
+    );
+}
+
+/// Runs `redrive run` with this config until its log shows `needle` `times` times, then stops it
+/// with SIGTERM; returns the whole log and the exit status.
+async fn run_until_logged(
+    config: &str,
+    needle: &str,
+    times: usize,
+) -> (String, std::process::ExitStatus) {
+    let file = write_config(config);
     let mut child = tokio::process::Command::new(redrive_bin())
         .args(["--config", file.0.to_str().unwrap(), "run"])
         .stderr(std::process::Stdio::piped())
@@ -82,27 +106,37 @@ async fn an_unreachable_postgres_is_retried_with_a_clear_log_line_and_no_passwor
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let mut log = Vec::new();
-    let mut retries = 0;
-    tokio::time::timeout(Duration::from_secs(60), async {
-        while retries < 3 {
+    let mut seen = 0;
+    tokio::time::timeout(Duration::from_secs(90), async {
+        while seen < times {
             let line = lines
                 .next_line()
                 .await
                 .unwrap()
                 .expect("redrive exited instead of retrying");
-            if line.contains("postgres is unreachable, retrying") {
-                retries += 1;
-            }
+            seen += usize::from(line.contains(needle));
             log.push(line);
         }
     })
     .await
-    .expect("three retry log lines");
+    .unwrap_or_else(|_| panic!("{times} log lines with {needle:?}: {log:?}"));
     let status = terminate(&mut child).await;
     while let Ok(Some(line)) = lines.next_line().await {
         log.push(line);
     }
-    let log = log.join("\n");
+    (log.join("\n"), status)
+}
+
+#[tokio::test]
+async fn an_unreachable_postgres_is_retried_with_a_clear_log_line_and_no_password() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://redrive:{PASSWORD}@127.0.0.1:{closed}/redrive");
+    let (log, status) =
+        run_until_logged(&base_config(&url), "postgres is unreachable, retrying", 3).await;
     assert!(!log.contains(PASSWORD), "the password leaked: {log}");
     assert!(
         log.contains("redrive:***@127.0.0.1"),
@@ -111,8 +145,30 @@ async fn an_unreachable_postgres_is_retried_with_a_clear_log_line_and_no_passwor
     assert!(!log.contains("panicked"), "{log}");
     assert_eq!(
         status.code(),
-        Some(1),
-        "gave up on shutdown with an error: {log}"
+        Some(0),
+        "a stop requested while waiting for postgres is a clean exit: {log}"
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_broker_is_retried_with_a_clear_log_line() {
+    let db = TestDb::new().await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = base_config(&db.url).replace(&kafka(), &format!("127.0.0.1:{closed}"));
+    let (log, status) = run_until_logged(&config, "kafka is unreachable, retrying", 2).await;
+    assert!(
+        log.contains(&format!("127.0.0.1:{closed}")),
+        "the log names the broker: {log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "a stop while waiting is a clean exit: {log}"
     );
 }
 

@@ -26,7 +26,7 @@ pub fn pending(topic: &str, offset: i64, due_in: Duration, max_attempts: i32) ->
         message: message(topic, offset, b"p"),
         state: InitialState::Pending,
         max_attempts,
-        next_attempt_at: Utc::now() + due_in,
+        retry_in: due_in,
         error: HandlerError::retryable("first delivery failed"),
     }
 }
@@ -82,6 +82,7 @@ async fn an_expired_lease_is_claimable_again_and_the_late_completion_is_refused(
     let late = Completion {
         id: first[0].id,
         attempt: first[0].attempt,
+        token: first[0].token,
         outcome: Outcome::Succeeded,
     };
     let done = db.store.complete(&[late]).await.unwrap();
@@ -95,6 +96,7 @@ async fn an_expired_lease_is_claimable_again_and_the_late_completion_is_refused(
     let current = Completion {
         id: second[0].id,
         attempt: second[0].attempt,
+        token: second[0].token,
         outcome: Outcome::Succeeded,
     };
     assert_eq!(db.store.complete(&[current]).await.unwrap().deleted, 1);
@@ -103,6 +105,80 @@ async fn an_expired_lease_is_claimable_again_and_the_late_completion_is_refused(
         0,
         "a successful retry deletes the row"
     );
+}
+
+/// Marks a row's lease as run out, as a worker cut off from Postgres would leave it.
+async fn expire_leases(db: &TestDb) {
+    sqlx::query("UPDATE redrive.retry_messages SET lease_expires_at = now() - interval '1s' WHERE state = 'running'")
+        .execute(db.pool())
+        .await
+        .unwrap();
+}
+
+fn done(c: &redrive::store::claim::Claimed, outcome: Outcome) -> Completion {
+    Completion {
+        id: c.id,
+        attempt: c.attempt,
+        token: c.token,
+        outcome,
+    }
+}
+
+#[tokio::test]
+async fn a_completion_held_back_across_a_replay_is_refused_though_its_attempt_number_matches() {
+    let db = TestDb::new().await;
+    db.seed(&[pending("orders", 1, Duration::ZERO, 2)]).await;
+    // Claim → lease expiry: the worker is cut off, holding its completion of attempt 2.
+    let held = db.claim(Duration::from_secs(30)).await.remove(0);
+    assert_eq!(held.attempt, 2);
+    expire_leases(&db).await;
+    assert!(
+        db.claim(Duration::from_secs(30)).await.is_empty(),
+        "rescued: dead"
+    );
+    // → replay → new claims, until the row is at attempt 2 again.
+    sqlx::query("SELECT redrive.replay(ARRAY(SELECT id FROM redrive.dead_messages))")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let first = db.claim(Duration::from_secs(30)).await.remove(0);
+    let retry = Outcome::Retry {
+        retry_in: Duration::ZERO,
+        error: HandlerError::retryable("again"),
+    };
+    assert_eq!(
+        db.store
+            .complete(&[done(&first, retry)])
+            .await
+            .unwrap()
+            .rescheduled,
+        1
+    );
+    let current = db.claim(Duration::from_secs(30)).await.remove(0);
+    assert_eq!(
+        current.attempt, held.attempt,
+        "the same attempt number, another claim"
+    );
+
+    // → the old completion arrives.
+    let late = db
+        .store
+        .complete(&[done(&held, Outcome::Succeeded)])
+        .await
+        .unwrap();
+    assert_eq!(
+        (late.deleted, late.rejected),
+        (0, 1),
+        "fenced by its claim token"
+    );
+    assert_eq!(db.store.release(&[(held.id, held.token)]).await.unwrap(), 0);
+    assert_eq!(db.count("state = 'running'").await, 1);
+    let now = db
+        .store
+        .complete(&[done(&current, Outcome::Succeeded)])
+        .await
+        .unwrap();
+    assert_eq!(now.deleted, 1);
 }
 
 #[tokio::test]
@@ -134,7 +210,7 @@ async fn failures_reschedule_or_kill_and_keep_a_bounded_error_history() {
     for n in 0..12 {
         let c = db.claim(Duration::from_secs(30)).await.remove(0);
         let outcome = Outcome::Retry {
-            next_attempt_at: Utc::now(),
+            retry_in: Duration::ZERO,
             error: HandlerError::retryable(format!("boom {n}")),
         };
         let done = db
@@ -142,6 +218,7 @@ async fn failures_reschedule_or_kill_and_keep_a_bounded_error_history() {
             .complete(&[Completion {
                 id: c.id,
                 attempt: c.attempt,
+                token: c.token,
                 outcome,
             }])
             .await
@@ -166,6 +243,7 @@ async fn failures_reschedule_or_kill_and_keep_a_bounded_error_history() {
             .complete(&[Completion {
                 id: c.id,
                 attempt: c.attempt,
+                token: c.token,
                 outcome
             }])
             .await
@@ -190,6 +268,14 @@ async fn rows_are_not_claimed_before_they_are_due() {
     db.seed(&[pending("orders", 1, Duration::from_secs(3600), 3)])
         .await;
     assert!(db.claim(Duration::from_secs(30)).await.is_empty());
-    let wake = db.store.next_wake("g").await.unwrap();
-    assert!(wake.next_due.unwrap() > Utc::now() + chrono::Duration::minutes(59));
+    let wait = db
+        .store
+        .next_wake("g")
+        .await
+        .unwrap()
+        .expect("a row is waiting");
+    assert!(
+        wait > Duration::from_secs(3590) && wait <= Duration::from_secs(3600),
+        "the wait is the database's own due time less its own now(): {wait:?}"
+    );
 }

@@ -60,7 +60,7 @@ fn start<H: Handler>(
     handler: H,
     retry: RetryConfig,
 ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-    let (completer, complete) = completer(db.store.clone(), &workers());
+    let (completer, complete) = completer(db.store.clone(), "g", &workers());
     let d = Dispatcher::new(
         db.store.clone(),
         Arc::new(handler),
