@@ -171,6 +171,15 @@ async fn a_completion_held_back_across_a_replay_is_refused_though_its_attempt_nu
         (0, 1),
         "fenced by its claim token"
     );
+    let failed = Outcome::Dead {
+        error: HandlerError::permanent("late"),
+    };
+    let late = db.store.complete(&[done(&held, failed)]).await.unwrap();
+    assert_eq!(
+        (late.dead, late.rejected),
+        (0, 1),
+        "fenced by its claim token"
+    );
     assert_eq!(db.store.release(&[(held.id, held.token)]).await.unwrap(), 0);
     assert_eq!(db.count("state = 'running'").await, 1);
     let now = db
