@@ -1,5 +1,5 @@
--- Hardening: no single record can stall the DLQ publisher, and completions are fenced by a token
--- that belongs to one claim. docs/operators.md documents every object here.
+-- Hardening: no single record can stall the DLQ publisher, completions are fenced by a token that
+-- belongs to one claim, and a reused offset does not pass for a redelivery. docs/operators.md documents every object here.
 
 -- A dead row the DLQ broker refused for good (too large for the DLQ topic, an invalid topic name),
 -- or a row whose stored message cannot be read back (headers written by hand, say). The publisher
@@ -11,7 +11,15 @@ ALTER TABLE redrive.retry_messages
     -- A fresh random value on every claim. A completion or a release is accepted only with the
     -- token of the claim it belongs to (I3, I11): attempt numbers repeat after a replay or a
     -- release, tokens do not.
-    ADD COLUMN claim_token    uuid;
+    ADD COLUMN claim_token    uuid,
+    -- Which message at these coordinates: 0, unless the topic was deleted and recreated (or its log
+    -- truncated) and a different message came at an offset that already had a row. Then the new
+    -- message is kept as the next incarnation instead of being taken for a redelivery (I2, I10).
+    ADD COLUMN incarnation    integer NOT NULL DEFAULT 0 CHECK (incarnation >= 0);
+
+ALTER TABLE redrive.retry_messages DROP CONSTRAINT retry_messages_source_key;
+ALTER TABLE redrive.retry_messages ADD CONSTRAINT retry_messages_source_key
+    UNIQUE (consumer_group, topic, "partition", kafka_offset, incarnation);
 
 -- The outbox holds only rows the publisher may still send, so refused rows never sit at its head.
 DROP INDEX redrive.retry_messages_dlq_outbox;
@@ -38,7 +46,7 @@ SELECT id, consumer_group, topic, "partition", kafka_offset, kafka_timestamp, st
        attempts, max_attempts, next_attempt_at, lease_expires_at, locked_by,
        last_error, error_kind, error_history, first_failed_at, updated_at, dead_at,
        dlq_topic, dlq_published_at, replay_count, last_replayed_at, last_replayed_by,
-       last_replay_reason, replayed_to_topic, key, payload, headers, dlq_error, dlq_refused_at
+       last_replay_reason, replayed_to_topic, key, payload, headers, dlq_error, dlq_refused_at, incarnation
 FROM redrive.retry_messages;
 
 CREATE OR REPLACE VIEW redrive.dead_messages AS
@@ -46,6 +54,6 @@ SELECT id, consumer_group, topic, "partition", kafka_offset, kafka_timestamp,
        redrive.utf8_or_null(key) AS key_text, redrive.utf8_or_null(payload) AS payload_text,
        key, payload, headers, attempts, max_attempts, last_error, error_kind, error_history,
        first_failed_at, dead_at, dlq_topic, dlq_published_at, replay_count, last_replayed_at, last_replayed_by,
-       last_replay_reason, dlq_error, dlq_refused_at
+       last_replay_reason, dlq_error, dlq_refused_at, incarnation
 FROM redrive.retry_messages
 WHERE state = 'dead';

@@ -47,33 +47,16 @@ pub struct Capture {
 }
 
 impl Store {
-    /// Inserts the batch in one statement; rows that already exist are left as they are.
+    /// Inserts the batch in one statement; rows that already exist are left as they are (I2).
     /// Returns how many rows were new.
+    ///
+    /// A message whose coordinates are taken by a row of a *different* message (the topic was
+    /// deleted and recreated, or its log truncated, so offsets were reused) is not a redelivery: it
+    /// is captured too, as the next `incarnation` of those coordinates, so it is never lost.
     pub async fn capture(&self, group: &str, batch: &[Capture]) -> Result<u64, StoreError> {
-        // One array per column, for the UNNEST below.
-        let ids: Vec<Uuid> = batch.iter().map(|_| Uuid::now_v7()).collect();
-        let topics: Vec<String> = batch.iter().map(|c| c.message.topic.clone()).collect();
-        let partitions: Vec<i32> = batch.iter().map(|c| c.message.partition).collect();
-        let offsets: Vec<i64> = batch.iter().map(|c| c.message.offset).collect();
-        let timestamps: Vec<Option<DateTime<Utc>>> =
-            batch.iter().map(|c| c.message.timestamp).collect();
-        let keys: Vec<Option<Vec<u8>>> = batch.iter().map(|c| c.message.key.clone()).collect();
-        let payloads: Vec<Option<Vec<u8>>> =
-            batch.iter().map(|c| c.message.payload.clone()).collect();
-        let headers: Vec<serde_json::Value> =
-            batch.iter().map(|c| c.message.headers_json()).collect();
-        let states: Vec<String> = batch.iter().map(|c| c.state.as_str().to_string()).collect();
-        let max_attempts: Vec<i32> = batch.iter().map(|c| c.max_attempts).collect();
-        let retry_in: Vec<f64> = batch.iter().map(|c| c.retry_in.as_secs_f64()).collect();
-        let errors: Vec<String> = batch
-            .iter()
-            .map(|c| super::safe::error_text(&c.error.message))
-            .collect();
-        let kinds: Vec<String> = batch
-            .iter()
-            .map(|c| c.error.kind.as_str().to_string())
-            .collect();
-        let result = sqlx::query!(
+        let rows: Vec<&Capture> = batch.iter().collect();
+        let c = Columns::of(&rows);
+        let inserted = sqlx::query_scalar!(
             r#"
             INSERT INTO redrive.retry_messages (
                 id, consumer_group, topic, "partition", kafka_offset, kafka_timestamp, key, payload,
@@ -90,26 +73,139 @@ impl Store {
                         $12::float8[], $13::text[], $14::text[])
                  AS t(id, topic, part, off, ts, key, payload, headers, state, max_attempts,
                       retry_in, err, kind)
-            ON CONFLICT (consumer_group, topic, "partition", kafka_offset) DO NOTHING
+            ON CONFLICT (consumer_group, topic, "partition", kafka_offset, incarnation) DO NOTHING
+            RETURNING id
             "#,
             group,
-            &ids,
-            &topics,
-            &partitions,
-            &offsets,
+            &c.ids,
+            &c.topics,
+            &c.partitions,
+            &c.offsets,
             // The casts let the macro accept NULL elements (a record without key or value).
-            &timestamps as &[Option<DateTime<Utc>>],
-            &keys as &[Option<Vec<u8>>],
-            &payloads as &[Option<Vec<u8>>],
-            &headers,
-            &states,
-            &max_attempts,
-            &retry_in,
-            &errors,
-            &kinds,
+            &c.timestamps as &[Option<DateTime<Utc>>],
+            &c.keys as &[Option<Vec<u8>>],
+            &c.payloads as &[Option<Vec<u8>>],
+            &c.headers,
+            &c.states,
+            &c.max_attempts,
+            &c.retry_in,
+            &c.errors,
+            &c.kinds,
         )
-        .execute(self.pool())
+        .fetch_all(self.pool())
         .await?;
-        Ok(result.rows_affected())
+        if inserted.len() == batch.len() {
+            return Ok(inserted.len() as u64);
+        }
+        let taken: Vec<&Capture> = rows
+            .into_iter()
+            .zip(&c.ids)
+            .filter(|(_, id)| !inserted.contains(id))
+            .map(|(row, _)| row)
+            .collect();
+        let reused = self.capture_reused(group, &taken).await?;
+        Ok((inserted.len() + reused) as u64)
+    }
+
+    /// The rows whose coordinates were taken: a redelivery matches a stored row's timestamp and
+    /// value and adds nothing; any other message is a new one at a reused offset, inserted as the
+    /// next incarnation. Returns how many were inserted.
+    async fn capture_reused(&self, group: &str, rows: &[&Capture]) -> Result<usize, StoreError> {
+        let c = Columns::of(rows);
+        let reused = sqlx::query!(
+            r#"
+            INSERT INTO redrive.retry_messages (
+                id, consumer_group, topic, "partition", kafka_offset, incarnation, kafka_timestamp,
+                key, payload, headers, state, attempts, max_attempts, next_attempt_at, last_error,
+                error_kind, error_history, first_failed_at, updated_at, dead_at)
+            SELECT t.id, $1, t.topic, t.part, t.off, prior.next, t.ts, t.key, t.payload,
+                   t.headers, t.state, 1, t.max_attempts, now() + make_interval(secs => t.retry_in),
+                   t.err, t.kind,
+                   jsonb_build_array(jsonb_build_object(
+                       'at', now(), 'attempt', 1, 'kind', t.kind, 'error', t.err)),
+                   now(), now(), CASE WHEN t.state = 'dead' THEN now() END
+            FROM UNNEST($2::uuid[], $3::text[], $4::int4[], $5::int8[], $6::timestamptz[],
+                        $7::bytea[], $8::bytea[], $9::jsonb[], $10::text[], $11::int4[],
+                        $12::float8[], $13::text[], $14::text[])
+                 AS t(id, topic, part, off, ts, key, payload, headers, state, max_attempts,
+                      retry_in, err, kind)
+            CROSS JOIN LATERAL (
+                SELECT coalesce(max(r.incarnation), -1) + 1 AS next,
+                       bool_or(r.kafka_timestamp IS NOT DISTINCT FROM t.ts
+                               AND r.payload IS NOT DISTINCT FROM t.payload) AS same
+                FROM redrive.retry_messages r
+                WHERE r.consumer_group = $1 AND r.topic = t.topic AND r."partition" = t.part
+                  AND r.kafka_offset = t.off) AS prior
+            WHERE prior.same IS NOT TRUE
+            ON CONFLICT (consumer_group, topic, "partition", kafka_offset, incarnation) DO NOTHING
+            RETURNING kafka_offset, "partition", topic, incarnation
+            "#,
+            group,
+            &c.ids,
+            &c.topics,
+            &c.partitions,
+            &c.offsets,
+            &c.timestamps as &[Option<DateTime<Utc>>],
+            &c.keys as &[Option<Vec<u8>>],
+            &c.payloads as &[Option<Vec<u8>>],
+            &c.headers,
+            &c.states,
+            &c.max_attempts,
+            &c.retry_in,
+            &c.errors,
+            &c.kinds,
+        )
+        .fetch_all(self.pool())
+        .await?;
+        for r in &reused {
+            metrics::counter!("redrive_reused_offsets_total").increment(1);
+            tracing::warn!(topic = r.topic, partition = r.partition, offset = r.kafka_offset,
+                incarnation = r.incarnation,
+                "a different message at an offset that already has a row (topic recreated, or its log truncated?): captured as a new incarnation");
+        }
+        Ok(reused.len())
+    }
+}
+
+/// One array per column, for the UNNEST of the capture statements.
+struct Columns {
+    ids: Vec<Uuid>,
+    topics: Vec<String>,
+    partitions: Vec<i32>,
+    offsets: Vec<i64>,
+    timestamps: Vec<Option<DateTime<Utc>>>,
+    keys: Vec<Option<Vec<u8>>>,
+    payloads: Vec<Option<Vec<u8>>>,
+    headers: Vec<serde_json::Value>,
+    states: Vec<String>,
+    max_attempts: Vec<i32>,
+    retry_in: Vec<f64>,
+    errors: Vec<String>,
+    kinds: Vec<String>,
+}
+
+impl Columns {
+    fn of(batch: &[&Capture]) -> Self {
+        Columns {
+            ids: batch.iter().map(|_| Uuid::now_v7()).collect(),
+            topics: batch.iter().map(|c| c.message.topic.clone()).collect(),
+            partitions: batch.iter().map(|c| c.message.partition).collect(),
+            offsets: batch.iter().map(|c| c.message.offset).collect(),
+            timestamps: batch.iter().map(|c| c.message.timestamp).collect(),
+            keys: batch.iter().map(|c| c.message.key.clone()).collect(),
+            payloads: batch.iter().map(|c| c.message.payload.clone()).collect(),
+            headers: batch.iter().map(|c| c.message.headers_json()).collect(),
+            states: batch.iter().map(|c| c.state.as_str().to_string()).collect(),
+            max_attempts: batch.iter().map(|c| c.max_attempts).collect(),
+            retry_in: batch.iter().map(|c| c.retry_in.as_secs_f64()).collect(),
+            errors: batch
+                .iter()
+                .map(|c| super::safe::error_text(&c.error.message))
+                .collect(),
+            kinds: batch
+                .iter()
+                .map(|c| c.error.kind.as_str().to_string())
+                .collect(),
+        }
     }
 }

@@ -107,6 +107,41 @@ async fn an_expired_lease_is_claimable_again_and_the_late_completion_is_refused(
     );
 }
 
+#[tokio::test]
+async fn a_different_message_at_a_reused_offset_is_captured_and_a_redelivery_is_not() {
+    let db = TestDb::new().await;
+    let old = pending("orders", 5, Duration::ZERO, 3);
+    db.seed(std::slice::from_ref(&old)).await;
+    // The topic was recreated: offset 5 now holds another message.
+    let mut new = pending("orders", 5, Duration::ZERO, 3);
+    new.message.payload = Some(b"another message".to_vec());
+    new.message.timestamp = old.message.timestamp.map(|t| t + chrono::Duration::days(1));
+    assert_eq!(db.store.capture("g", &[new.clone()]).await.unwrap(), 1);
+    // Redeliveries of either add nothing (I2), alone or in a batch with a new row.
+    let fresh = pending("orders", 6, Duration::ZERO, 3);
+    assert_eq!(
+        db.store
+            .capture("g", &[new.clone(), old.clone(), fresh])
+            .await
+            .unwrap(),
+        1
+    );
+    let rows: Vec<(i64, i32, Vec<u8>)> = sqlx::query_as(
+        "SELECT kafka_offset, incarnation, payload FROM redrive.retry_messages ORDER BY 1, 2",
+    )
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        vec![
+            (5, 0, b"p".to_vec()),
+            (5, 1, b"another message".to_vec()),
+            (6, 0, b"p".to_vec())
+        ]
+    );
+}
+
 /// Marks a row's lease as run out, as a worker cut off from Postgres would leave it.
 async fn expire_leases(db: &TestDb) {
     sqlx::query("UPDATE redrive.retry_messages SET lease_expires_at = now() - interval '1s' WHERE state = 'running'")
