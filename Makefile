@@ -11,7 +11,7 @@ export REDRIVE_TEST_DATABASE_URL ?= postgres://redrive:redrive@127.0.0.1:5432/re
 export REDRIVE_TEST_KAFKA ?= 127.0.0.1:9092
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: all build build-deps test demo bench bench-peers services services-stop prepare prepare-check lint clean-test-dbs
+.PHONY: all build build-deps test chaos demo bench bench-peers services services-stop prepare prepare-check lint clean-test-dbs
 
 all: build
 
@@ -34,10 +34,17 @@ services-stop:
 	@scripts/kafka.sh stop
 	@scripts/postgres.sh stop
 
-## The whole suite: unit tests, then integration tests on the real Postgres and Kafka broker.
+## The whole suite: a short fault-injection run on services of its own, then unit and integration
+## tests on the real Postgres and Kafka broker.
 test: build-deps services clean-test-dbs
 	$(CARGO) build --bins --tests
+	scripts/chaos.sh short
 	scripts/test.sh
+
+## The long fault-injection run (BENCHMARKS.md has its figures), on services of its own.
+chaos: build-deps
+	$(CARGO) build --bins
+	scripts/chaos.sh long
 
 ## The Knative seed experiment, end to end, with a printed timeline.
 demo: build-deps services

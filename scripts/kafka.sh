@@ -109,8 +109,9 @@ stop() {
 case "${1:-}" in
   start) start ;;
   stop) stop ;;
+  restart) stop; start >/dev/null ;;
   status) fetch; admin ready "$BOOTSTRAP" 5 ;;
   create-topic) fetch; admin create-topic "$BOOTSTRAP" "${2:?topic name}" "${3:-1}" ;;
   fetch) fetch ;;
-  *) echo "usage: $0 start|stop|status|fetch|create-topic NAME [PARTITIONS]" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|restart|status|fetch|create-topic NAME [PARTITIONS]" >&2; exit 2 ;;
 esac

@@ -7,6 +7,10 @@
 #   scripts/postgres.sh stop-if-started
 #                               stop the cluster only if `start` was the one that started it
 #   scripts/postgres.sh url     print the DATABASE_URL only
+#   scripts/postgres.sh restart stop and start the cluster (fault injection)
+#
+# REDRIVE_PG_CLUSTER and REDRIVE_PG_PORT pick another cluster of the same server version, so
+# `make chaos` runs on a Postgres of its own and never disturbs the test services.
 #
 # The role may create databases and roles: the tests give each test a fresh database, and the role
 # tests create login roles in the groups of sql/roles.sql. Every command is idempotent.
@@ -16,9 +20,10 @@ PG_ROLE="${REDRIVE_PG_ROLE:-redrive}"
 PG_PASSWORD="${REDRIVE_PG_PASSWORD:-redrive}"
 PG_DB="${REDRIVE_PG_DB:-redrive}"
 PG_PORT="${REDRIVE_PG_PORT:-5432}"
+PG_CLUSTER="${REDRIVE_PG_CLUSTER:-main}"
 URL="postgres://$PG_ROLE:$PG_PASSWORD@127.0.0.1:$PG_PORT/$PG_DB"
 # Marks a cluster that this script started, so `stop-if-started` leaves a user's own server alone.
-STARTED_MARK="${TMPDIR:-/tmp}/redrive-postgres-started"
+STARTED_MARK="${TMPDIR:-/tmp}/redrive-postgres-started-$PG_CLUSTER"
 
 log() { printf 'postgres: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -47,9 +52,9 @@ install() {
 cluster() {
   local version
   version="$(ls /usr/lib/postgresql | sort -n | tail -n 1)"
-  if ! pg_lsclusters -h | awk '{print $1" "$2}' | grep -qx "$version main"; then
-    log "creating cluster $version/main"
-    as_root pg_createcluster "$version" main --port "$PG_PORT" >/dev/null
+  if ! pg_lsclusters -h | awk '{print $1" "$2}' | grep -qx "$version $PG_CLUSTER"; then
+    log "creating cluster $version/$PG_CLUSTER"
+    as_root pg_createcluster "$version" "$PG_CLUSTER" --port "$PG_PORT" >/dev/null
   fi
   echo "$version"
 }
@@ -57,9 +62,9 @@ cluster() {
 start() {
   install
   local version; version="$(cluster)"
-  if ! pg_lsclusters -h | awk -v v="$version" '$1==v && $2=="main" {print $4}' | grep -q online; then
-    log "starting cluster $version/main"
-    as_root pg_ctlcluster "$version" main start || die "pg_ctlcluster $version main start failed; see /var/log/postgresql/"
+  if ! pg_lsclusters -h | awk -v v="$version" -v c="$PG_CLUSTER" '$1==v && $2==c {print $4}' | grep -q online; then
+    log "starting cluster $version/$PG_CLUSTER"
+    as_root pg_ctlcluster "$version" "$PG_CLUSTER" start || die "pg_ctlcluster $version $PG_CLUSTER start failed; see /var/log/postgresql/"
     touch "$STARTED_MARK"
   fi
   for _ in $(seq 1 60); do
@@ -88,9 +93,9 @@ SQL
 stop() {
   command -v pg_lsclusters >/dev/null || return 0
   pg_lsclusters -h | while read -r version name _port status _rest; do
-    if [ "$name" = main ] && [ "$status" = online ]; then
-      log "stopping cluster $version/main"
-      as_root pg_ctlcluster "$version" main stop
+    if [ "$name" = "$PG_CLUSTER" ] && [ "$status" = online ]; then
+      log "stopping cluster $version/$PG_CLUSTER"
+      as_root pg_ctlcluster "$version" "$PG_CLUSTER" stop
     fi
   done
 }
@@ -100,5 +105,6 @@ case "${1:-}" in
   stop) stop; rm -f "$STARTED_MARK" ;;
   stop-if-started) if [ -f "$STARTED_MARK" ]; then stop; rm -f "$STARTED_MARK"; fi ;;
   url) echo "$URL" ;;
-  *) echo "usage: $0 start|stop|stop-if-started|url" >&2; exit 2 ;;
+  restart) stop; start >/dev/null ;;
+  *) echo "usage: $0 start|stop|stop-if-started|restart|url" >&2; exit 2 ;;
 esac

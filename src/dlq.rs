@@ -174,7 +174,9 @@ impl DlqPublisher {
 
     async fn send(&self, row: &DeadRow) -> Result<(), KafkaError> {
         let topic = self.topic_for(&row.message.topic);
-        crate::kafka::produce(&self.producer, &topic, &row.message, &origin_headers(row)).await
+        crate::kafka::produce(&self.producer, &topic, &row.message, &origin_headers(row))
+            .await
+            .map(|_| ())
     }
 }
 

@@ -74,7 +74,8 @@ pub fn consumer_config(props: &BTreeMap<String, String>) -> anyhow::Result<Clien
     c.set("partition.assignment.strategy", "cooperative-sticky")
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "true")
-        .set("auto.commit.interval.ms", "1000")
+        // What a crash redelivers is what was stored but not yet committed: keep that short.
+        .set("auto.commit.interval.ms", "200")
         .set("fetch.message.max.bytes", "16777216");
     for (k, v) in props {
         c.set(k, v);
@@ -146,13 +147,14 @@ pub fn ensure_topics<C: ClientContext>(
 }
 
 /// Produces a stored record, byte for byte, to `topic`: its key, value and headers, then `extra`
-/// headers. Waits for the broker's acknowledgement, bounded by the producer's `message.timeout.ms`.
+/// headers. Waits for the broker's acknowledgement, bounded by the producer's `message.timeout.ms`,
+/// and returns where the record landed: (partition, offset).
 pub async fn produce(
     producer: &FutureProducer,
     topic: &str,
     m: &Message,
     extra: &[(&str, String)],
-) -> Result<(), KafkaError> {
+) -> Result<(i32, i64), KafkaError> {
     let headers = OwnedHeaders::new_with_capacity(m.headers.len() + extra.len());
     for h in &m.headers {
         add_header(&headers, &h.key, h.value.as_deref());
@@ -171,7 +173,7 @@ pub async fn produce(
     producer
         .send(record, Duration::from_secs(0))
         .await
-        .map(|_| ())
+        .map(|d| (d.partition, d.offset))
         .map_err(|(e, _)| e)
 }
 

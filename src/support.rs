@@ -1,4 +1,4 @@
-//! Helpers that `redrive-demo` and the benchmarks share. Not part of the library's API.
+//! Helpers that `redrive-demo`, `redrive-chaos` and the benchmarks share. Not part of the library's API.
 
 use anyhow::Context;
 use sqlx::Connection;
@@ -24,4 +24,16 @@ pub async fn recreate_database(admin_url: &str, name: &str) -> anyhow::Result<St
     let mut url = url::Url::parse(admin_url)?;
     url.set_path(name);
     Ok(url.to_string())
+}
+
+/// A binary built beside the running one (`redrive` beside `redrive-demo`).
+pub fn sibling_binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let path = std::env::current_exe()?.with_file_name(name);
+    if !path.exists() {
+        anyhow::bail!(
+            "{} is missing: build it with `cargo build --bins`",
+            path.display()
+        );
+    }
+    Ok(path)
 }

@@ -141,7 +141,7 @@ async fn run(kafka: &str, admin_url: &str) -> anyhow::Result<()> {
         "   policy: 4 attempts (3 retries), exponential 1s, 2s, 4s; values divisible by 3 fail\n"
     );
 
-    let redrive = sibling_binary("redrive")?;
+    let redrive = redrive::support::sibling_binary("redrive")?;
     let status = tokio::process::Command::new(&redrive)
         .arg("--config")
         .arg(&config)
@@ -272,17 +272,6 @@ listen = "127.0.0.1:0"
 timeout = "10s"
 "#
     )
-}
-
-fn sibling_binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
-    let path = std::env::current_exe()?.with_file_name(name);
-    if !path.exists() {
-        bail!(
-            "{} is missing: build it with `cargo build --bins`",
-            path.display()
-        );
-    }
-    Ok(path)
 }
 
 async fn create_topics(kafka: &str, names: &[&str]) -> anyhow::Result<()> {

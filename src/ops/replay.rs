@@ -192,6 +192,8 @@ impl ToTopic {
 
     async fn send(&self, id: Uuid, m: &Message) -> Result<(), rdkafka::error::KafkaError> {
         let extra = [(REPLAY_OF_HEADER, id.to_string())];
-        kafka::produce(&self.producer, self.topic_for(m), m, &extra).await
+        kafka::produce(&self.producer, self.topic_for(m), m, &extra)
+            .await
+            .map(|_| ())
     }
 }

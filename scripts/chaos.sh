@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The fault-injection suite (src/bin/redrive-chaos) on a Postgres cluster and a Kafka broker of its
+# own, on other ports, so it never disturbs the services of the tests and the demo.
+#   scripts/chaos.sh short   about two minutes; part of `make test`
+#   scripts/chaos.sh long    the full run of `make chaos` (BENCHMARKS.md has its figures)
+# Further arguments go to `redrive-chaos run` (see `redrive-chaos run --help`).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export REDRIVE_PG_CLUSTER=chaos REDRIVE_PG_PORT=5499 KAFKA_PORT=9192 KAFKA_CONTROLLER_PORT=9193
+export CHAOS_KAFKA=127.0.0.1:9192
+export CHAOS_POSTGRES=postgres://redrive:redrive@127.0.0.1:5499/redrive
+mode="${1:-long}"
+shift || true
+case "$mode" in
+  short) args=(--messages 4000 --duration 50s --fault-every 5s --settle-within 3m) ;;
+  long) args=(--messages 100000 --duration 10m --fault-every 7s) ;;
+  *) echo "usage: $0 short|long [redrive-chaos run options]" >&2; exit 2 ;;
+esac
+stop_services() {
+  scripts/kafka.sh stop >/dev/null 2>&1 || true
+  scripts/postgres.sh stop >/dev/null 2>&1 || true
+}
+trap stop_services EXIT
+scripts/postgres.sh start >/dev/null
+scripts/kafka.sh start >/dev/null
+"${CARGO_TARGET_DIR:-target}/debug/redrive-chaos" run "${args[@]}" "$@"
