@@ -42,6 +42,7 @@ fn env(name: &str, default: &str) -> String {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    redrive::telemetry::init_tracing();
     let args: Vec<String> = std::env::args().collect();
     let which = args.get(1).map(String::as_str).unwrap_or("all");
     let n: usize = args
@@ -133,31 +134,33 @@ async fn produce(kafka: &str, topic: &str, n: usize) -> anyhow::Result<()> {
 }
 
 fn committed_total(kafka: &str, group: &str, topic: &str) -> i64 {
+    committed_by_partition(kafka, group, topic).iter().sum()
+}
+
+/// Each partition's committed offset (0 where none is committed yet).
+fn committed_by_partition(kafka: &str, group: &str, topic: &str) -> Vec<i64> {
     let c: BaseConsumer = match ClientConfig::new()
         .set("bootstrap.servers", kafka)
         .set("group.id", group)
         .create()
     {
         Ok(c) => c,
-        Err(_) => return 0,
+        Err(_) => return vec![],
     };
     let mut tpl = TopicPartitionList::new();
     for p in 0..PARTITIONS {
         tpl.add_partition(topic, p);
     }
     let Ok(got) = c.committed_offsets(tpl, Duration::from_secs(10)) else {
-        return 0;
+        return vec![];
     };
     got.elements()
         .iter()
-        .map(|e| {
-            if let Offset::Offset(o) = e.offset() {
-                o
-            } else {
-                0
-            }
+        .map(|e| match e.offset() {
+            Offset::Offset(o) => o,
+            _ => 0,
         })
-        .sum()
+        .collect()
 }
 
 /// Produces `n` messages first, then times redrive consuming them all to committed offsets.
@@ -190,8 +193,14 @@ async fn consume(case: &str, db: &str, kafka: &str, n: usize) -> anyhow::Result<
             stop.clone(),
         )),
     };
+    let deadline = started + Duration::from_secs(600);
     while committed_total(kafka, &group, &topic) < n as i64 {
         anyhow::ensure!(!task.is_finished(), "redrive stopped early");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{case}: not every offset was committed within 10 minutes; committed by partition: {:?}",
+            committed_by_partition(kafka, &group, &topic)
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let secs = started.elapsed().as_secs_f64();

@@ -96,15 +96,7 @@ pub async fn run<H: Handler>(
     }
     if let Some(consumer) = consumer {
         let (capturer, capture) = capturer(store.clone(), &group, &config.consumer);
-        let consumer = Consumer::new(
-            consumer,
-            &group,
-            handler.clone(),
-            capture,
-            config.retry.clone(),
-            &config.consumer,
-            config.handler.timeout,
-        );
+        let consumer = Consumer::new(consumer, handler.clone(), capture, &config);
         let token = shutdown.clone();
         services.spawn(async move {
             let capturing = tokio::spawn(capturer.run());

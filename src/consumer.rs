@@ -11,9 +11,10 @@
 //! message for longer than a handler call and a capture should take is logged and counted.
 
 use crate::capturer::CaptureHandle;
-use crate::config::{ConsumerConfig, RetryConfig};
+use crate::config::{Config, RetryConfig};
+use crate::guard::Guard;
 use crate::handler::{call_with_timeout, Delivery, Handler};
-use crate::kafka::GroupContext;
+use crate::kafka::{self, GroupContext};
 use crate::message::Message;
 use crate::offsets::OffsetTracker;
 use crate::store::capture::Capture;
@@ -36,8 +37,9 @@ const PAUSE_AFTER: Duration = Duration::from_secs(1);
 /// a partition whose lowest unfinished offset has not moved counts as stalled.
 pub const STALL_GRACE: Duration = Duration::from_secs(60);
 
-/// How often the stall guard looks.
-const STALL_CHECK_EVERY: Duration = Duration::from_secs(5);
+/// On top of three auto-commit intervals, how long after a store its commit may take before the
+/// guard counts the partition's commit as lost.
+const COMMIT_GRACE: Duration = Duration::from_secs(10);
 
 /// The librdkafka consumer type redrive uses.
 pub type KafkaConsumer = StreamConsumer<GroupContext>;
@@ -60,29 +62,29 @@ struct Shared<H> {
 pub struct Consumer<H> {
     shared: Arc<Shared<H>>,
     max_in_flight: usize,
+    /// How long after a store the commit must have arrived before the guard steps in.
+    commit_within: Duration,
 }
 
 impl<H: Handler> Consumer<H> {
     /// Wraps a subscribed consumer.
     pub fn new(
         consumer: Arc<KafkaConsumer>,
-        group: &str,
         handler: Arc<H>,
         capture: CaptureHandle,
-        retry: RetryConfig,
-        config: &ConsumerConfig,
-        handler_timeout: Duration,
+        config: &Config,
     ) -> Self {
         Self {
-            max_in_flight: config.max_in_flight,
+            max_in_flight: config.consumer.max_in_flight,
+            commit_within: COMMIT_GRACE + kafka::commit_interval(&config.kafka.properties) * 3,
             shared: Arc::new(Shared {
-                group: group.to_string(),
+                group: config.kafka.group_id().to_string(),
                 consumer: consumer.clone(),
                 handler,
                 capture,
                 tracker: consumer.context().tracker.clone(),
-                retry,
-                timeout: handler_timeout,
+                retry: config.retry.clone(),
+                timeout: config.handler.timeout,
             }),
         }
     }
@@ -93,11 +95,13 @@ impl<H: Handler> Consumer<H> {
         let slots = Arc::new(Semaphore::new(self.max_in_flight));
         let mut tasks = JoinSet::new();
         let mut held = VecDeque::new();
-        let guard = tokio::spawn(stall_guard(
-            self.shared.tracker.clone(),
-            self.shared.timeout + STALL_GRACE,
-            shutdown.clone(),
-        ));
+        let guard = Guard {
+            tracker: self.shared.tracker.clone(),
+            consumer: self.shared.consumer.clone(),
+            stall_after: self.shared.timeout + STALL_GRACE,
+            commit_within: self.commit_within,
+        };
+        let guard = tokio::spawn(guard.run(shutdown.clone()));
         loop {
             let Some(permit) = self.next_slot(&slots, &mut held, &shutdown).await else {
                 break;
@@ -283,48 +287,25 @@ impl<H: Handler> Shared<H> {
                 }
             }
         }
-        let position = self.lock_tracker().done(&topic, partition, offset, epoch);
-        if let Some(next) = position {
-            // librdkafka stores `offset + 1`, the next message to read.
-            if let Err(e) = self.consumer.store_offset(&topic, partition, next - 1) {
-                // The partition was revoked meanwhile; its new owner redelivers from the last commit.
-                tracing::debug!("offset not stored: {e}");
-            }
+        // The position is stored while the tracker's lock is held: positions then reach
+        // librdkafka in the order the tracker computed them. Stored after the lock was released,
+        // a task could store an older position over a newer one, and at the end of a stream
+        // nothing would store past it again: the partition's commit would stay short for good.
+        let mut tracker = self.lock_tracker();
+        if let Some(next) = tracker.done(&topic, partition, offset, epoch) {
+            store_position(&self.consumer, &topic, partition, next);
         }
     }
 }
 
-/// Logs, and counts in `redrive_stalled_partitions`, partitions whose lowest unfinished offset has
-/// not moved for longer than `limit`: their commits wait on that one message. Each stall is logged
-/// once, when it is first seen.
-async fn stall_guard(
-    tracker: Arc<Mutex<OffsetTracker>>,
-    limit: Duration,
-    shutdown: CancellationToken,
-) {
-    let mut reported = Vec::new();
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(STALL_CHECK_EVERY) => {}
-        }
-        let stalled = tracker
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .stalled(limit);
-        metrics::gauge!("redrive_stalled_partitions").set(stalled.len() as f64);
-        for s in &stalled {
-            let key = (s.topic.clone(), s.partition, s.offset);
-            if !reported.contains(&key) {
-                tracing::error!(topic = s.topic, partition = s.partition, offset = s.offset,
-                    waiting = %humantime::format_duration(Duration::from_secs(s.for_.as_secs())),
-                    "partition stalled: its commits wait on this offset, which has not finished");
-            }
-        }
-        reported = stalled
-            .into_iter()
-            .map(|s| (s.topic, s.partition, s.offset))
-            .collect();
+/// Stores `next` (the next offset to consume) for the auto-commit. Call with the tracker's lock
+/// held, so positions reach librdkafka in the order the tracker computed them.
+pub(crate) fn store_position(consumer: &KafkaConsumer, topic: &str, partition: i32, next: i64) {
+    // librdkafka stores `offset + 1`, the next message to read.
+    if let Err(e) = consumer.store_offset(topic, partition, next - 1) {
+        // Work for revoked partitions never gets here (the epoch moved on), so this is a
+        // partition librdkafka no longer counts as ours: its next owner redelivers.
+        tracing::warn!(topic, partition, offset = next, "offset not stored: {e}");
     }
 }
 

@@ -74,8 +74,10 @@ pub fn consumer_config(props: &BTreeMap<String, String>) -> anyhow::Result<Clien
     c.set("partition.assignment.strategy", "cooperative-sticky")
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "true")
-        // What a crash redelivers is what was stored but not yet committed: keep that short.
-        .set("auto.commit.interval.ms", "200")
+        .set(
+            "auto.commit.interval.ms",
+            DEFAULT_COMMIT_INTERVAL_MS.to_string(),
+        )
         .set("fetch.message.max.bytes", "16777216");
     for (k, v) in props {
         c.set(k, v);
@@ -83,6 +85,18 @@ pub fn consumer_config(props: &BTreeMap<String, String>) -> anyhow::Result<Clien
     c.set("enable.auto.offset.store", "false");
     Ok(c)
 }
+
+/// The consumer's auto-commit interval: the user's `auto.commit.interval.ms`, or redrive's default.
+pub fn commit_interval(props: &BTreeMap<String, String>) -> Duration {
+    let ms = props
+        .get("auto.commit.interval.ms")
+        .and_then(|v| v.parse().ok());
+    Duration::from_millis(ms.unwrap_or(DEFAULT_COMMIT_INTERVAL_MS))
+}
+
+/// redrive's default `auto.commit.interval.ms`: what a crash redelivers is what was stored but not
+/// yet committed, so keep that short.
+const DEFAULT_COMMIT_INTERVAL_MS: u64 = 200;
 
 /// The DLQ producer's configuration: idempotent and fully acknowledged, large records allowed.
 pub fn producer_config(

@@ -14,6 +14,7 @@
 //! - [`message`]: a Kafka record as redrive keeps it, byte for byte.
 //! - [`handler`]: the [`Handler`] trait and the HTTP (CloudEvents) handler.
 //! - [`consumer`]: consumes topics, calls the handler, stores offsets only after a durable outcome.
+//! - [`guard`]: the consumer's guards: stalled partitions, and commits that did not arrive.
 //! - [`offsets`]: per-partition tracking of the highest offset below which all is durable.
 //! - [`capturer`]: batches failed messages into one INSERT per batch.
 //! - [`dispatcher`]: the retry workers: claim due rows, call the handler, hand results on.
@@ -39,6 +40,7 @@ pub mod config;
 pub mod consumer;
 pub mod dispatcher;
 pub mod dlq;
+pub mod guard;
 pub mod handler;
 pub mod http_server;
 pub mod kafka;

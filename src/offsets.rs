@@ -9,7 +9,9 @@
 //! a partition that moves A→B→A never sees A store an offset behind what B committed.
 //!
 //! The tracker also notices a partition whose lowest unfinished offset has not moved for a long
-//! time ([`OffsetTracker::stalled`]): its commits are stuck behind that one message.
+//! time ([`OffsetTracker::stalled`]): its commits are stuck behind that one message. And it tells
+//! which idle partitions should by now have their last stored position committed
+//! ([`OffsetTracker::idle`]), so the consumer can check that the commit really arrived.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -25,6 +27,8 @@ struct Partition {
     max_done: Option<i64>,
     /// The position last returned for storing.
     stored: Option<i64>,
+    /// When `stored` last changed.
+    stored_at: Instant,
     /// The lowest in-flight offset, and since when it has been the lowest.
     lowest: Option<(i64, Instant)>,
 }
@@ -71,6 +75,7 @@ impl OffsetTracker {
                 in_flight: BTreeMap::new(),
                 max_done: None,
                 stored: None,
+                stored_at: Instant::now(),
                 lowest: None,
             });
         // The first message of an assignment is where the group's committed position already is.
@@ -105,6 +110,7 @@ impl OffsetTracker {
             return None;
         }
         p.stored = Some(position);
+        p.stored_at = Instant::now();
         Some(position)
     }
 
@@ -129,6 +135,33 @@ impl OffsetTracker {
     /// Partitions whose lowest unfinished offset has not moved for longer than `limit`.
     pub fn stalled(&self, limit: Duration) -> Vec<Stalled> {
         self.stalled_at(Instant::now(), limit)
+    }
+
+    /// Partitions with nothing in flight whose position was stored more than `quiet` ago, with
+    /// that position: by now their committed offset should be exactly it.
+    pub fn idle(&self, quiet: Duration) -> Vec<(String, i32, i64)> {
+        self.idle_at(Instant::now(), quiet)
+    }
+
+    fn idle_at(&self, now: Instant, quiet: Duration) -> Vec<(String, i32, i64)> {
+        let mut out: Vec<_> = self
+            .partitions
+            .iter()
+            .filter(|(_, p)| {
+                p.in_flight.is_empty() && now.saturating_duration_since(p.stored_at) > quiet
+            })
+            .filter_map(|((topic, partition), p)| Some((topic.clone(), *partition, p.stored?)))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// The stored position of a partition with nothing in flight, if it is still `position`: the
+    /// guard's check that re-storing it cannot go behind newer work.
+    pub fn still_idle_at(&self, topic: &str, partition: i32, position: i64) -> bool {
+        self.partitions
+            .get(&(topic.to_string(), partition))
+            .is_some_and(|p| p.in_flight.is_empty() && p.stored == Some(position))
     }
 
     fn stalled_at(&self, now: Instant, limit: Duration) -> Vec<Stalled> {
@@ -237,6 +270,27 @@ mod tests {
             !t.begin("t", 0, 12, first),
             "a message held from before is not handled"
         );
+    }
+
+    #[test]
+    fn idle_partitions_are_listed_with_their_stored_position() {
+        let mut t = OffsetTracker::default();
+        t.begin("t", 0, 5, 0);
+        t.begin("t", 1, 9, 0);
+        assert_eq!(t.done("t", 0, 5, 0), Some(6));
+        let later = Instant::now() + Duration::from_secs(30);
+        assert_eq!(
+            t.idle_at(later, Duration::from_secs(10)),
+            vec![("t".into(), 0, 6)]
+        );
+        assert!(
+            t.idle_at(Instant::now(), Duration::from_secs(10))
+                .is_empty(),
+            "too recent"
+        );
+        assert!(t.still_idle_at("t", 0, 6));
+        t.begin("t", 0, 6, 0);
+        assert!(!t.still_idle_at("t", 0, 6), "new work in flight");
     }
 
     #[test]

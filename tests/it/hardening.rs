@@ -352,6 +352,12 @@ async fn poison_dlq_records_are_marked_and_the_publisher_moves_on() {
     );
     stop.cancel();
     running.await.unwrap().unwrap();
+    // The operators' recipe puts them back in the outbox.
+    sqlx::query(&crate::operators::recipe("republish-refused"))
+        .execute(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(db.store.outbox_backlog("g").await.unwrap(), 120);
 }
 
 #[tokio::test]

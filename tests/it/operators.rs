@@ -1406,7 +1406,7 @@ async fn paused_and_rescheduled_rows_are_honoured_by_running_workers() {
 }
 
 /// The code block that follows `<!-- recipe: NAME -->` in docs/operators.md.
-fn recipe(name: &str) -> String {
+pub fn recipe(name: &str) -> String {
     let doc = include_str!("../../docs/operators.md");
     let marker = format!("<!-- recipe: {name} -->");
     let start = doc
