@@ -21,7 +21,6 @@ fn only(consumer: bool, workers: bool, dlq: bool) -> RunArgs {
         no_workers: !workers,
         no_dlq: !dlq,
         no_http: true,
-        ..Default::default()
     }
 }
 
