@@ -9,7 +9,7 @@ use axum::Router;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
-use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use redrive::store::Store;
@@ -207,23 +207,7 @@ pub async fn produce(
 
 /// Reads `n` records from the start of a topic as redrive reads them: header names as bytes.
 pub async fn read_topic_raw(topic: &str, n: usize, limit: Duration) -> Vec<redrive::Message> {
-    let c: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka())
-        .set("group.id", unique("reader"))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    c.subscribe(&[topic]).unwrap();
-    let mut out = Vec::new();
-    let deadline = tokio::time::Instant::now() + limit;
-    while out.len() < n {
-        match tokio::time::timeout_at(deadline, c.recv()).await {
-            Ok(m) => out.push(redrive::Message::from_kafka(&m.unwrap())),
-            Err(_) => panic!("only {} of {n} records arrived on {topic}", out.len()),
-        }
-    }
-    out
+    read_records(&kafka(), topic, n, limit, redrive::Message::from_kafka).await
 }
 
 /// Reads `n` records from the start of a topic.
@@ -233,6 +217,17 @@ pub async fn read_topic(
     n: usize,
     limit: Duration,
 ) -> Vec<OwnedMessage> {
+    read_records(bootstrap, topic, n, limit, |m| m.detach()).await
+}
+
+/// Reads `n` records from the start of a topic through `keep`, in a group of its own.
+async fn read_records<T>(
+    bootstrap: &str,
+    topic: &str,
+    n: usize,
+    limit: Duration,
+    keep: impl Fn(&BorrowedMessage<'_>) -> T,
+) -> Vec<T> {
     let c: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", unique("reader"))
@@ -245,7 +240,7 @@ pub async fn read_topic(
     let deadline = tokio::time::Instant::now() + limit;
     while out.len() < n {
         match tokio::time::timeout_at(deadline, c.recv()).await {
-            Ok(m) => out.push(m.unwrap().detach()),
+            Ok(m) => out.push(keep(&m.unwrap())),
             Err(_) => panic!(
                 "only {} of {n} records arrived on {topic} within {limit:?}",
                 out.len()

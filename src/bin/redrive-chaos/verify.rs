@@ -112,11 +112,7 @@ fn lagging(kafka: &str, topic: &str) -> anyhow::Result<Vec<(i32, i64, i64)>> {
         .set("bootstrap.servers", kafka)
         .set("group.id", "chaos")
         .create()?;
-    let metadata = c.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let partitions = metadata
-        .topics()
-        .first()
-        .map_or(0, |t| t.partitions().len()) as i32;
+    let partitions = partition_count(&c, topic)?;
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
         tpl.add_partition(topic, p);
@@ -293,11 +289,7 @@ async fn read_all(kafka: &str, topic: &str) -> anyhow::Result<Vec<Message>> {
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
         .create()?;
-    let metadata = c.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let partitions = metadata
-        .topics()
-        .first()
-        .map_or(0, |t| t.partitions().len()) as i32;
+    let partitions = partition_count(&c, topic)?;
     let mut remaining = HashMap::new();
     for p in 0..partitions {
         let (low, high) = c.fetch_watermarks(topic, p, Duration::from_secs(10))?;
@@ -354,4 +346,13 @@ fn early_attempts(calls: &[Call], faults: &[Fault]) -> Vec<String> {
         }
     }
     out
+}
+
+/// How many partitions the broker reports for `topic`.
+fn partition_count(c: &impl Consumer, topic: &str) -> anyhow::Result<i32> {
+    let metadata = c.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    Ok(metadata
+        .topics()
+        .first()
+        .map_or(0, |t| t.partitions().len()) as i32)
 }
