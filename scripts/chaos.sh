@@ -3,7 +3,8 @@
 # own, on other ports, so it never disturbs the services of the tests and the demo.
 #   scripts/chaos.sh short   about two minutes; part of `make test`
 #   scripts/chaos.sh long    the full run of `make chaos` (BENCHMARKS.md has its figures)
-# Further arguments go to `redrive-chaos run` (see `redrive-chaos run --help`).
+# Further arguments go to `redrive-chaos run` and override the presets (see `redrive-chaos run
+# --help`), e.g. `scripts/chaos.sh long --fault-every 3s`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export REDRIVE_PG_CLUSTER=chaos REDRIVE_PG_PORT=5499 KAFKA_PORT=9192 KAFKA_CONTROLLER_PORT=9193

@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use workers::{Fault, Worker};
 
 #[derive(Parser)]
-#[command(about = "redrive's fault-injection suite")]
+// A later option wins, so scripts/chaos.sh's presets can be overridden from its command line.
+#[command(about = "redrive's fault-injection suite", args_override_self = true)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -83,6 +84,10 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Run(o) => {
             let report = run(&o).await?;
             println!("{}", report.summary());
+            println!(
+                "chaos: duplicates by the last fault before them: {:?}",
+                report.duplicates_after
+            );
             std::fs::write(
                 o.out.join("report.json"),
                 serde_json::to_string_pretty(&report.json())?,

@@ -16,7 +16,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use redrive::message::Message;
 use sqlx::{PgPool, Row};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 /// What the checks read.
@@ -45,6 +45,11 @@ pub struct Report {
     /// between the broker's acknowledgement and marking the row (the outbox is at least once).
     pub dlq_records: usize,
     pub duplicates: usize,
+    /// Of those, the repeats of a first delivery (redelivered from Kafka after a crash or a
+    /// rebalance); the rest repeat a retry (a worker's completion that never reached Postgres).
+    pub duplicates_first: usize,
+    /// Duplicates by the kind of the last fault begun before them ("none" before the first).
+    pub duplicates_after: BTreeMap<String, usize>,
     pub settle_time: Duration,
     pub peak_rss: u64,
     pub failures: Vec<String>,
@@ -53,7 +58,7 @@ pub struct Report {
 impl Report {
     pub fn summary(&self) -> String {
         format!(
-            "chaos: {} messages, {} faults, lost {}, dead {} ({} refused by the DLQ topic, {} DLQ records), duplicates {} ({:.2} %), settled in {:.1} s, peak RSS {} MiB, {} check(s) failed",
+            "chaos: {} messages, {} faults, lost {}, dead {} ({} refused by the DLQ topic, {} DLQ records), duplicates {} ({:.2} %; {} of first deliveries), settled in {:.1} s, peak RSS {} MiB, {} check(s) failed",
             self.messages,
             self.faults.len(),
             self.lost,
@@ -62,6 +67,7 @@ impl Report {
             self.dlq_records,
             self.duplicates,
             100.0 * self.duplicates as f64 / self.messages.max(1) as f64,
+            self.duplicates_first,
             self.settle_time.as_secs_f64(),
             self.peak_rss >> 20,
             self.failures.len()
@@ -72,6 +78,8 @@ impl Report {
         serde_json::json!({
             "messages": self.messages, "faults": self.faults, "lost": self.lost, "dead": self.dead,
             "refused": self.refused, "dlq_records": self.dlq_records, "duplicates": self.duplicates,
+            "duplicates_first": self.duplicates_first,
+            "duplicates_after": self.duplicates_after,
             "settle_seconds": self.settle_time.as_secs_f64(), "peak_rss_bytes": self.peak_rss,
             "failures": self.failures,
         })
@@ -159,8 +167,16 @@ pub async fn check(i: Inputs<'_>) -> anyhow::Result<Report> {
         .collect();
     let dead = dead_rows(&pool, &by_position).await?;
     let mut acked = vec![0usize; i.produced.len()];
+    let mut duplicates_first = 0;
+    let mut duplicates_after = BTreeMap::new();
     for c in i.calls.iter().filter(|c| (200..300).contains(&c.status)) {
         acked[c.index] += 1;
+        if acked[c.index] > 1 {
+            duplicates_first += usize::from(c.attempt <= 1);
+            *duplicates_after
+                .entry(last_fault_kind(i.faults, c.arrived))
+                .or_insert(0) += 1;
+        }
     }
     let lost: Vec<usize> = (0..i.produced.len())
         .filter(|n| acked[*n] == 0 && !dead.contains_key(n))
@@ -184,6 +200,8 @@ pub async fn check(i: Inputs<'_>) -> anyhow::Result<Report> {
         refused,
         dlq_records,
         duplicates: acked.iter().map(|n| n.saturating_sub(1)).sum(),
+        duplicates_first,
+        duplicates_after,
         settle_time: i.settle_time,
         peak_rss: i.peak_rss,
         failures,
@@ -346,6 +364,20 @@ fn early_attempts(calls: &[Call], faults: &[Fault]) -> Vec<String> {
         }
     }
     out
+}
+
+/// The kind of the last fault begun before `at` (its description without the process named).
+fn last_fault_kind(faults: &[Fault], at: Instant) -> String {
+    faults
+        .iter()
+        .filter(|f| f.from <= at)
+        .max_by_key(|f| f.from)
+        .map_or("none".to_string(), |f| {
+            f.what
+                .trim_end_matches(|c: char| c != ' ')
+                .trim_end()
+                .to_string()
+        })
 }
 
 /// How many partitions the broker reports for `topic`.
