@@ -228,7 +228,7 @@ fn watch(
 
 /// Does one fault; `workers` starts with the process it is done to.
 async fn inject(
-    what: &str,
+    what: &'static str,
     workers: &mut [Worker],
     exits: &mut Vec<String>,
 ) -> anyhow::Result<Fault> {
@@ -261,6 +261,7 @@ async fn inject(
     };
     tracing::warn!("chaos: {label}");
     Ok(Fault {
+        kind: what,
         what: label,
         from,
         to: Instant::now(),

@@ -49,7 +49,7 @@ pub struct Report {
     /// rebalance); the rest repeat a retry (a worker's completion that never reached Postgres).
     pub duplicates_first: usize,
     /// Duplicates by the kind of the last fault begun before them ("none" before the first).
-    pub duplicates_after: BTreeMap<String, usize>,
+    pub duplicates_after: BTreeMap<&'static str, usize>,
     pub settle_time: Duration,
     pub peak_rss: u64,
     pub failures: Vec<String>,
@@ -167,11 +167,12 @@ pub async fn check(i: Inputs<'_>) -> anyhow::Result<Report> {
         .collect();
     let dead = dead_rows(&pool, &by_position).await?;
     let mut acked = vec![0usize; i.produced.len()];
-    let mut duplicates_first = 0;
+    let (mut duplicates, mut duplicates_first) = (0, 0);
     let mut duplicates_after = BTreeMap::new();
     for c in i.calls.iter().filter(|c| (200..300).contains(&c.status)) {
         acked[c.index] += 1;
         if acked[c.index] > 1 {
+            duplicates += 1;
             duplicates_first += usize::from(c.attempt <= 1);
             *duplicates_after
                 .entry(last_fault_kind(i.faults, c.arrived))
@@ -199,7 +200,7 @@ pub async fn check(i: Inputs<'_>) -> anyhow::Result<Report> {
         dead: dead.len(),
         refused,
         dlq_records,
-        duplicates: acked.iter().map(|n| n.saturating_sub(1)).sum(),
+        duplicates,
         duplicates_first,
         duplicates_after,
         settle_time: i.settle_time,
@@ -366,18 +367,13 @@ fn early_attempts(calls: &[Call], faults: &[Fault]) -> Vec<String> {
     out
 }
 
-/// The kind of the last fault begun before `at` (its description without the process named).
-fn last_fault_kind(faults: &[Fault], at: Instant) -> String {
+/// The kind of the last fault begun before `at`.
+fn last_fault_kind(faults: &[Fault], at: Instant) -> &'static str {
     faults
         .iter()
         .filter(|f| f.from <= at)
         .max_by_key(|f| f.from)
-        .map_or("none".to_string(), |f| {
-            f.what
-                .trim_end_matches(|c: char| c != ' ')
-                .trim_end()
-                .to_string()
-        })
+        .map_or("none", |f| f.kind)
 }
 
 /// How many partitions the broker reports for `topic`.

@@ -25,6 +25,8 @@ pub struct Worker {
 /// A fault, and when it started and ended.
 #[derive(Debug, Clone)]
 pub struct Fault {
+    /// Its kind, as the plan names it: kill, freeze, term, postgres or broker.
+    pub kind: &'static str,
     pub what: String,
     pub from: Instant,
     pub to: Instant,
