@@ -100,9 +100,9 @@ pub async fn run<H: Handler>(
         let token = shutdown.clone();
         services.spawn(async move {
             let capturing = tokio::spawn(capturer.run());
-            consumer.run(token, drain).await;
+            let result = consumer.run(token, drain).await;
             finish("capturer", capturing, drain).await; // every capture handle is gone
-            ("consumer", Ok(()))
+            ("consumer", result)
         });
     }
     if !parts.no_http {

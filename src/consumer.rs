@@ -19,7 +19,7 @@ use crate::message::Message;
 use crate::offsets::OffsetTracker;
 use crate::store::capture::Capture;
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
-use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::TopicPartitionList;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -91,7 +91,9 @@ impl<H: Handler> Consumer<H> {
 
     /// Runs until `shutdown`, then stops polling, gives in-flight messages `drain` to finish and
     /// commits the stored offsets. Messages that did not finish are redelivered after a restart.
-    pub async fn run(self, shutdown: CancellationToken, drain: Duration) {
+    /// A fatal error of the Kafka client (this member fenced by another with its
+    /// `group.instance.id`, say) stops it the same way, and is returned.
+    pub async fn run(self, shutdown: CancellationToken, drain: Duration) -> anyhow::Result<()> {
         let slots = Arc::new(Semaphore::new(self.max_in_flight));
         let mut tasks = JoinSet::new();
         let mut held = VecDeque::new();
@@ -102,9 +104,15 @@ impl<H: Handler> Consumer<H> {
             commit_within: self.commit_within,
         };
         let guard = tokio::spawn(guard.run(shutdown.clone()));
+        let mut failure = None;
         loop {
-            let Some(permit) = self.next_slot(&slots, &mut held, &shutdown).await else {
-                break;
+            let permit = match self.next_slot(&slots, &mut held, &shutdown).await {
+                Ok(Some(permit)) => permit,
+                Ok(None) => break,
+                Err(fatal) => {
+                    failure = Some(fatal);
+                    break;
+                }
             };
             let message = match held.pop_front() {
                 Some(m) => m,
@@ -115,10 +123,16 @@ impl<H: Handler> Consumer<H> {
                     };
                     match received {
                         Ok(m) => self.shared.received(Message::from_kafka(&m)),
-                        Err(e) => {
-                            log_consume_error(&e);
-                            continue;
-                        }
+                        Err(e) => match self.fatal(&e) {
+                            Some(fatal) => {
+                                failure = Some(fatal);
+                                break;
+                            }
+                            None => {
+                                log_consume_error(&e);
+                                continue;
+                            }
+                        },
                     }
                 }
             };
@@ -127,37 +141,65 @@ impl<H: Handler> Consumer<H> {
         }
         guard.abort();
         self.drain(tasks, drain).await;
+        failure.map_or(Ok(()), Err)
+    }
+
+    /// The client's fatal error, when `e` is one: librdkafka consumes nothing after it.
+    fn fatal(&self, e: &KafkaError) -> Option<anyhow::Error> {
+        let KafkaError::MessageConsumptionFatal(code) = e else {
+            return None;
+        };
+        let (code, reason) = self
+            .shared
+            .consumer
+            .client()
+            .fatal_error()
+            .unwrap_or((*code, e.to_string()));
+        let hint = match code {
+            RDKafkaErrorCode::FencedInstanceId => {
+                ": another consumer joined the group with this process's `group.instance.id`; \
+                 every process needs an id of its own"
+            }
+            _ => "",
+        };
+        Some(anyhow::anyhow!(
+            "the Kafka consumer stopped on a fatal error: {reason}{hint}"
+        ))
     }
 
     /// Waits for a free slot. While every slot stays busy (a slow handler, or captures waiting for
     /// Postgres), the assigned partitions are paused and the consumer keeps polling, so it stays in
     /// its group however long that lasts (`max.poll.interval.ms`). A message fetched before the
-    /// pause took effect is held, in order, for the next free slot. `None` on shutdown.
+    /// pause took effect is held, in order, for the next free slot. `None` on shutdown; the
+    /// client's fatal error, if it has one.
     async fn next_slot(
         &self,
         slots: &Arc<Semaphore>,
         held: &mut VecDeque<Received>,
         shutdown: &CancellationToken,
-    ) -> Option<OwnedSemaphorePermit> {
+    ) -> anyhow::Result<Option<OwnedSemaphorePermit>> {
         // Under load a slot frees within milliseconds. Pausing purges librdkafka's fetch queue, so
         // it is kept for slots that stay busy.
         tokio::select! {
-            _ = shutdown.cancelled() => return None,
-            p = slots.clone().acquire_owned() => return p.ok(),
+            _ = shutdown.cancelled() => return Ok(None),
+            p = slots.clone().acquire_owned() => return Ok(p.ok()),
             _ = tokio::time::sleep(PAUSE_AFTER) => {}
         }
         let mut paused = self.pause();
         let permit = loop {
             tokio::select! {
-                _ = shutdown.cancelled() => break None,
-                p = slots.clone().acquire_owned() => break p.ok(),
+                _ = shutdown.cancelled() => break Ok(None),
+                p = slots.clone().acquire_owned() => break Ok(p.ok()),
                 m = self.shared.consumer.recv() => match m {
                     Ok(m) => {
                         held.push_back(self.shared.received(Message::from_kafka(&m)));
                         // A rebalance may have assigned partitions that are not paused yet.
                         paused = self.pause().or(paused);
                     }
-                    Err(e) => log_consume_error(&e),
+                    Err(e) => match self.fatal(&e) {
+                        Some(fatal) => break Err(fatal),
+                        None => log_consume_error(&e),
+                    },
                 },
             }
         };
@@ -309,7 +351,7 @@ pub(crate) fn store_position(consumer: &KafkaConsumer, topic: &str, partition: i
     }
 }
 
-fn log_consume_error(e: &rdkafka::error::KafkaError) {
+fn log_consume_error(e: &KafkaError) {
     match e.rdkafka_error_code() {
         Some(RDKafkaErrorCode::UnknownTopicOrPartition) => {
             tracing::error!("consuming failed: a subscribed topic does not exist: {e}")

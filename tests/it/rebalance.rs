@@ -289,3 +289,44 @@ async fn a_partition_that_moves_away_and_back_never_commits_backwards() {
         "commits moved backwards: {backwards:?}"
     );
 }
+
+#[tokio::test]
+async fn a_member_fenced_by_another_with_its_group_instance_id_stops_with_an_error_naming_it() {
+    let db = TestDb::new().await;
+    let (topic, group) = (unique("fenced"), unique("g"));
+    create_topic(&topic, 1).await;
+    let mut config = config(&db.url, &[&topic], &group, None, "");
+    config
+        .kafka
+        .properties
+        .insert("group.instance.id".into(), "one-id".into());
+    let (a, b) = members();
+    let (_stop_a, app_a) = start(config.clone(), &a);
+    let p = producer(&kafka());
+    produce_to(&p, &topic, 0, "fast").await;
+    wait_for(
+        "A to handle the message",
+        Duration::from_secs(60),
+        || async { (handled_by(&a.log, "A").len() == 1).then_some(()) },
+    )
+    .await;
+
+    // B joins with A's id: the coordinator fences A, which cannot consume again.
+    let (stop_b, app_b) = start(config, &b);
+    let stopped = tokio::time::timeout(Duration::from_secs(90), app_a)
+        .await
+        .expect("the fenced member stops")
+        .unwrap();
+    let error = format!("{:#}", stopped.expect_err("the fenced member fails"));
+    assert!(error.contains("group.instance.id"), "{error}");
+
+    produce_to(&p, &topic, 0, "fast").await;
+    wait_for(
+        "B to handle the next message",
+        Duration::from_secs(60),
+        || async { handled_by(&b.log, "B").contains(&(0, 1)).then_some(()) },
+    )
+    .await;
+    stop_b.cancel();
+    app_b.await.unwrap().unwrap();
+}

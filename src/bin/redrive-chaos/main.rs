@@ -53,6 +53,17 @@ pub struct Options {
     /// Time between faults.
     #[arg(long, default_value = "7s", value_parser = humantime::parse_duration)]
     fault_every: Duration,
+    /// The faults to inject, in order, cycled (e.g. `--faults kill` for kills only).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "kill,postgres,freeze,broker,term,kill,kill,freeze,kill,kill"
+    )]
+    faults: Vec<FaultKind>,
+    /// Static group membership: each worker keeps its own `group.instance.id` across restarts, so a
+    /// restarted worker takes its partitions back without a rebalance.
+    #[arg(long)]
+    static_membership: bool,
     /// `redrive run` processes (one library-handler process runs besides them).
     #[arg(long, default_value_t = 3)]
     workers: usize,
@@ -85,9 +96,10 @@ async fn main() -> anyhow::Result<()> {
             let report = run(&o).await?;
             println!("{}", report.summary());
             println!(
-                "chaos: duplicates by the last fault before them: {:?}",
+                "chaos: duplicates by the fault that caused them: {:?}",
                 report.duplicates_after
             );
+            std::fs::write(o.out.join("duplicates.csv"), &report.duplicates_csv)?;
             std::fs::write(
                 o.out.join("report.json"),
                 serde_json::to_string_pretty(&report.json())?,
@@ -139,12 +151,12 @@ async fn run(o: &Options) -> anyhow::Result<verify::Report> {
     let mut exits = Vec::new();
     let mut peak_rss = 0;
     let mut next_fault = Instant::now() + o.fault_every;
-    let mut plan = FAULTS.iter().cycle();
+    let mut plan = o.faults.iter().cycle();
     while started.elapsed() < o.duration || !producing.is_finished() {
         tokio::time::sleep(Duration::from_millis(250)).await;
         watch(&mut workers, &mut exits, &mut peak_rss)?;
         if Instant::now() >= next_fault && started.elapsed() < o.duration {
-            let what = plan.next().copied().unwrap_or("kill");
+            let what = plan.next().copied().unwrap_or(FaultKind::Kill);
             let n = faults.len();
             let victim = n % workers.len();
             faults.push(inject(what, &mut workers[victim..], &mut exits).await?);
@@ -179,10 +191,32 @@ async fn run(o: &Options) -> anyhow::Result<verify::Report> {
     .await
 }
 
-/// The order faults come in; it cycles.
-const FAULTS: &[&str] = &[
-    "kill", "postgres", "freeze", "broker", "term", "kill", "kill", "freeze", "kill", "kill",
-];
+/// A fault the suite can inject.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum FaultKind {
+    /// SIGKILL a worker, then start it again.
+    Kill,
+    /// SIGSTOP a worker for longer than its session timeout, then SIGCONT.
+    Freeze,
+    /// SIGTERM a worker, wait for it to exit, then start it again.
+    Term,
+    /// Restart the Postgres cluster.
+    Postgres,
+    /// Restart the broker.
+    Broker,
+}
+
+impl FaultKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FaultKind::Kill => "kill",
+            FaultKind::Freeze => "freeze",
+            FaultKind::Term => "term",
+            FaultKind::Postgres => "postgres",
+            FaultKind::Broker => "broker",
+        }
+    }
+}
 
 fn start_workers(o: &Options, config: &std::path::Path) -> anyhow::Result<Vec<Worker>> {
     let redrive = redrive::support::sibling_binary("redrive")?;
@@ -204,6 +238,15 @@ fn start_workers(o: &Options, config: &std::path::Path) -> anyhow::Result<Vec<Wo
         &["worker", "--config", config],
         &o.out,
     ));
+    if o.static_membership {
+        workers = workers
+            .into_iter()
+            .map(|w| {
+                let id = format!("chaos-{}", w.name);
+                w.env("REDRIVE_KAFKA__GROUP_INSTANCE_ID", &id)
+            })
+            .collect();
+    }
     for w in &mut workers {
         w.start()?;
     }
@@ -228,40 +271,40 @@ fn watch(
 
 /// Does one fault; `workers` starts with the process it is done to.
 async fn inject(
-    what: &'static str,
+    what: FaultKind,
     workers: &mut [Worker],
     exits: &mut Vec<String>,
 ) -> anyhow::Result<Fault> {
     let from = Instant::now();
     let w = &mut workers[0];
     let label = match what {
-        "kill" => {
+        FaultKind::Kill => {
             w.kill_and_restart().await?;
             format!("SIGKILL {}", w.name)
         }
-        "freeze" => {
+        FaultKind::Freeze => {
             w.freeze().await?;
             format!("SIGSTOP/SIGCONT {}", w.name)
         }
-        "term" => {
+        FaultKind::Term => {
             if let Err(e) = w.terminate().await {
                 exits.push(format!("{e:#}"));
             }
             w.start()?;
             format!("SIGTERM {}", w.name)
         }
-        "postgres" => {
+        FaultKind::Postgres => {
             workers::service("postgres.sh", "restart").await?;
             "Postgres restart".to_string()
         }
-        _ => {
+        FaultKind::Broker => {
             workers::service("kafka.sh", "restart").await?;
             "broker restart".to_string()
         }
     };
     tracing::warn!("chaos: {label}");
     Ok(Fault {
-        kind: what,
+        kind: what.as_str(),
         what: label,
         from,
         to: Instant::now(),

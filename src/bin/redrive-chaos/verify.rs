@@ -48,8 +48,12 @@ pub struct Report {
     /// Of those, the repeats of a first delivery (redelivered from Kafka after a crash or a
     /// rebalance); the rest repeat a retry (a worker's completion that never reached Postgres).
     pub duplicates_first: usize,
-    /// Duplicates by the kind of the last fault begun before them ("none" before the first).
+    /// Duplicates by the kind of the fault that caused them: the first one still under way or
+    /// begun after the earlier delivery was answered ("none" if no fault came in between).
     pub duplicates_after: BTreeMap<&'static str, usize>,
+    /// One line per duplicate, as CSV with a header: which message, when each delivery came
+    /// (seconds from the first call) and the fault it is put down to.
+    pub duplicates_csv: String,
     pub settle_time: Duration,
     pub peak_rss: u64,
     pub failures: Vec<String>,
@@ -167,17 +171,31 @@ pub async fn check(i: Inputs<'_>) -> anyhow::Result<Report> {
         .collect();
     let dead = dead_rows(&pool, &by_position).await?;
     let mut acked = vec![0usize; i.produced.len()];
+    let mut first_ack: Vec<Option<&Call>> = vec![None; i.produced.len()];
     let (mut duplicates, mut duplicates_first) = (0, 0);
     let mut duplicates_after = BTreeMap::new();
+    let start = i.calls.iter().map(|c| c.arrived).min();
+    let secs = |at: Instant| start.map_or(0.0, |s| (at - s).as_secs_f64());
+    let mut duplicates_csv =
+        "index,partition,offset,attempt,first_answered_s,again_arrived_s,cause\n".to_string();
     for c in i.calls.iter().filter(|c| (200..300).contains(&c.status)) {
         acked[c.index] += 1;
-        if acked[c.index] > 1 {
-            duplicates += 1;
-            duplicates_first += usize::from(c.attempt <= 1);
-            *duplicates_after
-                .entry(last_fault_kind(i.faults, c.arrived))
-                .or_insert(0) += 1;
-        }
+        let Some(first) = first_ack[c.index] else {
+            first_ack[c.index] = Some(c);
+            continue;
+        };
+        duplicates += 1;
+        duplicates_first += usize::from(c.attempt <= 1);
+        let cause = fault_between(i.faults, first.answered, c.arrived).map_or("none", |f| f.kind);
+        *duplicates_after.entry(cause).or_insert(0) += 1;
+        let (partition, offset) = i.produced[c.index];
+        duplicates_csv += &format!(
+            "{},{partition},{offset},{},{:.3},{:.3},{cause}\n",
+            c.index,
+            c.attempt,
+            secs(first.answered),
+            secs(c.arrived)
+        );
     }
     let lost: Vec<usize> = (0..i.produced.len())
         .filter(|n| acked[*n] == 0 && !dead.contains_key(n))
@@ -203,6 +221,7 @@ pub async fn check(i: Inputs<'_>) -> anyhow::Result<Report> {
         duplicates,
         duplicates_first,
         duplicates_after,
+        duplicates_csv,
         settle_time: i.settle_time,
         peak_rss: i.peak_rss,
         failures,
@@ -367,13 +386,13 @@ fn early_attempts(calls: &[Call], faults: &[Fault]) -> Vec<String> {
     out
 }
 
-/// The kind of the last fault begun before `at`.
-fn last_fault_kind(faults: &[Fault], at: Instant) -> &'static str {
+/// The first fault that was under way at `answered`, or began after it, and began before `again`:
+/// what kept a delivery answered at `answered` from being committed before it came `again`.
+fn fault_between(faults: &[Fault], answered: Instant, again: Instant) -> Option<&Fault> {
     faults
         .iter()
-        .filter(|f| f.from <= at)
-        .max_by_key(|f| f.from)
-        .map_or("none", |f| f.kind)
+        .filter(|f| f.to >= answered && f.from <= again)
+        .min_by_key(|f| f.from)
 }
 
 /// How many partitions the broker reports for `topic`.

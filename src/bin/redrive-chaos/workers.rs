@@ -19,6 +19,8 @@ pub struct Worker {
     program: PathBuf,
     args: Vec<String>,
     log: PathBuf,
+    /// Environment variables of its own (a `group.instance.id`, say).
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -39,8 +41,15 @@ impl Worker {
             program: program.to_path_buf(),
             args: args.iter().map(|a| a.to_string()).collect(),
             log: logs.join(format!("{name}.log")),
+            env: Vec::new(),
             child: None,
         }
+    }
+
+    /// Sets an environment variable for the process, from its next start on.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
     }
 
     pub fn start(&mut self) -> anyhow::Result<()> {
@@ -51,7 +60,14 @@ impl Worker {
             .with_context(|| format!("opening {}", self.log.display()))?;
         let child = Command::new(&self.program)
             .args(&self.args)
-            .env("REDRIVE_LOG", "warn")
+            // Warnings, and the group's rebalances (what a duplicate is traced back to), unless
+            // CHAOS_WORKER_LOG says otherwise.
+            .env(
+                "REDRIVE_LOG",
+                std::env::var("CHAOS_WORKER_LOG")
+                    .unwrap_or_else(|_| "warn,redrive::kafka=info".to_string()),
+            )
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .kill_on_drop(true)
