@@ -374,7 +374,7 @@ max_connections = 8
 [kafka]
 topics = ["{topic}"]
 "bootstrap.servers" = "{kafka}"
-"group.id" = "chaos"
+"group.id" = "{topic}"
 "session.timeout.ms" = 6000
 "heartbeat.interval.ms" = 1000
 

@@ -118,11 +118,13 @@ pub async fn settle(
     Ok(false)
 }
 
-/// Partitions whose committed offset is not their end offset: (partition, committed, end).
+/// Partitions whose committed offset is not their end offset: (partition, committed, end). The
+/// workers' group is named after the run's topic, so no two runs share a group (or its static
+/// members).
 fn lagging(kafka: &str, topic: &str) -> anyhow::Result<Vec<(i32, i64, i64)>> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", kafka)
-        .set("group.id", "chaos")
+        .set("group.id", topic)
         .create()?;
     let partitions = partition_count(&c, topic)?;
     let mut tpl = TopicPartitionList::new();
