@@ -3,8 +3,8 @@
 # own, on other ports, so it never disturbs the services of the tests and the demo.
 #   scripts/chaos.sh short   about two minutes; part of `make test`
 #   scripts/chaos.sh long    the full run of `make chaos` (BENCHMARKS.md has its figures)
-# Further arguments go to `redrive-chaos run` and override the presets (see `redrive-chaos run
-# --help`), e.g. `scripts/chaos.sh long --fault-every 3s`.
+# Further arguments go to `redrive-chaos run` and override the presets (`scripts/chaos.sh long
+# --help` lists them), e.g. `scripts/chaos.sh long --faults kill --fault-every 5s --static-membership`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export REDRIVE_PG_CLUSTER=chaos REDRIVE_PG_PORT=5499 KAFKA_PORT=9192 KAFKA_CONTROLLER_PORT=9193
@@ -17,6 +17,10 @@ case "$mode" in
   long) args=(--messages 100000 --duration 10m --fault-every 7s) ;;
   *) echo "usage: $0 short|long [redrive-chaos run options]" >&2; exit 2 ;;
 esac
+chaos="${CARGO_TARGET_DIR:-target}/debug/redrive-chaos"
+for a in "$@"; do
+  case "$a" in -h|--help) exec "$chaos" run --help ;; esac
+done
 stop_services() {
   scripts/kafka.sh stop >/dev/null 2>&1 || true
   scripts/postgres.sh stop >/dev/null 2>&1 || true
@@ -24,4 +28,4 @@ stop_services() {
 trap stop_services EXIT
 scripts/postgres.sh start >/dev/null
 scripts/kafka.sh start >/dev/null
-"${CARGO_TARGET_DIR:-target}/debug/redrive-chaos" run "${args[@]}" "$@"
+"$chaos" run "${args[@]}" "$@"

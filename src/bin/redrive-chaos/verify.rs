@@ -356,8 +356,10 @@ async fn read_all(kafka: &str, topic: &str) -> anyhow::Result<Vec<Message>> {
     Ok(out)
 }
 
-/// A retry that came before `initial × 2^(attempt−1)` after the failed attempt was answered, with
-/// no fault in between.
+/// A retry that came before `initial × 2^(attempt−1)` after the first failure of the attempt
+/// before it was answered, with no fault in between. The first failure: a redelivered first
+/// delivery (its process was killed before the commit) fails again later, but the row's backoff
+/// runs from the capture of the earlier one.
 fn early_attempts(calls: &[Call], faults: &[Fault]) -> Vec<String> {
     let mut by_message: HashMap<usize, Vec<&Call>> = HashMap::new();
     for c in calls {
@@ -366,11 +368,11 @@ fn early_attempts(calls: &[Call], faults: &[Fault]) -> Vec<String> {
     let mut out = Vec::new();
     for (n, mut list) in by_message {
         list.sort_by_key(|c| c.arrived);
-        for pair in list.windows(2) {
-            let (a, b) = (pair[0], pair[1]);
-            if b.attempt != a.attempt + 1 || (200..300).contains(&a.status) || a.status == 400 {
-                continue;
-            }
+        for (i, b) in list.iter().enumerate().filter(|(_, b)| b.attempt >= 2) {
+            let failed_before = list[..i].iter().find(|a| {
+                a.attempt + 1 == b.attempt && !(200..300).contains(&a.status) && a.status != 400
+            });
+            let Some(a) = failed_before else { continue };
             let faulted = faults
                 .iter()
                 .any(|f| f.from <= b.arrived && f.to >= a.answered);
