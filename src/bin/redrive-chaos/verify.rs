@@ -172,7 +172,6 @@ pub async fn check(i: Inputs<'_>) -> anyhow::Result<Report> {
         .map(|(n, pos)| (*pos, n))
         .collect();
     let dead = dead_rows(&pool, &by_position).await?;
-    let mut acked = vec![0usize; i.produced.len()];
     let mut first_ack: Vec<Option<&Call>> = vec![None; i.produced.len()];
     let (mut duplicates, mut duplicates_first) = (0, 0);
     let mut duplicates_after = BTreeMap::new();
@@ -181,7 +180,6 @@ pub async fn check(i: Inputs<'_>) -> anyhow::Result<Report> {
     let mut duplicates_csv =
         "index,partition,offset,attempt,first_answered_s,again_arrived_s,cause\n".to_string();
     for c in i.calls.iter().filter(|c| (200..300).contains(&c.status)) {
-        acked[c.index] += 1;
         let Some(first) = first_ack[c.index] else {
             first_ack[c.index] = Some(c);
             continue;
@@ -200,7 +198,7 @@ pub async fn check(i: Inputs<'_>) -> anyhow::Result<Report> {
         );
     }
     let lost: Vec<usize> = (0..i.produced.len())
-        .filter(|n| acked[*n] == 0 && !dead.contains_key(n))
+        .filter(|n| first_ack[*n].is_none() && !dead.contains_key(n))
         .collect();
     if !lost.is_empty() {
         failures.push(format!(
