@@ -238,16 +238,11 @@ fn start_workers(o: &Options, config: &std::path::Path) -> anyhow::Result<Vec<Wo
         &["worker", "--config", config],
         &o.out,
     ));
-    if o.static_membership {
-        workers = workers
-            .into_iter()
-            .map(|w| {
-                let id = format!("chaos-{}", w.name);
-                w.env("REDRIVE_KAFKA__GROUP_INSTANCE_ID", &id)
-            })
-            .collect();
-    }
     for w in &mut workers {
+        if o.static_membership {
+            let id = format!("chaos-{}", w.name);
+            w.set_env("REDRIVE_KAFKA__GROUP_INSTANCE_ID", &id);
+        }
         w.start()?;
     }
     Ok(workers)

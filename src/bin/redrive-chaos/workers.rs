@@ -47,9 +47,8 @@ impl Worker {
     }
 
     /// Sets an environment variable for the process, from its next start on.
-    pub fn env(mut self, key: &str, value: &str) -> Self {
+    pub fn set_env(&mut self, key: &str, value: &str) {
         self.env.push((key.to_string(), value.to_string()));
-        self
     }
 
     pub fn start(&mut self) -> anyhow::Result<()> {
