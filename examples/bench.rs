@@ -1,34 +1,61 @@
 //! Throughput benchmarks for BENCHMARKS.md, on the real broker and Postgres (`make bench`).
 //!
+//! - bare:     the reference for happy: a bare rdkafka loop (receive, no-op, store the offset,
+//!             auto-commit), with redrive's consumer settings.
 //! - happy:    every handler call succeeds; messages/s until every offset is committed.
+//! - insert-floor: the reference for capture: INSERT of rows as wide, 500 per statement, on one
+//!             connection.
 //! - capture:  every handler call fails; messages/s until every failure is a row and committed.
+//! - claim-floor: the reference for dispatch: claim (UPDATE … SKIP LOCKED, 100 rows) and delete
+//!             (one statement per batch), 4 clients.
 //! - dispatch: due rows in the table, the handler succeeds; rows/s until the table is empty.
 //! - replay:   dead rows in the table; rows/s of `redrive replay --all` (chunks of 1,000).
 //! - purge:    dead rows in the table; rows/s of `redrive purge` (chunks of 1,000).
 //!
 //! The handler is an in-process `Handler` (redrive's own cost), and for `happy-http` the HTTP
-//! handler against a local endpoint. Usage:
-//! `bench [happy|happy-http|capture|dispatch|replay|purge|all] [N]`.
+//! handler against a local endpoint. Usage: `bench [CASE[,CASE…]|all] [N]`; `BENCH_RUNS` rounds
+//! (3 unless set) run the cases interleaved, and the median and range of each are printed, with
+//! each case's ratio to its reference. Every wait has a deadline; the benchmark counts handler
+//! calls in memory, so its own polling does not load what it measures.
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer as _, ThreadedProducer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use redrive::cli::RunArgs;
 use redrive::handler::{Delivery, Handler, HandlerError};
 use redrive::store::capture::{Capture, InitialState};
 use redrive::{Config, Store};
+use sqlx::Connection as _;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const PARTITIONS: i32 = 4;
 
-#[derive(Clone, Copy)]
-struct Fixed(bool);
+/// The in-process handler: always succeeds or always fails, and counts its calls in memory so
+/// the benchmark can wait for them without loading Postgres or the broker.
+#[derive(Clone)]
+struct Fixed {
+    ok: bool,
+    calls: Arc<AtomicUsize>,
+}
+
+impl Fixed {
+    fn new(ok: bool) -> Self {
+        Self {
+            ok,
+            calls: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+}
 
 impl Handler for Fixed {
     async fn handle(&self, _d: Delivery<'_>) -> Result<(), HandlerError> {
-        if self.0 {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        if self.ok {
             Ok(())
         } else {
             Err(HandlerError::retryable("benchmark failure"))
@@ -40,42 +67,118 @@ fn env(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
 }
 
+/// Every case, in the order a round runs them.
+const CASES: [&str; 9] = [
+    "bare",
+    "happy",
+    "happy-http",
+    "insert-floor",
+    "capture",
+    "claim-floor",
+    "dispatch",
+    "replay",
+    "purge",
+];
+
+/// Each case against its reference: (case, reference, what the reference is).
+const RATIOS: [(&str, &str); 4] = [
+    ("happy", "bare"),
+    ("happy-http", "bare"),
+    ("capture", "insert-floor"),
+    ("dispatch", "claim-floor"),
+];
+
+/// How long any one wait of a case may take before the case fails.
+const DEADLINE: Duration = Duration::from_secs(600);
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     redrive::telemetry::init_tracing();
     let args: Vec<String> = std::env::args().collect();
     let which = args.get(1).map(String::as_str).unwrap_or("all");
-    let n: usize = args
-        .get(2)
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(100_000);
+    // The consumer cases are short at 100,000 messages: the group's join would weigh in.
+    let n: Option<usize> = args.get(2).map(|s| s.parse()).transpose()?;
+    let size = |case: &str| match (n, case) {
+        (Some(n), _) => n,
+        (None, "bare" | "happy") => 1_000_000,
+        (None, _) => 100_000,
+    };
+    let runs: usize = env("BENCH_RUNS", "3").parse()?;
     let kafka = env("REDRIVE_TEST_KAFKA", "127.0.0.1:9092");
     let admin_url = env(
         "REDRIVE_TEST_DATABASE_URL",
         "postgres://redrive:redrive@127.0.0.1:5432/redrive",
     );
-    println!("| benchmark | messages | seconds | per second |\n|---|---|---|---|");
-    for case in [
-        "happy",
-        "happy-http",
-        "capture",
-        "dispatch",
-        "replay",
-        "purge",
-    ] {
-        if which == "all" || which == case {
+    let chosen: Vec<&str> = match which {
+        "all" => CASES.to_vec(),
+        list => list.split(',').collect(),
+    };
+    for case in &chosen {
+        anyhow::ensure!(
+            CASES.contains(case),
+            "unknown case {case:?}: choose from {} or all",
+            CASES.join(", ")
+        );
+    }
+    // Rounds interleave the cases, so a machine that slows down mid-run slows every case alike.
+    let mut rates: Vec<(&str, Vec<f64>)> = chosen.iter().map(|c| (*c, vec![])).collect();
+    for round in 1..=runs {
+        for (case, got) in rates.iter_mut() {
             let db = fresh_db(&admin_url).await?;
-            let (secs, count) = match case {
+            let n = size(case);
+            let (secs, count) = match *case {
+                "bare" => bare(&kafka, n).await?,
+                "insert-floor" => insert_floor(&db, n).await?,
+                "claim-floor" => claim_floor(&db, n).await?,
                 "dispatch" => dispatch(&db, n).await?,
                 "replay" | "purge" => operate(case, &db, n).await?,
                 _ => consume(case, &db, &kafka, n).await?,
             };
-            println!(
-                "| {case} | {count} | {secs:.2} | {:.0} |",
-                count as f64 / secs
-            );
+            let rate = count as f64 / secs;
+            eprintln!("round {round}/{runs}: {case}: {count} in {secs:.2} s, {rate:.0}/s");
+            got.push(rate);
         }
+    }
+    println!("| case | per run | per second, median [range] of {runs} |\n|---|---|---|");
+    for (case, got) in &rates {
+        let (lo, mid, hi) = spread(got);
+        let n = size(case);
+        println!("| {case} | {n} | {mid:.0} [{lo:.0}–{hi:.0}] |");
+    }
+    let median = |case: &str| {
+        rates
+            .iter()
+            .find(|(c, _)| *c == case)
+            .map(|(_, got)| spread(got).1)
+    };
+    for (case, reference) in RATIOS {
+        if let (Some(a), Some(b)) = (median(case), median(reference)) {
+            println!("{case} / {reference}: {:.2}", a / b);
+        }
+    }
+    Ok(())
+}
+
+/// (lowest, median, highest).
+fn spread(values: &[f64]) -> (f64, f64, f64) {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    (v[0], v[v.len() / 2], v[v.len() - 1])
+}
+
+/// Waits until `done` says so, checking every `every`; fails after [`DEADLINE`] with `what`.
+async fn wait_for<F, Fut>(what: &str, every: Duration, mut done: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    while !done().await? {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{what}: gave up after {DEADLINE:?}"
+        );
+        tokio::time::sleep(every).await;
     }
     Ok(())
 }
@@ -108,59 +211,135 @@ async fn produce(kafka: &str, topic: &str, n: usize) -> anyhow::Result<()> {
         .create()?;
     let t = NewTopic::new(topic, PARTITIONS, TopicReplication::Fixed(1));
     admin.create_topics(&[t], &AdminOptions::new()).await?;
-    let p: FutureProducer = ClientConfig::new()
+    let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", kafka)
         .set("linger.ms", "20")
+        .set("queue.buffering.max.messages", "1000000")
         .create()?;
     let payload = vec![b'x'; 1024];
-    let sends = (0..n).map(|i| {
+    for i in 0..n {
         let key = i.to_string();
-        let p = p.clone();
-        let payload = payload.clone();
-        let topic = topic.to_string();
-        async move {
-            p.send(
-                FutureRecord::to(&topic).key(&key).payload(&payload),
-                Duration::from_secs(60),
-            )
-            .await
-            .map(|_| ())
+        let mut record = BaseRecord::to(topic).key(&key).payload(&payload);
+        loop {
+            match p.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err((e, _)) => return Err(e.into()),
+            }
         }
-    });
-    for r in futures::future::join_all(sends).await {
-        r.map_err(|(e, _)| e)?;
     }
+    p.flush(Duration::from_secs(120))?;
     Ok(())
 }
 
-fn committed_total(kafka: &str, group: &str, topic: &str) -> i64 {
-    committed_by_partition(kafka, group, topic).iter().sum()
+/// Reads a group's committed offsets with one client, made once per case.
+struct Committed {
+    client: BaseConsumer,
+    topic: String,
 }
 
-/// Each partition's committed offset (0 where none is committed yet).
-fn committed_by_partition(kafka: &str, group: &str, topic: &str) -> Vec<i64> {
-    let c: BaseConsumer = match ClientConfig::new()
-        .set("bootstrap.servers", kafka)
-        .set("group.id", group)
-        .create()
-    {
-        Ok(c) => c,
-        Err(_) => return vec![],
-    };
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition(topic, p);
-    }
-    let Ok(got) = c.committed_offsets(tpl, Duration::from_secs(10)) else {
-        return vec![];
-    };
-    got.elements()
-        .iter()
-        .map(|e| match e.offset() {
-            Offset::Offset(o) => o,
-            _ => 0,
+impl Committed {
+    fn new(kafka: &str, group: &str, topic: &str) -> anyhow::Result<Self> {
+        let client = ClientConfig::new()
+            .set("bootstrap.servers", kafka)
+            .set("group.id", group)
+            .create()?;
+        Ok(Self {
+            client,
+            topic: topic.to_string(),
         })
-        .collect()
+    }
+
+    /// Each partition's committed offset (0 where none is committed yet).
+    fn by_partition(&self) -> anyhow::Result<Vec<i64>> {
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..PARTITIONS {
+            tpl.add_partition(&self.topic, p);
+        }
+        let got = self
+            .client
+            .committed_offsets(tpl, Duration::from_secs(10))?;
+        Ok(got
+            .elements()
+            .iter()
+            .map(|e| match e.offset() {
+                Offset::Offset(o) => o,
+                _ => 0,
+            })
+            .collect())
+    }
+
+    /// Waits until `n` offsets are committed in all. Call once the work is done: it asks the
+    /// broker every 20 ms.
+    async fn wait_all(&self, case: &str, n: usize) -> anyhow::Result<()> {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let got = self.by_partition()?;
+            if got.iter().sum::<i64>() >= n as i64 {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{case}: not every offset was committed within {DEADLINE:?}; committed by partition: {got:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Waits until `calls` reaches `n`, or `task` stops, or the deadline passes.
+async fn wait_calls<T>(
+    case: &str,
+    calls: &AtomicUsize,
+    n: usize,
+    task: &tokio::task::JoinHandle<T>,
+) -> anyhow::Result<()> {
+    wait_for(
+        &format!("{case}: waiting for {n} handler calls"),
+        Duration::from_millis(5),
+        || {
+            let got = calls.load(Ordering::Relaxed);
+            let stopped = task.is_finished();
+            async move {
+                anyhow::ensure!(!stopped, "{case}: redrive stopped early after {got} calls");
+                Ok(got >= n)
+            }
+        },
+    )
+    .await
+}
+
+/// The reference for the happy path: what any Kafka consumer pays, with redrive's consumer
+/// settings (manual offset store, auto-commit every 200 ms, cooperative-sticky).
+async fn bare(kafka: &str, n: usize) -> anyhow::Result<(f64, usize)> {
+    use rdkafka::consumer::StreamConsumer;
+    let stamp = chrono::Utc::now().timestamp_millis();
+    let (topic, group) = (format!("bench.bare.{stamp}"), format!("bench-bare-{stamp}"));
+    produce(kafka, &topic, n).await?;
+    let committed = Committed::new(kafka, &group, &topic)?;
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka)
+        .set("group.id", &group)
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "200")
+        .set("enable.auto.offset.store", "false")
+        .create()?;
+    let started = Instant::now();
+    consumer.subscribe(&[&topic])?;
+    for _ in 0..n {
+        let m = tokio::time::timeout(DEADLINE, consumer.recv())
+            .await
+            .map_err(|_| anyhow::anyhow!("bare: no message within {DEADLINE:?}"))??;
+        std::hint::black_box(rdkafka::Message::payload(&m));
+        consumer.store_offset_from_message(&m)?;
+    }
+    committed.wait_all("bare", n).await?;
+    Ok((started.elapsed().as_secs_f64(), n))
 }
 
 /// Produces `n` messages first, then times redrive consuming them all to committed offsets.
@@ -171,6 +350,7 @@ async fn consume(case: &str, db: &str, kafka: &str, n: usize) -> anyhow::Result<
         format!("bench-{case}-{stamp}"),
     );
     produce(kafka, &topic, n).await?;
+    let committed = Committed::new(kafka, &group, &topic)?;
     let stub = start_stub().await?;
     let config = config(db, kafka, &topic, &group, &format!("http://{stub}/"))?;
     let parts = RunArgs {
@@ -184,25 +364,19 @@ async fn consume(case: &str, db: &str, kafka: &str, n: usize) -> anyhow::Result<
     let task = match case {
         "happy-http" => {
             let h = redrive::handler::http::HttpHandler::new(&config.handler)?;
-            tokio::spawn(redrive::app::run(config, h, parts, stop.clone()))
+            let task = tokio::spawn(redrive::app::run(config, h, parts, stop.clone()));
+            wait_calls(case, &stub.calls, n, &task).await?;
+            task
         }
-        _ => tokio::spawn(redrive::app::run(
-            config,
-            Fixed(case == "happy"),
-            parts,
-            stop.clone(),
-        )),
+        _ => {
+            let handler = Fixed::new(case == "happy");
+            let calls = handler.calls.clone();
+            let task = tokio::spawn(redrive::app::run(config, handler, parts, stop.clone()));
+            wait_calls(case, &calls, n, &task).await?;
+            task
+        }
     };
-    let deadline = started + Duration::from_secs(600);
-    while committed_total(kafka, &group, &topic) < n as i64 {
-        anyhow::ensure!(!task.is_finished(), "redrive stopped early");
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "{case}: not every offset was committed within 10 minutes; committed by partition: {:?}",
-            committed_by_partition(kafka, &group, &topic)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    committed.wait_all(case, n).await?;
     let secs = started.elapsed().as_secs_f64();
     stop.cancel();
     task.await??;
@@ -238,6 +412,9 @@ async fn seed(store: &Store, n: usize, state: InitialState) -> anyhow::Result<()
 async fn dispatch(db: &str, n: usize) -> anyhow::Result<(f64, usize)> {
     let store = Store::from_pool(sqlx::PgPool::connect(db).await?);
     seed(&store, n, InitialState::Pending).await?;
+    sqlx::query("VACUUM ANALYZE redrive.retry_messages")
+        .execute(store.pool())
+        .await?;
     let config = config(db, "127.0.0.1:1", "bench", "bench", "http://127.0.0.1:1/")?;
     let parts = RunArgs {
         no_consumer: true,
@@ -246,21 +423,117 @@ async fn dispatch(db: &str, n: usize) -> anyhow::Result<(f64, usize)> {
         ..Default::default()
     };
     let stop = tokio_util::sync::CancellationToken::new();
+    let handler = Fixed::new(true);
+    let calls = handler.calls.clone();
     let started = Instant::now();
-    let task = tokio::spawn(redrive::app::run(config, Fixed(true), parts, stop.clone()));
-    loop {
-        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM redrive.retry_messages")
-            .fetch_one(store.pool())
-            .await?;
-        if left == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let task = tokio::spawn(redrive::app::run(config, handler, parts, stop.clone()));
+    wait_calls("dispatch", &calls, n, &task).await?;
+    // Every row has been attempted; what is left is the completer deleting the last batches.
+    wait_for(
+        "dispatch: waiting for the table to empty",
+        Duration::from_millis(20),
+        || async {
+            let left: i64 = sqlx::query_scalar("SELECT count(*) FROM redrive.retry_messages")
+                .fetch_one(store.pool())
+                .await?;
+            Ok(left == 0)
+        },
+    )
+    .await?;
     let secs = started.elapsed().as_secs_f64();
     stop.cancel();
     task.await??;
     Ok((secs, n))
+}
+
+/// The reference for capture: `n` rows as wide as a captured message (1 KiB payload, a key, a
+/// small jsonb, a text), 500 per INSERT … SELECT FROM unnest, on one connection.
+async fn insert_floor(db: &str, n: usize) -> anyhow::Result<(f64, usize)> {
+    let mut c = sqlx::PgConnection::connect(db).await?;
+    sqlx::query(
+        "CREATE TABLE floor_insert (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, \
+         topic text, kafka_offset bigint, key bytea, payload bytea, headers jsonb, last_error text)",
+    )
+    .execute(&mut c)
+    .await?;
+    let started = Instant::now();
+    for start in (0..n).step_by(500) {
+        let rows = (start..(start + 500).min(n)).collect::<Vec<_>>();
+        let offsets: Vec<i64> = rows.iter().map(|&i| i as i64).collect();
+        let keys: Vec<Vec<u8>> = rows.iter().map(|i| i.to_string().into_bytes()).collect();
+        let payloads: Vec<Vec<u8>> = rows.iter().map(|_| vec![b'x'; 1024]).collect();
+        sqlx::query(
+            "INSERT INTO floor_insert (topic, kafka_offset, key, payload, headers, last_error) \
+             SELECT 'bench', o, k, p, '[]'::jsonb, 'benchmark failure' \
+             FROM unnest($1::bigint[], $2::bytea[], $3::bytea[]) AS u(o, k, p)",
+        )
+        .bind(&offsets)
+        .bind(&keys)
+        .bind(&payloads)
+        .execute(&mut c)
+        .await?;
+    }
+    Ok((started.elapsed().as_secs_f64(), n))
+}
+
+/// The reference for dispatch: 4 clients each claim 100 due rows (UPDATE … FOR UPDATE SKIP
+/// LOCKED … RETURNING the payload) and delete them (one statement per batch), until none is left.
+async fn claim_floor(db: &str, n: usize) -> anyhow::Result<(f64, usize)> {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(db)
+        .await?;
+    sqlx::query(
+        "CREATE TABLE floor_claim (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, \
+         state text NOT NULL, due timestamptz NOT NULL, payload bytea)",
+    )
+    .execute(&pool)
+    .await?;
+    sqlx::query("CREATE INDEX ON floor_claim (due) WHERE state = 'pending'")
+        .execute(&pool)
+        .await?;
+    sqlx::query(
+        "INSERT INTO floor_claim (state, due, payload) SELECT 'pending', now(), \
+         convert_to(repeat('x', 1024), 'UTF8') FROM generate_series(1, $1)",
+    )
+    .bind(n as i64)
+    .execute(&pool)
+    .await?;
+    sqlx::query("VACUUM ANALYZE floor_claim")
+        .execute(&pool)
+        .await?;
+    let started = Instant::now();
+    let clients = (0..4).map(|_| {
+        let pool = pool.clone();
+        async move {
+            let deadline = Instant::now() + DEADLINE;
+            loop {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "claim-floor: gave up after {DEADLINE:?}"
+                );
+                let ids: Vec<(i64, Vec<u8>)> = sqlx::query_as(
+                    "UPDATE floor_claim f SET state = 'running' FROM (SELECT id FROM floor_claim \
+                     WHERE state = 'pending' AND due <= now() ORDER BY due LIMIT 100 \
+                     FOR UPDATE SKIP LOCKED) d WHERE f.id = d.id RETURNING f.id, f.payload",
+                )
+                .fetch_all(&pool)
+                .await?;
+                if ids.is_empty() {
+                    return anyhow::Ok(());
+                }
+                let ids: Vec<i64> = ids.into_iter().map(|(id, _)| id).collect();
+                sqlx::query("DELETE FROM floor_claim WHERE id = ANY($1)")
+                    .bind(&ids)
+                    .execute(&pool)
+                    .await?;
+            }
+        }
+    });
+    for r in futures::future::join_all(clients).await {
+        r?;
+    }
+    Ok((started.elapsed().as_secs_f64(), n))
 }
 
 /// Replays, or purges, `n` dead rows in chunks of 1,000, as the commands do.
@@ -292,11 +565,31 @@ async fn operate(case: &str, db: &str, n: usize) -> anyhow::Result<(f64, usize)>
     Ok((started.elapsed().as_secs_f64(), done))
 }
 
-async fn start_stub() -> anyhow::Result<std::net::SocketAddr> {
+/// The HTTP endpoint for `happy-http`, counting its calls.
+struct Stub {
+    addr: std::net::SocketAddr,
+    calls: Arc<AtomicUsize>,
+}
+
+impl std::fmt::Display for Stub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.addr.fmt(f)
+    }
+}
+
+async fn start_stub() -> anyhow::Result<Stub> {
     use axum::routing::post;
-    let app = axum::Router::new().route("/", post(|| async { "" }));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let app = axum::Router::new().route(
+        "/",
+        post(move || {
+            counted.fetch_add(1, Ordering::Relaxed);
+            async { "" }
+        }),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move { axum::serve(listener, app).await });
-    Ok(addr)
+    Ok(Stub { addr, calls })
 }
