@@ -1,13 +1,13 @@
 //! Throughput benchmarks for BENCHMARKS.md, on the real broker and Postgres (`make bench`).
 //!
 //! - bare:     the reference for happy: a bare rdkafka loop (receive, no-op, store the offset,
-//!             auto-commit), with redrive's consumer settings.
+//!   auto-commit), with redrive's consumer settings.
 //! - happy:    every handler call succeeds; messages/s until every offset is committed.
 //! - insert-floor: the reference for capture: INSERT of rows as wide, 500 per statement, on one
-//!             connection.
+//!   connection.
 //! - capture:  every handler call fails; messages/s until every failure is a row and committed.
 //! - claim-floor: the reference for dispatch: claim (UPDATE … SKIP LOCKED, 100 rows) and delete
-//!             (one statement per batch), 4 clients.
+//!   (one statement per batch), 4 clients.
 //! - dispatch: due rows in the table, the handler succeeds; rows/s until the table is empty.
 //! - replay:   dead rows in the table; rows/s of `redrive replay --all` (chunks of 1,000).
 //! - purge:    dead rows in the table; rows/s of `redrive purge` (chunks of 1,000).

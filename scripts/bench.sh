@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Throughput benchmarks (not tests): see BENCHMARKS.md for the figures and how they were made.
-#   scripts/bench.sh [happy|happy-http|capture|dispatch|replay|purge|all] [MESSAGES]
+#   scripts/bench.sh [CASE[,CASE...]|all] [MESSAGES]     (BENCH_RUNS=3 rounds unless set)
+# Cases: bare happy happy-http insert-floor capture claim-floor dispatch replay purge. MESSAGES
+# defaults to 1,000,000 for bare and happy and 100,000 for the rest.
 # Needs the services from `make services`; builds the benchmark in release mode.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export SQLX_OFFLINE="${SQLX_OFFLINE:-true}" REDRIVE_LOG="${REDRIVE_LOG:-warn}"
 cargo build --release --example bench
-"${CARGO_TARGET_DIR:-target}/release/examples/bench" "${1:-all}" "${2:-100000}"
+"${CARGO_TARGET_DIR:-target}/release/examples/bench" "${1:-all}" ${2:+"$2"}
