@@ -18,6 +18,10 @@
 //! each case's ratio to its reference. Every wait has a deadline; the benchmark counts handler
 //! calls in memory, so its own polling does not load what it measures.
 
+/// The allocator of the `redrive` binary, so the figures are the binary's.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -40,21 +44,35 @@ const PARTITIONS: i32 = 4;
 #[derive(Clone)]
 struct Fixed {
     ok: bool,
-    calls: Arc<AtomicUsize>,
+    calls: Arc<Calls>,
 }
 
 impl Fixed {
     fn new(ok: bool) -> Self {
         Self {
             ok,
-            calls: Arc::new(AtomicUsize::new(0)),
+            calls: Arc::default(),
         }
+    }
+}
+
+/// Handler calls, counted in memory, and when the first one came.
+#[derive(Default)]
+struct Calls {
+    count: AtomicUsize,
+    first: std::sync::OnceLock<Instant>,
+}
+
+impl Calls {
+    fn hit(&self) {
+        self.first.get_or_init(Instant::now);
+        self.count.fetch_add(1, Ordering::Relaxed);
     }
 }
 
 impl Handler for Fixed {
     async fn handle(&self, _d: Delivery<'_>) -> Result<(), HandlerError> {
-        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.calls.hit();
         if self.ok {
             Ok(())
         } else {
@@ -126,6 +144,7 @@ async fn main() -> anyhow::Result<()> {
         for (case, got) in rates.iter_mut() {
             let db = fresh_db(&admin_url).await?;
             let n = size(case);
+            let cpu = cpu_seconds();
             let (secs, count) = match *case {
                 "bare" => bare(&kafka, n).await?,
                 "insert-floor" => insert_floor(&db, n).await?,
@@ -135,7 +154,11 @@ async fn main() -> anyhow::Result<()> {
                 _ => consume(case, &db, &kafka, n).await?,
             };
             let rate = count as f64 / secs;
-            eprintln!("round {round}/{runs}: {case}: {count} in {secs:.2} s, {rate:.0}/s");
+            let cpu = cpu_seconds() - cpu;
+            eprintln!(
+                "round {round}/{runs}: {case}: {count} in {secs:.2} s, {rate:.0}/s; \
+                 this process's CPU, set-up included: {cpu:.2} s"
+            );
             got.push(rate);
         }
     }
@@ -157,6 +180,20 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// CPU time this process has used, user and system, in seconds.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields 14 and 15 (utime, stime), counted after the command name's closing parenthesis.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
+        .sum();
+    ticks / 100.0
 }
 
 /// (lowest, median, highest).
@@ -235,6 +272,17 @@ async fn produce(kafka: &str, topic: &str, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Deletes a case's topic: a run of `make bench` writes gigabytes to the broker otherwise.
+async fn delete_topic(kafka: &str, topic: &str) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", kafka)
+        .create()?;
+    for r in admin.delete_topics(&[topic], &AdminOptions::new()).await? {
+        r.map_err(|(t, e)| anyhow::anyhow!("deleting topic {t}: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Reads a group's committed offsets with one client, made once per case.
 struct Committed {
     client: BaseConsumer,
@@ -293,7 +341,7 @@ impl Committed {
 /// Waits until `calls` reaches `n`, or `task` stops, or the deadline passes.
 async fn wait_calls<T>(
     case: &str,
-    calls: &AtomicUsize,
+    calls: &Calls,
     n: usize,
     task: &tokio::task::JoinHandle<T>,
 ) -> anyhow::Result<()> {
@@ -301,7 +349,7 @@ async fn wait_calls<T>(
         &format!("{case}: waiting for {n} handler calls"),
         Duration::from_millis(5),
         || {
-            let got = calls.load(Ordering::Relaxed);
+            let got = calls.count.load(Ordering::Relaxed);
             let stopped = task.is_finished();
             async move {
                 anyhow::ensure!(!stopped, "{case}: redrive stopped early after {got} calls");
@@ -320,29 +368,37 @@ async fn bare(kafka: &str, n: usize) -> anyhow::Result<(f64, usize)> {
     let (topic, group) = (format!("bench.bare.{stamp}"), format!("bench-bare-{stamp}"));
     produce(kafka, &topic, n).await?;
     let committed = Committed::new(kafka, &group, &topic)?;
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka)
-        .set("group.id", &group)
-        .set("partition.assignment.strategy", "cooperative-sticky")
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "true")
-        .set("auto.commit.interval.ms", "200")
-        .set("enable.auto.offset.store", "false")
-        .create()?;
-    let started = Instant::now();
+    // redrive's own client configuration, so only what redrive does per message differs.
+    let props = [
+        ("bootstrap.servers", kafka),
+        ("group.id", &group),
+        ("auto.commit.interval.ms", "200"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let consumer: StreamConsumer = redrive::kafka::consumer_config(&props)?.create()?;
     consumer.subscribe(&[&topic])?;
+    let mut started = None;
     for _ in 0..n {
         let m = tokio::time::timeout(DEADLINE, consumer.recv())
             .await
             .map_err(|_| anyhow::anyhow!("bare: no message within {DEADLINE:?}"))??;
+        started.get_or_insert_with(Instant::now);
         std::hint::black_box(rdkafka::Message::payload(&m));
         consumer.store_offset_from_message(&m)?;
     }
     committed.wait_all("bare", n).await?;
-    Ok((started.elapsed().as_secs_f64(), n))
+    let started = started.expect("n > 0 messages were received");
+    let secs = started.elapsed().as_secs_f64();
+    drop(consumer);
+    delete_topic(kafka, &topic).await?;
+    Ok((secs, n))
 }
 
-/// Produces `n` messages first, then times redrive consuming them all to committed offsets.
+/// Produces `n` messages first, then times redrive consuming them all to committed offsets: from
+/// the first handler call, as `bare` times from the first message, so that neither counts the
+/// group's join.
 async fn consume(case: &str, db: &str, kafka: &str, n: usize) -> anyhow::Result<(f64, usize)> {
     let stamp = chrono::Utc::now().timestamp_millis();
     let (topic, group) = (
@@ -360,26 +416,26 @@ async fn consume(case: &str, db: &str, kafka: &str, n: usize) -> anyhow::Result<
         ..Default::default()
     };
     let stop = tokio_util::sync::CancellationToken::new();
-    let started = Instant::now();
-    let task = match case {
+    let (task, calls) = match case {
         "happy-http" => {
             let h = redrive::handler::http::HttpHandler::new(&config.handler)?;
             let task = tokio::spawn(redrive::app::run(config, h, parts, stop.clone()));
-            wait_calls(case, &stub.calls, n, &task).await?;
-            task
+            (task, stub.calls.clone())
         }
         _ => {
             let handler = Fixed::new(case == "happy");
             let calls = handler.calls.clone();
             let task = tokio::spawn(redrive::app::run(config, handler, parts, stop.clone()));
-            wait_calls(case, &calls, n, &task).await?;
-            task
+            (task, calls)
         }
     };
+    wait_calls(case, &calls, n, &task).await?;
     committed.wait_all(case, n).await?;
+    let started = *calls.first.get().expect("n > 0 calls were made");
     let secs = started.elapsed().as_secs_f64();
     stop.cancel();
     task.await??;
+    delete_topic(kafka, &topic).await?;
     Ok((secs, n))
 }
 
@@ -568,7 +624,7 @@ async fn operate(case: &str, db: &str, n: usize) -> anyhow::Result<(f64, usize)>
 /// The HTTP endpoint for `happy-http`, counting its calls.
 struct Stub {
     addr: std::net::SocketAddr,
-    calls: Arc<AtomicUsize>,
+    calls: Arc<Calls>,
 }
 
 impl std::fmt::Display for Stub {
@@ -579,12 +635,12 @@ impl std::fmt::Display for Stub {
 
 async fn start_stub() -> anyhow::Result<Stub> {
     use axum::routing::post;
-    let calls = Arc::new(AtomicUsize::new(0));
+    let calls = Arc::<Calls>::default();
     let counted = calls.clone();
     let app = axum::Router::new().route(
         "/",
         post(move || {
-            counted.fetch_add(1, Ordering::Relaxed);
+            counted.hit();
             async { "" }
         }),
     );

@@ -5,25 +5,34 @@
 //! retry or dead row. Messages are handled concurrently (up to `max_in_flight`), so one failing or
 //! slow message never blocks the others; [`OffsetTracker`] keeps the stored offsets in order.
 //!
-//! Each message is tagged with its partition's epoch when it is received. A partition revoked in a
-//! rebalance gets a new epoch ([`crate::kafka::GroupContext`]), so a message received before, still
-//! held or still running, stores no offset for it (I11). A partition whose commits wait on one
+//! What is already received when a slot frees is taken as one batch (up to 256): one task, one
+//! deadline for its handler calls, one tracker update and one stored offset per partition for the
+//! outcomes that are ready together. A slow or failing message in a batch holds only its own slot
+//! and, as always, its own partition's commits.
+//!
+//! Each message is stamped with the offset tracker's generation when it is received. A revoke in a
+//! rebalance advances the generation ([`crate::kafka::GroupContext`]), so a message of a revoked
+//! partition received before, still held or still running, stores no offset for it (I11). A partition whose commits wait on one
 //! message for longer than a handler call and a capture should take is logged and counted.
 
 use crate::capturer::CaptureHandle;
 use crate::config::{Config, RetryConfig};
 use crate::guard::Guard;
-use crate::handler::{call_with_timeout, Delivery, Handler};
+use crate::handler::{caught, timeout_error, Delivery, Handler, HandlerError};
 use crate::kafka::{self, GroupContext};
 use crate::message::Message;
 use crate::offsets::OffsetTracker;
 use crate::store::capture::Capture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt as _, StreamExt as _};
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::TopicPartitionList;
 use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -44,8 +53,17 @@ const COMMIT_GRACE: Duration = Duration::from_secs(10);
 /// The librdkafka consumer type redrive uses.
 pub type KafkaConsumer = StreamConsumer<GroupContext>;
 
-/// A received message and its partition's epoch at that moment.
+/// A received message and the tracker's generation at that moment (its stamp).
 type Received = (Message, u64);
+
+/// At most this many messages are handled by one task.
+const BATCH_MAX: usize = 256;
+
+/// Received messages and one slot for each.
+struct Batch {
+    messages: Vec<Received>,
+    slots: OwnedSemaphorePermit,
+}
 
 /// What every message task needs.
 struct Shared<H> {
@@ -53,6 +71,8 @@ struct Shared<H> {
     handler: Arc<H>,
     capture: CaptureHandle,
     tracker: Arc<Mutex<OffsetTracker>>,
+    /// The tracker's generation, read on arrival of each message.
+    stamps: Arc<AtomicU64>,
     retry: RetryConfig,
     group: String,
     timeout: Duration,
@@ -83,6 +103,7 @@ impl<H: Handler> Consumer<H> {
                 handler,
                 capture,
                 tracker: consumer.context().tracker.clone(),
+                stamps: consumer.context().lock_tracker().stamps(),
                 retry: config.retry.clone(),
                 timeout: config.handler.timeout,
             }),
@@ -114,7 +135,7 @@ impl<H: Handler> Consumer<H> {
                     break;
                 }
             };
-            let message = match held.pop_front() {
+            let first = match held.pop_front() {
                 Some(m) => m,
                 None => {
                     let received = tokio::select! {
@@ -136,12 +157,64 @@ impl<H: Handler> Consumer<H> {
                     }
                 }
             };
+            let mut batch = Batch {
+                messages: vec![first],
+                slots: permit,
+            };
+            if let Err(fatal) = self.fill(&mut batch, &slots, &mut held) {
+                failure = Some(fatal);
+            }
             while tasks.try_join_next().is_some() {}
-            self.start(&mut tasks, message, permit);
+            self.start(&mut tasks, batch);
+            if failure.is_some() {
+                break;
+            }
         }
         guard.abort();
         self.drain(tasks, drain).await;
         failure.map_or(Ok(()), Err)
+    }
+
+    /// Adds to a batch what is already received, while slots are free: under load one task, one
+    /// tracker update and one stored offset per partition then serve many messages. Never waits.
+    fn fill(
+        &self,
+        batch: &mut Batch,
+        slots: &Arc<Semaphore>,
+        held: &mut VecDeque<Received>,
+    ) -> anyhow::Result<()> {
+        let room = slots
+            .available_permits()
+            .min(BATCH_MAX - batch.messages.len());
+        let Ok(mut more) = slots.clone().try_acquire_many_owned(room as u32) else {
+            return Ok(());
+        };
+        let result = loop {
+            if batch.messages.len() - 1 == room {
+                break Ok(());
+            }
+            let message = match held.pop_front() {
+                Some(m) => m,
+                // `recv` is cancellation safe: a message not ready now stays queued.
+                None => match self.shared.consumer.recv().now_or_never() {
+                    None => break Ok(()),
+                    Some(Ok(m)) => self.shared.received(Message::from_kafka(&m)),
+                    Some(Err(e)) => match self.fatal(&e) {
+                        Some(fatal) => break Err(fatal),
+                        None => {
+                            log_consume_error(&e);
+                            break Ok(());
+                        }
+                    },
+                },
+            };
+            batch.messages.push(message);
+        };
+        // The slots taken for messages that were not there go back when `more` is dropped.
+        if let Some(used) = more.split(batch.messages.len() - 1) {
+            batch.slots.merge(used);
+        }
+        result
     }
 
     /// The client's fatal error, when `e` is one: librdkafka consumes nothing after it.
@@ -229,43 +302,45 @@ impl<H: Handler> Consumer<H> {
         }
     }
 
-    /// Registers the message with the offset tracker (in consumption order) and handles it. A
-    /// message of a partition revoked since it was received is dropped: its new owner has it.
-    fn start(
-        &self,
-        tasks: &mut JoinSet<()>,
-        (message, epoch): Received,
-        permit: OwnedSemaphorePermit,
-    ) {
-        let (topic, partition, offset) = (&message.topic, message.partition, message.offset);
-        if !self
-            .shared
-            .lock_tracker()
-            .begin(topic, partition, offset, epoch)
+    /// Registers a batch with the offset tracker (in consumption order) and handles it in one
+    /// task. A message of a partition revoked since it was received is dropped: its new owner has
+    /// it.
+    fn start(&self, tasks: &mut JoinSet<()>, mut batch: Batch) {
+        let now = Instant::now();
         {
-            tracing::debug!(
-                topic,
-                partition,
-                offset,
-                "partition revoked since the message arrived: dropped"
-            );
+            let mut tracker = self.shared.lock_tracker();
+            batch.messages.retain(|(message, stamp)| {
+                let (topic, partition, offset) =
+                    (&message.topic, message.partition, message.offset);
+                let begun = tracker.begin_at(topic, partition, offset, *stamp, now);
+                if !begun {
+                    tracing::debug!(
+                        topic,
+                        partition,
+                        offset,
+                        "partition revoked since the message arrived: dropped"
+                    );
+                }
+                begun
+            });
+        }
+        // The slots of dropped messages go back.
+        drop(
+            batch
+                .slots
+                .split(batch.slots.num_permits() - batch.messages.len()),
+        );
+        if batch.messages.is_empty() {
             return;
         }
-        metrics::counter!("redrive_messages_consumed_total").increment(1);
+        metrics::counter!("redrive_messages_consumed_total").increment(batch.messages.len() as u64);
         let shared = self.shared.clone();
-        let span = tracing::info_span!("message", topic = %message.topic, partition = message.partition, offset = message.offset);
-        tasks.spawn(
-            async move {
-                shared.process(message, epoch).await;
-                drop(permit);
-            }
-            .instrument(span),
-        );
+        tasks.spawn(async move { shared.process(batch).await });
     }
 
     async fn drain(self, mut tasks: JoinSet<()>, limit: Duration) {
         while tasks.try_join_next().is_some() {}
-        let waiting = tasks.len();
+        let waiting = self.shared.lock_tracker().in_flight();
         tracing::info!(
             in_flight = waiting,
             "consumer stopping: finishing in-flight messages"
@@ -295,48 +370,154 @@ impl<H: Handler> Shared<H> {
         self.tracker.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Tags a message with its partition's epoch on arrival.
+    /// Stamps a message with the tracker's generation on arrival (no lock).
     fn received(&self, message: Message) -> Received {
-        let epoch = self.lock_tracker().epoch(&message.topic, message.partition);
-        (message, epoch)
+        (message, self.stamps.load(Ordering::SeqCst))
     }
 
-    /// Handles one message to a durable outcome, then lets its offset be stored, unless the
-    /// partition was revoked meanwhile (the epoch moved on).
-    async fn process(&self, message: Message, epoch: u64) {
-        let delivery = Delivery {
-            message: &message,
-            attempt: 1,
-            group: &self.group,
-        };
-        let result = call_with_timeout(self.handler.as_ref(), delivery, self.timeout).await;
-        let (topic, partition, offset) = (message.topic.clone(), message.partition, message.offset);
-        match result {
-            Ok(()) => {
-                metrics::counter!("redrive_deliveries_total", "outcome" => "succeeded").increment(1)
-            }
-            Err(error) => {
-                metrics::counter!("redrive_deliveries_total", "outcome" => error.kind.as_str())
-                    .increment(1);
-                tracing::debug!("first delivery failed: {error}");
-                let policy = self.retry.for_topic(&topic);
-                if !self
-                    .capture
-                    .capture(Capture::first_failure(message, policy, error))
-                    .await
-                {
-                    return; // not durable: the offset stays unstored
+    /// Handles a batch: every message's handler call runs at once, under one deadline, and a
+    /// failure is captured. As outcomes become durable they are marked done, those ready together
+    /// under one lock with one stored position per partition, and their slots are freed. A message
+    /// whose failure could not be made durable (the capturer is gone: shutting down) stays in
+    /// flight, so its offset is never stored.
+    async fn process(&self, batch: Batch) {
+        let Batch {
+            messages,
+            slots: mut held_slots,
+        } = batch;
+        let (messages, mut stamps): (Vec<Message>, Vec<Option<u64>>) =
+            messages.into_iter().map(|(m, s)| (m, Some(s))).unzip();
+        let mut calls: FuturesUnordered<_> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, message)| {
+                let delivery = Delivery {
+                    message,
+                    attempt: 1,
+                    group: &self.group,
+                };
+                let call = AssertUnwindSafe(self.handler.handle(delivery)).catch_unwind();
+                let span = if tracing::enabled!(tracing::Level::DEBUG) {
+                    tracing::debug_span!("message", topic = %message.topic,
+                        partition = message.partition, offset = message.offset)
+                } else {
+                    tracing::Span::none()
+                };
+                call.map(move |r| (i, r)).instrument(span)
+            })
+            .collect();
+        let mut answered = vec![false; messages.len()];
+        let mut captures = FuturesUnordered::new();
+        let mut done: Vec<usize> = Vec::with_capacity(messages.len());
+        let mut succeeded = 0;
+        let timer = tokio::time::sleep(self.timeout);
+        tokio::pin!(timer);
+        while !calls.is_empty() || !captures.is_empty() {
+            let mut failed = Vec::new();
+            tokio::select! {
+                biased;
+                Some(first) = calls.next(), if !calls.is_empty() => {
+                    // Every call ready now is taken, so they are marked done together.
+                    let mut next = Some(first);
+                    while let Some((i, result)) = next {
+                        answered[i] = true;
+                        match caught(result) {
+                            Ok(()) => {
+                                succeeded += 1;
+                                done.push(i);
+                            }
+                            Err(error) => failed.push((i, error)),
+                        }
+                        next = calls.next().now_or_never().flatten();
+                    }
+                }
+                Some(first) = captures.next(), if !captures.is_empty() => {
+                    let mut next = Some(first);
+                    while let Some((i, durable)) = next {
+                        if durable {
+                            done.push(i);
+                        }
+                        next = captures.next().now_or_never().flatten();
+                    }
+                }
+                () = &mut timer, if !calls.is_empty() => {
+                    // Dropping the calls still running cancels them: they ran out of time.
+                    calls.clear();
+                    let error = timeout_error(self.timeout);
+                    failed.extend(answered.iter().enumerate().filter(|(_, a)| !**a)
+                        .map(|(i, _)| (i, error.clone())));
                 }
             }
+            for (i, error) in failed {
+                let message = messages[i].clone();
+                captures.push(
+                    self.capture(message, error)
+                        .map(move |durable| (i, durable)),
+                );
+            }
+            if !done.is_empty() {
+                self.mark_done(&messages, &mut stamps, &mut held_slots, &mut done);
+            }
         }
+        if succeeded > 0 {
+            metrics::counter!("redrive_deliveries_total", "outcome" => "succeeded")
+                .increment(succeeded);
+        }
+    }
+
+    /// Captures a failed first delivery; `true` once its row is durable.
+    async fn capture(&self, message: Message, error: HandlerError) -> bool {
+        metrics::counter!("redrive_deliveries_total", "outcome" => error.kind.as_str())
+            .increment(1);
+        tracing::debug!(
+            topic = message.topic,
+            partition = message.partition,
+            offset = message.offset,
+            "first delivery failed: {error}"
+        );
+        let policy = self.retry.for_topic(&message.topic);
+        self.capture
+            .capture(Capture::first_failure(message, policy, error))
+            .await
+    }
+
+    /// Marks messages done, frees their slots, and stores each partition's new position once.
+    fn mark_done(
+        &self,
+        messages: &[Message],
+        stamps: &mut [Option<u64>],
+        slots: &mut OwnedSemaphorePermit,
+        done: &mut Vec<usize>,
+    ) {
         // The position is stored while the tracker's lock is held: positions then reach
         // librdkafka in the order the tracker computed them. Stored after the lock was released,
         // a task could store an older position over a newer one, and at the end of a stream
         // nothing would store past it again: the partition's commit would stay short for good.
+        let now = Instant::now();
         let mut tracker = self.lock_tracker();
-        if let Some(next) = tracker.done(&topic, partition, offset, epoch) {
-            store_position(&self.consumer, &topic, partition, next);
+        let mut positions: Vec<(&str, i32, i64)> = Vec::new();
+        let mut freed = 0;
+        for i in done.drain(..) {
+            let Some(stamp) = stamps[i].take() else {
+                continue;
+            };
+            freed += 1;
+            let m = &messages[i];
+            if let Some(next) = tracker.done_at(&m.topic, m.partition, m.offset, stamp, now) {
+                match positions
+                    .iter_mut()
+                    .find(|(t, p, _)| *p == m.partition && *t == m.topic)
+                {
+                    Some(position) => position.2 = position.2.max(next),
+                    None => positions.push((&m.topic, m.partition, next)),
+                }
+            }
         }
+        for (topic, partition, next) in positions {
+            store_position(&self.consumer, topic, partition, next);
+        }
+        drop(tracker);
+        drop(slots.split(freed));
     }
 }
 
@@ -345,7 +526,7 @@ impl<H: Handler> Shared<H> {
 pub(crate) fn store_position(consumer: &KafkaConsumer, topic: &str, partition: i32, next: i64) {
     // librdkafka stores `offset + 1`, the next message to read.
     if let Err(e) = consumer.store_offset(topic, partition, next - 1) {
-        // Work for revoked partitions never gets here (the epoch moved on), so this is a
+        // Work for revoked partitions never gets here (their stamps are older than the revoke), so this is a
         // partition librdkafka no longer counts as ours: its next owner redelivers.
         tracing::warn!(topic, partition, offset = next, "offset not stored: {e}");
     }

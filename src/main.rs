@@ -9,6 +9,11 @@ use redrive::Config;
 use secrecy::ExposeSecret;
 use std::process::ExitCode;
 
+/// Messages are copied out of librdkafka on one thread and freed on another; the system allocator
+/// pays for that in locks and consolidation, mimalloc does not (BENCHMARKS.md, happy path).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();

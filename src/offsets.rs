@@ -4,9 +4,11 @@
 //! every message below it has a durable outcome, so each partition keeps the offsets still in
 //! flight: the committable position is the lowest in-flight offset, or one past the highest done.
 //!
-//! Ownership: a partition's state lives for one assignment. When the partition is revoked its
-//! state is dropped and its epoch goes up; work begun under an older epoch then stores nothing, so
-//! a partition that moves A→B→A never sees A store an offset behind what B committed.
+//! Ownership: a partition's state lives for one assignment. Every revoke advances the tracker's
+//! generation, and the partition remembers the generation of its last revoke. A message is stamped
+//! with the generation when it is received (an atomic read, no lock); work whose stamp is older
+//! than its partition's last revoke stores nothing, so a partition that moves A→B→A never sees A
+//! store an offset behind what B committed.
 //!
 //! The tracker also notices a partition whose lowest unfinished offset has not moved for a long
 //! time ([`OffsetTracker::stalled`]): its commits are stuck behind that one message. And it tells
@@ -14,12 +16,12 @@
 //! ([`OffsetTracker::idle`]), so the consumer can check that the commit really arrived.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Debug)]
 struct Partition {
-    /// The epoch this state belongs to.
-    epoch: u64,
     /// In-flight offsets and how many deliveries of each are running (a redelivery can overlap
     /// the first).
     in_flight: BTreeMap<i64, u32>,
@@ -33,12 +35,65 @@ struct Partition {
     lowest: Option<(i64, Instant)>,
 }
 
+/// A fast hash: the keys are this consumer's own topics and partitions.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// Values by topic, then partition: looked up by `&str`, so the per-message path allocates
+/// nothing.
+#[derive(Debug)]
+struct ByPartition<T>(FastMap<String, FastMap<i32, T>>);
+
+impl<T> Default for ByPartition<T> {
+    fn default() -> Self {
+        Self(FastMap::default())
+    }
+}
+
+impl<T> ByPartition<T> {
+    fn get(&self, topic: &str, partition: i32) -> Option<&T> {
+        self.0.get(topic)?.get(&partition)
+    }
+
+    fn get_mut(&mut self, topic: &str, partition: i32) -> Option<&mut T> {
+        self.0.get_mut(topic)?.get_mut(&partition)
+    }
+
+    fn get_or_insert_with(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        new: impl FnOnce() -> T,
+    ) -> &mut T {
+        if !self.0.contains_key(topic) {
+            self.0.insert(topic.to_string(), FastMap::default());
+        }
+        let by_partition = self.0.get_mut(topic).expect("inserted above");
+        by_partition.entry(partition).or_insert_with(new)
+    }
+
+    fn remove(&mut self, topic: &str, partition: i32) -> Option<T> {
+        self.0.get_mut(topic)?.remove(&partition)
+    }
+
+    fn values(&self) -> impl Iterator<Item = &T> {
+        self.0.values().flat_map(|ps| ps.values())
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&str, i32, &T)> {
+        self.0
+            .iter()
+            .flat_map(|(t, ps)| ps.iter().map(move |(p, v)| (t.as_str(), *p, v)))
+    }
+}
+
 /// Tracks in-flight offsets per (topic, partition).
 #[derive(Debug, Default)]
 pub struct OffsetTracker {
-    partitions: HashMap<(String, i32), Partition>,
-    /// How often each partition was revoked: its current epoch. Kept after the state is dropped.
-    epochs: HashMap<(String, i32), u64>,
+    partitions: ByPartition<Partition>,
+    /// How many revokes there have been; read without the lock by [`OffsetTracker::stamps`].
+    generation: Arc<AtomicU64>,
+    /// The generation of each partition's last revoke. Kept after the state is dropped.
+    revoked_at: ByPartition<u64>,
 }
 
 /// A partition whose commits wait on one message for longer than expected.
@@ -53,46 +108,79 @@ pub struct Stalled {
 }
 
 impl OffsetTracker {
-    /// The partition's current epoch: take it when a message is received, and pass it to
-    /// [`OffsetTracker::begin`].
-    pub fn epoch(&self, topic: &str, partition: i32) -> u64 {
-        let key = (topic.to_string(), partition);
-        self.epochs.get(&key).copied().unwrap_or(0)
+    /// The source of stamps: read it (`load`) when a message is received, and pass the value to
+    /// [`OffsetTracker::begin`] and [`OffsetTracker::done`]. Reading it takes no lock.
+    pub fn stamps(&self) -> Arc<AtomicU64> {
+        self.generation.clone()
     }
 
-    /// Registers a message before its handler runs. Call in consumption order, with the epoch of
-    /// the partition when the message was received. `false` when the partition was revoked since:
-    /// the message belongs to its new owner and must not be handled here.
-    pub fn begin(&mut self, topic: &str, partition: i32, offset: i64, epoch: u64) -> bool {
-        if epoch != self.epoch(topic, partition) {
+    /// The stamp a message received now gets.
+    pub fn stamp(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// Whether the partition was revoked after work stamped `stamp` was received.
+    fn revoked_since(&self, topic: &str, partition: i32, stamp: u64) -> bool {
+        self.revoked_at
+            .get(topic, partition)
+            .is_some_and(|&at| at > stamp)
+    }
+
+    /// Registers a message before its handler runs. Call in consumption order, with the stamp the
+    /// message got when it was received. `false` when the partition was revoked since: the
+    /// message belongs to its new owner and must not be handled here.
+    pub fn begin(&mut self, topic: &str, partition: i32, offset: i64, stamp: u64) -> bool {
+        self.begin_at(topic, partition, offset, stamp, Instant::now())
+    }
+
+    /// [`OffsetTracker::begin`] with the time already read, for a batch.
+    pub fn begin_at(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        stamp: u64,
+        now: Instant,
+    ) -> bool {
+        if self.revoked_since(topic, partition, stamp) {
             return false;
         }
         let p = self
             .partitions
-            .entry((topic.to_string(), partition))
-            .or_insert_with(|| Partition {
-                epoch,
+            .get_or_insert_with(topic, partition, || Partition {
                 in_flight: BTreeMap::new(),
                 max_done: None,
                 stored: None,
-                stored_at: Instant::now(),
+                stored_at: now,
                 lowest: None,
             });
         // The first message of an assignment is where the group's committed position already is.
         p.stored.get_or_insert(offset);
         *p.in_flight.entry(offset).or_default() += 1;
-        p.note_lowest();
+        p.note_lowest(now);
         true
     }
 
     /// Marks a message's outcome durable. Returns the next offset to consume when the committable
-    /// position moved forward: everything below it is durable. `None` as well for work begun under
-    /// an older epoch: the partition has been revoked since, and its offsets are not ours to store.
-    pub fn done(&mut self, topic: &str, partition: i32, offset: i64, epoch: u64) -> Option<i64> {
-        let p = self.partitions.get_mut(&(topic.to_string(), partition))?;
-        if p.epoch != epoch {
+    /// position moved forward: everything below it is durable. `None` as well for work received
+    /// before the partition's last revoke: its offsets are not ours to store.
+    pub fn done(&mut self, topic: &str, partition: i32, offset: i64, stamp: u64) -> Option<i64> {
+        self.done_at(topic, partition, offset, stamp, Instant::now())
+    }
+
+    /// [`OffsetTracker::done`] with the time already read, for a batch.
+    pub fn done_at(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        stamp: u64,
+        now: Instant,
+    ) -> Option<i64> {
+        if self.revoked_since(topic, partition, stamp) {
             return None;
         }
+        let p = self.partitions.get_mut(topic, partition)?;
         match p.in_flight.get_mut(&offset) {
             Some(n) if *n > 1 => *n -= 1,
             Some(_) => {
@@ -100,7 +188,7 @@ impl OffsetTracker {
             }
             None => return None,
         }
-        p.note_lowest();
+        p.note_lowest(now);
         p.max_done = Some(p.max_done.map_or(offset, |m| m.max(offset)));
         let position = match p.in_flight.keys().next() {
             Some(&lowest) => lowest,
@@ -110,17 +198,17 @@ impl OffsetTracker {
             return None;
         }
         p.stored = Some(position);
-        p.stored_at = Instant::now();
+        p.stored_at = now;
         Some(position)
     }
 
-    /// Forgets a revoked partition: its in-flight work will store nothing. Returns how many
-    /// deliveries were in flight.
+    /// Forgets a revoked partition: its in-flight work, and work received before now, will store
+    /// nothing. Returns how many deliveries were in flight.
     pub fn revoke(&mut self, topic: &str, partition: i32) -> usize {
-        let key = (topic.to_string(), partition);
-        *self.epochs.entry(key.clone()).or_default() += 1;
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        *self.revoked_at.get_or_insert_with(topic, partition, || 0) = generation;
         self.partitions
-            .remove(&key)
+            .remove(topic, partition)
             .map_or(0, |p| p.in_flight.values().sum::<u32>() as usize)
     }
 
@@ -147,10 +235,10 @@ impl OffsetTracker {
         let mut out: Vec<_> = self
             .partitions
             .iter()
-            .filter(|(_, p)| {
+            .filter(|(_, _, p)| {
                 p.in_flight.is_empty() && now.saturating_duration_since(p.stored_at) > quiet
             })
-            .filter_map(|((topic, partition), p)| Some((topic.clone(), *partition, p.stored?)))
+            .filter_map(|(topic, partition, p)| Some((topic.to_string(), partition, p.stored?)))
             .collect();
         out.sort();
         out
@@ -160,7 +248,7 @@ impl OffsetTracker {
     /// guard's check that re-storing it cannot go behind newer work.
     pub fn still_idle_at(&self, topic: &str, partition: i32, position: i64) -> bool {
         self.partitions
-            .get(&(topic.to_string(), partition))
+            .get(topic, partition)
             .is_some_and(|p| p.in_flight.is_empty() && p.stored == Some(position))
     }
 
@@ -168,12 +256,12 @@ impl OffsetTracker {
         let mut out: Vec<Stalled> = self
             .partitions
             .iter()
-            .filter_map(|((topic, partition), p)| {
+            .filter_map(|(topic, partition, p)| {
                 let (offset, since) = p.lowest?;
                 let for_ = now.saturating_duration_since(since);
                 (for_ > limit).then(|| Stalled {
-                    topic: topic.clone(),
-                    partition: *partition,
+                    topic: topic.to_string(),
+                    partition,
                     offset,
                     for_,
                 })
@@ -186,12 +274,12 @@ impl OffsetTracker {
 
 impl Partition {
     /// Restarts the stall clock whenever the lowest in-flight offset changes.
-    fn note_lowest(&mut self) {
+    fn note_lowest(&mut self, now: Instant) {
         let lowest = self.in_flight.keys().next().copied();
         match (lowest, self.lowest) {
             (None, _) => self.lowest = None,
             (Some(o), Some((was, _))) if o == was => {}
-            (Some(o), _) => self.lowest = Some((o, Instant::now())),
+            (Some(o), _) => self.lowest = Some((o, now)),
         }
     }
 }
@@ -252,12 +340,12 @@ mod tests {
     #[test]
     fn work_of_a_revoked_assignment_stores_nothing_when_the_partition_comes_back() {
         let mut t = OffsetTracker::default();
-        let first = t.epoch("t", 0);
+        let first = t.stamp();
         t.begin("t", 0, 10, first); // slow: still running when the partition moves away
         t.begin("t", 0, 11, first);
         assert_eq!(t.revoke("t", 0), 2);
         // Another member handled 10..=49 and committed 50; the partition is back.
-        let second = t.epoch("t", 0);
+        let second = t.stamp();
         assert_ne!(first, second);
         assert!(t.begin("t", 0, 50, second));
         assert_eq!(
@@ -270,6 +358,28 @@ mod tests {
             !t.begin("t", 0, 12, first),
             "a message held from before is not handled"
         );
+    }
+
+    #[test]
+    fn a_revoke_leaves_the_work_of_other_partitions_alone() {
+        let mut t = OffsetTracker::default();
+        let before = t.stamp();
+        assert!(t.begin("t", 0, 7, before));
+        assert!(t.begin("t", 1, 3, before));
+        t.revoke("t", 1);
+        assert!(t.stamp() > before);
+        assert_eq!(
+            t.done("t", 0, 7, before),
+            Some(8),
+            "partition 0 stayed ours"
+        );
+        assert!(
+            t.begin("t", 0, 8, before),
+            "received before another partition's revoke"
+        );
+        assert_eq!(t.done("t", 1, 3, before), None);
+        assert!(!t.begin("t", 1, 4, before));
+        assert!(t.begin("t", 1, 9, t.stamp()), "received after it came back");
     }
 
     #[test]

@@ -126,17 +126,29 @@ pub async fn call_with_timeout<H: Handler>(
     // after the unwind.
     let call = AssertUnwindSafe(handler.handle(delivery)).catch_unwind();
     match tokio::time::timeout(limit, call).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(panic)) => {
-            let text = panic_text(panic.as_ref());
-            tracing::error!("the handler panicked; the message is dead: {text}");
-            Err(HandlerError::permanent(format!("handler panicked: {text}")))
-        }
-        Err(_) => Err(HandlerError::timeout(format!(
-            "handler did not finish within {}",
-            humantime::format_duration(limit)
-        ))),
+        Ok(result) => caught(result),
+        Err(_) => Err(timeout_error(limit)),
     }
+}
+
+/// The result of a handler call made under `catch_unwind`: a panic is a permanent failure of that
+/// message, with the panic's text as its error (I10).
+pub fn caught(
+    result: Result<Result<(), HandlerError>, Box<dyn std::any::Any + Send>>,
+) -> Result<(), HandlerError> {
+    result.unwrap_or_else(|panic| {
+        let text = panic_text(panic.as_ref());
+        tracing::error!("the handler panicked; the message is dead: {text}");
+        Err(HandlerError::permanent(format!("handler panicked: {text}")))
+    })
+}
+
+/// The error of a call that did not finish within `limit`.
+pub fn timeout_error(limit: Duration) -> HandlerError {
+    HandlerError::timeout(format!(
+        "handler did not finish within {}",
+        humantime::format_duration(limit)
+    ))
 }
 
 /// The message a panic was raised with (`panic!("…")` gives a `&str` or a `String`).

@@ -247,3 +247,66 @@ async fn shutdown_commits_the_stored_offsets() {
     app.await.unwrap().unwrap();
     assert_eq!(committed(&group, &topic, 0), Some(3));
 }
+
+/// Never answers for offset 0 of partition 0; succeeds at once for every other message.
+#[derive(Clone, Default)]
+struct HangsOnFirst(Arc<Mutex<Vec<i64>>>);
+
+impl Handler for HangsOnFirst {
+    async fn handle(&self, d: Delivery<'_>) -> Result<(), HandlerError> {
+        self.0.lock().unwrap().push(d.message.offset);
+        if d.message.offset == 0 {
+            std::future::pending::<()>().await;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_hung_first_delivery_times_out_alone_and_its_batch_carries_on() {
+    let db = TestDb::new().await;
+    let (topic, group) = (unique("hung"), unique("g"));
+    create_topic(&topic, 1).await;
+    // Produced before the consumer starts, so the messages arrive, and are handled, together.
+    let p = producer(&kafka());
+    for i in 0..20 {
+        produce(&p, &topic, None, Some(format!("m{i}").as_bytes()), &[]).await;
+    }
+    let mut config = config(&db.url, &[&topic], &group, None, "");
+    config.handler.timeout = Duration::from_secs(3);
+    let handler = HangsOnFirst::default();
+    let stop = CancellationToken::new();
+    let app = tokio::spawn(redrive::app::run(
+        config,
+        handler.clone(),
+        consumer_only(),
+        stop.clone(),
+    ));
+    wait_for(
+        "every offset to be committed past the hung message",
+        Duration::from_secs(90),
+        || async { (committed(&group, &topic, 0) == Some(20)).then_some(()) },
+    )
+    .await;
+    stop.cancel();
+    app.await.unwrap().unwrap();
+    let mut calls = handler.0.lock().unwrap().clone();
+    calls.sort();
+    assert_eq!(
+        calls,
+        (0..20).collect::<Vec<i64>>(),
+        "each message called once"
+    );
+    let (offset, kind, error): (i64, String, String) =
+        sqlx::query_as("SELECT kafka_offset, error_kind, last_error FROM redrive.retry_messages")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        (offset, kind.as_str()),
+        (0, "timeout"),
+        "only the hung message is a row"
+    );
+    assert!(error.contains("did not finish within 3s"), "{error}");
+    assert_eq!(db.count("true").await, 1);
+}
