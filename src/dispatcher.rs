@@ -69,31 +69,43 @@ impl<H: Handler> Dispatcher<H> {
     ) -> Result<(), crate::store::StoreError> {
         let mut listener = self.store.listen(PENDING_CHANNEL).await?;
         let mut running: Running = (JoinSet::new(), HashMap::new());
+        // Whether rows may be due now: at the start, after a full claim, on a NOTIFY and when the
+        // timer fires. A finished attempt alone makes nothing due, so it costs no statement.
+        let mut due = true;
+        let mut look_at = tokio::time::Instant::now();
         while !shutdown.is_cancelled() {
-            let wake = self.run_once(&mut running).await;
+            if due {
+                if let Some(wait) = self.run_once(&mut running).await {
+                    due = wait.is_zero();
+                    look_at = tokio::time::Instant::now() + wait;
+                }
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 Some(done) = running.0.join_next_with_id(), if !running.0.is_empty() => {
                     forget(&mut running.1, done);
                 }
-                _ = listener.wait() => {}
-                _ = tokio::time::sleep(wake) => {}
+                _ = listener.wait() => due = true,
+                _ = tokio::time::sleep_until(look_at), if !due => due = true,
             }
         }
         self.drain(running, drain).await;
         Ok(())
     }
 
-    /// Claims as many due rows as there are free slots and starts their attempts. Returns how long
-    /// to wait before looking again when nothing else wakes the loop.
-    pub async fn run_once(&self, running: &mut Running) -> Duration {
+    /// Claims due rows into the free slots and starts their attempts, once enough slots are free
+    /// for a worthwhile batch (half a batch) or nothing runs. Returns how long to wait before
+    /// looking again when nothing else wakes the loop (zero: more may be due now), or `None` when
+    /// it is waiting for slots and claimed nothing.
+    pub async fn run_once(&self, running: &mut Running) -> Option<Duration> {
         // Finished attempts still sit in the set until joined; reap them so the count is true.
         while let Some(done) = running.0.try_join_next_with_id() {
             forget(&mut running.1, done);
         }
         let free = self.config.concurrency.saturating_sub(running.0.len());
-        if free == 0 {
-            return self.config.max_idle;
+        let batch = self.config.claim_batch_size.min(self.config.concurrency);
+        if free == 0 || (free < batch.div_ceil(2) && !running.0.is_empty()) {
+            return None;
         }
         let asked = free.min(self.config.claim_batch_size);
         let claimed = match self
@@ -104,7 +116,7 @@ impl<H: Handler> Dispatcher<H> {
             Ok(claim) => claim,
             Err(e) => {
                 tracing::error!("claiming due rows failed: {e}");
-                return Duration::from_secs(1);
+                return Some(Duration::from_secs(1));
             }
         };
         let got = claimed.len();
@@ -113,16 +125,22 @@ impl<H: Handler> Dispatcher<H> {
         }
         for row in claimed.rows {
             let claim = (row.id, row.token);
-            let span = tracing::info_span!("attempt", id = %row.id, attempt = row.attempt,
-                topic = %row.message.topic, partition = row.message.partition, offset = row.message.offset);
+            // A span per attempt only when someone reads it.
+            let span = if tracing::enabled!(tracing::Level::DEBUG) {
+                tracing::debug_span!("attempt", id = %row.id, attempt = row.attempt,
+                    topic = %row.message.topic, partition = row.message.partition,
+                    offset = row.message.offset)
+            } else {
+                tracing::Span::none()
+            };
             let task = self.attempt(row).instrument(span);
             let handle = running.0.spawn(task);
             running.1.insert(handle.id(), claim);
         }
         if got == asked {
-            return Duration::ZERO; // there may be more due right now
+            return Some(Duration::ZERO); // there may be more due right now
         }
-        self.until_next_wake().await
+        Some(self.until_next_wake().await)
     }
 
     /// A row whose stored message cannot be read is dead at once, without a handler call: only

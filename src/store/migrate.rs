@@ -52,6 +52,12 @@ pub async fn run(url: &SecretString) -> anyhow::Result<Vec<Applied>> {
         .run_async(&mut client)
         .await
         .context("applying migrations")?;
+    // Fresh statistics, so the planner picks the partial indexes from the first claim on, rather
+    // than scanning a table it has never measured.
+    client
+        .batch_execute("ANALYZE redrive.retry_messages")
+        .await
+        .context("analyzing the retry table")?;
     client
         .batch_execute("SELECT pg_advisory_unlock(hashtext('redrive.migrate'))")
         .await
