@@ -12,8 +12,9 @@
 //!
 //! Each message is stamped with the offset tracker's generation when it is received. A revoke in a
 //! rebalance advances the generation ([`crate::kafka::GroupContext`]), so a message of a revoked
-//! partition received before, still held or still running, stores no offset for it (I11). A partition whose commits wait on one
-//! message for longer than a handler call and a capture should take is logged and counted.
+//! partition received before, still held or still running, stores no offset for it (I11). A
+//! partition whose commits wait on one message for longer than a handler call and a capture should
+//! take is logged and counted.
 
 use crate::capturer::CaptureHandle;
 use crate::config::{Config, RetryConfig};
