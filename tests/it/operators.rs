@@ -1367,19 +1367,26 @@ async fn paused_and_rescheduled_rows_are_honoured_by_running_workers() {
         },
     )
     .await;
+    // Not due when it is inserted, so its payload can be read before a worker takes and deletes
+    // it; then due now, after the paused row.
     let other = insert(
         &db,
         Row {
             group: &group,
             topic: "payments",
             state: "pending",
-            due_in: -5.0,
+            due_in: 3600.0,
             ..Row::default()
         },
     )
     .await;
     assert_eq!(state_of(&db, held).await.as_deref(), Some("paused"));
     let (held_payload, other_payload) = (payload_of(held).await, payload_of(other).await);
+    sqlx::query("UPDATE redrive.retry_messages SET next_attempt_at = now() WHERE id = $1")
+        .bind(other)
+        .execute(db.pool())
+        .await
+        .unwrap();
     wait_for(
         "the other topic's row",
         Duration::from_secs(10),
