@@ -386,8 +386,7 @@ impl<H: Handler> Shared<H> {
             messages,
             slots: mut held_slots,
         } = batch;
-        let (messages, mut stamps): (Vec<Message>, Vec<Option<u64>>) =
-            messages.into_iter().map(|(m, s)| (m, Some(s))).unzip();
+        let (messages, stamps): (Vec<Message>, Vec<u64>) = messages.into_iter().unzip();
         let mut calls: FuturesUnordered<_> = messages
             .iter()
             .enumerate()
@@ -457,7 +456,7 @@ impl<H: Handler> Shared<H> {
                 );
             }
             if !done.is_empty() {
-                self.mark_done(&messages, &mut stamps, &mut held_slots, &mut done);
+                self.mark_done(&messages, &stamps, &mut held_slots, &mut done);
             }
         }
         if succeeded > 0 {
@@ -483,10 +482,11 @@ impl<H: Handler> Shared<H> {
     }
 
     /// Marks messages done, frees their slots, and stores each partition's new position once.
+    /// Each message is in `done` once: when its call succeeded, or when its capture is durable.
     fn mark_done(
         &self,
         messages: &[Message],
-        stamps: &mut [Option<u64>],
+        stamps: &[u64],
         slots: &mut OwnedSemaphorePermit,
         done: &mut Vec<usize>,
     ) {
@@ -497,14 +497,10 @@ impl<H: Handler> Shared<H> {
         let now = Instant::now();
         let mut tracker = self.lock_tracker();
         let mut positions: Vec<(&str, i32, i64)> = Vec::new();
-        let mut freed = 0;
+        let freed = done.len();
         for i in done.drain(..) {
-            let Some(stamp) = stamps[i].take() else {
-                continue;
-            };
-            freed += 1;
             let m = &messages[i];
-            if let Some(next) = tracker.done_at(&m.topic, m.partition, m.offset, stamp, now) {
+            if let Some(next) = tracker.done_at(&m.topic, m.partition, m.offset, stamps[i], now) {
                 match positions
                     .iter_mut()
                     .find(|(t, p, _)| *p == m.partition && *t == m.topic)

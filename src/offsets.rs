@@ -109,7 +109,7 @@ pub struct Stalled {
 
 impl OffsetTracker {
     /// The source of stamps: read it (`load`) when a message is received, and pass the value to
-    /// [`OffsetTracker::begin`] and [`OffsetTracker::done`]. Reading it takes no lock.
+    /// [`OffsetTracker::begin_at`] and [`OffsetTracker::done_at`]. Reading it takes no lock.
     pub fn stamps(&self) -> Arc<AtomicU64> {
         self.generation.clone()
     }
@@ -127,13 +127,9 @@ impl OffsetTracker {
     }
 
     /// Registers a message before its handler runs. Call in consumption order, with the stamp the
-    /// message got when it was received. `false` when the partition was revoked since: the
-    /// message belongs to its new owner and must not be handled here.
-    pub fn begin(&mut self, topic: &str, partition: i32, offset: i64, stamp: u64) -> bool {
-        self.begin_at(topic, partition, offset, stamp, Instant::now())
-    }
-
-    /// [`OffsetTracker::begin`] with the time already read, for a batch.
+    /// message got when it was received, and the time (read once for a batch). `false` when the
+    /// partition was revoked since: the message belongs to its new owner and must not be handled
+    /// here.
     pub fn begin_at(
         &mut self,
         topic: &str,
@@ -163,12 +159,8 @@ impl OffsetTracker {
 
     /// Marks a message's outcome durable. Returns the next offset to consume when the committable
     /// position moved forward: everything below it is durable. `None` as well for work received
-    /// before the partition's last revoke: its offsets are not ours to store.
-    pub fn done(&mut self, topic: &str, partition: i32, offset: i64, stamp: u64) -> Option<i64> {
-        self.done_at(topic, partition, offset, stamp, Instant::now())
-    }
-
-    /// [`OffsetTracker::done`] with the time already read, for a batch.
+    /// before the partition's last revoke: its offsets are not ours to store. `now` is read once
+    /// for a batch.
     pub fn done_at(
         &mut self,
         topic: &str,
@@ -287,6 +279,16 @@ impl Partition {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl OffsetTracker {
+        fn begin(&mut self, topic: &str, partition: i32, offset: i64, stamp: u64) -> bool {
+            self.begin_at(topic, partition, offset, stamp, Instant::now())
+        }
+
+        fn done(&mut self, topic: &str, partition: i32, offset: i64, stamp: u64) -> Option<i64> {
+            self.done_at(topic, partition, offset, stamp, Instant::now())
+        }
+    }
 
     #[test]
     fn position_waits_for_the_lowest_unfinished_offset() {
