@@ -60,12 +60,12 @@ impl Fixed {
 #[derive(Default)]
 struct Calls {
     count: AtomicUsize,
-    first: std::sync::OnceLock<Instant>,
+    first: std::sync::OnceLock<Start>,
 }
 
 impl Calls {
     fn hit(&self) {
-        self.first.get_or_init(Instant::now);
+        self.first.get_or_init(Start::now);
         self.count.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -139,13 +139,13 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     // Rounds interleave the cases, so a machine that slows down mid-run slows every case alike.
-    let mut rates: Vec<(&str, Vec<f64>)> = chosen.iter().map(|c| (*c, vec![])).collect();
+    let mut rates: Vec<(&str, Vec<Run>)> = chosen.iter().map(|c| (*c, vec![])).collect();
     for round in 1..=runs {
         for (case, got) in rates.iter_mut() {
             let db = fresh_db(&admin_url).await?;
             let n = size(case);
             let cpu = cpu_seconds();
-            let (secs, count) = match *case {
+            let run = match *case {
                 "bare" => bare(&kafka, n).await?,
                 "insert-floor" => insert_floor(&db, n).await?,
                 "claim-floor" => claim_floor(&db, n).await?,
@@ -153,26 +153,45 @@ async fn main() -> anyhow::Result<()> {
                 "replay" | "purge" => operate(case, &db, n).await?,
                 _ => consume(case, &db, &kafka, n).await?,
             };
-            let rate = count as f64 / secs;
             let cpu = cpu_seconds() - cpu;
             eprintln!(
-                "round {round}/{runs}: {case}: {count} in {secs:.2} s, {rate:.0}/s; \
-                 this process's CPU, set-up included: {cpu:.2} s"
+                "round {round}/{runs}: {case}: {} in {:.2} s, {:.0}/s; \
+                 this process's CPU, set-up included: {cpu:.2} s; Postgres CPU while timed: {}",
+                run.count,
+                run.secs,
+                run.rate(),
+                run.postgres_per_row().map_or(
+                    "not measured (Postgres is not local)".into(),
+                    |us| format!(
+                        "{:.2} s, {us:.0} µs per row",
+                        run.postgres.unwrap_or_default()
+                    )
+                )
             );
-            got.push(rate);
+            got.push(run);
         }
     }
-    println!("| case | per run | per second, median [range] of {runs} |\n|---|---|---|");
+    println!(
+        "| case | per run | per second, median [range] of {runs} | Postgres CPU per row, µs, median |\n\
+         |---|---|---|---|"
+    );
     for (case, got) in &rates {
-        let (lo, mid, hi) = spread(got);
+        let rates: Vec<f64> = got.iter().map(Run::rate).collect();
+        let (lo, mid, hi) = spread(&rates);
+        let cpu: Vec<f64> = got.iter().filter_map(Run::postgres_per_row).collect();
+        let cpu = if cpu.is_empty() {
+            "–".to_string()
+        } else {
+            format!("{:.0}", spread(&cpu).1)
+        };
         let n = size(case);
-        println!("| {case} | {n} | {mid:.0} [{lo:.0}–{hi:.0}] |");
+        println!("| {case} | {n} | {mid:.0} [{lo:.0}–{hi:.0}] | {cpu} |");
     }
     let median = |case: &str| {
-        rates
-            .iter()
-            .find(|(c, _)| *c == case)
-            .map(|(_, got)| spread(got).1)
+        rates.iter().find(|(c, _)| *c == case).map(|(_, got)| {
+            let rates: Vec<f64> = got.iter().map(Run::rate).collect();
+            spread(&rates).1
+        })
     };
     for (case, reference) in RATIOS {
         if let (Some(a), Some(b)) = (median(case), median(reference)) {
@@ -194,6 +213,75 @@ fn cpu_seconds() -> f64 {
         .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
         .sum();
     ticks / 100.0
+}
+
+/// CPU time of every Postgres process on this machine, in seconds: the live ones, and the
+/// backends that have exited (counted in the postmaster's children's time). `None` when no Postgres
+/// runs here.
+fn postgres_cpu() -> Option<f64> {
+    let mut ticks = 0.0;
+    let mut found = false;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some((name, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        if !name.ends_with("(postgres") {
+            continue;
+        }
+        found = true;
+        // utime, stime, cutime, cstime: fields 14 to 17.
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        ticks += (11..15)
+            .filter_map(|i| fields.get(i)?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    found.then_some(ticks / 100.0)
+}
+
+/// When a case's timed part began: the clock, and Postgres's CPU so far.
+#[derive(Clone, Copy)]
+struct Start {
+    at: Instant,
+    postgres: Option<f64>,
+}
+
+impl Start {
+    fn now() -> Self {
+        Start {
+            at: Instant::now(),
+            postgres: postgres_cpu(),
+        }
+    }
+
+    fn finish(self, count: usize) -> Run {
+        Run {
+            secs: self.at.elapsed().as_secs_f64(),
+            count,
+            postgres: self.postgres.zip(postgres_cpu()).map(|(a, b)| b - a),
+        }
+    }
+}
+
+/// What one run of a case measured.
+struct Run {
+    secs: f64,
+    count: usize,
+    /// Postgres's CPU seconds while the case was timed.
+    postgres: Option<f64>,
+}
+
+impl Run {
+    fn rate(&self) -> f64 {
+        self.count as f64 / self.secs
+    }
+
+    /// Postgres's CPU per row (or message), in µs.
+    fn postgres_per_row(&self) -> Option<f64> {
+        self.postgres.map(|p| p * 1e6 / self.count as f64)
+    }
 }
 
 /// (lowest, median, highest).
@@ -362,7 +450,7 @@ async fn wait_calls<T>(
 
 /// The reference for the happy path: what any Kafka consumer pays, with redrive's consumer
 /// settings (manual offset store, auto-commit every 200 ms, cooperative-sticky).
-async fn bare(kafka: &str, n: usize) -> anyhow::Result<(f64, usize)> {
+async fn bare(kafka: &str, n: usize) -> anyhow::Result<Run> {
     use rdkafka::consumer::StreamConsumer;
     let stamp = chrono::Utc::now().timestamp_millis();
     let (topic, group) = (format!("bench.bare.{stamp}"), format!("bench-bare-{stamp}"));
@@ -384,22 +472,21 @@ async fn bare(kafka: &str, n: usize) -> anyhow::Result<(f64, usize)> {
         let m = tokio::time::timeout(DEADLINE, consumer.recv())
             .await
             .map_err(|_| anyhow::anyhow!("bare: no message within {DEADLINE:?}"))??;
-        started.get_or_insert_with(Instant::now);
+        started.get_or_insert_with(Start::now);
         std::hint::black_box(rdkafka::Message::payload(&m));
         consumer.store_offset_from_message(&m)?;
     }
     committed.wait_all("bare", n).await?;
-    let started = started.expect("n > 0 messages were received");
-    let secs = started.elapsed().as_secs_f64();
+    let run = started.expect("n > 0 messages were received").finish(n);
     drop(consumer);
     delete_topic(kafka, &topic).await?;
-    Ok((secs, n))
+    Ok(run)
 }
 
 /// Produces `n` messages first, then times redrive consuming them all to committed offsets: from
 /// the first handler call, as `bare` times from the first message, so that neither counts the
 /// group's join.
-async fn consume(case: &str, db: &str, kafka: &str, n: usize) -> anyhow::Result<(f64, usize)> {
+async fn consume(case: &str, db: &str, kafka: &str, n: usize) -> anyhow::Result<Run> {
     let stamp = chrono::Utc::now().timestamp_millis();
     let (topic, group) = (
         format!("bench.{case}.{stamp}"),
@@ -431,12 +518,11 @@ async fn consume(case: &str, db: &str, kafka: &str, n: usize) -> anyhow::Result<
     };
     wait_calls(case, &calls, n, &task).await?;
     committed.wait_all(case, n).await?;
-    let started = *calls.first.get().expect("n > 0 calls were made");
-    let secs = started.elapsed().as_secs_f64();
+    let run = calls.first.get().expect("n > 0 calls were made").finish(n);
     stop.cancel();
     task.await??;
     delete_topic(kafka, &topic).await?;
-    Ok((secs, n))
+    Ok(run)
 }
 
 /// `n` rows of 1 KiB in `state`, in batches of 1,000.
@@ -465,7 +551,7 @@ async fn seed(store: &Store, n: usize, state: InitialState) -> anyhow::Result<()
 }
 
 /// Fills the table with `n` due rows, then times the retry workers emptying it.
-async fn dispatch(db: &str, n: usize) -> anyhow::Result<(f64, usize)> {
+async fn dispatch(db: &str, n: usize) -> anyhow::Result<Run> {
     let store = Store::from_pool(sqlx::PgPool::connect(db).await?);
     seed(&store, n, InitialState::Pending).await?;
     sqlx::query("VACUUM ANALYZE redrive.retry_messages")
@@ -481,7 +567,7 @@ async fn dispatch(db: &str, n: usize) -> anyhow::Result<(f64, usize)> {
     let stop = tokio_util::sync::CancellationToken::new();
     let handler = Fixed::new(true);
     let calls = handler.calls.clone();
-    let started = Instant::now();
+    let started = Start::now();
     let task = tokio::spawn(redrive::app::run(config, handler, parts, stop.clone()));
     wait_calls("dispatch", &calls, n, &task).await?;
     // Every row has been attempted; what is left is the completer deleting the last batches.
@@ -496,15 +582,15 @@ async fn dispatch(db: &str, n: usize) -> anyhow::Result<(f64, usize)> {
         },
     )
     .await?;
-    let secs = started.elapsed().as_secs_f64();
+    let run = started.finish(n);
     stop.cancel();
     task.await??;
-    Ok((secs, n))
+    Ok(run)
 }
 
 /// The reference for capture: `n` rows as wide as a captured message (1 KiB payload, a key, a
 /// small jsonb, a text), 500 per INSERT … SELECT FROM unnest, on one connection.
-async fn insert_floor(db: &str, n: usize) -> anyhow::Result<(f64, usize)> {
+async fn insert_floor(db: &str, n: usize) -> anyhow::Result<Run> {
     let mut c = sqlx::PgConnection::connect(db).await?;
     sqlx::query(
         "CREATE TABLE floor_insert (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, \
@@ -512,7 +598,7 @@ async fn insert_floor(db: &str, n: usize) -> anyhow::Result<(f64, usize)> {
     )
     .execute(&mut c)
     .await?;
-    let started = Instant::now();
+    let started = Start::now();
     for start in (0..n).step_by(500) {
         let rows = (start..(start + 500).min(n)).collect::<Vec<_>>();
         let offsets: Vec<i64> = rows.iter().map(|&i| i as i64).collect();
@@ -529,12 +615,12 @@ async fn insert_floor(db: &str, n: usize) -> anyhow::Result<(f64, usize)> {
         .execute(&mut c)
         .await?;
     }
-    Ok((started.elapsed().as_secs_f64(), n))
+    Ok(started.finish(n))
 }
 
 /// The reference for dispatch: 4 clients each claim 100 due rows (UPDATE … FOR UPDATE SKIP
 /// LOCKED … RETURNING the payload) and delete them (one statement per batch), until none is left.
-async fn claim_floor(db: &str, n: usize) -> anyhow::Result<(f64, usize)> {
+async fn claim_floor(db: &str, n: usize) -> anyhow::Result<Run> {
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(4)
         .connect(db)
@@ -558,7 +644,7 @@ async fn claim_floor(db: &str, n: usize) -> anyhow::Result<(f64, usize)> {
     sqlx::query("VACUUM ANALYZE floor_claim")
         .execute(&pool)
         .await?;
-    let started = Instant::now();
+    let started = Start::now();
     let clients = (0..4).map(|_| {
         let pool = pool.clone();
         async move {
@@ -589,11 +675,11 @@ async fn claim_floor(db: &str, n: usize) -> anyhow::Result<(f64, usize)> {
     for r in futures::future::join_all(clients).await {
         r?;
     }
-    Ok((started.elapsed().as_secs_f64(), n))
+    Ok(started.finish(n))
 }
 
 /// Replays, or purges, `n` dead rows in chunks of 1,000, as the commands do.
-async fn operate(case: &str, db: &str, n: usize) -> anyhow::Result<(f64, usize)> {
+async fn operate(case: &str, db: &str, n: usize) -> anyhow::Result<Run> {
     let store = Store::from_pool(sqlx::PgPool::connect(db).await?);
     seed(&store, n, InitialState::Dead).await?;
     sqlx::query("VACUUM ANALYZE redrive.retry_messages")
@@ -606,7 +692,7 @@ async fn operate(case: &str, db: &str, n: usize) -> anyhow::Result<(f64, usize)>
             reason: None,
         },
     );
-    let started = Instant::now();
+    let started = Start::now();
     let mut done = 0;
     loop {
         let chunk = match case {
@@ -618,7 +704,7 @@ async fn operate(case: &str, db: &str, n: usize) -> anyhow::Result<(f64, usize)>
         }
         done += chunk.changed as usize;
     }
-    Ok((started.elapsed().as_secs_f64(), done))
+    Ok(started.finish(done))
 }
 
 /// The HTTP endpoint for `happy-http`, counting its calls.

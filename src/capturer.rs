@@ -1,7 +1,9 @@
 //! The capturer: turns failed first deliveries into retry rows, a batch per INSERT.
 //!
 //! Each consumer task hands its failure over and waits; the capturer replies only after the batch's
-//! transaction committed, so the task can then let its offset be stored (I1). While Postgres is
+//! transaction committed, so the task can then let its offset be stored (I1). Up to
+//! `capture_in_flight` batches are written at once, so Postgres works on one while the next fills;
+//! the offsets are tracked per message, so batches may commit in any order. While Postgres is
 //! unreachable the capturer keeps retrying, the tasks keep waiting, and the consumer stops at
 //! `max_in_flight`: nothing is skipped.
 
@@ -11,7 +13,9 @@ use crate::handler::{ErrorKind, HandlerError};
 use crate::message::Message;
 use crate::store::capture::{Capture, InitialState};
 use crate::store::Store;
-use tokio::sync::{mpsc, oneshot};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::task::JoinSet;
 
 type Request = (Capture, oneshot::Sender<()>);
 
@@ -27,6 +31,7 @@ pub struct Capturer {
     group: String,
     rx: mpsc::Receiver<Request>,
     limits: batch::Limits,
+    in_flight: usize,
 }
 
 /// Creates a capturer for `group` and the handle that feeds it.
@@ -41,6 +46,7 @@ pub fn capturer(store: Store, group: &str, config: &ConsumerConfig) -> (Capturer
             max_bytes: config.capture_batch_bytes,
             linger: config.capture_linger,
         },
+        in_flight: config.capture_in_flight,
     };
     (capturer, CaptureHandle { tx })
 }
@@ -126,37 +132,69 @@ impl CaptureHandle {
 }
 
 impl Capturer {
-    /// Writes batches until every handle is dropped and the queue is empty.
+    /// Writes batches until every handle is dropped and the queue is empty. Dropping this future
+    /// (the capturer aborted at shutdown) aborts the writes in flight: their messages are then not
+    /// durable, and their offsets are never stored.
     pub async fn run(mut self) {
-        while let Some(requests) =
-            batch::collect(&mut self.rx, self.limits, |(c, _)| c.size()).await
-        {
-            let (rows, waiting): (Vec<Capture>, Vec<oneshot::Sender<()>>) =
-                requests.into_iter().unzip();
-            let (store, group) = (&self.store, self.group.as_str());
-            let inserted = batch::write_isolating(
-                "capture",
-                group,
-                &rows,
-                |chunk| store.capture(group, chunk),
-                |row, error| {
-                    let safe = row.safe_form(&error);
-                    async move { store.capture(group, std::slice::from_ref(&safe)).await }
-                },
-            )
-            .await;
-            let dead = rows
-                .iter()
-                .filter(|r| r.state == InitialState::Dead)
-                .count() as u64;
-            metrics::counter!("redrive_captured_total", "state" => "pending")
-                .increment(rows.len() as u64 - dead);
-            metrics::counter!("redrive_captured_total", "state" => "dead").increment(dead);
-            tracing::debug!(rows = rows.len(), inserted, "captured failed messages");
-            for w in waiting {
-                // The task may have been aborted at shutdown; its message is then redelivered.
-                let _ = w.send(());
+        let slots = Arc::new(Semaphore::new(self.in_flight));
+        let mut writes = JoinSet::new();
+        loop {
+            // A batch is collected only once it can be written at once: while every write is busy,
+            // failures queue and the next batch takes them all.
+            let slot = slots.clone().acquire_owned().await.expect("never closed");
+            let Some(requests) = batch::collect(&mut self.rx, self.limits, |(c, _)| c.size()).await
+            else {
+                break;
+            };
+            let (store, group) = (self.store.clone(), self.group.clone());
+            writes.spawn(async move {
+                write(&store, &group, requests).await;
+                drop(slot);
+            });
+            while let Some(done) = writes.try_join_next() {
+                rethrow(done);
             }
+        }
+        while let Some(done) = writes.join_next().await {
+            rethrow(done);
+        }
+    }
+}
+
+/// Writes one batch, and tells each waiting task once its row is durable.
+async fn write(store: &Store, group: &str, requests: Vec<Request>) {
+    let (rows, waiting): (Vec<Capture>, Vec<oneshot::Sender<()>>) = requests.into_iter().unzip();
+    let inserted = batch::write_isolating(
+        "capture",
+        group,
+        &rows,
+        |chunk| store.capture(group, chunk),
+        |row, error| {
+            let safe = row.safe_form(&error);
+            async move { store.capture(group, std::slice::from_ref(&safe)).await }
+        },
+    )
+    .await;
+    let dead = rows
+        .iter()
+        .filter(|r| r.state == InitialState::Dead)
+        .count() as u64;
+    metrics::counter!("redrive_captured_total", "state" => "pending")
+        .increment(rows.len() as u64 - dead);
+    metrics::counter!("redrive_captured_total", "state" => "dead").increment(dead);
+    tracing::debug!(rows = rows.len(), inserted, "captured failed messages");
+    for w in waiting {
+        // The task may have been aborted at shutdown; its message is then redelivered.
+        let _ = w.send(());
+    }
+}
+
+/// A write that panicked panics the capturer too, so the supervisor sees it; its waiting tasks
+/// were told nothing, so their offsets are never stored.
+fn rethrow(done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done {
+        if e.is_panic() {
+            std::panic::resume_unwind(e.into_panic());
         }
     }
 }

@@ -92,6 +92,8 @@ pub struct ConsumerConfig {
     /// How long the capturer waits for more failures before it writes a batch.
     #[serde(with = "humantime_serde")]
     pub capture_linger: Duration,
+    /// Capture batches written at once, each on its own connection.
+    pub capture_in_flight: usize,
 }
 
 /// `[workers]`
@@ -183,6 +185,7 @@ impl Default for ConsumerConfig {
             capture_batch_size: 500,
             capture_batch_bytes: 16 << 20,
             capture_linger: Duration::from_millis(5),
+            capture_in_flight: 3,
         }
     }
 }
@@ -299,6 +302,10 @@ impl Config {
             (
                 "consumer.capture_batch_bytes",
                 self.consumer.capture_batch_bytes,
+            ),
+            (
+                "consumer.capture_in_flight",
+                self.consumer.capture_in_flight,
             ),
             ("workers.concurrency", self.workers.concurrency),
             ("workers.claim_batch_size", self.workers.claim_batch_size),

@@ -56,6 +56,13 @@ impl Store {
     pub async fn capture(&self, group: &str, batch: &[Capture]) -> Result<u64, StoreError> {
         let rows: Vec<&Capture> = batch.iter().collect();
         let c = Columns::of(&rows);
+        // Nearly always every row is new: a plain INSERT costs Postgres a fifth less than one
+        // with ON CONFLICT. Only a redelivery (after a crash or a rebalance) makes it fail, and
+        // the batch then goes through the statement that sorts the new rows from the known ones.
+        match self.insert_new(group, &c).await {
+            Err(StoreError::Sql(e)) if is_source_key_violation(&e) => {}
+            done => return done,
+        }
         let inserted = sqlx::query_scalar!(
             r#"
             INSERT INTO redrive.retry_messages (
@@ -105,6 +112,46 @@ impl Store {
             .collect();
         let reused = self.capture_reused(group, &taken).await?;
         Ok((inserted.len() + reused) as u64)
+    }
+
+    /// Inserts every row of the batch, or none: fails on the source key when any row exists.
+    async fn insert_new(&self, group: &str, c: &Columns) -> Result<u64, StoreError> {
+        let inserted = sqlx::query!(
+            r#"
+            INSERT INTO redrive.retry_messages (
+                id, consumer_group, topic, "partition", kafka_offset, kafka_timestamp, key, payload,
+                headers, state, attempts, max_attempts, next_attempt_at, last_error, error_kind,
+                error_history, first_failed_at, updated_at, dead_at)
+            SELECT t.id, $1, t.topic, t.part, t.off, t.ts, t.key, t.payload,
+                   t.headers, t.state, 1, t.max_attempts, now() + make_interval(secs => t.retry_in),
+                   t.err, t.kind,
+                   jsonb_build_array(jsonb_build_object(
+                       'at', now(), 'attempt', 1, 'kind', t.kind, 'error', t.err)),
+                   now(), now(), CASE WHEN t.state = 'dead' THEN now() END
+            FROM UNNEST($2::uuid[], $3::text[], $4::int4[], $5::int8[], $6::timestamptz[],
+                        $7::bytea[], $8::bytea[], $9::jsonb[], $10::text[], $11::int4[],
+                        $12::float8[], $13::text[], $14::text[])
+                 AS t(id, topic, part, off, ts, key, payload, headers, state, max_attempts,
+                      retry_in, err, kind)
+            "#,
+            group,
+            &c.ids,
+            &c.topics,
+            &c.partitions,
+            &c.offsets,
+            &c.timestamps as &[Option<DateTime<Utc>>],
+            &c.keys as &[Option<Vec<u8>>],
+            &c.payloads as &[Option<Vec<u8>>],
+            &c.headers,
+            &c.states,
+            &c.max_attempts,
+            &c.retry_in,
+            &c.errors,
+            &c.kinds,
+        )
+        .execute(self.pool())
+        .await?;
+        Ok(inserted.rows_affected())
     }
 
     /// The rows whose coordinates were taken: a redelivery matches a stored row's timestamp and
@@ -165,6 +212,12 @@ impl Store {
         }
         Ok(reused.len())
     }
+}
+
+/// Whether a statement failed because a row with the same source coordinates exists.
+fn is_source_key_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .is_some_and(|d| d.constraint() == Some("retry_messages_source_key"))
 }
 
 /// One array per column, for the UNNEST of the capture statements.

@@ -297,3 +297,67 @@ async fn a_hung_first_delivery_times_out_alone_and_its_batch_carries_on() {
     assert!(error.contains("did not finish within 3s"), "{error}");
     assert_eq!(db.count("true").await, 1);
 }
+
+#[tokio::test]
+async fn a_capture_write_that_waits_does_not_hold_back_the_next() {
+    let db = TestDb::new().await;
+    let (topic, group) = (unique("inflight"), unique("g"));
+    create_topic(&topic, 1).await;
+    let stub = fail_stub().await;
+    let config = config(&db.url, &[&topic], &group, Some(stub.addr), "");
+    assert!(config.consumer.capture_in_flight > 1);
+    // An open transaction holds offset 0's coordinates: the batch that captures offset 0 waits on it.
+    let mut blocker = db.pool().begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO redrive.retry_messages (id, consumer_group, topic, \"partition\", kafka_offset, \
+         state, attempts, max_attempts, next_attempt_at) \
+         VALUES (gen_random_uuid(), $1, $2, 0, 0, 'pending', 1, 3, now())",
+    )
+    .bind(&group)
+    .bind(&topic)
+    .execute(&mut *blocker)
+    .await
+    .unwrap();
+    let (stop, app) = spawn_app(config, consumer_only());
+    let p = producer(&kafka());
+    produce(&p, &topic, None, Some(b"fail-0"), &[]).await;
+    wait_for(
+        "the capture of offset 0 to wait on the open transaction",
+        Duration::from_secs(60),
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                 AND query LIKE '%INSERT INTO redrive.retry_messages%'",
+            )
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+            (waiting > 0).then_some(())
+        },
+    )
+    .await;
+    for i in 1..=3 {
+        produce(&p, &topic, None, Some(format!("fail-{i}").as_bytes()), &[]).await;
+    }
+    wait_for(
+        "offsets 1 to 3 to be captured while offset 0's write waits",
+        Duration::from_secs(60),
+        || async { (db.count("kafka_offset > 0").await == 3).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        committed(&group, &topic, 0),
+        None,
+        "nothing is committed past offset 0, whose outcome is not durable"
+    );
+    blocker.rollback().await.unwrap();
+    wait_for(
+        "every offset to be committed once offset 0 is captured",
+        Duration::from_secs(60),
+        || async { (committed(&group, &topic, 0) == Some(4)).then_some(()) },
+    )
+    .await;
+    assert_eq!(db.count("true").await, 4, "each failure is one row");
+    stop.cancel();
+    app.await.unwrap().unwrap();
+}
