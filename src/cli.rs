@@ -78,6 +78,7 @@ const REPLAY_EXAMPLES: &str = "Examples:
 const STATUS_EXAMPLES: &str = "Examples:
   redrive status
   redrive status --window 24h --top 20
+  redrive status --exact            (count every row, however long it takes)
   redrive status --json | jq '.groups[] | {consumer_group, dlq_backlog}'";
 
 const PURGE_EXAMPLES: &str = "Examples:
@@ -157,6 +158,11 @@ pub struct StatusArgs {
     /// How many of the most frequent errors to show.
     #[arg(long, value_name = "N", default_value_t = 10)]
     pub top: i64,
+    /// Count every row, reading the whole table: slow on a large one. Without it, status answers
+    /// in about a second at any size: a count too large to read quickly is estimated from a
+    /// random sample of the table's pages, and shown with a leading "~" ("estimated" in JSON).
+    #[arg(long)]
+    pub exact: bool,
     /// Print JSON instead of tables.
     #[arg(long)]
     pub json: bool,

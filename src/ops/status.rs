@@ -3,7 +3,7 @@
 use super::{clip, connect, explain, table};
 use crate::cli::StatusArgs;
 use crate::config::{redact_url, PostgresConfig};
-use crate::store::status::Status;
+use crate::store::status::{Limits, Status};
 use chrono::{DateTime, Utc};
 use secrecy::ExposeSecret;
 
@@ -11,7 +11,15 @@ use secrecy::ExposeSecret;
 pub async fn run(postgres: &PostgresConfig, args: &StatusArgs) -> anyhow::Result<()> {
     let store = connect(postgres).await?;
     let status = store
-        .status(args.window, args.top)
+        .status(
+            args.window,
+            args.top,
+            if args.exact {
+                Limits::EXACT
+            } else {
+                Limits::DEFAULT
+            },
+        )
         .await
         .map_err(|e| explain(e, "reading the status"))?;
     if args.json {
@@ -39,14 +47,15 @@ pub fn render(s: &Status, database: &str) -> String {
             "group", "topic", "pending", "running", "paused", "dead", "replayed",
         ]);
         for c in &s.topics {
+            let n = |n: i64| count(n, c.estimated);
             t.add_row(vec![
                 c.consumer_group.clone(),
                 c.topic.clone(),
-                c.pending.to_string(),
-                c.running.to_string(),
-                c.paused.to_string(),
-                c.dead.to_string(),
-                c.replayed.to_string(),
+                n(c.pending),
+                n(c.running),
+                n(c.paused),
+                n(c.dead),
+                n(c.replayed),
             ]);
         }
         out += &format!("{t}\n");
@@ -63,14 +72,15 @@ pub fn render(s: &Status, database: &str) -> String {
             "DLQ refused",
         ]);
         for g in &s.groups {
+            let n = |n: i64| count(n, g.estimated);
             t.add_row(vec![
                 g.consumer_group.clone(),
-                g.due.to_string(),
+                n(g.due),
                 when(g.oldest_due_at, s.at),
                 when(g.next_due_at, s.at),
-                g.dlq_backlog.to_string(),
+                n(g.dlq_backlog),
                 when(g.dlq_oldest_dead_at, s.at),
-                g.dlq_refused.to_string(),
+                n(g.dlq_refused),
             ]);
         }
         out += &format!("{t}\n");
@@ -97,8 +107,8 @@ pub fn render(s: &Status, database: &str) -> String {
         let mut t = table(&["failures", "rows", "kind", "error", "last seen"]);
         for e in &s.top_errors {
             t.add_row(vec![
-                e.failures.to_string(),
-                e.rows.to_string(),
+                count(e.failures, s.top_errors_estimated),
+                count(e.rows, s.top_errors_estimated),
                 e.kind.clone().unwrap_or_default(),
                 e.error.as_deref().map(|e| clip(e, 72)).unwrap_or_default(),
                 when(e.last_at, s.at),
@@ -106,7 +116,23 @@ pub fn render(s: &Status, database: &str) -> String {
         }
         out += &format!("{t}\n");
     }
+    if let Some(sample) = s.sample {
+        out += &format!(
+            "\n~ estimated from a random {:.2} % of the table's {} pages: counting every row would \
+             read the whole table. `redrive status --exact` does.\n",
+            sample.percent, sample.table_pages
+        );
+    }
     out
+}
+
+/// A count as shown: a leading `~` when it is an estimate.
+fn count(n: i64, estimated: bool) -> String {
+    if estimated {
+        format!("~{n}")
+    } else {
+        n.to_string()
+    }
 }
 
 /// A time, with how far it is from `now` ("… (3m ago)", "… (in 20s)").

@@ -1,11 +1,23 @@
 //! What `redrive status` reads: row counts by topic and state, when rows are due, the DLQ outbox
 //! backlog, topic pauses and the most frequent recent errors. Read-only, so the read-only role can
 //! run it.
+//!
+//! It must answer in about a second however large the table is, so nothing here scans the whole
+//! table unless the table is small or the operator asks for `--exact`:
+//! - the (group, topic) pairs are found by skipping through the source-key index, one lookup each;
+//! - a pair of at most [`Limits::pair_rows`] rows, due rows, the DLQ backlog and refusals are
+//!   counted exactly through indexes, up to their limits;
+//! - whatever is larger is estimated from a random sample of the table's pages
+//!   (`TABLESAMPLE SYSTEM`), and marked `estimated`;
+//! - times (oldest due, next due, oldest unpublished) are always exact: each is one index lookup.
 
 use super::{Store, StoreError};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use std::collections::HashMap;
 use std::time::Duration;
+
+mod sample;
 
 /// Everything `redrive status` shows; `--json` prints it as is.
 #[derive(Debug, Clone, Serialize)]
@@ -22,6 +34,19 @@ pub struct Status {
     pub error_window_seconds: u64,
     /// The most frequent errors of failed attempts in the window, most frequent first.
     pub top_errors: Vec<TopError>,
+    /// Whether `top_errors` was estimated from the sample rather than read from every row.
+    pub top_errors_estimated: bool,
+    /// The sample the estimates come from; `None` when every number is exact.
+    pub sample: Option<SampleInfo>,
+}
+
+/// The pages a status read to estimate what was too large to count.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct SampleInfo {
+    /// The share of the table's pages read, in percent.
+    pub percent: f64,
+    /// The table's size in pages when the status was read.
+    pub table_pages: i64,
 }
 
 /// Row counts of one topic in one consumer group.
@@ -34,6 +59,8 @@ pub struct TopicCounts {
     pub paused: i64,
     pub dead: i64,
     pub replayed: i64,
+    /// Whether these counts are estimates from the sample.
+    pub estimated: bool,
 }
 
 /// One consumer group's timing and outbox.
@@ -52,6 +79,8 @@ pub struct GroupStatus {
     pub dlq_oldest_dead_at: Option<DateTime<Utc>>,
     /// Dead rows the DLQ broker refused for good, or that cannot be read: `dlq_error` says why.
     pub dlq_refused: i64,
+    /// Whether any of the three counts is an estimate from the sample (the times never are).
+    pub estimated: bool,
 }
 
 /// A row of `redrive.paused_topics`.
@@ -79,52 +108,98 @@ pub struct TopError {
     pub last_at: Option<DateTime<Utc>>,
 }
 
+/// How much a status may read exactly before it estimates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// A (group, topic) pair with at most this many rows is counted row by row.
+    pub pair_rows: i64,
+    /// All pairs counted row by row together read at most this many rows; the smallest go first.
+    pub pair_budget: i64,
+    /// Due rows, the DLQ backlog and refusals are counted through their indexes up to this many.
+    pub index_rows: i64,
+    /// The error summary reads every row that can hold an error of the window when there are at
+    /// most this many; beyond that it reads the sample's.
+    pub error_rows: i64,
+    /// How many of the table's pages the sample reads. A table no larger is read whole, exactly.
+    pub sample_pages: i64,
+}
+
+impl Limits {
+    /// Counting stays well under a second at 10M rows on a small machine.
+    pub const DEFAULT: Limits = Limits {
+        pair_rows: 10_000,
+        pair_budget: 200_000,
+        index_rows: 1_000_000,
+        error_rows: 100_000,
+        sample_pages: 5_000,
+    };
+
+    /// Every number exact: the whole table is read (`redrive status --exact`).
+    pub const EXACT: Limits = Limits {
+        pair_rows: i64::MAX - 1,
+        pair_budget: i64::MAX - 1,
+        index_rows: i64::MAX - 1,
+        error_rows: i64::MAX - 1,
+        sample_pages: i64::MAX,
+    };
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits::DEFAULT
+    }
+}
+
 impl Store {
     /// Reads the status; errors are counted over the last `window`, at most `top` of them.
-    pub async fn status(&self, window: Duration, top: i64) -> Result<Status, StoreError> {
+    pub async fn status(
+        &self,
+        window: Duration,
+        top: i64,
+        limits: Limits,
+    ) -> Result<Status, StoreError> {
         let mut tx = self.pool().begin().await?;
         // One snapshot for every part, so the numbers agree with each other.
         sqlx::query!("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             .execute(&mut *tx)
             .await?;
-        let at = sqlx::query_scalar!(r#"SELECT now() AS "now!""#)
-            .fetch_one(&mut *tx)
+        // The statements are short index walks with costly-looking plans; compiling them costs
+        // more than running them.
+        sqlx::query!("SET LOCAL jit = off")
+            .execute(&mut *tx)
             .await?;
-        let topics = sqlx::query_as!(
-            TopicCounts,
+        let r = sqlx::query!(
             r#"
-            SELECT consumer_group, topic,
-                   count(*) FILTER (WHERE state = 'pending') AS "pending!",
-                   count(*) FILTER (WHERE state = 'running') AS "running!",
-                   count(*) FILTER (WHERE state = 'paused') AS "paused!",
-                   count(*) FILTER (WHERE state = 'dead') AS "dead!",
-                   count(*) FILTER (WHERE state = 'replayed') AS "replayed!"
-            FROM redrive.retry_messages
-            GROUP BY consumer_group, topic
-            ORDER BY consumer_group, topic
-            "#
+            SELECT now() AS "now!",
+                   now() - make_interval(secs => $1) AS "since!",
+                   (pg_relation_size('redrive.retry_messages')
+                    / current_setting('block_size')::bigint)::bigint AS "pages!"
+            "#,
+            window.as_secs_f64(),
         )
-        .fetch_all(&mut *tx)
+        .fetch_one(&mut *tx)
         .await?;
-        let groups = sqlx::query_as!(
-            GroupStatus,
-            r#"
-            SELECT consumer_group,
-                   count(*) FILTER (WHERE state = 'pending' AND next_attempt_at <= now()) AS "due!",
-                   min(next_attempt_at) FILTER (WHERE state = 'pending' AND next_attempt_at <= now()) AS oldest_due_at,
-                   min(next_attempt_at) FILTER (WHERE state = 'pending' AND next_attempt_at > now()) AS next_due_at,
-                   count(*) FILTER (WHERE state = 'dead' AND dlq_published_at IS NULL
-                                      AND dlq_refused_at IS NULL) AS "dlq_backlog!",
-                   min(dead_at) FILTER (WHERE state = 'dead' AND dlq_published_at IS NULL
-                                        AND dlq_refused_at IS NULL) AS dlq_oldest_dead_at,
-                   count(*) FILTER (WHERE state = 'dead' AND dlq_refused_at IS NOT NULL) AS "dlq_refused!"
-            FROM redrive.retry_messages
-            GROUP BY consumer_group
-            ORDER BY consumer_group
-            "#
-        )
-        .fetch_all(&mut *tx)
-        .await?;
+        let (at, since) = (r.now, r.since);
+        let plan = sample::Plan::new(r.pages, limits.sample_pages);
+        let mut sampled = sample::Lazy::new(plan);
+
+        let mut topics = if plan.whole() {
+            sampled.get(&mut tx).await?.topics(plan)
+        } else {
+            topics(&mut tx, limits, &mut sampled).await?
+        };
+        topics.sort_by(|a, b| (&a.consumer_group, &a.topic).cmp(&(&b.consumer_group, &b.topic)));
+        let mut names: Vec<String> = topics.iter().map(|t| t.consumer_group.clone()).collect();
+        names.dedup();
+        let mut groups = groups(&mut tx, &names, limits.index_rows).await?;
+        for g in groups.iter_mut() {
+            let limit = limits.index_rows;
+            if g.due > limit || g.dlq_backlog > limit || g.dlq_refused > limit {
+                sampled.get(&mut tx).await?.fill_group(g, limit, plan);
+            }
+        }
+        groups.sort_by(|a, b| a.consumer_group.cmp(&b.consumer_group));
+
         let paused_topics = sqlx::query_as!(
             PausedTopic,
             r#"
@@ -135,23 +210,22 @@ impl Store {
         )
         .fetch_all(&mut *tx)
         .await?;
-        let top_errors = sqlx::query_as!(
-            TopError,
-            r#"
-            SELECT kind, error, count(*) AS "failures!", count(DISTINCT id) AS "rows!",
-                   max(at) AS last_at
-            FROM redrive.errors
-            WHERE at >= now() - make_interval(secs => $1)
-            GROUP BY kind, error
-            ORDER BY 3 DESC, 5 DESC
-            LIMIT $2
-            "#,
-            window.as_secs_f64(),
-            top,
-        )
-        .fetch_all(&mut *tx)
-        .await?;
+
+        let error_rows = if plan.whole() {
+            i64::MAX - 1
+        } else {
+            limits.error_rows
+        };
+        let exact_errors = error_candidates(&mut tx, since, error_rows).await? <= error_rows;
+        let top_errors = if exact_errors {
+            top_errors(&mut tx, since, top).await?
+        } else {
+            sample::top_errors(&mut tx, plan, since, top).await?
+        };
         tx.commit().await?;
+        let estimated = !exact_errors
+            || topics.iter().any(|t| t.estimated)
+            || groups.iter().any(|g| g.estimated);
         Ok(Status {
             at,
             topics,
@@ -159,6 +233,209 @@ impl Store {
             paused_topics,
             error_window_seconds: window.as_secs(),
             top_errors,
+            top_errors_estimated: !exact_errors,
+            sample: estimated.then(|| plan.info()),
         })
     }
+}
+
+type Tx<'a> = sqlx::Transaction<'a, sqlx::Postgres>;
+
+/// Row counts by pair: small pairs row by row, the rest from the sample.
+async fn topics(
+    tx: &mut Tx<'_>,
+    limits: Limits,
+    sampled: &mut sample::Lazy,
+) -> Result<Vec<TopicCounts>, StoreError> {
+    // Every pair, with its row count up to one past the limit, through the source-key index.
+    let pairs = sqlx::query!(
+        r#"
+        WITH RECURSIVE pairs AS (
+            (SELECT consumer_group, topic FROM redrive.retry_messages
+             ORDER BY consumer_group, topic LIMIT 1)
+            UNION ALL
+            SELECT n.consumer_group, n.topic
+            FROM pairs p, LATERAL (
+                SELECT r.consumer_group, r.topic FROM redrive.retry_messages r
+                WHERE (r.consumer_group, r.topic) > (p.consumer_group, p.topic)
+                ORDER BY r.consumer_group, r.topic LIMIT 1) n
+        )
+        SELECT p.consumer_group AS "consumer_group!", p.topic AS "topic!",
+               (SELECT count(*) FROM (
+                    SELECT 1 FROM redrive.retry_messages r
+                    WHERE r.consumer_group = p.consumer_group AND r.topic = p.topic
+                    LIMIT $1) x) AS "rows!"
+        FROM pairs p
+        "#,
+        limits.pair_rows + 1,
+    )
+    .fetch_all(&mut **tx)
+    .await?;
+    // The smallest pairs are counted row by row while the budget lasts.
+    let mut small: Vec<_> = pairs
+        .iter()
+        .filter(|p| p.rows <= limits.pair_rows)
+        .collect();
+    small.sort_by_key(|p| p.rows);
+    let mut spent = 0;
+    small.retain(|p| {
+        spent += p.rows;
+        spent <= limits.pair_budget
+    });
+    // The ORDER BY and LIMIT (which cuts nothing: each pair is within the limit) steer the planner
+    // to the source-key index; it would otherwise expect half the table per pair and scan it.
+    let groups: Vec<String> = small.iter().map(|p| p.consumer_group.clone()).collect();
+    let topics: Vec<String> = small.iter().map(|p| p.topic.clone()).collect();
+    let exact: HashMap<(String, String), TopicCounts> = sqlx::query_as!(
+        TopicCounts,
+        r#"
+        SELECT p.consumer_group AS "consumer_group!", p.topic AS "topic!",
+               c.pending AS "pending!", c.running AS "running!", c.paused AS "paused!",
+               c.dead AS "dead!", c.replayed AS "replayed!", false AS "estimated!"
+        FROM unnest($1::text[], $2::text[]) AS p(consumer_group, topic),
+             LATERAL (
+                 SELECT count(*) FILTER (WHERE state = 'pending') AS pending,
+                        count(*) FILTER (WHERE state = 'running') AS running,
+                        count(*) FILTER (WHERE state = 'paused') AS paused,
+                        count(*) FILTER (WHERE state = 'dead') AS dead,
+                        count(*) FILTER (WHERE state = 'replayed') AS replayed
+                 FROM (SELECT state FROM redrive.retry_messages r
+                       WHERE r.consumer_group = p.consumer_group AND r.topic = p.topic
+                       ORDER BY r.consumer_group, r.topic, r."partition", r.kafka_offset
+                       LIMIT $3) x) c
+        "#,
+        &groups,
+        &topics,
+        limits.pair_rows + 1,
+    )
+    .fetch_all(&mut **tx)
+    .await?
+    .into_iter()
+    .map(|c| ((c.consumer_group.clone(), c.topic.clone()), c))
+    .collect();
+    let mut out = Vec::with_capacity(pairs.len());
+    for p in pairs {
+        let key = (p.consumer_group, p.topic);
+        match exact.get(&key) {
+            Some(c) => out.push(c.clone()),
+            None => {
+                let plan = sampled.plan();
+                out.push(sampled.get(tx).await?.pair(&key.0, &key.1, plan));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Each group's times, and its counts through the indexes up to one past `limit` (a count past
+/// it is then estimated from the sample).
+async fn groups(
+    tx: &mut Tx<'_>,
+    names: &[String],
+    limit: i64,
+) -> Result<Vec<GroupStatus>, StoreError> {
+    let rows = sqlx::query_as!(
+        GroupStatus,
+        r#"
+        SELECT g AS "consumer_group!",
+               (SELECT count(*) FROM (
+                    SELECT 1 FROM redrive.retry_messages
+                    WHERE state = 'pending' AND consumer_group = g AND next_attempt_at <= now()
+                    LIMIT $2) x) AS "due!",
+               (SELECT min(next_attempt_at) FROM redrive.retry_messages
+                WHERE state = 'pending' AND consumer_group = g AND next_attempt_at <= now())
+                   AS oldest_due_at,
+               (SELECT min(next_attempt_at) FROM redrive.retry_messages
+                WHERE state = 'pending' AND consumer_group = g AND next_attempt_at > now())
+                   AS next_due_at,
+               (SELECT count(*) FROM (
+                    SELECT 1 FROM redrive.retry_messages
+                    WHERE state = 'dead' AND dlq_published_at IS NULL AND dlq_refused_at IS NULL
+                      AND consumer_group = g
+                    LIMIT $2) x) AS "dlq_backlog!",
+               (SELECT min(dead_at) FROM redrive.retry_messages
+                WHERE state = 'dead' AND dlq_published_at IS NULL AND dlq_refused_at IS NULL
+                  AND consumer_group = g) AS dlq_oldest_dead_at,
+               (SELECT count(*) FROM (
+                    SELECT 1 FROM redrive.retry_messages
+                    WHERE state = 'dead' AND dlq_refused_at IS NOT NULL AND consumer_group = g
+                    LIMIT $2) x) AS "dlq_refused!",
+               false AS "estimated!"
+        FROM unnest($1::text[]) AS g
+        "#,
+        names,
+        limit + 1,
+    )
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows)
+}
+
+/// How many rows can hold an error of the window, up to one past `limit`: every row not finished,
+/// and the rows that finished within it (a row's attempts all come before it dies).
+async fn error_candidates(
+    tx: &mut Tx<'_>,
+    since: DateTime<Utc>,
+    limit: i64,
+) -> Result<i64, StoreError> {
+    // One branch per state, so each reads its own partial index.
+    let n = sqlx::query_scalar!(
+        r#"
+        SELECT count(*) AS "n!" FROM (
+            SELECT 1 FROM redrive.retry_messages WHERE state = 'pending'
+            UNION ALL
+            SELECT 1 FROM redrive.retry_messages WHERE state = 'running'
+            UNION ALL
+            SELECT 1 FROM redrive.retry_messages WHERE state = 'paused'
+            UNION ALL
+            SELECT 1 FROM redrive.retry_messages
+            WHERE state IN ('dead', 'replayed') AND dead_at >= $1
+            LIMIT $2) x
+        "#,
+        since,
+        limit + 1,
+    )
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(n)
+}
+
+/// The most frequent errors since `since`, read from every row that can hold one.
+async fn top_errors(
+    tx: &mut Tx<'_>,
+    since: DateTime<Utc>,
+    top: i64,
+) -> Result<Vec<TopError>, StoreError> {
+    // `updated_at` moves with every failed attempt, so older rows are skipped before their
+    // history is parsed.
+    let rows = sqlx::query_as!(
+        TopError,
+        r#"
+        WITH candidates AS (
+            SELECT id, error_history FROM redrive.retry_messages
+            WHERE state = 'pending' AND updated_at >= $1
+            UNION ALL
+            SELECT id, error_history FROM redrive.retry_messages
+            WHERE state = 'running' AND updated_at >= $1
+            UNION ALL
+            SELECT id, error_history FROM redrive.retry_messages
+            WHERE state = 'paused' AND updated_at >= $1
+            UNION ALL
+            SELECT id, error_history FROM redrive.retry_messages
+            WHERE state IN ('dead', 'replayed') AND dead_at >= $1
+        )
+        SELECT e ->> 'kind' AS kind, e ->> 'error' AS error, count(*) AS "failures!",
+               count(DISTINCT c.id) AS "rows!", max((e ->> 'at')::timestamptz) AS last_at
+        FROM candidates c, jsonb_array_elements(c.error_history) AS e
+        WHERE (e ->> 'at')::timestamptz >= $1
+        GROUP BY 1, 2
+        ORDER BY 3 DESC, 5 DESC
+        LIMIT $2
+        "#,
+        since,
+        top,
+    )
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows)
 }

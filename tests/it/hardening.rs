@@ -12,6 +12,7 @@ use redrive::dlq::DlqPublisher;
 use redrive::handler::{Delivery, Handler, HandlerError};
 use redrive::message::Header;
 use redrive::store::capture::{Capture, InitialState};
+use redrive::store::status::Limits;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -344,7 +345,11 @@ async fn poison_dlq_records_are_marked_and_the_publisher_moves_on() {
         120
     );
     assert_eq!(db.count("dlq_published_at IS NOT NULL").await, 5);
-    let status = db.store.status(Duration::from_secs(3600), 5).await.unwrap();
+    let status = db
+        .store
+        .status(Duration::from_secs(3600), 5, Limits::DEFAULT)
+        .await
+        .unwrap();
     assert_eq!(
         (status.groups[0].dlq_refused, status.groups[0].dlq_backlog),
         (120, 0)

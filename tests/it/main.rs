@@ -9,5 +9,6 @@ mod helpers;
 mod operators;
 mod rebalance;
 mod startup;
+mod status;
 mod store;
 mod workers;

@@ -972,8 +972,8 @@ async fn status_json_reports_the_table() {
     assert_eq!(
         s["topics"],
         json!([
-            {"consumer_group": "g1", "topic": "orders", "pending": 3, "running": 1, "paused": 1, "dead": 2, "replayed": 1},
-            {"consumer_group": "g2", "topic": "payments", "pending": 0, "running": 0, "paused": 0, "dead": 1, "replayed": 0},
+            {"consumer_group": "g1", "topic": "orders", "pending": 3, "running": 1, "paused": 1, "dead": 2, "replayed": 1, "estimated": false},
+            {"consumer_group": "g2", "topic": "payments", "pending": 0, "running": 0, "paused": 0, "dead": 1, "replayed": 0, "estimated": false},
         ])
     );
     let at = |v: &Value| chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap()).unwrap();
@@ -1025,6 +1025,11 @@ async fn status_json_reports_the_table() {
         ]
     );
     assert_eq!(s["error_window_seconds"], json!(3600));
+    // A table this small is read whole: nothing is estimated.
+    assert_eq!(
+        (&s["sample"], &s["top_errors_estimated"], &g1["estimated"]),
+        (&Value::Null, &json!(false), &json!(false))
+    );
     // The table shows the same numbers.
     let text = redrive(&config.0, &["status"]).await.ok().stdout;
     for expected in [

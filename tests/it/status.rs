@@ -1,0 +1,153 @@
+//! `redrive status` on a table too large to count row by row: small pairs are exact, the rest is
+//! estimated from a sample of the table's pages and marked so; `Limits::EXACT` reads every row.
+
+use crate::helpers::*;
+use redrive::store::status::{Limits, Status, TopicCounts};
+use std::time::Duration;
+
+/// Adds `n` rows of one pair in `state` (pending rows are due; dead rows unpublished), each with a
+/// 1 KiB payload so that the table spans hundreds of pages.
+async fn load(db: &TestDb, group: &str, topic: &str, state: &str, n: i64) {
+    sqlx::query(
+        r#"
+        INSERT INTO redrive.retry_messages (
+            id, consumer_group, topic, "partition", kafka_offset, payload, state, attempts,
+            max_attempts, next_attempt_at, last_error, error_kind, error_history, dead_at)
+        SELECT gen_random_uuid(), $1, $2, 0, i, convert_to(repeat('x', 1024), 'UTF8'), $3, 1, 5,
+               now() - interval '1 minute', 'boom ' || $2, 'retryable',
+               jsonb_build_array(jsonb_build_object('at', now(), 'attempt', 1,
+                                                    'kind', 'retryable', 'error', 'boom ' || $2)),
+               CASE WHEN $3 = 'dead' THEN now() END
+        FROM generate_series(1, $4) AS i
+        "#,
+    )
+    .bind(group)
+    .bind(topic)
+    .bind(state)
+    .bind(n)
+    .execute(db.pool())
+    .await
+    .unwrap();
+}
+
+/// Three pairs: 3,000 due rows, 1,500 unpublished dead rows and a small pair of 20 dead rows.
+async fn table() -> (TestDb, i64) {
+    let db = TestDb::new().await;
+    load(&db, "g1", "big", "pending", 3000).await;
+    load(&db, "g1", "small", "dead", 20).await;
+    load(&db, "g2", "backlog", "dead", 1500).await;
+    let pages: i64 = sqlx::query_scalar(
+        "SELECT pg_relation_size('redrive.retry_messages') / current_setting('block_size')::bigint",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert!(pages > 400, "the table should span pages: {pages}");
+    (db, pages)
+}
+
+async fn status(db: &TestDb, limits: Limits) -> Status {
+    db.store
+        .status(Duration::from_secs(3600), 10, limits)
+        .await
+        .unwrap()
+}
+
+fn pair<'a>(s: &'a Status, topic: &str) -> &'a TopicCounts {
+    s.topics.iter().find(|t| t.topic == topic).unwrap()
+}
+
+/// Whether `estimate` is within half of `truth` either way: the sample reads half the pages, so
+/// its estimates err by a few percent, and this bound by many standard deviations.
+fn near(estimate: i64, truth: i64) -> bool {
+    (truth / 2..=truth * 3 / 2).contains(&estimate)
+}
+
+#[tokio::test]
+async fn a_large_table_is_estimated_from_a_sample_and_says_so() {
+    let (db, pages) = table().await;
+    let limits = Limits {
+        pair_rows: 100,
+        pair_budget: 1000,
+        index_rows: 50,
+        error_rows: 50,
+        sample_pages: pages / 2,
+    };
+    let s = status(&db, limits).await;
+    let sample = s.sample.expect("the status says it estimated");
+    assert!((40.0..60.0).contains(&sample.percent), "{sample:?}");
+    assert_eq!(sample.table_pages, pages);
+    let pairs: Vec<_> = s
+        .topics
+        .iter()
+        .map(|t| (t.consumer_group.as_str(), t.topic.as_str()))
+        .collect();
+    assert_eq!(pairs, [("g1", "big"), ("g1", "small"), ("g2", "backlog")]);
+    // The small pair is counted row by row.
+    let small = pair(&s, "small");
+    assert_eq!((small.dead, small.pending, small.estimated), (20, 0, false));
+    let big = pair(&s, "big");
+    assert!(big.estimated && near(big.pending, 3000), "{big:?}");
+    assert_eq!((big.dead, big.running), (0, 0));
+    let backlog = pair(&s, "backlog");
+    assert!(backlog.estimated && near(backlog.dead, 1500), "{backlog:?}");
+    // Counts past the index limit are estimated; the times are exact all the same.
+    let g1 = &s.groups[0];
+    assert!(g1.estimated && near(g1.due, 3000), "{g1:?}");
+    assert!(g1.oldest_due_at.is_some());
+    let g2 = &s.groups[1];
+    assert!(g2.estimated && near(g2.dlq_backlog, 1500), "{g2:?}");
+    assert!(g2.dlq_oldest_dead_at.is_some());
+    assert_eq!(g2.dlq_refused, 0);
+    // 4,520 rows failed within the hour: more than the error limit, so the sample's.
+    assert!(s.top_errors_estimated);
+    let first = &s.top_errors[0];
+    assert_eq!(first.error.as_deref(), Some("boom big"));
+    assert!(near(first.failures, 3000), "{first:?}");
+    let text = redrive::ops::status::render(&s, "db");
+    assert!(
+        text.contains("~") && text.contains("estimated from a random"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn exact_reads_every_row_and_a_small_table_needs_no_sample() {
+    let (db, _) = table().await;
+    for limits in [Limits::EXACT, Limits::DEFAULT] {
+        let s = status(&db, limits).await;
+        assert!(s.sample.is_none() && !s.top_errors_estimated, "{limits:?}");
+        let counts: Vec<_> = s
+            .topics
+            .iter()
+            .map(|t| (t.topic.as_str(), t.pending, t.dead, t.estimated))
+            .collect();
+        assert_eq!(
+            counts,
+            [
+                ("big", 3000, 0, false),
+                ("small", 0, 20, false),
+                ("backlog", 0, 1500, false)
+            ]
+        );
+        let groups: Vec<_> = s
+            .groups
+            .iter()
+            .map(|g| (g.due, g.dlq_backlog, g.estimated))
+            .collect();
+        assert_eq!(groups, [(3000, 20, false), (0, 1500, false)]);
+        let errors: Vec<_> = s
+            .top_errors
+            .iter()
+            .map(|e| (e.error.as_deref().unwrap(), e.failures))
+            .collect();
+        assert_eq!(
+            errors,
+            [
+                ("boom big", 3000),
+                ("boom backlog", 1500),
+                ("boom small", 20)
+            ]
+        );
+    }
+}
