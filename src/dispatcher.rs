@@ -3,14 +3,19 @@
 //!
 //! A dispatcher never attempts a row before its `next_attempt_at` (the claim compares with the
 //! database clock) and wakes promptly once one is due (I7): on a `redrive_pending` NOTIFY, on a
-//! timer set to the earliest due row or lease expiry, and at the latest after `max_idle`.
+//! timer set to the earliest due row or lease expiry, and at the latest after `max_idle`. While
+//! rows come due one after another it claims on a short tick instead, which bounds both how late
+//! they are and how many statements they cost. With a backlog, a second claim runs while the rows
+//! of the first are started.
 
 use crate::completer::CompleteHandle;
 use crate::config::{RetryConfig, WorkersConfig};
 use crate::handler::{call_with_timeout, Delivery, ErrorKind, Handler, HandlerError};
-use crate::store::claim::{Claimed, Unreadable};
+use crate::store::claim::{Claim, Claimed, Unreadable};
 use crate::store::complete::{Completion, Outcome};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +26,16 @@ use uuid::Uuid;
 
 /// NOTIFY channel for rows that became pending.
 pub const PENDING_CHANNEL: &str = "redrive_pending";
+
+/// Claim statements under way at once: the next batch is being claimed in Postgres while the rows
+/// of the last are attempted, so the workers do not wait out each claim's round trip.
+const CLAIMS_IN_FLIGHT: usize = 2;
+
+/// How soon to claim again after a claim that took some due rows but not a full batch. Rows are
+/// then coming due one after another: claiming on this tick bounds how late they are attempted
+/// (a tick, plus the claim's round trip) and how many statements they cost (one claim per tick,
+/// and no look-up of the next due time), whatever their rate.
+const CLAIM_TICK: Duration = Duration::from_millis(4);
 
 /// Retry workers for one consumer group.
 pub struct Dispatcher<H> {
@@ -33,6 +48,9 @@ pub struct Dispatcher<H> {
     config: WorkersConfig,
     timeout: Duration,
 }
+
+/// A finished claim statement: the rows it asked for, when it was sent, and what it took.
+type ClaimDone = (usize, tokio::time::Instant, Result<Claim, StoreError>);
 
 /// Attempts in flight, by task, with the claim (row id, claim token) each holds.
 type Running = (JoinSet<()>, HashMap<Id, (Uuid, Uuid)>);
@@ -69,19 +87,45 @@ impl<H: Handler> Dispatcher<H> {
     ) -> Result<(), crate::store::StoreError> {
         let mut listener = self.store.listen(PENDING_CHANNEL).await?;
         let mut running: Running = (JoinSet::new(), HashMap::new());
+        // Claim statements under way, each with the slots it reserved.
+        let mut claims = FuturesUnordered::new();
+        let mut reserved = 0;
+        // Whether the last claim was full: only a backlog is worth a second claim at once. Rows
+        // that come due one by one are taken by one claim; a second would find nothing.
+        let mut backlog = false;
         // Whether rows may be due now: at the start, after a full claim, on a NOTIFY and when the
         // timer fires. A finished attempt alone makes nothing due, so it costs no statement.
         let mut due = true;
         let mut look_at = tokio::time::Instant::now();
         while !shutdown.is_cancelled() {
-            if due {
-                if let Some(wait) = self.run_once(&mut running).await {
-                    due = wait.is_zero();
-                    look_at = tokio::time::Instant::now() + wait;
-                }
+            // Finished attempts still sit in the set until joined; reap them so the count is true.
+            while let Some(done) = running.0.try_join_next_with_id() {
+                forget(&mut running.1, done);
+            }
+            while due && (claims.is_empty() || backlog && claims.len() < CLAIMS_IN_FLIGHT) {
+                let Some(asked) = self.to_claim(running.0.len() + reserved) else {
+                    break;
+                };
+                reserved += asked;
+                claims.push(self.claim(asked));
             }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
+                Some((asked, sent, claimed)) = claims.next(), if !claims.is_empty() => {
+                    reserved -= asked;
+                    let wait = match claimed {
+                        Ok(claim) => self.start(claim, asked, &mut running).await,
+                        Err(e) => {
+                            tracing::error!("claiming due rows failed: {e}");
+                            Duration::from_secs(1)
+                        }
+                    };
+                    (due, backlog) = (wait.is_zero(), wait.is_zero());
+                    // A tick counts from when the claim was sent, so its round trip is not added
+                    // to how late the next rows are.
+                    let from = if wait == CLAIM_TICK { sent } else { tokio::time::Instant::now() };
+                    look_at = from + wait;
+                }
                 Some(done) = running.0.join_next_with_id(), if !running.0.is_empty() => {
                     forget(&mut running.1, done);
                 }
@@ -89,36 +133,45 @@ impl<H: Handler> Dispatcher<H> {
                 _ = tokio::time::sleep_until(look_at), if !due => due = true,
             }
         }
-        self.drain(running, drain).await;
+        // Rows claimed as the workers stop are not attempted: their claims are released with the
+        // unfinished attempts'.
+        let mut unstarted = Vec::new();
+        while let Some((_, _, claimed)) = claims.next().await {
+            if let Ok(claim) = claimed {
+                unstarted.extend(claim.rows.iter().map(|r| (r.id, r.token)));
+                unstarted.extend(claim.unreadable.iter().map(|r| (r.id, r.token)));
+            }
+        }
+        drop(claims);
+        self.drain(running, unstarted, drain).await;
         Ok(())
     }
 
-    /// Claims due rows into the free slots and starts their attempts, once enough slots are free
-    /// for a worthwhile batch (half a batch) or nothing runs. Returns how long to wait before
-    /// looking again when nothing else wakes the loop (zero: more may be due now), or `None` when
-    /// it is waiting for slots and claimed nothing.
-    pub async fn run_once(&self, running: &mut Running) -> Option<Duration> {
-        // Finished attempts still sit in the set until joined; reap them so the count is true.
-        while let Some(done) = running.0.try_join_next_with_id() {
-            forget(&mut running.1, done);
-        }
-        let free = self.config.concurrency.saturating_sub(running.0.len());
+    /// How many rows to claim with `busy` slots taken (running or reserved by a claim under way):
+    /// `None` until enough are free for a worthwhile batch (half a batch), unless nothing runs.
+    fn to_claim(&self, busy: usize) -> Option<usize> {
+        let free = self.config.concurrency.saturating_sub(busy);
         let batch = self.config.claim_batch_size.min(self.config.concurrency);
-        if free == 0 || (free < batch.div_ceil(2) && !running.0.is_empty()) {
+        if free == 0 || (free < batch.div_ceil(2) && busy > 0) {
             return None;
         }
-        let asked = free.min(self.config.claim_batch_size);
-        let claimed = match self
+        Some(free.min(self.config.claim_batch_size))
+    }
+
+    /// One claim statement for `asked` rows, with the number it asked for and when it was sent.
+    fn claim(&self, asked: usize) -> BoxFuture<'_, ClaimDone> {
+        let sent = tokio::time::Instant::now();
+        let claim = self
             .store
-            .claim(&self.group, asked as i64, self.config.lease, &self.worker)
-            .await
-        {
-            Ok(claim) => claim,
-            Err(e) => {
-                tracing::error!("claiming due rows failed: {e}");
-                return Some(Duration::from_secs(1));
-            }
-        };
+            .claim(&self.group, asked as i64, self.config.lease, &self.worker);
+        Box::pin(async move { (asked, sent, claim.await) })
+    }
+
+    /// Starts the attempts of what one claim took. Returns how long to wait before claiming again
+    /// when nothing else wakes the loop: zero when the claim was full, so more may be due now; a
+    /// [`CLAIM_TICK`] when it took some, so rows are coming due one after another; else until the
+    /// next row is due.
+    async fn start(&self, claimed: Claim, asked: usize, running: &mut Running) -> Duration {
         let got = claimed.len();
         for bad in claimed.unreadable {
             self.fail_unreadable(bad).await;
@@ -137,10 +190,11 @@ impl<H: Handler> Dispatcher<H> {
             let handle = running.0.spawn(task);
             running.1.insert(handle.id(), claim);
         }
-        if got == asked {
-            return Some(Duration::ZERO); // there may be more due right now
+        match got {
+            _ if got == asked => Duration::ZERO,
+            0 => self.until_next_wake().await,
+            _ => CLAIM_TICK,
         }
-        Some(self.until_next_wake().await)
     }
 
     /// A row whose stored message cannot be read is dead at once, without a handler call: only
@@ -170,9 +224,10 @@ impl<H: Handler> Dispatcher<H> {
         let Some(wait) = wake else {
             return self.config.max_idle;
         };
-        // A few milliseconds late rather than early: the claim compares with the database clock.
-        let wait = wait + Duration::from_millis(5);
-        wait.clamp(Duration::from_millis(10), self.config.max_idle)
+        // A little late rather than early: the claim compares with the database clock, and a claim
+        // that comes too soon costs a statement and finds nothing.
+        let wait = wait + Duration::from_millis(1);
+        wait.clamp(Duration::from_millis(1), self.config.max_idle)
     }
 
     fn attempt(&self, row: Claimed) -> impl std::future::Future<Output = ()> + Send + 'static {
@@ -229,7 +284,12 @@ impl<H: Handler> Dispatcher<H> {
         }
     }
 
-    async fn drain(self, (mut tasks, mut claims): Running, limit: Duration) {
+    async fn drain(
+        self,
+        (mut tasks, mut claims): Running,
+        unstarted: Vec<(Uuid, Uuid)>,
+        limit: Duration,
+    ) {
         tracing::info!(
             in_flight = tasks.len(),
             "retry workers stopping: finishing in-flight attempts"
@@ -245,7 +305,8 @@ impl<H: Handler> Dispatcher<H> {
         })
         .await;
         tasks.abort_all();
-        let unfinished: Vec<(Uuid, Uuid)> = claims.into_values().collect();
+        let mut unfinished: Vec<(Uuid, Uuid)> = claims.into_values().collect();
+        unfinished.extend(unstarted);
         if unfinished.is_empty() {
             return;
         }

@@ -198,7 +198,7 @@ impl Default for WorkersConfig {
             lease: Duration::from_secs(60),
             max_idle: Duration::from_secs(30),
             complete_batch_size: 200,
-            complete_linger: Duration::from_millis(5),
+            complete_linger: Duration::from_millis(20),
         }
     }
 }
