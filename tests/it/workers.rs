@@ -87,13 +87,18 @@ async fn a_row_is_not_attempted_before_it_is_due_and_promptly_once_it_is() {
     // The fallback wake-up is an hour away: only NOTIFY and the due-time timer can wake the worker.
     let (stop, task) = start(&db, recorder.clone(), RetryConfig::default());
 
-    db.seed(&[pending("t", 1, Duration::from_millis(1500), 3)])
-        .await;
-    let due: DateTime<Utc> =
-        sqlx::query_scalar("SELECT next_attempt_at FROM redrive.retry_messages")
-            .fetch_one(db.pool())
-            .await
-            .unwrap();
+    // Row 3 is due at once, so a claim runs while row 1 is not yet due: it must leave row 1.
+    db.seed(&[
+        pending("t", 1, Duration::from_millis(800), 3),
+        pending("t", 3, Duration::ZERO, 3),
+    ])
+    .await;
+    let due: DateTime<Utc> = sqlx::query_scalar(
+        "SELECT next_attempt_at FROM redrive.retry_messages WHERE kafka_offset = 1",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
     let at = wait_for(
         "the due row to be attempted",
         Duration::from_secs(30),
