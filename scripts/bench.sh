@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Throughput benchmarks (not tests): see BENCHMARKS.md for the figures and how they were made.
 #   scripts/bench.sh [CASE[,CASE...]|all] [MESSAGES]     (BENCH_RUNS=3 rounds unless set)
-# Cases: bare happy happy-http insert-floor capture claim-floor dispatch replay purge. MESSAGES
-# defaults to 1,000,000 for bare and happy and 100,000 for the rest.
+# Cases: bare happy happy-http insert-floor capture claim-floor dispatch replay purge timing
+# operators. MESSAGES defaults to 1,000,000 for bare and happy, 10,000 for timing and 100,000 for
+# the rest; operators loads 10M dead and 1M pending rows into the database redrive_bench_ops once,
+# and reuses them after.
 # Needs the services from `make services`; builds the benchmark in release mode.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export SQLX_OFFLINE="${SQLX_OFFLINE:-true}" REDRIVE_LOG="${REDRIVE_LOG:-warn}"
-cargo build --release --example bench
+cargo build --release --example bench --bin redrive
 "${CARGO_TARGET_DIR:-target}/release/examples/bench" "${1:-all}" ${2:+"$2"}

@@ -11,12 +11,19 @@
 //! - dispatch: due rows in the table, the handler succeeds; rows/s until the table is empty.
 //! - replay:   dead rows in the table; rows/s of `redrive replay --all` (chunks of 1,000).
 //! - purge:    dead rows in the table; rows/s of `redrive purge` (chunks of 1,000).
+//! - timing:   rows coming due at 1,000/s; how late each is attempted, and the CPU per row of
+//!   redrive and Postgres (see `timing.rs`).
+//! - operators: seconds of `redrive status` and `redrive replay --dry-run --topic small` at 10M dead
+//!   and 1M pending rows, beside `redrive status --exact` (see `operators.rs`).
 //!
 //! The handler is an in-process `Handler` (redrive's own cost), and for `happy-http` the HTTP
 //! handler against a local endpoint. Usage: `bench [CASE[,CASE…]|all] [N]`; `BENCH_RUNS` rounds
 //! (3 unless set) run the cases interleaved, and the median and range of each are printed, with
 //! each case's ratio to its reference. Every wait has a deadline; the benchmark counts handler
 //! calls in memory, so its own polling does not load what it measures.
+
+mod operators;
+mod timing;
 
 /// The allocator of the `redrive` binary, so the figures are the binary's.
 #[global_allocator]
@@ -98,6 +105,10 @@ const CASES: [&str; 9] = [
     "purge",
 ];
 
+/// Cases that measure something other than a rate, each printing a table of its own after the
+/// rates: `timing` (lateness, N rows: 10,000 unless set) and `operators` (seconds per command).
+const OWN_TABLES: [&str; 2] = ["timing", "operators"];
+
 /// Each case against its reference: (case, reference, what the reference is).
 const RATIOS: [(&str, &str); 4] = [
     ("happy", "bare"),
@@ -127,17 +138,23 @@ async fn main() -> anyhow::Result<()> {
         "REDRIVE_TEST_DATABASE_URL",
         "postgres://redrive:redrive@127.0.0.1:5432/redrive",
     );
-    let chosen: Vec<&str> = match which {
-        "all" => CASES.to_vec(),
+    let mut chosen: Vec<&str> = match which {
+        "all" => CASES.iter().chain(&OWN_TABLES).copied().collect(),
         list => list.split(',').collect(),
     };
     for case in &chosen {
         anyhow::ensure!(
-            CASES.contains(case),
-            "unknown case {case:?}: choose from {} or all",
-            CASES.join(", ")
+            CASES.contains(case) || OWN_TABLES.contains(case),
+            "unknown case {case:?}: choose from {}, {} or all",
+            CASES.join(", "),
+            OWN_TABLES.join(", ")
         );
     }
+    let own: Vec<&str> = OWN_TABLES
+        .into_iter()
+        .filter(|c| chosen.contains(c))
+        .collect();
+    chosen.retain(|c| !OWN_TABLES.contains(c));
     // Rounds interleave the cases, so a machine that slows down mid-run slows every case alike.
     let mut rates: Vec<(&str, Vec<Run>)> = chosen.iter().map(|c| (*c, vec![])).collect();
     for round in 1..=runs {
@@ -171,10 +188,12 @@ async fn main() -> anyhow::Result<()> {
             got.push(run);
         }
     }
-    println!(
-        "| case | per run | per second, median [range] of {runs} | Postgres CPU per row, µs, median |\n\
-         |---|---|---|---|"
-    );
+    if !rates.is_empty() {
+        println!(
+            "| case | per run | per second, median [range] of {runs} | Postgres CPU per row, µs, median |\n\
+             |---|---|---|---|"
+        );
+    }
     for (case, got) in &rates {
         let rates: Vec<f64> = got.iter().map(Run::rate).collect();
         let (lo, mid, hi) = spread(&rates);
@@ -196,6 +215,12 @@ async fn main() -> anyhow::Result<()> {
     for (case, reference) in RATIOS {
         if let (Some(a), Some(b)) = (median(case), median(reference)) {
             println!("{case} / {reference}: {:.2}", a / b);
+        }
+    }
+    for case in own {
+        match case {
+            "timing" => timing::run(&admin_url, n.unwrap_or(10_000), runs).await?,
+            _ => operators::run(&admin_url, runs).await?,
         }
     }
     Ok(())

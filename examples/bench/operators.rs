@@ -1,0 +1,244 @@
+//! The operators case: `redrive status` and `redrive replay --dry-run --topic small` on a table of
+//! 10M dead and 1M pending rows, run as an operator runs them (the release binary, a new process
+//! each time), beside `redrive status --exact`, which reads every row.
+//!
+//! The table is loaded in SQL (generate_series) into its own database, once: a later run finds it
+//! by the marker it leaves and reuses it. `BENCH_OPS_DEAD` and `BENCH_OPS_PENDING` change its size.
+
+use super::{env, spread, DEADLINE};
+use sqlx::Connection as _;
+use std::time::Instant;
+
+/// The database the table lives in, kept between runs.
+const DB: &str = "redrive_bench_ops";
+
+/// Rows inserted per statement while loading.
+const STEP: i64 = 1_000_000;
+
+/// The dead rows of the topic `small`, which the dry run selects.
+const SMALL: i64 = 1_000;
+
+/// One command as timed: its label, its arguments and the goal it must meet, in seconds.
+struct Command {
+    label: &'static str,
+    args: &'static [&'static str],
+    goal: Option<f64>,
+}
+
+const COMMANDS: [Command; 3] = [
+    Command {
+        label: "redrive status",
+        args: &["status"],
+        goal: Some(1.0),
+    },
+    Command {
+        label: "redrive status --exact (reference: every row read)",
+        args: &["status", "--exact"],
+        goal: None,
+    },
+    Command {
+        label: "redrive replay --dry-run --topic small",
+        args: &["replay", "--dry-run", "--topic", "small"],
+        goal: Some(0.5),
+    },
+];
+
+/// Loads the table if needed, then times each command `runs` times, interleaved, and prints
+/// their medians and how far `status`'s estimates were from the exact counts.
+pub async fn run(admin_url: &str, runs: usize) -> anyhow::Result<()> {
+    let dead: i64 = env("BENCH_OPS_DEAD", "10000000").parse()?;
+    let pending: i64 = env("BENCH_OPS_PENDING", "1000000").parse()?;
+    let url = load(admin_url, dead, pending).await?;
+    // The release build of redrive, beside the examples directory this benchmark runs from.
+    let exe = std::env::current_exe()?;
+    let bin = exe
+        .parent()
+        .and_then(|examples| examples.parent())
+        .map(|dir| dir.join("redrive"))
+        .filter(|bin| bin.exists())
+        .ok_or_else(|| {
+            anyhow::anyhow!("build redrive first: cargo build --release --bin redrive")
+        })?;
+    let mut secs: Vec<Vec<f64>> = vec![vec![]; COMMANDS.len()];
+    for round in 1..=runs {
+        for (c, got) in COMMANDS.iter().zip(secs.iter_mut()) {
+            let started = Instant::now();
+            redrive(&bin, &url, c.args).await?;
+            let took = started.elapsed().as_secs_f64();
+            eprintln!("round {round}/{runs}: operators: {}: {took:.3} s", c.label);
+            got.push(took);
+        }
+    }
+    println!(
+        "\nOperators at {dead} dead and {pending} pending rows (plus {SMALL} dead rows of topic \
+         small):\n\n| command | seconds, median [range] of {runs} | goal |\n|---|---|---|"
+    );
+    for (c, got) in COMMANDS.iter().zip(&secs) {
+        let (lo, mid, hi) = spread(got);
+        let goal = c.goal.map_or("–".into(), |g| format!("≤ {g} s"));
+        println!("| {} | {mid:.3} [{lo:.3}–{hi:.3}] | {goal} |", c.label);
+    }
+    let estimated = json(&bin, &url, &["status", "--json"]).await?;
+    let exact = json(&bin, &url, &["status", "--json", "--exact"]).await?;
+    println!(
+        "\nstatus's estimates against --exact: the largest error of a (group, topic) count is \
+         {:.1} %",
+        worst_error(&estimated, &exact) * 100.0
+    );
+    Ok(())
+}
+
+/// Runs the redrive binary against `url`; fails with its output when it fails or hangs.
+async fn redrive(bin: &std::path::Path, url: &str, args: &[&str]) -> anyhow::Result<Vec<u8>> {
+    let out = tokio::process::Command::new(bin)
+        .args(args)
+        .env("REDRIVE_POSTGRES__URL", url)
+        .env("REDRIVE_LOG", "warn")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(DEADLINE, out)
+        .await
+        .map_err(|_| anyhow::anyhow!("redrive {args:?} ran past {DEADLINE:?}"))??;
+    anyhow::ensure!(
+        out.status.success(),
+        "redrive {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(out.stdout)
+}
+
+async fn json(
+    bin: &std::path::Path,
+    url: &str,
+    args: &[&str],
+) -> anyhow::Result<serde_json::Value> {
+    Ok(serde_json::from_slice(&redrive(bin, url, args).await?)?)
+}
+
+/// The largest relative error of an estimated (group, topic, state) count of `estimated` against
+/// the same count of `exact`, over counts that are not zero.
+fn worst_error(estimated: &serde_json::Value, exact: &serde_json::Value) -> f64 {
+    let rows = |v: &serde_json::Value| v["topics"].as_array().cloned().unwrap_or_default();
+    let mut worst = 0.0_f64;
+    for (e, x) in rows(estimated).iter().zip(rows(exact).iter()) {
+        for state in ["pending", "running", "paused", "dead", "replayed"] {
+            let (e, x) = (
+                e[state].as_f64().unwrap_or(0.0),
+                x[state].as_f64().unwrap_or(0.0),
+            );
+            if x > 0.0 {
+                worst = worst.max((e - x).abs() / x);
+            }
+        }
+    }
+    worst
+}
+
+/// The database with the table, loaded unless an earlier run left it as this run wants it.
+async fn load(admin_url: &str, dead: i64, pending: i64) -> anyhow::Result<String> {
+    let spec = format!("{dead} dead, {pending} pending, {SMALL} small, v1");
+    let mut url = url::Url::parse(admin_url)?;
+    url.set_path(DB);
+    let url = url.to_string();
+    if let Ok(mut c) = sqlx::PgConnection::connect(&url).await {
+        let got: Option<String> = sqlx::query_scalar("SELECT spec FROM bench_loaded")
+            .fetch_optional(&mut c)
+            .await
+            .ok()
+            .flatten();
+        if got.as_deref() == Some(spec.as_str()) {
+            eprintln!("operators: reusing the table in {DB} ({spec})");
+            // A newer build may bring migrations (indexes) of its own.
+            redrive::store::migrate::run(&url.clone().into()).await?;
+            return Ok(url);
+        }
+    }
+    let url = redrive::support::recreate_database(admin_url, DB).await?;
+    redrive::store::migrate::run(&url.clone().into()).await?;
+    let mut c = sqlx::PgConnection::connect(&url).await?;
+    let started = Instant::now();
+    for (what, sql, total) in [
+        ("dead", DEAD_ROWS, dead),
+        ("pending", PENDING_ROWS, pending),
+    ] {
+        for from in (0..total).step_by(STEP as usize) {
+            let to = (from + STEP).min(total);
+            sqlx::query(sql).bind(from).bind(to).execute(&mut c).await?;
+            eprintln!(
+                "operators: loading {DB}: {to} of {total} {what} rows ({:.0} s)",
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    sqlx::query(SMALL_ROWS).bind(SMALL).execute(&mut c).await?;
+    eprintln!(
+        "operators: VACUUM ANALYZE ({:.0} s)",
+        started.elapsed().as_secs_f64()
+    );
+    sqlx::query("VACUUM ANALYZE redrive.retry_messages")
+        .execute(&mut c)
+        .await?;
+    sqlx::query("CREATE TABLE bench_loaded (spec text NOT NULL)")
+        .execute(&mut c)
+        .await?;
+    sqlx::query("INSERT INTO bench_loaded VALUES ($1)")
+        .bind(&spec)
+        .execute(&mut c)
+        .await?;
+    eprintln!(
+        "operators: loaded in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(url)
+}
+
+/// Dead rows `$1` to `$2`: two groups, ten topics `big-N`, twenty error texts, deaths spread over
+/// 30 days, every one published to the DLQ.
+const DEAD_ROWS: &str = r#"
+INSERT INTO redrive.retry_messages (
+    id, consumer_group, topic, "partition", kafka_offset, key, payload, state, attempts,
+    max_attempts, next_attempt_at, last_error, error_kind, error_history, first_failed_at,
+    updated_at, dead_at, dlq_published_at, dlq_topic)
+SELECT lpad(to_hex(i), 32, '0')::uuid, 'group-' || (i % 2), 'big-' || (i % 10), (i / 10 % 8)::int,
+       i, convert_to(i::text, 'UTF8'), convert_to(repeat('x', 100), 'UTF8'), 'dead', 5, 5, t,
+       'error ' || (i % 20), 'retryable',
+       jsonb_build_array(jsonb_build_object('at', t, 'attempt', 5, 'kind', 'retryable',
+                                            'error', 'error ' || (i % 20))),
+       t - interval '1 hour', t, t, t, 'dlq'
+FROM generate_series($1::bigint, $2::bigint - 1) AS s(i),
+     LATERAL (SELECT now() - (i % 2592000) * interval '1 second' AS t) AS x
+"#;
+
+/// Pending rows `$1` to `$2` (numbered after the dead ones): half of each group's due within the
+/// last day, half due within the next.
+const PENDING_ROWS: &str = r#"
+INSERT INTO redrive.retry_messages (
+    id, consumer_group, topic, "partition", kafka_offset, key, payload, state, attempts,
+    max_attempts, next_attempt_at, last_error, error_kind, error_history, first_failed_at,
+    updated_at)
+SELECT lpad(to_hex(j), 32, '0')::uuid, 'group-' || (i % 2), 'big-' || (i % 10), (i / 10 % 8)::int,
+       j, convert_to(i::text, 'UTF8'), convert_to(repeat('x', 100), 'UTF8'), 'pending', 1, 5,
+       now() + (CASE WHEN i / 2 % 2 = 0 THEN -1 ELSE 1 END) * (i % 86400) * interval '1 second',
+       'error ' || (i % 20), 'retryable',
+       jsonb_build_array(jsonb_build_object('at', now(), 'attempt', 1, 'kind', 'retryable',
+                                            'error', 'error ' || (i % 20))),
+       now() - interval '1 hour', now()
+FROM generate_series($1::bigint, $2::bigint - 1) AS s(i),
+     LATERAL (SELECT i + 1000000000 AS j) AS x
+"#;
+
+/// `$1` dead rows of the topic `small`, in both groups.
+const SMALL_ROWS: &str = r#"
+INSERT INTO redrive.retry_messages (
+    id, consumer_group, topic, "partition", kafka_offset, key, payload, state, attempts,
+    max_attempts, next_attempt_at, last_error, error_kind, error_history, first_failed_at,
+    updated_at, dead_at, dlq_published_at, dlq_topic)
+SELECT lpad(to_hex(j), 32, '0')::uuid, 'group-' || (i % 2), 'small', 0, i,
+       convert_to(i::text, 'UTF8'), convert_to(repeat('x', 100), 'UTF8'), 'dead', 5, 5, t,
+       'small error', 'permanent',
+       jsonb_build_array(jsonb_build_object('at', t, 'attempt', 5, 'kind', 'permanent',
+                                            'error', 'small error')),
+       t - interval '1 hour', t, t, t, 'dlq'
+FROM generate_series(0::bigint, $1::bigint - 1) AS s(i),
+     LATERAL (SELECT i + 2000000000 AS j, now() - i * interval '1 minute' AS t) AS x
+"#;
