@@ -13,6 +13,8 @@
 //! - purge:    dead rows in the table; rows/s of `redrive purge` (chunks of 1,000).
 //! - timing:   rows coming due at 1,000/s; how late each is attempted, and the CPU per row of
 //!   redrive and Postgres (see `timing.rs`).
+//! - footprint: peak RSS of the `redrive run` binary, with its defaults, consuming 1M messages
+//!   through its HTTP handler (see `footprint.rs`).
 //! - operators: seconds of `redrive status` and `redrive replay --dry-run --topic small` at 10M dead
 //!   and 1M pending rows, beside `redrive status --exact` (see `operators.rs`).
 //!
@@ -22,6 +24,7 @@
 //! each case's ratio to its reference. Every wait has a deadline; the benchmark counts handler
 //! calls in memory, so its own polling does not load what it measures.
 
+mod footprint;
 mod operators;
 mod timing;
 
@@ -106,8 +109,9 @@ const CASES: [&str; 9] = [
 ];
 
 /// Cases that measure something other than a rate, each printing a table of its own after the
-/// rates: `timing` (lateness, N rows: 10,000 unless set) and `operators` (seconds per command).
-const OWN_TABLES: [&str; 2] = ["timing", "operators"];
+/// rates: `timing` (lateness, N rows: 10,000 unless set), `footprint` (peak RSS of `redrive run`,
+/// N messages: 1,000,000 unless set) and `operators` (seconds per command).
+const OWN_TABLES: [&str; 3] = ["timing", "footprint", "operators"];
 
 /// Each case against its reference: (case, reference, what the reference is).
 const RATIOS: [(&str, &str); 4] = [
@@ -220,10 +224,21 @@ async fn main() -> anyhow::Result<()> {
     for case in own {
         match case {
             "timing" => timing::run(&admin_url, n.unwrap_or(10_000), runs).await?,
+            "footprint" => footprint::run(&admin_url, &kafka, n.unwrap_or(1_000_000), runs).await?,
             _ => operators::run(&admin_url, runs).await?,
         }
     }
     Ok(())
+}
+
+/// The release build of `redrive`, beside the examples directory this benchmark runs from.
+fn redrive_binary() -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    exe.parent()
+        .and_then(|examples| examples.parent())
+        .map(|dir| dir.join("redrive"))
+        .filter(|bin| bin.exists())
+        .ok_or_else(|| anyhow::anyhow!("build redrive first: cargo build --release --bin redrive"))
 }
 
 /// CPU time this process has used, user and system, in seconds.
@@ -353,6 +368,18 @@ fn config(
          [retry]\ninitial_delay = \"1h\"\nmax_delay = \"2h\"\n[handler]\nurl = \"{handler}\"\n"
     ))
     .map_err(Into::into)
+}
+
+/// The configuration and parts of a redrive that runs only its retry workers, for group "bench".
+fn workers_only(db: &str) -> anyhow::Result<(Config, RunArgs)> {
+    let config = config(db, "127.0.0.1:1", "bench", "bench", "http://127.0.0.1:1/")?;
+    let parts = RunArgs {
+        no_consumer: true,
+        no_dlq: true,
+        no_http: true,
+        ..Default::default()
+    };
+    Ok((config, parts))
 }
 
 async fn produce(kafka: &str, topic: &str, n: usize) -> anyhow::Result<()> {
@@ -582,13 +609,7 @@ async fn dispatch(db: &str, n: usize) -> anyhow::Result<Run> {
     sqlx::query("VACUUM ANALYZE redrive.retry_messages")
         .execute(store.pool())
         .await?;
-    let config = config(db, "127.0.0.1:1", "bench", "bench", "http://127.0.0.1:1/")?;
-    let parts = RunArgs {
-        no_consumer: true,
-        no_dlq: true,
-        no_http: true,
-        ..Default::default()
-    };
+    let (config, parts) = workers_only(db)?;
     let stop = tokio_util::sync::CancellationToken::new();
     let handler = Fixed::new(true);
     let calls = handler.calls.clone();

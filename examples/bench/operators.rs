@@ -5,7 +5,7 @@
 //! The table is loaded in SQL (generate_series) into its own database, once: a later run finds it
 //! by the marker it leaves and reuses it. `BENCH_OPS_DEAD` and `BENCH_OPS_PENDING` change its size.
 
-use super::{env, spread, DEADLINE};
+use super::{env, redrive_binary, spread, DEADLINE};
 use sqlx::Connection as _;
 use std::time::Instant;
 
@@ -49,16 +49,7 @@ pub async fn run(admin_url: &str, runs: usize) -> anyhow::Result<()> {
     let dead: i64 = env("BENCH_OPS_DEAD", "10000000").parse()?;
     let pending: i64 = env("BENCH_OPS_PENDING", "1000000").parse()?;
     let url = load(admin_url, dead, pending).await?;
-    // The release build of redrive, beside the examples directory this benchmark runs from.
-    let exe = std::env::current_exe()?;
-    let bin = exe
-        .parent()
-        .and_then(|examples| examples.parent())
-        .map(|dir| dir.join("redrive"))
-        .filter(|bin| bin.exists())
-        .ok_or_else(|| {
-            anyhow::anyhow!("build redrive first: cargo build --release --bin redrive")
-        })?;
+    let bin = redrive_binary()?;
     let mut secs: Vec<Vec<f64>> = vec![vec![]; COMMANDS.len()];
     for round in 1..=runs {
         for (c, got) in COMMANDS.iter().zip(secs.iter_mut()) {

@@ -4,8 +4,7 @@
 //! lateness, the worst (a stall shows there), the earliest (never below zero: a row is never
 //! attempted early), and the CPU that redrive and Postgres spent per row.
 
-use super::{config, cpu_seconds, fresh_db, postgres_cpu, spread, wait_for, DEADLINE};
-use redrive::cli::RunArgs;
+use super::{cpu_seconds, fresh_db, postgres_cpu, spread, wait_for, workers_only, DEADLINE};
 use redrive::handler::{Delivery, Handler, HandlerError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -128,13 +127,7 @@ async fn once(admin_url: &str, n: usize) -> anyhow::Result<Figures> {
     sqlx::query("VACUUM ANALYZE redrive.retry_messages")
         .execute(&pool)
         .await?;
-    let config = config(&db, "127.0.0.1:1", "bench", "bench", "http://127.0.0.1:1/")?;
-    let parts = RunArgs {
-        no_consumer: true,
-        no_dlq: true,
-        no_http: true,
-        ..Default::default()
-    };
+    let (config, parts) = workers_only(&db)?;
     let stop = tokio_util::sync::CancellationToken::new();
     let handler = Lateness::default();
     let (cpu, pg) = (cpu_seconds(), postgres_cpu());
