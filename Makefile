@@ -56,8 +56,8 @@ demo: build-deps services
 bench: build-deps services
 	scripts/bench.sh
 
-## The dispatch benchmark's peers (River, graphile-worker, PgQueuer) on the same Postgres.
-bench-peers: services
+## redrive's dispatch beside its peers (River, graphile-worker, PgQueuer), in the same run.
+bench-peers: build-deps services
 	scripts/bench-peers.sh
 
 ## Regenerate .sqlx/ (offline query data) from a database built from the migrations.
