@@ -27,9 +27,11 @@ use uuid::Uuid;
 /// NOTIFY channel for rows that became pending.
 pub const PENDING_CHANNEL: &str = "redrive_pending";
 
-/// Claim statements under way at once: the next batch is being claimed in Postgres while the rows
-/// of the last are attempted, so the workers do not wait out each claim's round trip.
-const CLAIMS_IN_FLIGHT: usize = 2;
+/// Claim statements under way at once for a backlog: the next batches are being claimed in Postgres
+/// while the rows of the last are attempted, so the workers do not wait out each claim's round
+/// trip, and several backends share the claiming. Each claim reserves its slots, so `concurrency`
+/// bounds how many run at once.
+const CLAIMS_IN_FLIGHT: usize = 4;
 
 /// How soon to claim again after a claim that took some due rows but not a full batch. Rows are
 /// then coming due one after another: claiming on this tick bounds how late they are attempted

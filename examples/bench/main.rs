@@ -354,6 +354,8 @@ async fn fresh_db(admin_url: &str) -> anyhow::Result<String> {
     Ok(url)
 }
 
+/// The benchmark's configuration. The retry workers get 400 slots and claims of up to 100 rows: as
+/// many rows in flight as the claim floor's 4 clients of 100.
 fn config(
     db: &str,
     kafka: &str,
@@ -364,7 +366,7 @@ fn config(
     Config::from_toml(&format!(
         "[postgres]\nurl = \"{db}\"\nmax_connections = 20\n[kafka]\ntopics = [\"{topic}\"]\n\
          \"bootstrap.servers\" = \"{kafka}\"\n\"group.id\" = \"{group}\"\n\"auto.commit.interval.ms\" = 200\n\
-         [consumer]\nmax_in_flight = 2000\n[workers]\nconcurrency = 200\nclaim_batch_size = 100\n\
+         [consumer]\nmax_in_flight = 2000\n[workers]\nconcurrency = 400\nclaim_batch_size = 100\n\
          [retry]\ninitial_delay = \"1h\"\nmax_delay = \"2h\"\n[handler]\nurl = \"{handler}\"\n"
     ))
     .map_err(Into::into)
