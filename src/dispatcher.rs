@@ -5,7 +5,7 @@
 //! database clock) and wakes promptly once one is due (I7): on a `redrive_pending` NOTIFY, on a
 //! timer set to the earliest due row or lease expiry, and at the latest after `max_idle`. While
 //! rows come due one after another it claims on a short tick instead, which bounds both how late
-//! they are and how many statements they cost. With a backlog, a second claim runs while the rows
+//! they are and how many statements they cost. With a backlog, further claims run while the rows
 //! of the first are started.
 
 use crate::completer::CompleteHandle;
@@ -49,6 +49,17 @@ pub struct Dispatcher<H> {
     retry: Arc<RetryConfig>,
     config: WorkersConfig,
     timeout: Duration,
+}
+
+/// When to claim again, judged from what the last claim took.
+enum Next {
+    /// The claim was full: more may be due now.
+    Now,
+    /// It took some rows but not a full batch: rows are coming due one after another, so claim
+    /// again [`CLAIM_TICK`] after this claim was sent.
+    Tick,
+    /// It took nothing, or failed: wait this long unless a NOTIFY comes first.
+    Wait(Duration),
 }
 
 /// A finished claim statement: the rows it asked for, when it was sent, and what it took.
@@ -115,18 +126,22 @@ impl<H: Handler> Dispatcher<H> {
                 _ = shutdown.cancelled() => break,
                 Some((asked, sent, claimed)) = claims.next(), if !claims.is_empty() => {
                     reserved -= asked;
-                    let wait = match claimed {
+                    let next = match claimed {
                         Ok(claim) => self.start(claim, asked, &mut running).await,
                         Err(e) => {
                             tracing::error!("claiming due rows failed: {e}");
-                            Duration::from_secs(1)
+                            Next::Wait(Duration::from_secs(1))
                         }
                     };
-                    (due, backlog) = (wait.is_zero(), wait.is_zero());
-                    // A tick counts from when the claim was sent, so its round trip is not added
-                    // to how late the next rows are.
-                    let from = if wait == CLAIM_TICK { sent } else { tokio::time::Instant::now() };
-                    look_at = from + wait;
+                    backlog = matches!(next, Next::Now);
+                    due = backlog;
+                    look_at = match next {
+                        Next::Now => tokio::time::Instant::now(),
+                        // A tick counts from when the claim was sent, so its round trip is not
+                        // added to how late the next rows are.
+                        Next::Tick => sent + CLAIM_TICK,
+                        Next::Wait(wait) => tokio::time::Instant::now() + wait,
+                    };
                 }
                 Some(done) = running.0.join_next_with_id(), if !running.0.is_empty() => {
                     forget(&mut running.1, done);
@@ -169,11 +184,9 @@ impl<H: Handler> Dispatcher<H> {
         Box::pin(async move { (asked, sent, claim.await) })
     }
 
-    /// Starts the attempts of what one claim took. Returns how long to wait before claiming again
-    /// when nothing else wakes the loop: zero when the claim was full, so more may be due now; a
-    /// [`CLAIM_TICK`] when it took some, so rows are coming due one after another; else until the
-    /// next row is due.
-    async fn start(&self, claimed: Claim, asked: usize, running: &mut Running) -> Duration {
+    /// Starts the attempts of what one claim took, and says when to claim again: at once when the
+    /// claim was full, on the tick when it took some, else when the next row is due.
+    async fn start(&self, claimed: Claim, asked: usize, running: &mut Running) -> Next {
         let got = claimed.len();
         for bad in claimed.unreadable {
             self.fail_unreadable(bad).await;
@@ -193,9 +206,9 @@ impl<H: Handler> Dispatcher<H> {
             running.1.insert(handle.id(), claim);
         }
         match got {
-            _ if got == asked => Duration::ZERO,
-            0 => self.until_next_wake().await,
-            _ => CLAIM_TICK,
+            _ if got == asked => Next::Now,
+            0 => Next::Wait(self.until_next_wake().await),
+            _ => Next::Tick,
         }
     }
 
