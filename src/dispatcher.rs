@@ -4,9 +4,10 @@
 //! A dispatcher never attempts a row before its `next_attempt_at` (the claim compares with the
 //! database clock) and wakes promptly once one is due (I7): on a `redrive_pending` NOTIFY, on a
 //! timer set to the earliest due row or lease expiry, and at the latest after `max_idle`. While
-//! rows come due one after another it claims on a short tick instead, which bounds both how late
-//! they are and how many statements they cost. With a backlog, further claims run while the rows
-//! of the first are started.
+//! rows come due one after another it claims on a tick instead. Every claim also takes the rows
+//! that come due within [`CLAIM_AHEAD`], and holds each until it is due: rows are attempted on time
+//! rather than on the next claim after it, and each statement takes the rows of several
+//! milliseconds. With a backlog, further claims run while the rows of the first are started.
 
 use crate::completer::CompleteHandle;
 use crate::config::{RetryConfig, WorkersConfig};
@@ -33,11 +34,16 @@ pub const PENDING_CHANNEL: &str = "redrive_pending";
 /// bounds how many run at once.
 const CLAIMS_IN_FLIGHT: usize = 4;
 
-/// How soon to claim again after a claim that took some due rows but not a full batch. Rows are
-/// then coming due one after another: claiming on this tick bounds how late they are attempted
-/// (a tick, plus the claim's round trip) and how many statements they cost (one claim per tick,
-/// and no look-up of the next due time), whatever their rate.
-const CLAIM_TICK: Duration = Duration::from_millis(4);
+/// How soon to claim again after a claim that took some rows but not a full batch. Rows are then
+/// coming due one after another: claiming on this tick bounds how many statements they cost (one
+/// claim per tick, and no look-up of the next due time), whatever their rate.
+const CLAIM_TICK: Duration = Duration::from_millis(20);
+
+/// How far ahead a claim takes rows that are not yet due. Longer than a tick and its round trip,
+/// so the claim of one tick takes every row that comes due before the next claim's rows are back:
+/// a row is then late only by its timer. A row held before it is due keeps its slot and its lease,
+/// which runs from its due time.
+const CLAIM_AHEAD: Duration = Duration::from_millis(40);
 
 /// Retry workers for one consumer group.
 pub struct Dispatcher<H> {
@@ -178,15 +184,22 @@ impl<H: Handler> Dispatcher<H> {
     /// One claim statement for `asked` rows, with the number it asked for and when it was sent.
     fn claim(&self, asked: usize) -> BoxFuture<'_, ClaimDone> {
         let sent = tokio::time::Instant::now();
-        let claim = self
-            .store
-            .claim(&self.group, asked as i64, self.config.lease, &self.worker);
+        let claim = self.store.claim_ahead(
+            &self.group,
+            asked as i64,
+            self.config.lease,
+            &self.worker,
+            CLAIM_AHEAD,
+        );
         Box::pin(async move { (asked, sent, claim.await) })
     }
 
     /// Starts the attempts of what one claim took, and says when to claim again: at once when the
     /// claim was full, on the tick when it took some, else when the next row is due.
     async fn start(&self, claimed: Claim, asked: usize, running: &mut Running) -> Next {
+        // A row's wait is counted from the database's now() when it was claimed; counted from here,
+        // after the statement's round trip, the handler is called late rather than early.
+        let received = tokio::time::Instant::now();
         let got = claimed.len();
         for bad in claimed.unreadable {
             self.fail_unreadable(bad).await;
@@ -201,7 +214,8 @@ impl<H: Handler> Dispatcher<H> {
             } else {
                 tracing::Span::none()
             };
-            let task = self.attempt(row).instrument(span);
+            let due = received + row.wait;
+            let task = self.attempt(row, due).instrument(span);
             let handle = running.0.spawn(task);
             running.1.insert(handle.id(), claim);
         }
@@ -228,8 +242,10 @@ impl<H: Handler> Dispatcher<H> {
         self.complete.send(completion).await;
     }
 
+    /// How long to wait for the next row or expired lease: a row is claimed half of
+    /// [`CLAIM_AHEAD`] before it is due, so it is attempted on time.
     async fn until_next_wake(&self) -> Duration {
-        let wake = match self.store.next_wake(&self.group).await {
+        let wake = match self.store.next_wake(&self.group, CLAIM_AHEAD / 2).await {
             Ok(w) => w,
             Err(e) => {
                 tracing::warn!("reading the next due time failed: {e}");
@@ -239,13 +255,18 @@ impl<H: Handler> Dispatcher<H> {
         let Some(wait) = wake else {
             return self.config.max_idle;
         };
-        // A little late rather than early: the claim compares with the database clock, and a claim
-        // that comes too soon costs a statement and finds nothing.
+        // A little late rather than early: the rescue of an expired lease compares with the
+        // database clock, and a claim that comes too soon costs a statement and rescues nothing.
         let wait = wait + Duration::from_millis(1);
         wait.clamp(Duration::from_millis(1), self.config.max_idle)
     }
 
-    fn attempt(&self, row: Claimed) -> impl std::future::Future<Output = ()> + Send + 'static {
+    /// One attempt of `row`, its handler called at `due` (when it was claimed ahead) or at once.
+    fn attempt(
+        &self,
+        row: Claimed,
+        due: tokio::time::Instant,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let (handler, complete, retry, group) = (
             self.handler.clone(),
             self.complete.clone(),
@@ -254,6 +275,7 @@ impl<H: Handler> Dispatcher<H> {
         );
         let timeout = self.timeout;
         async move {
+            tokio::time::sleep_until(due).await;
             let attempt = u32::try_from(row.attempt).unwrap_or(u32::MAX);
             let delivery = Delivery {
                 message: &row.message,

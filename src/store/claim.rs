@@ -2,6 +2,8 @@
 //! share the table without taking a row twice. A claim is a lease (I3): `attempts` goes up by one,
 //! the row gets a fresh `claim_token`, and it is the worker's until `lease_expires_at`. Every claim
 //! statement also rescues expired leases, so a dead worker's rows come back without anyone acting.
+//! A claim may also take rows that come due shortly ([`Store::claim_ahead`]): the worker holds each
+//! until it is due, and its lease runs from then.
 //!
 //! The rows to take are chosen in an `= ANY(ARRAY(…))` subquery, so the statement's plan does not
 //! depend on the limit: Postgres keeps one generic plan (index scans) instead of planning every
@@ -31,6 +33,9 @@ pub struct Claimed {
     pub message: Message,
     /// When the message first failed.
     pub first_failed_at: DateTime<Utc>,
+    /// How long, by the database's clock when it was claimed, until the row is due: zero unless it
+    /// was claimed ahead ([`Store::claim_ahead`]). Its handler is not called before this has passed.
+    pub wait: Duration,
 }
 
 /// A claimed row whose stored message cannot be read back: the worker completes it as dead with
@@ -79,6 +84,22 @@ impl Store {
         lease: Duration,
         worker: &str,
     ) -> Result<Claim, StoreError> {
+        self.claim_ahead(group, limit, lease, worker, Duration::ZERO)
+            .await
+    }
+
+    /// [`Store::claim`], also taking rows that come due within `ahead`, earliest first. Each such
+    /// row says in [`Claimed::wait`] how long until it is due; its lease runs from then. Rows that
+    /// come due one after another are so taken a few per statement, and each is attempted when it
+    /// is due rather than on the next claim after that.
+    pub async fn claim_ahead(
+        &self,
+        group: &str,
+        limit: i64,
+        lease: Duration,
+        worker: &str,
+        ahead: Duration,
+    ) -> Result<Claim, StoreError> {
         let rows = sqlx::query!(
             r#"
             WITH rescued AS (
@@ -99,20 +120,24 @@ impl Store {
             )
             UPDATE redrive.retry_messages r
             SET state = 'running', attempts = r.attempts + 1, locked_by = $4, updated_at = now(),
-                lease_expires_at = now() + make_interval(secs => $3), claim_token = gen_random_uuid()
+                lease_expires_at = greatest(r.next_attempt_at, now()) + make_interval(secs => $3),
+                claim_token = gen_random_uuid()
             WHERE r.id = ANY(ARRAY(
                 SELECT id FROM redrive.retry_messages
-                WHERE consumer_group = $1 AND state = 'pending' AND next_attempt_at <= now()
+                WHERE consumer_group = $1 AND state = 'pending'
+                  AND next_attempt_at <= now() + make_interval(secs => $5)
                 ORDER BY next_attempt_at
                 LIMIT $2
                 FOR UPDATE SKIP LOCKED))
             RETURNING r.id, r.attempts, r.claim_token AS "claim_token!", r.max_attempts, r.topic, r."partition", r.kafka_offset,
-                      r.kafka_timestamp, r.key, r.payload, r.headers, r.first_failed_at
+                      r.kafka_timestamp, r.key, r.payload, r.headers, r.first_failed_at,
+                      greatest(extract(epoch FROM r.next_attempt_at - now()), 0)::float8 AS "wait!"
             "#,
             group,
             limit,
             lease.as_secs_f64(),
             worker,
+            ahead.as_secs_f64(),
         )
         .fetch_all(self.pool())
         .await?;
@@ -120,6 +145,7 @@ impl Store {
         for r in rows {
             let (id, attempt, token) = (r.id, r.attempts, r.claim_token);
             let (max_attempts, first_failed_at) = (r.max_attempts, r.first_failed_at);
+            let wait = Duration::try_from_secs_f64(r.wait).unwrap_or_default();
             match stored_message!(r) {
                 Ok(message) => claim.rows.push(Claimed {
                     id,
@@ -127,6 +153,7 @@ impl Store {
                     token,
                     max_attempts,
                     first_failed_at,
+                    wait,
                     message,
                 }),
                 Err(e) => claim.unreadable.push(Unreadable {
@@ -140,19 +167,25 @@ impl Store {
         Ok(claim)
     }
 
-    /// How long until the next row of `group` is due or the next lease expires, by the database's
-    /// clock (I11): a worker whose own clock is off neither shortens a backoff nor polls in a loop.
-    /// `None` when nothing is waiting.
-    pub async fn next_wake(&self, group: &str) -> Result<Option<Duration>, StoreError> {
+    /// How long until `lead` before the next row of `group` is due, or until the next lease
+    /// expires, by the database's clock (I11): a worker whose own clock is off neither shortens a
+    /// backoff nor polls in a loop. A worker that claims ahead wakes `lead` early, so its claim
+    /// takes the row before it is due. `None` when nothing is waiting.
+    pub async fn next_wake(
+        &self,
+        group: &str,
+        lead: Duration,
+    ) -> Result<Option<Duration>, StoreError> {
         let seconds = sqlx::query_scalar!(
             r#"
             SELECT extract(epoch FROM least(
               (SELECT min(next_attempt_at) FROM redrive.retry_messages
-                WHERE consumer_group = $1 AND state = 'pending'),
+                WHERE consumer_group = $1 AND state = 'pending') - make_interval(secs => $2),
               (SELECT min(lease_expires_at) FROM redrive.retry_messages
                 WHERE consumer_group = $1 AND state = 'running')) - now())::float8 AS wait
             "#,
             group,
+            lead.as_secs_f64(),
         )
         .fetch_one(self.pool())
         .await?;

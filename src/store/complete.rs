@@ -170,15 +170,16 @@ impl Store {
         })
     }
 
-    /// Gives claimed-but-abandoned rows back at shutdown: pending, due now, the attempt returned.
-    /// `claims` are (row id, claim token); a row claimed by someone else since is left alone.
+    /// Gives claimed-but-abandoned rows back at shutdown: pending, due now (or when it was due, for
+    /// a row claimed ahead of that), the attempt returned. `claims` are (row id, claim token); a row
+    /// claimed by someone else since is left alone.
     pub async fn release(&self, claims: &[(Uuid, Uuid)]) -> Result<u64, StoreError> {
         let (ids, tokens): (Vec<Uuid>, Vec<Uuid>) = claims.iter().copied().unzip();
         let result = sqlx::query!(
             r#"
             UPDATE redrive.retry_messages r
-            SET state = 'pending', attempts = r.attempts - 1, next_attempt_at = now(),
-                lease_expires_at = NULL, locked_by = NULL, claim_token = NULL, updated_at = now()
+            SET state = 'pending', attempts = r.attempts - 1,
+                next_attempt_at = greatest(r.next_attempt_at, now()), lease_expires_at = NULL, locked_by = NULL, claim_token = NULL, updated_at = now()
             FROM UNNEST($1::uuid[], $2::uuid[]) AS f(id, token)
             WHERE r.id = f.id AND r.claim_token = f.token AND r.state = 'running'
             "#,

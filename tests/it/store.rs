@@ -314,12 +314,82 @@ async fn rows_are_not_claimed_before_they_are_due() {
     assert!(db.claim(Duration::from_secs(30)).await.is_empty());
     let wait = db
         .store
-        .next_wake("g")
+        .next_wake("g", Duration::ZERO)
         .await
         .unwrap()
         .expect("a row is waiting");
     assert!(
         wait > Duration::from_secs(3590) && wait <= Duration::from_secs(3600),
         "the wait is the database's own due time less its own now(): {wait:?}"
+    );
+    let early = db
+        .store
+        .next_wake("g", Duration::from_secs(600))
+        .await
+        .unwrap()
+        .expect("a row is waiting");
+    assert!(
+        early > Duration::from_secs(2990) && early <= Duration::from_secs(3000),
+        "a worker that claims ahead wakes that much earlier: {early:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_claim_ahead_takes_rows_due_soon_with_their_wait_and_leaves_the_rest() {
+    let db = TestDb::new().await;
+    db.seed(&[
+        pending("orders", 1, Duration::from_secs(20), 3),
+        pending("orders", 2, Duration::from_secs(3600), 3),
+        pending("orders", 3, Duration::ZERO, 3),
+    ])
+    .await;
+    let lease = Duration::from_secs(30);
+    let claim = db
+        .store
+        .claim_ahead("g", 10, lease, "w", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let mut got: Vec<(i64, Duration)> = claim
+        .rows
+        .iter()
+        .map(|r| (r.message.offset, r.wait))
+        .collect();
+    got.sort_unstable();
+    assert_eq!(
+        got.len(),
+        2,
+        "the due row and the one due within a minute: {got:?}"
+    );
+    assert_eq!(got[0].0, 1);
+    assert!(
+        got[0].1 > Duration::from_secs(10) && got[0].1 <= Duration::from_secs(20),
+        "the row due in 20 s says how long until it is due: {:?}",
+        got[0].1
+    );
+    assert_eq!(got[1], (3, Duration::ZERO), "the due row has no wait");
+    // Its lease runs from its due time, not from the claim.
+    assert_eq!(
+        db.count(
+            "kafka_offset = 1 AND state = 'running' \
+             AND lease_expires_at >= next_attempt_at + interval '30 seconds'"
+        )
+        .await,
+        1
+    );
+    // Given back at shutdown, it keeps its due time: released, it is not due early.
+    let held = claim
+        .rows
+        .iter()
+        .find(|r| r.message.offset == 1)
+        .expect("row 1 was claimed");
+    assert_eq!(db.store.release(&[(held.id, held.token)]).await.unwrap(), 1);
+    assert!(db.claim(lease).await.is_empty(), "nothing is due yet");
+    assert_eq!(
+        db.count(
+            "kafka_offset = 1 AND state = 'pending' \
+             AND next_attempt_at > now() + interval '10 seconds'"
+        )
+        .await,
+        1
     );
 }
