@@ -73,9 +73,10 @@ impl Store {
                    t.headers, t.state, 1, t.max_attempts, now() + make_interval(secs => t.retry_in),
                    t.err, t.kind,
                    jsonb_build_array(jsonb_build_object(
-                       'at', now(), 'attempt', 1, 'kind', t.kind, 'error', t.err)),
+                       'at', n.at, 'attempt', 1, 'kind', t.kind, 'error', t.err)),
                    now(), now(), CASE WHEN t.state = 'dead' THEN now() END
-            FROM UNNEST($2::uuid[], $3::text[], $4::int4[], $5::int8[], $6::timestamptz[],
+            FROM (SELECT to_jsonb(now()) AS at) AS n,
+                 UNNEST($2::uuid[], $3::text[], $4::int4[], $5::int8[], $6::timestamptz[],
                         $7::bytea[], $8::bytea[], $9::jsonb[], $10::text[], $11::int4[],
                         $12::float8[], $13::text[], $14::text[])
                  AS t(id, topic, part, off, ts, key, payload, headers, state, max_attempts,
@@ -115,6 +116,8 @@ impl Store {
     }
 
     /// Inserts every row of the batch, or none: fails on the source key when any row exists.
+    /// The error history's time is made jsonb once per statement (`n.at`): formatted per row, it
+    /// cost about a tenth of the statement.
     async fn insert_new(&self, group: &str, c: &Columns) -> Result<u64, StoreError> {
         let inserted = sqlx::query!(
             r#"
@@ -126,9 +129,10 @@ impl Store {
                    t.headers, t.state, 1, t.max_attempts, now() + make_interval(secs => t.retry_in),
                    t.err, t.kind,
                    jsonb_build_array(jsonb_build_object(
-                       'at', now(), 'attempt', 1, 'kind', t.kind, 'error', t.err)),
+                       'at', n.at, 'attempt', 1, 'kind', t.kind, 'error', t.err)),
                    now(), now(), CASE WHEN t.state = 'dead' THEN now() END
-            FROM UNNEST($2::uuid[], $3::text[], $4::int4[], $5::int8[], $6::timestamptz[],
+            FROM (SELECT to_jsonb(now()) AS at) AS n,
+                 UNNEST($2::uuid[], $3::text[], $4::int4[], $5::int8[], $6::timestamptz[],
                         $7::bytea[], $8::bytea[], $9::jsonb[], $10::text[], $11::int4[],
                         $12::float8[], $13::text[], $14::text[])
                  AS t(id, topic, part, off, ts, key, payload, headers, state, max_attempts,
@@ -169,9 +173,10 @@ impl Store {
                    t.headers, t.state, 1, t.max_attempts, now() + make_interval(secs => t.retry_in),
                    t.err, t.kind,
                    jsonb_build_array(jsonb_build_object(
-                       'at', now(), 'attempt', 1, 'kind', t.kind, 'error', t.err)),
+                       'at', n.at, 'attempt', 1, 'kind', t.kind, 'error', t.err)),
                    now(), now(), CASE WHEN t.state = 'dead' THEN now() END
-            FROM UNNEST($2::uuid[], $3::text[], $4::int4[], $5::int8[], $6::timestamptz[],
+            FROM (SELECT to_jsonb(now()) AS at) AS n,
+                 UNNEST($2::uuid[], $3::text[], $4::int4[], $5::int8[], $6::timestamptz[],
                         $7::bytea[], $8::bytea[], $9::jsonb[], $10::text[], $11::int4[],
                         $12::float8[], $13::text[], $14::text[])
                  AS t(id, topic, part, off, ts, key, payload, headers, state, max_attempts,
