@@ -14,6 +14,12 @@ use std::process::ExitCode;
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Transparent huge pages off before mimalloc starts: an ELF constructor of a higher priority than
+/// mimalloc's, which has none (see `redrive::support::no_transparent_huge_pages`).
+#[used]
+#[cfg_attr(target_os = "linux", link_section = ".init_array.00101")]
+static NO_THP: extern "C" fn() = redrive::support::no_transparent_huge_pages;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
