@@ -179,7 +179,8 @@ impl Store {
             r#"
             UPDATE redrive.retry_messages r
             SET state = 'pending', attempts = r.attempts - 1,
-                next_attempt_at = greatest(r.next_attempt_at, now()), lease_expires_at = NULL, locked_by = NULL, claim_token = NULL, updated_at = now()
+                next_attempt_at = greatest(r.next_attempt_at, now()), lease_expires_at = NULL,
+                locked_by = NULL, claim_token = NULL, updated_at = now()
             FROM UNNEST($1::uuid[], $2::uuid[]) AS f(id, token)
             WHERE r.id = f.id AND r.claim_token = f.token AND r.state = 'running'
             "#,
