@@ -9,6 +9,12 @@
 //! depend on the limit: Postgres keeps one generic plan (index scans) instead of planning every
 //! call again, which with a join on `LIMIT $2` took longer than running the claim.
 //!
+//! A claim's commit does not wait for its WAL to reach the disk (`synchronous_commit` off for the
+//! statement's own transaction): a flush that stalls then does not hold up the rows coming due. A
+//! claim lost in a crash of Postgres loses nothing: the row is pending again with its attempt not
+//! counted, the worker's completion is refused by the token fence (I3), and the row is attempted
+//! again, as at-least-once allows. Captures and completions, which are outcomes, commit as usual.
+//!
 //! A claimed row whose stored message cannot be read is returned apart, as [`Unreadable`], so it
 //! fails alone and the rest of the batch is attempted (I10).
 
@@ -129,6 +135,7 @@ impl Store {
                 ORDER BY next_attempt_at
                 LIMIT $2
                 FOR UPDATE SKIP LOCKED))
+              AND (SELECT set_config('synchronous_commit', 'off', true)) = 'off'
             RETURNING r.id, r.attempts, r.claim_token AS "claim_token!", r.max_attempts, r.topic, r."partition", r.kafka_offset,
                       r.kafka_timestamp, r.key, r.payload, r.headers, r.first_failed_at,
                       greatest(extract(epoch FROM r.next_attempt_at - now()), 0)::float8 AS "wait!"
