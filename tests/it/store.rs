@@ -393,3 +393,30 @@ async fn a_claim_ahead_takes_rows_due_soon_with_their_wait_and_leaves_the_rest()
         1
     );
 }
+
+#[tokio::test]
+async fn a_claims_unflushed_commit_leaves_its_connection_committing_as_before() {
+    let db = TestDb::new().await;
+    db.seed(&[pending("orders", 1, Duration::ZERO, 3)]).await;
+    // One connection, so the statement after the claim runs where the claim ran.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&db.url)
+        .await
+        .unwrap();
+    let store = redrive::store::Store::from_pool(pool.clone());
+    let claim = store
+        .claim("g", 10, Duration::from_secs(30), "w")
+        .await
+        .unwrap();
+    assert_eq!(claim.rows.len(), 1);
+    let setting: String = sqlx::query_scalar("SHOW synchronous_commit")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        setting, "on",
+        "only the claim's own transaction skips the flush: a capture on this connection must \
+         wait for it, or a crash could lose a row whose offset was committed (I1)"
+    );
+}
