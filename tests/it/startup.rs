@@ -172,6 +172,66 @@ async fn an_unreachable_broker_is_retried_with_a_clear_log_line() {
     );
 }
 
+/// A stop that comes while a topic check waits on an unreachable broker does not wait for the
+/// check's metadata timeout (10 s): the process exits at once, cleanly.
+#[tokio::test]
+async fn a_stop_during_a_topic_check_does_not_wait_for_its_timeout() {
+    let db = TestDb::new().await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = base_config(&db.url).replace(&kafka(), &format!("127.0.0.1:{closed}"));
+    let file = write_config(&config);
+    let mut child = tokio::process::Command::new(redrive_bin())
+        .args(["--config", file.0.to_str().unwrap(), "run"])
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut log = Vec::new();
+    // "starting" is logged just before the first check; against a closed port the check takes
+    // its full metadata timeout, so the stop below lands while it is under way.
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let started = line.contains("starting");
+            log.push(line);
+            if started {
+                return;
+            }
+        }
+        panic!("redrive exited before starting: {log:?}");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no \"starting\" line within 60 s"));
+    let pid = child.id().unwrap().to_string();
+    let stopped = std::time::Instant::now();
+    let kill = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status();
+    assert!(kill.await.unwrap().success());
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("redrive stops within 30 s of SIGTERM")
+        .unwrap();
+    let took = stopped.elapsed();
+    while let Ok(Some(line)) = lines.next_line().await {
+        log.push(line);
+    }
+    let log = log.join("\n");
+    assert!(
+        !log.contains("kafka is unreachable"),
+        "the stop came after the first check, not during it: {log}"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "stopped {took:?} after SIGTERM, waiting on the check's metadata timeout: {log}"
+    );
+    assert_eq!(status.code(), Some(0), "a clean exit: {log}");
+}
+
 /// Captures this thread's tracing output.
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
