@@ -208,8 +208,8 @@ async fn main() -> anyhow::Result<()> {
     }
     if !rates.is_empty() {
         println!(
-            "| case | per run | per second, median [range] of {runs} | Postgres CPU per row, µs, median |\n\
-             |---|---|---|---|"
+            "| case | per run | per second, median [range] of {runs} | this process's CPU per row, µs, median | Postgres CPU per row, µs, median |\n\
+             |---|---|---|---|---|"
         );
     }
     for (case, got) in &rates {
@@ -221,8 +221,10 @@ async fn main() -> anyhow::Result<()> {
         } else {
             format!("{:.0}", spread(&cpu).1)
         };
+        let own: Vec<f64> = got.iter().map(Run::own_per_row).collect();
+        let own = spread(&own).1;
         let n = size(case);
-        println!("| {case} | {n} | {mid:.0} [{lo:.0}–{hi:.0}] | {cpu} |");
+        println!("| {case} | {n} | {mid:.0} [{lo:.0}–{hi:.0}] | {own:.1} | {cpu} |");
     }
     let median = |case: &str| {
         rates.iter().find(|(c, _)| *c == case).map(|(_, got)| {
@@ -295,10 +297,11 @@ fn postgres_cpu() -> Option<f64> {
     found.then_some(ticks / 100.0)
 }
 
-/// When a case's timed part began: the clock, and Postgres's CPU so far.
+/// When a case's timed part began: the clock, and this process's and Postgres's CPU so far.
 #[derive(Clone, Copy)]
 struct Start {
     at: Instant,
+    own: f64,
     postgres: Option<f64>,
 }
 
@@ -306,6 +309,7 @@ impl Start {
     fn now() -> Self {
         Start {
             at: Instant::now(),
+            own: cpu_seconds(),
             postgres: postgres_cpu(),
         }
     }
@@ -314,6 +318,7 @@ impl Start {
         Run {
             secs: self.at.elapsed().as_secs_f64(),
             count,
+            own: cpu_seconds() - self.own,
             postgres: self.postgres.zip(postgres_cpu()).map(|(a, b)| b - a),
         }
     }
@@ -323,6 +328,8 @@ impl Start {
 struct Run {
     secs: f64,
     count: usize,
+    /// This process's CPU seconds while the case was timed: redrive's, or the reference's client.
+    own: f64,
     /// Postgres's CPU seconds while the case was timed.
     postgres: Option<f64>,
 }
@@ -330,6 +337,11 @@ struct Run {
 impl Run {
     fn rate(&self) -> f64 {
         self.count as f64 / self.secs
+    }
+
+    /// This process's CPU per row (or message), in µs.
+    fn own_per_row(&self) -> f64 {
+        self.own * 1e6 / self.count as f64
     }
 
     /// Postgres's CPU per row (or message), in µs.
