@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# Capture's and dispatch's SQL alone, on redrive's table and on other layouts of it, beside their
+# floors: what a schema change could gain, without building it. Every layout starts from a fresh
+# database. Capture: one pgbench client inserts N rows of 1 KiB, 500 per statement, as
+# `Store::capture` does (rows made in SQL, with random ids). Dispatch: 4 clients each claim up to
+# 100 due rows and delete them, as the workers and the completer do, until N rows are done; the
+# due rows sit behind INFLIGHT rows held by a worker. Prepared statements throughout. Prints
+# rows/s and Postgres's CPU per row (every local postgres process), median and range of
+# BENCH_RUNS interleaved rounds (3 unless set), and each layout's ratio to the floor.
+#   scripts/bench-schema.sh [N]        (N = 100,000 unless set; INFLIGHT = 400 unless set)
+# Layouts (LAYOUTS picks some, space-separated):
+#   redrive        schema V6, as redrive writes and claims it today
+#   no-source-key  V6 without its unique source key (which the dedupe of I2 needs: a bound)
+#   no-triggers    V6 with its statement triggers disabled (which wake-ups and pauses need: a bound)
+#   hot-claim      a claim that leaves `state` alone, so with room on the page (fillfactor 50) its
+#                  UPDATE is HOT; claimed rows stay in the claim index and are skipped; no lease index
+#   split          the queue in a narrow table of its own, the message in another
+#   floor          the floors of `scripts/bench.sh insert-floor` and `claim-floor`
+# Needs the services from `make services`; pgbench comes with Debian's postgresql package.
+set -euo pipefail
+shopt -s inherit_errexit
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+N="${1:-100000}"
+RUNS="${BENCH_RUNS:-3}"
+INFLIGHT="${INFLIGHT:-400}"
+BASE="$(scripts/postgres.sh url)"
+DB=redrive_bench_schema
+URL="${BASE%/*}/$DB"
+SQL=bench/schema
+export SQLX_OFFLINE="${SQLX_OFFLINE:-true}"
+cargo build --release --bin redrive >&2
+REDRIVE="${CARGO_TARGET_DIR:-target}/release/redrive"
+CONFIG="$(mktemp)" LOG="$(mktemp)"
+trap 'rm -f "$CONFIG" "$LOG"' EXIT
+printf '[postgres]\nurl = "%s"\n' "$URL" >"$CONFIG"
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+
+# CPU ticks of every postgres process, the exited backends included (the postmaster's cutime).
+postgres_ticks() {
+  local total=0 rest stat f
+  for stat in /proc/[0-9]*/stat; do
+    read -r rest 2>/dev/null <"$stat" || continue
+    [[ "$rest" == *"(postgres) "* ]] || continue
+    rest="${rest##*) }"
+    read -r -a f <<<"$rest"
+    total=$((total + f[11] + f[12] + f[13] + f[14]))
+  done
+  echo "$total"
+}
+
+# CPU ticks and wall time of one pgbench run: "rows/s µs-per-row" for ROWS rows.
+timed() {
+  local rows=$1 before start end after
+  shift
+  before=$(postgres_ticks)
+  start=$(date +%s.%N)
+  timeout 600 pgbench -n -M prepared "$@" "$URL" >"$LOG" 2>&1 ||
+    { echo "bench-schema: pgbench $* failed or passed 10 minutes:" >&2; tail -5 "$LOG" >&2; exit 1; }
+  end=$(date +%s.%N)
+  after=$(postgres_ticks)
+  awk -v d="$rows" -v s="$start" -v e="$end" -v t=$(((after - before) * TICK_US)) \
+    'BEGIN { printf "%.0f %.0f", d / (e - s), t / d }'
+}
+
+# One layout on a fresh database: capture N rows, then dispatch N rows.
+# Prints "capture-rows/s capture-µs dispatch-rows/s dispatch-µs".
+run() {
+  local layout=$1 seed=seed.sql capture=capture.sql script=claim.sql ff=100 hot=0 alter=""
+  local table=redrive.retry_messages
+  case "$layout" in
+    redrive) ;;
+    no-source-key) alter="ALTER TABLE redrive.retry_messages DROP CONSTRAINT retry_messages_source_key" ;;
+    no-triggers) alter="ALTER TABLE redrive.retry_messages DISABLE TRIGGER USER" ;;
+    hot-claim) ff=50 hot=1 script=claim-hot.sql alter="DROP INDEX redrive.retry_messages_leases" ;;
+    split) seed=split-seed.sql capture=split-capture.sql script=split.sql table=q_queue ;;
+    floor) seed=floor-seed.sql capture=floor-capture.sql script=floor.sql table=floor_claim ;;
+  esac
+  local deadline=$((SECONDS + 60))
+  until psql -q "$BASE" -v ON_ERROR_STOP=1 -c "SET client_min_messages = warning" \
+    -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1; do
+    ((SECONDS < deadline)) || { echo "bench-schema: could not drop $DB within 60 s" >&2; exit 1; }
+    sleep 1 # an autovacuum worker still connected, which this role may not terminate
+  done
+  psql -q "$BASE" -v ON_ERROR_STOP=1 -c "CREATE DATABASE $DB" >/dev/null
+  REDRIVE_LOG=warn "$REDRIVE" --config "$CONFIG" migrate >/dev/null
+  [[ -n "$alter" ]] && psql -q "$URL" -v ON_ERROR_STOP=1 -c "$alter" >/dev/null
+  seed() {
+    psql -q "$URL" -v ON_ERROR_STOP=1 -v n="$1" -v inflight="$2" -v ff="$ff" -v hot="$hot" \
+      -c "SET client_min_messages = warning" -f "$SQL/$seed" >/dev/null
+  }
+  seed 0 0 # the tables, empty
+  local captured
+  captured=$(timed "$N" -c 1 -t $((N / 500)) -f "$SQL/$capture")
+  [[ "$seed" == seed.sql ]] && psql -q "$URL" -v ON_ERROR_STOP=1 -c "TRUNCATE $table" >/dev/null
+  seed "$N" "$INFLIGHT"
+  local due="SELECT count(*) FROM $table WHERE claim_token IS NULL" dispatched
+  [[ "$layout" == floor ]] && due="SELECT count(*) FROM floor_claim WHERE state = 'pending'"
+  # Each transaction claims up to 100 rows: N/400 per client is N rows when every claim is full.
+  dispatched=$(timed "$N" -c 4 -j 4 -t $((N / 400)) -f "$SQL/$script")
+  local left
+  left=$(psql -Atq "$URL" -c "$due")
+  ((left == 0)) || { echo "bench-schema: $layout: $left of $N rows were not claimed" >&2; exit 1; }
+  echo "$captured $dispatched"
+}
+
+layouts=(${LAYOUTS:-redrive no-source-key no-triggers hot-claim split floor})
+declare -A results
+for round in $(seq 1 "$RUNS"); do
+  for layout in "${layouts[@]}"; do
+    out=$(run "$layout")
+    read -r crate ccpu drate dcpu <<<"$out"
+    echo "round $round/$RUNS: $layout: capture $crate rows/s, Postgres $ccpu µs per row;" \
+      "dispatch $drate rows/s, Postgres $dcpu µs per row" >&2
+    results[$layout]+="$out"$'\n'
+  done
+done
+# column K of a layout's rounds: "median [lowest–highest]", or the median alone with "mid"
+stat() {
+  echo -n "${results[$1]}" | awk -v k="$2" '{print $k}' | sort -n |
+    awk -v how="${3:-}" '{v[NR]=$1} END {m=v[int((NR+1)/2)]; if (how == "mid") print m; else printf "%d [%d–%d]", m, v[1], v[NR]}'
+}
+for path in capture dispatch; do
+  k=1
+  [[ $path == dispatch ]] && k=3
+  echo
+  echo "| $path, layout | rows/s, median [range] of $RUNS | Postgres µs per row | / floor |"
+  echo "|---|---|---|---|"
+  for layout in "${layouts[@]}"; do
+    ratio=$(awk -v a="$(stat "$layout" $k mid)" -v b="$(stat floor $k mid)" 'BEGIN { printf "%.2f", a / b }')
+    echo "| $layout | $(stat "$layout" $k) | $(stat "$layout" $((k + 1))) | $ratio |"
+  done
+done
