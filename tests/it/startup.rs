@@ -91,12 +91,12 @@ async fn a_pool_too_small_for_what_run_holds_is_refused_naming_the_field() {
 }
 
 /// Runs `redrive run` with this config until its log shows `needle` `times` times, then stops it
-/// with SIGTERM; returns the whole log and the exit status.
+/// with SIGTERM; returns the whole log, the exit status and how long the stop took.
 async fn run_until_logged(
     config: &str,
     needle: &str,
     times: usize,
-) -> (String, std::process::ExitStatus) {
+) -> (String, std::process::ExitStatus, Duration) {
     let file = write_config(config);
     let mut child = tokio::process::Command::new(redrive_bin())
         .args(["--config", file.0.to_str().unwrap(), "run"])
@@ -120,11 +120,24 @@ async fn run_until_logged(
     })
     .await
     .unwrap_or_else(|_| panic!("{times} log lines with {needle:?}: {log:?}"));
+    let stopped = std::time::Instant::now();
     let status = terminate(&mut child).await;
+    let took = stopped.elapsed();
     while let Ok(Some(line)) = lines.next_line().await {
         log.push(line);
     }
-    (log.join("\n"), status)
+    (log.join("\n"), status, took)
+}
+
+/// The test configuration with a broker address where nothing listens.
+fn unreachable_broker(db_url: &str) -> (String, String) {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let broker = format!("127.0.0.1:{closed}");
+    (base_config(db_url).replace(&kafka(), &broker), broker)
 }
 
 #[tokio::test]
@@ -135,7 +148,7 @@ async fn an_unreachable_postgres_is_retried_with_a_clear_log_line_and_no_passwor
         .unwrap()
         .port();
     let url = format!("postgres://redrive:{PASSWORD}@127.0.0.1:{closed}/redrive");
-    let (log, status) =
+    let (log, status, _) =
         run_until_logged(&base_config(&url), "postgres is unreachable, retrying", 3).await;
     assert!(!log.contains(PASSWORD), "the password leaked: {log}");
     assert!(
@@ -153,17 +166,9 @@ async fn an_unreachable_postgres_is_retried_with_a_clear_log_line_and_no_passwor
 #[tokio::test]
 async fn an_unreachable_broker_is_retried_with_a_clear_log_line() {
     let db = TestDb::new().await;
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let config = base_config(&db.url).replace(&kafka(), &format!("127.0.0.1:{closed}"));
-    let (log, status) = run_until_logged(&config, "kafka is unreachable, retrying", 2).await;
-    assert!(
-        log.contains(&format!("127.0.0.1:{closed}")),
-        "the log names the broker: {log}"
-    );
+    let (config, broker) = unreachable_broker(&db.url);
+    let (log, status, _) = run_until_logged(&config, "kafka is unreachable, retrying", 2).await;
+    assert!(log.contains(&broker), "the log names the broker: {log}");
     assert!(!log.contains("panicked"), "{log}");
     assert_eq!(
         status.code(),
@@ -177,50 +182,10 @@ async fn an_unreachable_broker_is_retried_with_a_clear_log_line() {
 #[tokio::test]
 async fn a_stop_during_a_topic_check_does_not_wait_for_its_timeout() {
     let db = TestDb::new().await;
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let config = base_config(&db.url).replace(&kafka(), &format!("127.0.0.1:{closed}"));
-    let file = write_config(&config);
-    let mut child = tokio::process::Command::new(redrive_bin())
-        .args(["--config", file.0.to_str().unwrap(), "run"])
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut log = Vec::new();
+    let (config, _) = unreachable_broker(&db.url);
     // "starting" is logged just before the first check; against a closed port the check takes
-    // its full metadata timeout, so the stop below lands while it is under way.
-    tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            let started = line.contains("starting");
-            log.push(line);
-            if started {
-                return;
-            }
-        }
-        panic!("redrive exited before starting: {log:?}");
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no \"starting\" line within 60 s"));
-    let pid = child.id().unwrap().to_string();
-    let stopped = std::time::Instant::now();
-    let kill = tokio::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status();
-    assert!(kill.await.unwrap().success());
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .expect("redrive stops within 30 s of SIGTERM")
-        .unwrap();
-    let took = stopped.elapsed();
-    while let Ok(Some(line)) = lines.next_line().await {
-        log.push(line);
-    }
-    let log = log.join("\n");
+    // its full metadata timeout, so the stop lands while it is under way.
+    let (log, status, took) = run_until_logged(&config, "starting", 1).await;
     assert!(
         !log.contains("kafka is unreachable"),
         "the stop came after the first check, not during it: {log}"
