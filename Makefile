@@ -11,7 +11,7 @@ export REDRIVE_TEST_DATABASE_URL ?= postgres://redrive:redrive@127.0.0.1:5432/re
 export REDRIVE_TEST_KAFKA ?= 127.0.0.1:9092
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: all build build-deps test chaos demo bench bench-peers services services-stop prepare prepare-check lint clean-test-dbs
+.PHONY: all build build-deps test chaos demo bench bench-peers bench-schema services services-stop prepare prepare-check lint clean-test-dbs
 
 all: build
 
@@ -59,6 +59,10 @@ bench: build-deps services
 ## redrive's dispatch beside its peers (River, graphile-worker, PgQueuer), in the same run.
 bench-peers: build-deps services
 	scripts/bench-peers.sh
+
+## Capture's and dispatch's SQL on other layouts of the table, beside their floors (pgbench).
+bench-schema: build-deps services
+	scripts/bench-schema.sh
 
 ## Regenerate .sqlx/ (offline query data) from a database built from the migrations.
 prepare:

@@ -7,7 +7,7 @@
 # due rows sit behind INFLIGHT rows held by a worker. Prepared statements throughout. Prints
 # rows/s and Postgres's CPU per row (every local postgres process), median and range of
 # BENCH_RUNS interleaved rounds (3 unless set), and each layout's ratio to the floor.
-#   scripts/bench-schema.sh [N]        (N = 100,000 unless set; INFLIGHT = 400 unless set)
+#   scripts/bench-schema.sh [N]    or make bench-schema    (N = 100,000 unless set; INFLIGHT = 400 unless set)
 # Layouts (LAYOUTS picks some, space-separated):
 #   redrive        schema V6, as redrive writes and claims it today
 #   no-source-key  V6 without its unique source key (which the dedupe of I2 needs: a bound)
