@@ -214,7 +214,8 @@ impl<H: Handler> Dispatcher<H> {
             } else {
                 tracing::Span::none()
             };
-            let due = received + row.wait;
+            // A row due already needs no timer.
+            let due = (!row.wait.is_zero()).then(|| received + row.wait);
             let task = self.attempt(row, due).instrument(span);
             let handle = running.0.spawn(task);
             running.1.insert(handle.id(), claim);
@@ -265,7 +266,7 @@ impl<H: Handler> Dispatcher<H> {
     fn attempt(
         &self,
         row: Claimed,
-        due: tokio::time::Instant,
+        due: Option<tokio::time::Instant>,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let (handler, complete, retry, group) = (
             self.handler.clone(),
@@ -275,7 +276,9 @@ impl<H: Handler> Dispatcher<H> {
         );
         let timeout = self.timeout;
         async move {
-            tokio::time::sleep_until(due).await;
+            if let Some(due) = due {
+                tokio::time::sleep_until(due).await;
+            }
             let attempt = u32::try_from(row.attempt).unwrap_or(u32::MAX);
             let delivery = Delivery {
                 message: &row.message,

@@ -129,24 +129,24 @@ async fn run_until_logged(
     (log.join("\n"), status, took)
 }
 
-/// The test configuration with a broker address where nothing listens.
-fn unreachable_broker(db_url: &str) -> (String, String) {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+/// A local port where nothing listens: bound, then released.
+fn closed_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .port();
-    let broker = format!("127.0.0.1:{closed}");
+        .port()
+}
+
+/// The test configuration with a broker address where nothing listens.
+fn unreachable_broker(db_url: &str) -> (String, String) {
+    let broker = format!("127.0.0.1:{}", closed_port());
     (base_config(db_url).replace(&kafka(), &broker), broker)
 }
 
 #[tokio::test]
 async fn an_unreachable_postgres_is_retried_with_a_clear_log_line_and_no_password() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let closed = closed_port();
     let url = format!("postgres://redrive:{PASSWORD}@127.0.0.1:{closed}/redrive");
     let (log, status, _) =
         run_until_logged(&base_config(&url), "postgres is unreachable, retrying", 3).await;
@@ -235,11 +235,7 @@ async fn the_password_stays_out_of_logs_and_errors() {
         .await
         .unwrap_err();
 
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let closed = closed_port();
     let unreachable = format!("postgres://redrive:{PASSWORD}@127.0.0.1:{closed}/redrive");
     let stop = CancellationToken::new();
     let connecting = tokio::spawn({
