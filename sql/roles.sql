@@ -53,7 +53,9 @@ GRANT UPDATE (state, attempts, next_attempt_at, lease_expires_at, locked_by, las
               error_history, updated_at, dead_at, dlq_published_at, dlq_topic, dlq_error,
               dlq_refused_at, claim_token)
     ON redrive.retry_messages TO redrive_worker;
-GRANT EXECUTE ON FUNCTION redrive.delete_succeeded(uuid[], uuid[]) TO redrive_worker;
+GRANT EXECUTE ON FUNCTION redrive.delete_succeeded(uuid[], uuid[]),
+    redrive.claim(text, bigint, float8, text, float8)
+    TO redrive_worker;
 
 -- Operator: read-only, plus replay, reschedule, pause and purge.
 GRANT redrive_readonly TO redrive_operator;

@@ -85,7 +85,8 @@ impl std::ops::AddAssign for Completed {
 
 impl Store {
     /// Applies a batch of completions in one transaction: one fenced delete of the successes
-    /// (`redrive.delete_succeeded`), one UPDATE of the failures.
+    /// (`redrive.delete_succeeded`), one UPDATE of the failures. A batch of successes alone is the
+    /// one statement.
     pub async fn complete(&self, batch: &[Completion]) -> Result<Completed, StoreError> {
         let (mut ok_ids, mut ok_tokens) = (Vec::new(), Vec::new());
         let (mut ids, mut tokens, mut attempts) = (Vec::new(), Vec::new(), Vec::new());
@@ -112,54 +113,52 @@ impl Store {
             errors.push(super::safe::error_text(&error.message));
             kinds.push(error.kind.as_str().to_string());
         }
+        // Successes alone are one statement, with no transaction around it to open and close.
+        if ids.is_empty() {
+            let deleted = delete_succeeded(self.pool(), &ok_ids, &ok_tokens).await?;
+            return Ok(Completed {
+                deleted,
+                rejected: batch.len() as u64 - deleted,
+                ..Completed::default()
+            });
+        }
         let mut tx = self.pool().begin().await?;
         let deleted = if ok_ids.is_empty() {
             0
         } else {
-            // Through a SECURITY DEFINER function, so the worker role needs no DELETE privilege.
-            sqlx::query_scalar!(
-                r#"SELECT redrive.delete_succeeded($1::uuid[], $2::uuid[]) AS "deleted!""#,
-                &ok_ids,
-                &ok_tokens,
-            )
-            .fetch_one(&mut *tx)
-            .await? as u64
+            delete_succeeded(&mut *tx, &ok_ids, &ok_tokens).await?
         };
-        let updated = if ids.is_empty() {
-            Vec::new()
-        } else {
-            sqlx::query_scalar!(
-                r#"
-                UPDATE redrive.retry_messages r
-                SET state = f.state, next_attempt_at = now() + make_interval(secs => f.retry_in),
-                    last_error = f.err,
-                    error_kind = f.kind, lease_expires_at = NULL, locked_by = NULL, claim_token = NULL,
-                    updated_at = now(), dead_at = CASE WHEN f.state = 'dead' THEN now() END,
-                    dlq_published_at = NULL, dlq_topic = NULL, dlq_error = NULL, dlq_refused_at = NULL,
-                    error_history = (
-                        SELECT jsonb_agg(e ORDER BY n) FROM (
-                            SELECT e, n FROM jsonb_array_elements(r.error_history || jsonb_build_array(
-                                jsonb_build_object('at', now(), 'attempt', f.attempt,
-                                                   'kind', f.kind, 'error', f.err)))
-                                WITH ORDINALITY AS h(e, n)
-                            ORDER BY n DESC LIMIT 10) AS recent)
-                FROM UNNEST($1::uuid[], $2::uuid[], $3::int4[], $4::text[], $5::float8[],
-                            $6::text[], $7::text[])
-                     AS f(id, token, attempt, state, retry_in, err, kind)
-                WHERE r.id = f.id AND r.claim_token = f.token AND r.state = 'running'
-                RETURNING r.state
-                "#,
-                &ids,
-                &tokens,
-                &attempts,
-                &states,
-                &retry_in,
-                &errors,
-                &kinds,
-            )
-            .fetch_all(&mut *tx)
-            .await?
-        };
+        let updated = sqlx::query_scalar!(
+            r#"
+            UPDATE redrive.retry_messages r
+            SET state = f.state, next_attempt_at = now() + make_interval(secs => f.retry_in),
+                last_error = f.err,
+                error_kind = f.kind, lease_expires_at = NULL, locked_by = NULL, claim_token = NULL,
+                updated_at = now(), dead_at = CASE WHEN f.state = 'dead' THEN now() END,
+                dlq_published_at = NULL, dlq_topic = NULL, dlq_error = NULL, dlq_refused_at = NULL,
+                error_history = (
+                    SELECT jsonb_agg(e ORDER BY n) FROM (
+                        SELECT e, n FROM jsonb_array_elements(r.error_history || jsonb_build_array(
+                            jsonb_build_object('at', now(), 'attempt', f.attempt,
+                                               'kind', f.kind, 'error', f.err)))
+                            WITH ORDINALITY AS h(e, n)
+                        ORDER BY n DESC LIMIT 10) AS recent)
+            FROM UNNEST($1::uuid[], $2::uuid[], $3::int4[], $4::text[], $5::float8[],
+                        $6::text[], $7::text[])
+                 AS f(id, token, attempt, state, retry_in, err, kind)
+            WHERE r.id = f.id AND r.claim_token = f.token AND r.state = 'running'
+            RETURNING r.state
+            "#,
+            &ids,
+            &tokens,
+            &attempts,
+            &states,
+            &retry_in,
+            &errors,
+            &kinds,
+        )
+        .fetch_all(&mut *tx)
+        .await?;
         tx.commit().await?;
         let dead = updated.iter().filter(|s| s.as_str() == "dead").count() as u64;
         Ok(Completed {
@@ -191,4 +190,21 @@ impl Store {
         .await?;
         Ok(result.rows_affected())
     }
+}
+
+/// Deletes the succeeded rows among `ids` whose claim tokens match, through the SECURITY DEFINER
+/// function, so the worker role needs no DELETE privilege. Returns how many.
+async fn delete_succeeded<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    ids: &[Uuid],
+    tokens: &[Uuid],
+) -> Result<u64, StoreError> {
+    let deleted = sqlx::query_scalar!(
+        r#"SELECT redrive.delete_succeeded($1::uuid[], $2::uuid[]) AS "deleted!""#,
+        ids,
+        tokens,
+    )
+    .fetch_one(db)
+    .await?;
+    Ok(deleted as u64)
 }
