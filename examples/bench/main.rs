@@ -22,8 +22,9 @@
 //! handler against a local endpoint, with redrive's default of 256 messages in flight (the other
 //! consumer cases allow 2,000; `BENCH_MAX_IN_FLIGHT` overrides both). Usage:
 //! `bench [CASE[,CASE…]|all] [N]`; `BENCH_RUNS` rounds (3 unless set) run the cases interleaved,
-//! and the median and range of each are printed, with each case's ratio to its reference. Every wait has a deadline; the benchmark counts handler
-//! calls in memory, so its own polling does not load what it measures.
+//! and the median and range of each are printed, with each case's ratio to its reference. Every
+//! wait has a deadline; the benchmark counts handler calls in memory, so its own polling does not
+//! load what it measures.
 
 mod footprint;
 mod operators;

@@ -84,82 +84,40 @@ impl std::ops::AddAssign for Completed {
 }
 
 impl Store {
-    /// Applies a batch of completions in one transaction: one fenced delete of the successes
-    /// (`redrive.delete_succeeded`), one UPDATE of the failures. A batch of successes alone is the
-    /// one statement.
+    /// Applies a batch of completions: one fenced delete of the successes
+    /// (`redrive.delete_succeeded`) and one UPDATE of the failures, in one transaction when the
+    /// batch has both.
     pub async fn complete(&self, batch: &[Completion]) -> Result<Completed, StoreError> {
         let (mut ok_ids, mut ok_tokens) = (Vec::new(), Vec::new());
-        let (mut ids, mut tokens, mut attempts) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut states, mut retry_in, mut errors, mut kinds) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut failed = Failures::default();
         for c in batch {
-            let (state, at, error) = match &c.outcome {
+            match &c.outcome {
                 Outcome::Succeeded => {
                     ok_ids.push(c.id);
                     ok_tokens.push(c.token);
-                    continue;
                 }
-                Outcome::Retry {
-                    retry_in: delay,
-                    error,
-                } => ("pending", delay.as_secs_f64(), error),
-                Outcome::Dead { error } => ("dead", 0.0, error),
+                Outcome::Retry { retry_in, error } => failed.push(c, "pending", *retry_in, error),
+                Outcome::Dead { error } => failed.push(c, "dead", Duration::ZERO, error),
+            }
+        }
+        let (deleted, updated) = if ok_ids.is_empty() || failed.ids.is_empty() {
+            // One statement needs no transaction around it to open and close.
+            let deleted = match ok_ids.is_empty() {
+                true => 0,
+                false => delete_succeeded(self.pool(), &ok_ids, &ok_tokens).await?,
             };
-            ids.push(c.id);
-            tokens.push(c.token);
-            attempts.push(c.attempt);
-            states.push(state.to_string());
-            retry_in.push(at);
-            errors.push(super::safe::error_text(&error.message));
-            kinds.push(error.kind.as_str().to_string());
-        }
-        // Successes alone are one statement, with no transaction around it to open and close.
-        if ids.is_empty() {
-            let deleted = delete_succeeded(self.pool(), &ok_ids, &ok_tokens).await?;
-            return Ok(Completed {
-                deleted,
-                rejected: batch.len() as u64 - deleted,
-                ..Completed::default()
-            });
-        }
-        let mut tx = self.pool().begin().await?;
-        let deleted = if ok_ids.is_empty() {
-            0
+            let updated = match failed.ids.is_empty() {
+                true => Vec::new(),
+                false => failed.write(self.pool()).await?,
+            };
+            (deleted, updated)
         } else {
-            delete_succeeded(&mut *tx, &ok_ids, &ok_tokens).await?
+            let mut tx = self.pool().begin().await?;
+            let deleted = delete_succeeded(&mut *tx, &ok_ids, &ok_tokens).await?;
+            let updated = failed.write(&mut *tx).await?;
+            tx.commit().await?;
+            (deleted, updated)
         };
-        let updated = sqlx::query_scalar!(
-            r#"
-            UPDATE redrive.retry_messages r
-            SET state = f.state, next_attempt_at = now() + make_interval(secs => f.retry_in),
-                last_error = f.err,
-                error_kind = f.kind, lease_expires_at = NULL, locked_by = NULL, claim_token = NULL,
-                updated_at = now(), dead_at = CASE WHEN f.state = 'dead' THEN now() END,
-                dlq_published_at = NULL, dlq_topic = NULL, dlq_error = NULL, dlq_refused_at = NULL,
-                error_history = (
-                    SELECT jsonb_agg(e ORDER BY n) FROM (
-                        SELECT e, n FROM jsonb_array_elements(r.error_history || jsonb_build_array(
-                            jsonb_build_object('at', now(), 'attempt', f.attempt,
-                                               'kind', f.kind, 'error', f.err)))
-                            WITH ORDINALITY AS h(e, n)
-                        ORDER BY n DESC LIMIT 10) AS recent)
-            FROM UNNEST($1::uuid[], $2::uuid[], $3::int4[], $4::text[], $5::float8[],
-                        $6::text[], $7::text[])
-                 AS f(id, token, attempt, state, retry_in, err, kind)
-            WHERE r.id = f.id AND r.claim_token = f.token AND r.state = 'running'
-            RETURNING r.state
-            "#,
-            &ids,
-            &tokens,
-            &attempts,
-            &states,
-            &retry_in,
-            &errors,
-            &kinds,
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.commit().await?;
         let dead = updated.iter().filter(|s| s.as_str() == "dead").count() as u64;
         Ok(Completed {
             deleted,
@@ -207,4 +165,65 @@ async fn delete_succeeded<'e>(
     .fetch_one(db)
     .await?;
     Ok(deleted as u64)
+}
+
+/// The failed attempts of a batch, one array per column of their UPDATE.
+#[derive(Default)]
+struct Failures {
+    ids: Vec<Uuid>,
+    tokens: Vec<Uuid>,
+    attempts: Vec<i32>,
+    states: Vec<String>,
+    retry_in: Vec<f64>,
+    errors: Vec<String>,
+    kinds: Vec<String>,
+}
+
+impl Failures {
+    fn push(&mut self, c: &Completion, state: &str, retry_in: Duration, error: &HandlerError) {
+        self.ids.push(c.id);
+        self.tokens.push(c.token);
+        self.attempts.push(c.attempt);
+        self.states.push(state.to_string());
+        self.retry_in.push(retry_in.as_secs_f64());
+        self.errors.push(super::safe::error_text(&error.message));
+        self.kinds.push(error.kind.as_str().to_string());
+    }
+
+    /// Reschedules the rows or marks them dead, fenced on their claim tokens, each with its error
+    /// added to a history of the last 10. Returns the new state of each row it changed.
+    async fn write<'e>(&self, db: impl sqlx::PgExecutor<'e>) -> Result<Vec<String>, StoreError> {
+        let states = sqlx::query_scalar!(
+            r#"
+            UPDATE redrive.retry_messages r
+            SET state = f.state, next_attempt_at = now() + make_interval(secs => f.retry_in),
+                last_error = f.err,
+                error_kind = f.kind, lease_expires_at = NULL, locked_by = NULL, claim_token = NULL,
+                updated_at = now(), dead_at = CASE WHEN f.state = 'dead' THEN now() END,
+                dlq_published_at = NULL, dlq_topic = NULL, dlq_error = NULL, dlq_refused_at = NULL,
+                error_history = (
+                    SELECT jsonb_agg(e ORDER BY n) FROM (
+                        SELECT e, n FROM jsonb_array_elements(r.error_history || jsonb_build_array(
+                            jsonb_build_object('at', now(), 'attempt', f.attempt,
+                                               'kind', f.kind, 'error', f.err)))
+                            WITH ORDINALITY AS h(e, n)
+                        ORDER BY n DESC LIMIT 10) AS recent)
+            FROM UNNEST($1::uuid[], $2::uuid[], $3::int4[], $4::text[], $5::float8[],
+                        $6::text[], $7::text[])
+                 AS f(id, token, attempt, state, retry_in, err, kind)
+            WHERE r.id = f.id AND r.claim_token = f.token AND r.state = 'running'
+            RETURNING r.state
+            "#,
+            &self.ids,
+            &self.tokens,
+            &self.attempts,
+            &self.states,
+            &self.retry_in,
+            &self.errors,
+            &self.kinds,
+        )
+        .fetch_all(db)
+        .await?;
+        Ok(states)
+    }
 }
