@@ -9,13 +9,13 @@
 # BENCH_RUNS interleaved rounds (3 unless set), and each layout's ratio to the floor.
 #   scripts/bench-schema.sh [N]    or make bench-schema    (N = 100,000 unless set; INFLIGHT = 400 unless set)
 # Layouts (LAYOUTS picks some, space-separated):
-#   redrive        schema V6, as redrive writes and claims it today
-#   no-source-key  V6 without its unique source key (which the dedupe of I2 needs: a bound)
-#   no-triggers    V6 with its statement triggers disabled (which wake-ups and pauses need: a bound)
-#   hot-claim      a claim that leaves `state` alone, so with room on the page (fillfactor 50) its
-#                  UPDATE is HOT; claimed rows stay in the claim index and are skipped; no lease index
-#   split          the queue in a narrow table of its own, the message in another
+#   redrive        the schema as redrive writes and claims it today (V8: the queue of its own)
+#   no-source-key  without its unique source key (which the dedupe of I2 needs: a bound)
+#   no-triggers    with the wake-up and pause triggers disabled (which redrive needs: a bound);
+#                  the triggers that keep the queue in step stay
 #   floor          the floors of `scripts/bench.sh insert-floor` and `claim-floor`
+# BENCHMARKS.md has the figures of layouts measured before V8 (a HOT claim; the queue split, which
+# V8 built).
 # Needs the services from `make services`; pgbench comes with Debian's postgresql package.
 set -euo pipefail
 shopt -s inherit_errexit
@@ -65,14 +65,17 @@ timed() {
 # One layout on a fresh database: capture N rows, then dispatch N rows.
 # Prints "capture-rows/s capture-µs dispatch-rows/s dispatch-µs".
 run() {
-  local layout=$1 seed=seed.sql capture=capture.sql script=claim.sql ff=100 hot=0 alter=""
-  local table=redrive.retry_messages
+  local layout=$1 seed=seed.sql capture=capture.sql script=claim.sql alter=""
+  local table=redrive.queue
   case "$layout" in
     redrive) ;;
     no-source-key) alter="ALTER TABLE redrive.retry_messages DROP CONSTRAINT retry_messages_source_key" ;;
-    no-triggers) alter="ALTER TABLE redrive.retry_messages DISABLE TRIGGER USER" ;;
-    hot-claim) ff=50 hot=1 script=claim-hot.sql alter="DROP INDEX redrive.retry_messages_leases" ;;
-    split) seed=split-seed.sql capture=split-capture.sql script=split.sql table=q_queue ;;
+    no-triggers)
+      local t
+      for t in hold_paused_insert hold_paused_update notify_insert notify_update; do
+        alter+="ALTER TABLE redrive.retry_messages DISABLE TRIGGER retry_messages_$t;"
+      done
+      ;;
     floor) seed=floor-seed.sql capture=floor-capture.sql script=floor.sql table=floor_claim ;;
   esac
   local deadline=$((SECONDS + 60))
@@ -85,13 +88,14 @@ run() {
   REDRIVE_LOG=warn "$REDRIVE" --config "$CONFIG" migrate >/dev/null
   [[ -n "$alter" ]] && psql -q "$URL" -v ON_ERROR_STOP=1 -c "$alter" >/dev/null
   seed() {
-    psql -q "$URL" -v ON_ERROR_STOP=1 -v n="$1" -v inflight="$2" -v ff="$ff" -v hot="$hot" \
+    psql -q "$URL" -v ON_ERROR_STOP=1 -v n="$1" -v inflight="$2" \
       -c "SET client_min_messages = warning" -f "$SQL/$seed" >/dev/null
   }
   seed 0 0 # the tables, empty
   local captured
   captured=$(timed "$N" -c 1 -t $((N / 500)) -f "$SQL/$capture")
-  [[ "$seed" == seed.sql ]] && psql -q "$URL" -v ON_ERROR_STOP=1 -c "TRUNCATE $table" >/dev/null
+  [[ "$seed" == seed.sql ]] && psql -q "$URL" -v ON_ERROR_STOP=1 \
+    -c "TRUNCATE redrive.retry_messages, redrive.queue" >/dev/null
   seed "$N" "$INFLIGHT"
   local due="SELECT count(*) FROM $table WHERE claim_token IS NULL" dispatched
   [[ "$layout" == floor ]] && due="SELECT count(*) FROM floor_claim WHERE state = 'pending'"
@@ -103,7 +107,7 @@ run() {
   echo "$captured $dispatched"
 }
 
-layouts=(${LAYOUTS:-redrive no-source-key no-triggers hot-claim split floor})
+layouts=(${LAYOUTS:-redrive no-source-key no-triggers floor})
 declare -A results
 for round in $(seq 1 "$RUNS"); do
   for layout in "${layouts[@]}"; do

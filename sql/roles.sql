@@ -48,11 +48,15 @@ GRANT EXECUTE ON FUNCTION redrive.utf8_or_null(bytea),
 -- Worker.
 GRANT SELECT ON redrive.refinery_schema_history, redrive.paused_topics TO redrive_worker;
 GRANT SELECT, INSERT ON redrive.retry_messages TO redrive_worker;
--- Only the columns the claim, the completer, the release at shutdown and the DLQ publisher set.
-GRANT UPDATE (state, attempts, next_attempt_at, lease_expires_at, locked_by, last_error, error_kind,
-              error_history, updated_at, dead_at, dlq_published_at, dlq_topic, dlq_error,
-              dlq_refused_at, claim_token)
+-- Only the columns the rescue, the completer, the release at shutdown and the DLQ publisher set.
+GRANT UPDATE (state, attempts, next_attempt_at, last_error, error_kind, error_history, updated_at,
+              dead_at, dlq_published_at, dlq_topic, dlq_error, dlq_refused_at)
     ON redrive.retry_messages TO redrive_worker;
+-- The queue: claims and leases. Rows join and leave it through a trigger of retry_messages that
+-- runs as the schema owner, so the worker can neither add nor remove one.
+GRANT SELECT ON redrive.queue TO redrive_worker;
+GRANT UPDATE (state, attempts, next_attempt_at, lease_expires_at, locked_by, claim_token)
+    ON redrive.queue TO redrive_worker;
 GRANT EXECUTE ON FUNCTION redrive.delete_succeeded(uuid[], uuid[]),
     redrive.claim(text, bigint, float8, text, float8)
     TO redrive_worker;

@@ -1,15 +1,18 @@
 //! Claims: due rows are taken in batches with `FOR UPDATE SKIP LOCKED`, so any number of workers
 //! share the table without taking a row twice. A claim is a lease (I3): `attempts` goes up by one,
 //! the row gets a fresh `claim_token`, and it is the worker's until `lease_expires_at`. Every claim
-//! statement also rescues expired leases, so a dead worker's rows come back without anyone acting.
+//! also rescues expired leases first, so a dead worker's rows come back without anyone acting.
 //! A claim may also take rows that come due shortly ([`Store::claim_ahead`]): the worker holds each
 //! until it is due, and its lease runs from then.
 //!
-//! The claim is one statement in `redrive.claim` (schema V7), which forces its generic plan, so it
-//! is planned once per connection: costed for a tenth of the due rows by `LIMIT`, the generic plan
-//! never won against a custom one, and planning each call took about a tenth of a claim. The rows
-//! to take are chosen in an `= ANY(ARRAY(…))` subquery, so the plan is index scans whatever the
-//! limit.
+//! Claims and leases change only the row's narrow entry in `redrive.queue` (schema V8), never the
+//! row of `retry_messages` with its message, which the claim reads by primary key.
+//!
+//! The claim is one statement in `redrive.claim` (schema V7, on the queue since V8), which forces
+//! its generic plan, so it is planned once per connection: costed for a tenth of the due rows by
+//! `LIMIT`, the generic plan never won against a custom one, and planning each call took about a
+//! tenth of a claim. The rows to take are chosen in an `= ANY(ARRAY(…))` subquery, so the plan is
+//! index scans whatever the limit.
 //!
 //! A claim's commit does not wait for its WAL to reach the disk (`synchronous_commit` off for the
 //! statement's own transaction): a flush that stalls then does not hold up the rows coming due. A
@@ -82,9 +85,9 @@ impl Claim {
 }
 
 impl Store {
-    /// Claims up to `limit` due rows of `group` for `lease`, in one statement that also rescues
-    /// expired leases: a running row whose lease ran out goes back to `pending` (or `dead`, when
-    /// that was its last attempt) and is claimable from the next call on.
+    /// Claims up to `limit` due rows of `group` for `lease`, after rescuing expired leases in the
+    /// same call: a running row whose lease ran out goes back to `pending`, due now, and may be
+    /// claimed again at once (or becomes `dead`, when that was its last attempt).
     pub async fn claim(
         &self,
         group: &str,
@@ -162,9 +165,9 @@ impl Store {
         let seconds = sqlx::query_scalar!(
             r#"
             SELECT extract(epoch FROM least(
-              (SELECT min(next_attempt_at) FROM redrive.retry_messages
+              (SELECT min(next_attempt_at) FROM redrive.queue
                 WHERE consumer_group = $1 AND state = 'pending') - make_interval(secs => $2),
-              (SELECT min(lease_expires_at) FROM redrive.retry_messages
+              (SELECT min(lease_expires_at) FROM redrive.queue
                 WHERE consumer_group = $1 AND state = 'running')) - now())::float8 AS wait
             "#,
             group,

@@ -134,12 +134,18 @@ impl Store {
         let (ids, tokens): (Vec<Uuid>, Vec<Uuid>) = claims.iter().copied().unzip();
         let result = sqlx::query!(
             r#"
+            WITH released AS (
+                UPDATE redrive.queue q
+                SET state = 'pending', attempts = q.attempts - 1,
+                    next_attempt_at = greatest(q.next_attempt_at, now()), lease_expires_at = NULL,
+                    locked_by = NULL, claim_token = NULL
+                FROM UNNEST($1::uuid[], $2::uuid[]) AS f(id, token)
+                WHERE q.id = f.id AND q.claim_token = f.token AND q.state = 'running'
+                RETURNING q.id, q.attempts, q.next_attempt_at)
             UPDATE redrive.retry_messages r
-            SET state = 'pending', attempts = r.attempts - 1,
-                next_attempt_at = greatest(r.next_attempt_at, now()), lease_expires_at = NULL,
-                locked_by = NULL, claim_token = NULL, updated_at = now()
-            FROM UNNEST($1::uuid[], $2::uuid[]) AS f(id, token)
-            WHERE r.id = f.id AND r.claim_token = f.token AND r.state = 'running'
+            SET attempts = q.attempts, next_attempt_at = q.next_attempt_at, updated_at = now()
+            FROM released q
+            WHERE r.id = q.id
             "#,
             &ids,
             &tokens,
@@ -190,16 +196,27 @@ impl Failures {
         self.kinds.push(error.kind.as_str().to_string());
     }
 
-    /// Reschedules the rows or marks them dead, fenced on their claim tokens, each with its error
-    /// added to a history of the last 10. Returns the new state of each row it changed.
+    /// Reschedules the rows or marks them dead, fenced on their claim tokens in the queue, each
+    /// with its error added to a history of the last 10. A dead row leaves the queue through the
+    /// trigger that keeps the queue in step with `state`. Returns the new state of each row it changed.
     async fn write<'e>(&self, db: impl sqlx::PgExecutor<'e>) -> Result<Vec<String>, StoreError> {
         let states = sqlx::query_scalar!(
             r#"
+            WITH f AS (
+                SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::int4[], $4::text[], $5::float8[],
+                                     $6::text[], $7::text[])
+                     AS f(id, token, attempt, state, retry_in, err, kind)
+            ), ended AS (
+                UPDATE redrive.queue q
+                SET state = 'pending', next_attempt_at = now() + make_interval(secs => f.retry_in),
+                    lease_expires_at = NULL, locked_by = NULL, claim_token = NULL
+                FROM f
+                WHERE q.id = f.id AND q.claim_token = f.token AND q.state = 'running'
+                RETURNING q.id, q.attempts, q.next_attempt_at)
             UPDATE redrive.retry_messages r
-            SET state = f.state, next_attempt_at = now() + make_interval(secs => f.retry_in),
-                last_error = f.err,
-                error_kind = f.kind, lease_expires_at = NULL, locked_by = NULL, claim_token = NULL,
-                updated_at = now(), dead_at = CASE WHEN f.state = 'dead' THEN now() END,
+            SET state = f.state, attempts = q.attempts, next_attempt_at = q.next_attempt_at,
+                last_error = f.err, error_kind = f.kind, updated_at = now(),
+                dead_at = CASE WHEN f.state = 'dead' THEN now() END,
                 dlq_published_at = NULL, dlq_topic = NULL, dlq_error = NULL, dlq_refused_at = NULL,
                 error_history = (
                     SELECT jsonb_agg(e ORDER BY n) FROM (
@@ -208,10 +225,8 @@ impl Failures {
                                                'kind', f.kind, 'error', f.err)))
                             WITH ORDINALITY AS h(e, n)
                         ORDER BY n DESC LIMIT 10) AS recent)
-            FROM UNNEST($1::uuid[], $2::uuid[], $3::int4[], $4::text[], $5::float8[],
-                        $6::text[], $7::text[])
-                 AS f(id, token, attempt, state, retry_in, err, kind)
-            WHERE r.id = f.id AND r.claim_token = f.token AND r.state = 'running'
+            FROM ended q JOIN f ON f.id = q.id
+            WHERE r.id = q.id
             RETURNING r.state
             "#,
             &self.ids,

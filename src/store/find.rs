@@ -222,8 +222,8 @@ impl Store {
         Ok(ids)
     }
 
-    /// Of `ids`, those not in `scope`'s states (or not in the table), with their state: the rows
-    /// a command names but must leave alone.
+    /// Of `ids`, those not in `scope`'s states (or not in the table), with their state (`running`
+    /// for a row being attempted): the rows a command names but must leave alone.
     pub async fn outside_scope(
         &self,
         scope: Scope,
@@ -235,9 +235,10 @@ impl Store {
         let rows = sqlx::query_as!(
             Skipped,
             r#"
-            SELECT i.id AS "id!", r.state AS "state?"
+            SELECT i.id AS "id!", coalesce(q.state, r.state) AS "state?"
             FROM unnest($1::uuid[]) AS i(id)
             LEFT JOIN redrive.retry_messages r ON r.id = i.id
+            LEFT JOIN redrive.queue q ON q.id = i.id
             WHERE r.state IS NULL OR NOT r.state = ANY ($2)
             ORDER BY i.id
             "#,

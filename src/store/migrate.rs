@@ -55,9 +55,9 @@ pub async fn run(url: &SecretString) -> anyhow::Result<Vec<Applied>> {
     // Fresh statistics, so the planner picks the partial indexes from the first claim on, rather
     // than scanning a table it has never measured.
     client
-        .batch_execute("ANALYZE redrive.retry_messages")
+        .batch_execute("ANALYZE redrive.retry_messages, redrive.queue")
         .await
-        .context("analyzing the retry table")?;
+        .context("analyzing the retry table and the queue")?;
     client
         .batch_execute("SELECT pg_advisory_unlock(hashtext('redrive.migrate'))")
         .await

@@ -188,6 +188,7 @@ impl Store {
         } else {
             topics(&mut tx, limits, &mut sampled).await?
         };
+        move_running(&mut tx, &mut topics).await?;
         topics.sort_by(|a, b| (&a.consumer_group, &a.topic).cmp(&(&b.consumer_group, &b.topic)));
         let mut names: Vec<String> = topics.iter().map(|t| t.consumer_group.clone()).collect();
         names.dedup();
@@ -327,6 +328,45 @@ async fn topics(
     Ok(out)
 }
 
+/// Moves the rows being attempted from `pending`, where the table counts them, to `running`:
+/// the queue knows them exactly, and there are never more than the workers' claims.
+async fn move_running(tx: &mut Tx<'_>, topics: &mut Vec<TopicCounts>) -> Result<(), StoreError> {
+    let running = sqlx::query!(
+        r#"
+        SELECT r.consumer_group AS "consumer_group!", r.topic AS "topic!", count(*) AS "running!"
+        FROM redrive.queue q JOIN redrive.retry_messages r ON r.id = q.id
+        WHERE q.state = 'running'
+        GROUP BY 1, 2
+        "#
+    )
+    .fetch_all(&mut **tx)
+    .await?;
+    for r in running {
+        let at = topics
+            .iter()
+            .position(|t| t.consumer_group == r.consumer_group && t.topic == r.topic);
+        let t = match at {
+            Some(i) => &mut topics[i],
+            None => {
+                topics.push(TopicCounts {
+                    consumer_group: r.consumer_group,
+                    topic: r.topic,
+                    pending: 0,
+                    running: 0,
+                    paused: 0,
+                    dead: 0,
+                    replayed: 0,
+                    estimated: true,
+                });
+                topics.last_mut().expect("just pushed")
+            }
+        };
+        t.running = r.running;
+        t.pending = (t.pending - r.running).max(0);
+    }
+    Ok(())
+}
+
 /// Each group's times, and its counts through the indexes up to one past `limit` (a count past
 /// it is then estimated from the sample).
 async fn groups(
@@ -339,13 +379,13 @@ async fn groups(
         r#"
         SELECT g AS "consumer_group!",
                (SELECT count(*) FROM (
-                    SELECT 1 FROM redrive.retry_messages
+                    SELECT 1 FROM redrive.queue
                     WHERE state = 'pending' AND consumer_group = g AND next_attempt_at <= now()
                     LIMIT $2) x) AS "due!",
-               (SELECT min(next_attempt_at) FROM redrive.retry_messages
+               (SELECT min(next_attempt_at) FROM redrive.queue
                 WHERE state = 'pending' AND consumer_group = g AND next_attempt_at <= now())
                    AS oldest_due_at,
-               (SELECT min(next_attempt_at) FROM redrive.retry_messages
+               (SELECT min(next_attempt_at) FROM redrive.queue
                 WHERE state = 'pending' AND consumer_group = g AND next_attempt_at > now())
                    AS next_due_at,
                (SELECT count(*) FROM (
@@ -382,9 +422,7 @@ async fn error_candidates(
     let n = sqlx::query_scalar!(
         r#"
         SELECT count(*) AS "n!" FROM (
-            SELECT 1 FROM redrive.retry_messages WHERE state = 'pending'
-            UNION ALL
-            SELECT 1 FROM redrive.retry_messages WHERE state = 'running'
+            SELECT 1 FROM redrive.queue
             UNION ALL
             SELECT 1 FROM redrive.retry_messages WHERE state = 'paused'
             UNION ALL
@@ -412,11 +450,9 @@ async fn top_errors(
         TopError,
         r#"
         WITH candidates AS (
-            SELECT id, error_history FROM redrive.retry_messages
-            WHERE state = 'pending' AND updated_at >= $1
-            UNION ALL
-            SELECT id, error_history FROM redrive.retry_messages
-            WHERE state = 'running' AND updated_at >= $1
+            SELECT r.id, r.error_history FROM redrive.queue q
+            JOIN redrive.retry_messages r ON r.id = q.id
+            WHERE r.updated_at >= $1
             UNION ALL
             SELECT id, error_history FROM redrive.retry_messages
             WHERE state = 'paused' AND updated_at >= $1

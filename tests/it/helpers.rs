@@ -89,13 +89,31 @@ impl TestDb {
         self.store.claim("g", 10, lease, "w").await.unwrap().rows
     }
 
+    /// Rows of `redrive.messages` (where a row being attempted is `running`) matching `filter`.
     pub async fn count(&self, filter: &str) -> i64 {
         sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM redrive.retry_messages WHERE {filter}"
+            "SELECT count(*) FROM redrive.messages WHERE {filter}"
         ))
         .fetch_one(self.pool())
         .await
         .unwrap()
+    }
+
+    /// Asserts that the queue holds exactly the rows that `retry_messages` says are pending, each
+    /// in its own group, and that a waiting one is due when the row says.
+    pub async fn assert_queue_in_step(&self) {
+        let astray: Vec<String> = sqlx::query_scalar(
+            "SELECT coalesce(r.id, q.id)::text || ': ' || coalesce(r.state, 'no row') || ', queue '
+                    || coalesce(q.state, 'none')
+             FROM (SELECT * FROM redrive.retry_messages WHERE state = 'pending') r
+             FULL JOIN redrive.queue q ON q.id = r.id
+             WHERE r.id IS NULL OR q.id IS NULL OR q.consumer_group <> r.consumer_group
+                OR (q.state = 'pending' AND q.next_attempt_at <> r.next_attempt_at)",
+        )
+        .fetch_all(self.pool())
+        .await
+        .unwrap();
+        assert!(astray.is_empty(), "queue out of step: {astray:?}");
     }
 }
 

@@ -54,17 +54,21 @@ static NEXT_OFFSET: AtomicI64 = AtomicI64::new(0);
 async fn insert(db: &TestDb, r: Row<'_>) -> Uuid {
     let id = Uuid::now_v7();
     let offset = NEXT_OFFSET.fetch_add(1, Ordering::Relaxed);
+    // A row being attempted is pending in the table, and running in the queue.
+    let stored = if r.state == "running" {
+        "pending"
+    } else {
+        r.state
+    };
     sqlx::query(
         r#"
         INSERT INTO redrive.retry_messages (
             id, consumer_group, topic, "partition", kafka_offset, key, payload, state, attempts,
-            max_attempts, next_attempt_at, lease_expires_at, locked_by, last_error, error_kind,
-            error_history, dead_at, dlq_published_at)
+            max_attempts, next_attempt_at, last_error, error_kind, error_history, dead_at,
+            dlq_published_at)
         VALUES ($1, $2, $3, 0, $4, $5, convert_to('payload-' || $4, 'UTF8'), $6,
                 CASE WHEN $6 IN ('dead', 'replayed') THEN $13 ELSE 1 END, $13,
                 now() + make_interval(secs => $7),
-                CASE WHEN $6 = 'running' THEN now() + interval '1 hour' END,
-                CASE WHEN $6 = 'running' THEN 'w' END,
                 $8, $9,
                 jsonb_build_array(jsonb_build_object('at', now() - make_interval(secs => $10),
                     'attempt', 1, 'kind', $9, 'error', $8)),
@@ -77,7 +81,7 @@ async fn insert(db: &TestDb, r: Row<'_>) -> Uuid {
     .bind(r.topic)
     .bind(offset)
     .bind(r.key)
-    .bind(r.state)
+    .bind(stored)
     .bind(r.due_in)
     .bind(r.error)
     .bind(r.kind)
@@ -88,6 +92,16 @@ async fn insert(db: &TestDb, r: Row<'_>) -> Uuid {
     .execute(db.pool())
     .await
     .unwrap();
+    if r.state == "running" {
+        sqlx::query(
+            "UPDATE redrive.queue SET state = 'running', lease_expires_at = now() + interval '1 hour', \
+             locked_by = 'w', claim_token = gen_random_uuid() WHERE id = $1",
+        )
+        .bind(id)
+        .execute(db.pool())
+        .await
+        .unwrap();
+    }
     id
 }
 
@@ -153,7 +167,7 @@ async fn snapshot(db: &TestDb) -> Vec<String> {
 }
 
 async fn state_of(db: &TestDb, id: Uuid) -> Option<String> {
-    sqlx::query_scalar("SELECT state FROM redrive.retry_messages WHERE id = $1")
+    sqlx::query_scalar("SELECT state FROM redrive.messages WHERE id = $1")
         .bind(id)
         .fetch_optional(db.pool())
         .await
@@ -1190,16 +1204,43 @@ async fn each_role_can_do_its_job_and_nothing_more() {
             .unwrap(),
         1
     );
+    // A lease that runs out on the last attempt is taken back by the worker's next claim, and the
+    // row is dead.
+    let held = store
+        .claim("g", 10, Duration::from_secs(60), "w")
+        .await
+        .unwrap()
+        .rows;
+    assert_eq!(held.len(), 1);
+    sqlx::query("UPDATE redrive.queue SET lease_expires_at = now() - interval '1s'")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let rescue = store.claim("g", 10, Duration::from_secs(60), "w").await;
+    assert_eq!(rescue.unwrap().len(), 0);
+    assert_eq!(
+        db.count("error_kind = 'timeout' AND state = 'dead'").await,
+        1
+    );
+    db.assert_queue_in_step().await;
     let batch = store.outbox_batch("g", 10).await.unwrap();
     let published: Vec<(Uuid, String)> = batch
         .rows
         .iter()
         .map(|r| (r.id, "orders.dlq".to_string()))
         .collect();
-    assert_eq!(published.len(), 2);
+    assert_eq!(published.len(), 3);
     batch.finish(&published, &[]).await.unwrap();
     // ... and nothing an operator does.
     denied(&worker, "DELETE FROM redrive.retry_messages").await;
+    // Rows join and leave the queue only with their state in the table.
+    denied(&worker, "DELETE FROM redrive.queue").await;
+    denied(
+        &worker,
+        "INSERT INTO redrive.queue (id, consumer_group, attempts, next_attempt_at) \
+         VALUES (gen_random_uuid(), 'g', 0, now())",
+    )
+    .await;
     denied(&worker, "UPDATE redrive.retry_messages SET payload = 'x'").await;
     denied(
         &worker,
@@ -1226,7 +1267,7 @@ async fn each_role_can_do_its_job_and_nothing_more() {
     );
     assert_eq!(
         db.count("state = 'dead'").await,
-        2,
+        3,
         "the worker purged nothing"
     );
 
@@ -1242,7 +1283,7 @@ async fn each_role_can_do_its_job_and_nothing_more() {
         .fetch_one(&reader)
         .await
         .unwrap();
-    assert_eq!(rows, 2);
+    assert_eq!(rows, 3);
     for args in [
         &["replay", "--all"][..],
         &["purge", "--older-than", "0s"][..],
@@ -1261,7 +1302,7 @@ async fn each_role_can_do_its_job_and_nothing_more() {
         "UPDATE redrive.retry_messages SET next_attempt_at = now()",
     )
     .await;
-    assert_eq!(db.count("state = 'dead'").await, 2);
+    assert_eq!(db.count("state = 'dead'").await, 3);
 
     // The operator replays, reschedules, pauses and purges, and cannot forge or destroy.
     denied(&operator, "INSERT INTO redrive.retry_messages (id, consumer_group, topic, \"partition\", kafka_offset, state, attempts, max_attempts, next_attempt_at) VALUES (gen_random_uuid(), 'g', 't', 0, 99, 'pending', 0, 1, now())").await;
@@ -1293,8 +1334,9 @@ async fn each_role_can_do_its_job_and_nothing_more() {
     let out = redrive(&operator_config.0, &["purge", "--older-than", "0s"])
         .await
         .ok();
-    assert!(out.stdout.contains("deleted 1 row(s)"), "{}", out.stdout);
+    assert!(out.stdout.contains("deleted 2 row(s)"), "{}", out.stdout);
     assert_eq!(db.count("state = 'dead'").await, 0);
+    db.assert_queue_in_step().await;
     for p in [worker, operator, reader] {
         p.close().await;
     }
@@ -1644,6 +1686,21 @@ async fn every_recipe_in_the_operators_guide_works() {
         },
     )
     .await;
+    let running = insert(
+        &db,
+        Row {
+            state: "running",
+            ..Row::default()
+        },
+    )
+    .await;
+    let token = uuid::Uuid::now_v7();
+    sqlx::query("UPDATE redrive.queue SET claim_token = $1 WHERE id = $2")
+        .bind(token)
+        .bind(running)
+        .execute(db.pool())
+        .await
+        .unwrap();
     let paused: i64 = sqlx::query_scalar(&recipe("pause-topic"))
         .fetch_one(db.pool())
         .await
@@ -1661,21 +1718,8 @@ async fn every_recipe_in_the_operators_guide_works() {
     )
     .await;
     assert_eq!(state_of(&db, arrived).await.as_deref(), Some("paused"));
-    let running = insert(
-        &db,
-        Row {
-            state: "running",
-            ..Row::default()
-        },
-    )
-    .await;
-    let token = uuid::Uuid::now_v7();
-    sqlx::query("UPDATE redrive.retry_messages SET claim_token = $1 WHERE id = $2")
-        .bind(token)
-        .bind(running)
-        .execute(db.pool())
-        .await
-        .unwrap();
+    // A row being attempted when the pause starts finishes its attempt, and is held after.
+    assert_eq!(state_of(&db, running).await.as_deref(), Some("running"));
     let retry = redrive::store::complete::Outcome::Retry {
         retry_in: Duration::ZERO,
         error: redrive::HandlerError::retryable("HTTP 503"),

@@ -144,10 +144,12 @@ async fn a_different_message_at_a_reused_offset_is_captured_and_a_redelivery_is_
 
 /// Marks a row's lease as run out, as a worker cut off from Postgres would leave it.
 async fn expire_leases(db: &TestDb) {
-    sqlx::query("UPDATE redrive.retry_messages SET lease_expires_at = now() - interval '1s' WHERE state = 'running'")
-        .execute(db.pool())
-        .await
-        .unwrap();
+    sqlx::query(
+        "UPDATE redrive.queue SET lease_expires_at = now() - interval '1s' WHERE state = 'running'",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
 }
 
 fn done(c: &redrive::store::claim::Claimed, outcome: Outcome) -> Completion {
@@ -419,4 +421,133 @@ async fn a_claims_unflushed_commit_leaves_its_connection_committing_as_before() 
         "only the claim's own transaction skips the flush: a capture on this connection must \
          wait for it, or a crash could lose a row whose offset was committed (I1)"
     );
+}
+
+/// The queue holds exactly the rows the table says are pending, through every path that changes a
+/// row: capture, claims, completions of each kind, the release, the rescue, and an operator's SQL.
+#[tokio::test]
+async fn the_queue_follows_every_change_of_a_rows_state() {
+    let db = TestDb::new().await;
+    let mut dead = pending("orders", 9, Duration::ZERO, 1);
+    dead.state = InitialState::Dead;
+    db.seed(&[
+        pending("orders", 1, Duration::ZERO, 5),
+        pending("orders", 2, Duration::ZERO, 5),
+        pending("orders", 3, Duration::ZERO, 5),
+        pending("orders", 4, Duration::ZERO, 5),
+        pending("orders", 5, Duration::ZERO, 2),
+        pending("orders", 6, Duration::from_secs(3600), 5),
+        dead,
+    ])
+    .await;
+    db.assert_queue_in_step().await;
+    assert_eq!(db.count("state = 'pending'").await, 6);
+
+    let claimed = db.claim(Duration::from_secs(30)).await;
+    assert_eq!(claimed.len(), 5);
+    db.assert_queue_in_step().await;
+    assert_eq!(db.count("state = 'running' AND locked_by = 'w'").await, 5);
+    let row = |offset: i64| claimed.iter().find(|c| c.message.offset == offset).unwrap();
+    let failed = |c| {
+        done(
+            c,
+            Outcome::Retry {
+                retry_in: Duration::from_secs(60),
+                error: HandlerError::retryable("503"),
+            },
+        )
+    };
+    let done_now = db
+        .store
+        .complete(&[
+            done(row(1), Outcome::Succeeded),
+            failed(row(2)),
+            done(
+                row(3),
+                Outcome::Dead {
+                    error: HandlerError::permanent("400"),
+                },
+            ),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        (done_now.deleted, done_now.rescheduled, done_now.dead),
+        (1, 1, 1)
+    );
+    db.assert_queue_in_step().await;
+    assert_eq!(db.count("kafka_offset = 1").await, 0);
+    assert_eq!(
+        db.count("kafka_offset = 2 AND state = 'pending' AND attempts = 2")
+            .await,
+        1
+    );
+    assert_eq!(
+        db.count("kafka_offset = 3 AND state = 'dead' AND attempts = 2")
+            .await,
+        1
+    );
+
+    // The release gives the attempt back; the rescue counts it, and kills a row on its last one.
+    assert_eq!(
+        db.store
+            .release(&[(row(4).id, row(4).token)])
+            .await
+            .unwrap(),
+        1
+    );
+    db.assert_queue_in_step().await;
+    assert_eq!(
+        db.count("kafka_offset = 4 AND state = 'pending' AND attempts = 1")
+            .await,
+        1
+    );
+    expire_leases(&db).await;
+    let four = db.claim(Duration::from_secs(30)).await;
+    assert_eq!(
+        four.iter().map(|c| c.message.offset).collect::<Vec<_>>(),
+        [4]
+    );
+    db.assert_queue_in_step().await;
+    let gone = db
+        .store
+        .complete(&[done(&four[0], Outcome::Succeeded)])
+        .await
+        .unwrap();
+    assert_eq!(gone.deleted, 1);
+    assert_eq!(
+        db.count("kafka_offset = 5 AND state = 'dead' AND error_kind = 'timeout'")
+            .await,
+        1
+    );
+
+    // An operator's SQL on the table: a row paused, resumed, rescheduled, replayed and deleted.
+    let shared = &db;
+    let by_hand = move |sql: &'static str| async move {
+        sqlx::query(sql).execute(shared.pool()).await.unwrap();
+        shared.assert_queue_in_step().await;
+    };
+    by_hand("UPDATE redrive.retry_messages SET state = 'paused' WHERE kafka_offset = 6").await;
+    assert_eq!(db.count("kafka_offset = 6 AND state = 'paused'").await, 1);
+    by_hand("UPDATE redrive.retry_messages SET state = 'pending' WHERE kafka_offset = 6").await;
+    by_hand("UPDATE redrive.retry_messages SET next_attempt_at = now() - interval '1s' WHERE kafka_offset = 6").await;
+    by_hand(
+        "SELECT redrive.replay(ARRAY(SELECT id FROM redrive.retry_messages WHERE state = 'dead'))",
+    )
+    .await;
+    assert_eq!(db.count("state = 'pending' AND attempts = 0").await, 3);
+    let again = db.claim(Duration::from_secs(30)).await;
+    assert_eq!(again.len(), 4);
+    // Pausing a row by hand while it is attempted takes its claim away, as before the queue: its
+    // completion is refused.
+    let six = again.iter().find(|c| c.message.offset == 6).unwrap();
+    by_hand("UPDATE redrive.retry_messages SET state = 'paused' WHERE kafka_offset = 6").await;
+    let refused = db
+        .store
+        .complete(&[done(six, Outcome::Succeeded)])
+        .await
+        .unwrap();
+    assert_eq!(refused.rejected, 1);
+    by_hand("DELETE FROM redrive.retry_messages WHERE kafka_offset = 2").await;
+    assert_eq!(db.count("true").await, 4);
 }

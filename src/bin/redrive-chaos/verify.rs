@@ -2,7 +2,7 @@
 //! - every message was acknowledged by the handler, or is dead in the table (nothing lost);
 //! - every dead row is in the DLQ topic byte for byte, except the records too large for it, which
 //!   are marked refused;
-//! - no row is left pending, running or paused;
+//! - no row is left pending, running or paused, and the queue is empty;
 //! - the committed offsets equal the end offsets;
 //! - no retry came before its backoff had passed (outside the windows of the faults, where a
 //!   rescued lease or a released claim makes a row due at once);
@@ -104,7 +104,7 @@ pub async fn settle(
     while Instant::now() < deadline {
         watch()?;
         let open: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM redrive.retry_messages WHERE state IN ('pending', 'running', 'paused')
+            "SELECT count(*) FROM redrive.retry_messages WHERE state IN ('pending', 'paused')
                 OR (state = 'dead' AND dlq_published_at IS NULL AND dlq_refused_at IS NULL)",
         )
         .fetch_one(&pool)
@@ -154,13 +154,22 @@ pub async fn check(i: Inputs<'_>) -> anyhow::Result<Report> {
     }
     failures.extend(i.exits.iter().cloned());
     let pool = PgPool::connect(i.db_url).await?;
+    // A row being attempted is pending in the table (and running in the queue).
     let open: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM redrive.retry_messages WHERE state IN ('pending', 'running', 'paused')",
+        "SELECT count(*) FROM redrive.retry_messages WHERE state IN ('pending', 'paused')",
     )
     .fetch_one(&pool)
     .await?;
     if open > 0 {
         failures.push(format!("{open} rows are still pending, running or paused"));
+    }
+    let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM redrive.queue")
+        .fetch_one(&pool)
+        .await?;
+    if queued > open {
+        failures.push(format!(
+            "{queued} rows in the queue, but {open} rows still to attempt"
+        ));
     }
     for (p, at, end) in lagging(i.kafka, i.topic)? {
         failures.push(format!("partition {p}: committed {at}, end {end}"));

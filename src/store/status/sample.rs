@@ -53,7 +53,6 @@ impl Plan {
 #[derive(Debug, Clone, Copy, Default)]
 struct PairCounts {
     pending: i64,
-    running: i64,
     paused: i64,
     dead: i64,
     replayed: i64,
@@ -74,7 +73,6 @@ impl Counts {
             r#"
             SELECT consumer_group AS "consumer_group!", topic AS "topic!",
                    count(*) FILTER (WHERE state = 'pending') AS "pending!",
-                   count(*) FILTER (WHERE state = 'running') AS "running!",
                    count(*) FILTER (WHERE state = 'paused') AS "paused!",
                    count(*) FILTER (WHERE state = 'dead') AS "dead!",
                    count(*) FILTER (WHERE state = 'replayed') AS "replayed!",
@@ -95,7 +93,6 @@ impl Counts {
             .map(|r| {
                 let counts = PairCounts {
                     pending: r.pending,
-                    running: r.running,
                     paused: r.paused,
                     dead: r.dead,
                     replayed: r.replayed,
@@ -128,7 +125,9 @@ impl Counts {
             consumer_group: group.to_string(),
             topic: topic.to_string(),
             pending: plan.scale(c.pending),
-            running: plan.scale(c.running),
+            // A row being attempted is `pending` in the table; the caller moves the queue's
+            // exact count of them from `pending` to `running`.
+            running: 0,
             paused: plan.scale(c.paused),
             dead: plan.scale(c.dead),
             replayed: plan.scale(c.replayed),
@@ -198,7 +197,7 @@ pub(super) async fn top_errors(
         FROM redrive.retry_messages r TABLESAMPLE SYSTEM ($1),
              jsonb_array_elements(r.error_history) AS e
         WHERE r.updated_at >= $2
-          AND (r.state IN ('pending', 'running', 'paused') OR r.dead_at >= $2)
+          AND (r.state IN ('pending', 'paused') OR r.dead_at >= $2)
           AND (e ->> 'at')::timestamptz >= $2
         GROUP BY 1, 2
         ORDER BY 3 DESC, 5 DESC
