@@ -121,10 +121,8 @@ BEGIN
 END
 $$;
 
--- The claim of V7 on the queue: the same arguments and result. The claim changes only the queue.
--- The rescue runs first, as a statement of its own and only when a lease has run out; it writes a
--- rescued row's attempt and error to retry_messages too, and the claim after it may take the row
--- again at once.
+-- The claim of V7 on the queue: the same arguments, result and statement. The claim changes only
+-- the queue; the rescue writes a rescued row's attempt and error to retry_messages too.
 CREATE OR REPLACE FUNCTION redrive.claim(grp text, lim bigint, lease float8, worker text, ahead float8)
 RETURNS TABLE (id uuid, attempts integer, claim_token uuid, max_attempts integer, topic text,
                "partition" integer, kafka_offset bigint, kafka_timestamp timestamptz, key bytea,
@@ -133,21 +131,20 @@ LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 #variable_conflict use_column
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
-    IF EXISTS (SELECT 1 FROM redrive.queue m
-               WHERE m.consumer_group = grp AND m.state = 'running' AND m.lease_expires_at < now()) THEN
-        WITH expired AS (
-            SELECT m.id, m.locked_by FROM redrive.queue m
-            WHERE m.consumer_group = grp AND m.state = 'running' AND m.lease_expires_at < now()
-            LIMIT 1000
-            FOR UPDATE SKIP LOCKED
-        ), rescued AS (
-            UPDATE redrive.queue q
-            SET state = 'pending', next_attempt_at = now(), lease_expires_at = NULL, locked_by = NULL,
-                claim_token = NULL
-            FROM expired e
-            WHERE q.id = e.id
-            RETURNING q.id, q.attempts, e.locked_by
-        )
+    RETURN QUERY
+    WITH expired AS (
+        SELECT m.id, m.locked_by FROM redrive.queue m
+        WHERE m.consumer_group = grp AND m.state = 'running' AND m.lease_expires_at < now()
+        LIMIT 1000
+        FOR UPDATE SKIP LOCKED
+    ), rescued AS (
+        UPDATE redrive.queue q
+        SET state = 'pending', next_attempt_at = now(), lease_expires_at = NULL, locked_by = NULL,
+            claim_token = NULL
+        FROM expired e
+        WHERE q.id = e.id
+        RETURNING q.id, q.attempts, e.locked_by
+    ), recorded AS (
         UPDATE redrive.retry_messages r
         SET state = CASE WHEN s.attempts >= r.max_attempts THEN 'dead' ELSE 'pending' END,
             dead_at = CASE WHEN s.attempts >= r.max_attempts THEN now() END,
@@ -157,10 +154,8 @@ BEGIN
             last_error = format('lease expired: worker %s did not finish attempt %s',
                                 coalesce(s.locked_by, '?'), s.attempts)
         FROM rescued s
-        WHERE r.id = s.id;
-    END IF;
-    RETURN QUERY
-    WITH claimed AS (
+        WHERE r.id = s.id
+    ), claimed AS (
         UPDATE redrive.queue q
         SET state = 'running', attempts = q.attempts + 1, locked_by = worker,
             lease_expires_at = greatest(q.next_attempt_at, now()) + make_interval(secs => lease),

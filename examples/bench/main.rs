@@ -644,7 +644,7 @@ async fn seed(store: &Store, n: usize, state: InitialState) -> anyhow::Result<()
 async fn dispatch(db: &str, n: usize) -> anyhow::Result<Run> {
     let store = Store::from_pool(sqlx::PgPool::connect(db).await?);
     seed(&store, n, InitialState::Pending).await?;
-    sqlx::query("VACUUM ANALYZE redrive.retry_messages")
+    sqlx::query("VACUUM ANALYZE redrive.retry_messages, redrive.queue")
         .execute(store.pool())
         .await?;
     let (config, parts) = workers_only(db)?;
@@ -766,7 +766,7 @@ async fn claim_floor(db: &str, n: usize) -> anyhow::Result<Run> {
 async fn operate(case: &str, db: &str, n: usize) -> anyhow::Result<Run> {
     let store = Store::from_pool(sqlx::PgPool::connect(db).await?);
     seed(&store, n, InitialState::Dead).await?;
-    sqlx::query("VACUUM ANALYZE redrive.retry_messages")
+    sqlx::query("VACUUM ANALYZE redrive.retry_messages, redrive.queue")
         .execute(store.pool())
         .await?;
     let (filter, audit) = (

@@ -166,7 +166,7 @@ async fn load(admin_url: &str, dead: i64, pending: i64) -> anyhow::Result<String
         "operators: VACUUM ANALYZE ({:.0} s)",
         started.elapsed().as_secs_f64()
     );
-    sqlx::query("VACUUM ANALYZE redrive.retry_messages")
+    sqlx::query("VACUUM ANALYZE redrive.retry_messages, redrive.queue")
         .execute(&mut c)
         .await?;
     sqlx::query("CREATE TABLE bench_loaded (spec text NOT NULL)")

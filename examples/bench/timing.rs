@@ -124,7 +124,7 @@ async fn once(admin_url: &str, n: usize) -> anyhow::Result<Figures> {
     .bind(RATE as f64)
     .execute(&pool)
     .await?;
-    sqlx::query("VACUUM ANALYZE redrive.retry_messages")
+    sqlx::query("VACUUM ANALYZE redrive.retry_messages, redrive.queue")
         .execute(&pool)
         .await?;
     let (config, parts) = workers_only(&db)?;

@@ -1,7 +1,7 @@
 //! Claims: due rows are taken in batches with `FOR UPDATE SKIP LOCKED`, so any number of workers
 //! share the table without taking a row twice. A claim is a lease (I3): `attempts` goes up by one,
 //! the row gets a fresh `claim_token`, and it is the worker's until `lease_expires_at`. Every claim
-//! also rescues expired leases first, so a dead worker's rows come back without anyone acting.
+//! statement also rescues expired leases, so a dead worker's rows come back without anyone acting.
 //! A claim may also take rows that come due shortly ([`Store::claim_ahead`]): the worker holds each
 //! until it is due, and its lease runs from then.
 //!
@@ -85,9 +85,9 @@ impl Claim {
 }
 
 impl Store {
-    /// Claims up to `limit` due rows of `group` for `lease`, after rescuing expired leases in the
-    /// same call: a running row whose lease ran out goes back to `pending`, due now, and may be
-    /// claimed again at once (or becomes `dead`, when that was its last attempt).
+    /// Claims up to `limit` due rows of `group` for `lease`, in one statement that also rescues
+    /// expired leases: a running row whose lease ran out goes back to `pending` (or `dead`, when
+    /// that was its last attempt) and is claimable from the next call on.
     pub async fn claim(
         &self,
         group: &str,
