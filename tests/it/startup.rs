@@ -120,12 +120,18 @@ async fn run_until_logged(
     })
     .await
     .unwrap_or_else(|_| panic!("{times} log lines with {needle:?}: {log:?}"));
+    // Read the rest while it stops: a pipe left full would block its logging, and so its exit.
+    let rest = tokio::spawn(async move {
+        let mut rest = Vec::new();
+        while let Ok(Some(line)) = lines.next_line().await {
+            rest.push(line);
+        }
+        rest
+    });
     let stopped = std::time::Instant::now();
     let status = terminate(&mut child).await;
     let took = stopped.elapsed();
-    while let Ok(Some(line)) = lines.next_line().await {
-        log.push(line);
-    }
+    log.extend(rest.await.unwrap());
     (log.join("\n"), status, took)
 }
 
