@@ -330,7 +330,7 @@ async fn topics(
 
 /// Moves the rows being attempted from `pending`, where the table counts them, to `running`:
 /// the queue knows them exactly, and there are never more than the workers' claims.
-async fn move_running(tx: &mut Tx<'_>, topics: &mut Vec<TopicCounts>) -> Result<(), StoreError> {
+async fn move_running(tx: &mut Tx<'_>, topics: &mut [TopicCounts]) -> Result<(), StoreError> {
     let running = sqlx::query!(
         r#"
         SELECT r.consumer_group AS "consumer_group!", r.topic AS "topic!", count(*) AS "running!"
@@ -341,28 +341,15 @@ async fn move_running(tx: &mut Tx<'_>, topics: &mut Vec<TopicCounts>) -> Result<
     )
     .fetch_all(&mut **tx)
     .await?;
+    // Every pair with a running row is in `topics`: its rows are in the table read in this snapshot.
     for r in running {
-        let at = topics
-            .iter()
-            .position(|t| t.consumer_group == r.consumer_group && t.topic == r.topic);
-        let t = match at {
-            Some(i) => &mut topics[i],
-            None => {
-                topics.push(TopicCounts {
-                    consumer_group: r.consumer_group,
-                    topic: r.topic,
-                    pending: 0,
-                    running: 0,
-                    paused: 0,
-                    dead: 0,
-                    replayed: 0,
-                    estimated: true,
-                });
-                topics.last_mut().expect("just pushed")
-            }
-        };
-        t.running = r.running;
-        t.pending = (t.pending - r.running).max(0);
+        let pair = topics
+            .iter_mut()
+            .find(|t| t.consumer_group == r.consumer_group && t.topic == r.topic);
+        if let Some(t) = pair {
+            t.running = r.running;
+            t.pending = (t.pending - r.running).max(0);
+        }
     }
     Ok(())
 }
