@@ -165,7 +165,7 @@ async fn run(o: &Options) -> anyhow::Result<verify::Report> {
     }
     let produced = producing.await??;
     let quiet_at = Instant::now();
-    let settled = verify::settle(&db_url, &o.kafka, &topic, o.settle_within, || {
+    let settled = verify::settle(&db_url, &o.kafka, &topic, &calls, o.settle_within, || {
         watch(&mut workers, &mut exits, &mut peak_rss)
     })
     .await?;

@@ -90,29 +90,45 @@ impl Report {
     }
 }
 
-/// Waits until no row is left to attempt or to publish and every offset is committed; `false` if
-/// that did not happen within `limit`. Looks once a second, and calls `watch` each time.
+/// Waits until every offset is committed, no row is left to attempt or to publish, and the handler
+/// was not called since the look before, which found the same; `false` if that did not happen
+/// within `limit`. Looks once a second, and calls `watch` each time.
+///
+/// Committed offsets equal to the end offsets do not mean no delivery is under way: a partition's
+/// new owner may redeliver a message its old owner committed a moment later. Such a duplicate of
+/// a message that failed is captured again as a new row, so the system is settled only once a whole
+/// look's interval passed without a call.
 pub async fn settle(
     db_url: &str,
     kafka: &str,
     topic: &str,
+    calls: &stub::Calls,
     limit: Duration,
     mut watch: impl FnMut() -> anyhow::Result<()>,
 ) -> anyhow::Result<bool> {
     let pool = PgPool::connect(db_url).await?;
     let deadline = Instant::now() + limit;
+    let mut quiet_since: Option<usize> = None;
     while Instant::now() < deadline {
         watch()?;
-        let open: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM redrive.retry_messages WHERE state IN ('pending', 'paused')
-                OR (state = 'dead' AND dlq_published_at IS NULL AND dlq_refused_at IS NULL)",
-        )
-        .fetch_one(&pool)
-        .await
-        .unwrap_or(i64::MAX);
-        if open == 0 && lagging(kafka, topic).is_ok_and(|l| l.is_empty()) {
+        let called = calls.lock().unwrap().len();
+        // Offsets first: once they are all committed, every failed first delivery is in the table.
+        let committed = lagging(kafka, topic).is_ok_and(|l| l.is_empty());
+        let open: i64 = if committed {
+            sqlx::query_scalar(
+                "SELECT count(*) FROM redrive.retry_messages WHERE state IN ('pending', 'paused')
+                    OR (state = 'dead' AND dlq_published_at IS NULL AND dlq_refused_at IS NULL)",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap_or(i64::MAX)
+        } else {
+            i64::MAX
+        };
+        if open == 0 && quiet_since == Some(called) {
             return Ok(true);
         }
+        quiet_since = (open == 0).then_some(called);
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     Ok(false)
@@ -161,7 +177,10 @@ pub async fn check(i: Inputs<'_>) -> anyhow::Result<Report> {
     .fetch_one(&pool)
     .await?;
     if open > 0 {
-        failures.push(format!("{open} rows are still pending, running or paused"));
+        failures.push(format!(
+            "{open} rows are still pending, running or paused: {}",
+            open_rows(&pool, i.calls).await?
+        ));
     }
     let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM redrive.queue")
         .fetch_one(&pool)
@@ -235,6 +254,39 @@ pub async fn check(i: Inputs<'_>) -> anyhow::Result<Report> {
         peak_rss: i.peak_rss,
         failures,
     })
+}
+
+/// The rows still to attempt, up to five, each with the calls its message had: what a failure of
+/// the check needs to be traced.
+async fn open_rows(pool: &PgPool, calls: &[Call]) -> anyhow::Result<String> {
+    let rows = sqlx::query(
+        "SELECT \"partition\", kafka_offset, state, attempts, payload,
+                round(extract(epoch FROM now() - first_failed_at)::numeric, 1)::float8 AS age
+         FROM redrive.retry_messages WHERE state IN ('pending', 'paused')
+         ORDER BY first_failed_at LIMIT 5",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut out = Vec::new();
+    for r in rows {
+        let payload: Option<Vec<u8>> = r.try_get("payload")?;
+        let index = payload.as_deref().and_then(stub::index_of);
+        let had: Vec<String> = calls
+            .iter()
+            .filter(|c| Some(c.index) == index)
+            .map(|c| format!("attempt {} -> {}", c.attempt, c.status))
+            .collect();
+        out.push(format!(
+            "partition {} offset {} ({}, {} attempts, first failed {} s ago; message {index:?}, calls [{}])",
+            r.try_get::<i32, _>("partition")?,
+            r.try_get::<i64, _>("kafka_offset")?,
+            r.try_get::<String, _>("state")?,
+            r.try_get::<i32, _>("attempts")?,
+            r.try_get::<f64, _>("age")?,
+            had.join(", ")
+        ));
+    }
+    Ok(out.join("; "))
 }
 
 struct Dead {
