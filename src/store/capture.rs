@@ -86,19 +86,19 @@ impl Store {
             "#,
             group,
             &c.ids,
-            &c.topics,
+            &c.topics as &[&str],
             &c.partitions,
             &c.offsets,
             // The casts let the macro accept NULL elements (a record without key or value).
             &c.timestamps as &[Option<DateTime<Utc>>],
-            &c.keys as &[Option<Vec<u8>>],
-            &c.payloads as &[Option<Vec<u8>>],
+            &c.keys as &[Option<&[u8]>],
+            &c.payloads as &[Option<&[u8]>],
             &c.headers,
-            &c.states,
+            &c.states as &[&str],
             &c.max_attempts,
             &c.retry_in,
             &c.errors,
-            &c.kinds,
+            &c.kinds as &[&str],
         )
         .fetch_all(self.pool())
         .await?;
@@ -118,7 +118,7 @@ impl Store {
     /// Inserts every row of the batch, or none: fails on the source key when any row exists.
     /// The error history's time is made jsonb once per statement (`n.at`): formatted per row, it
     /// cost about a tenth of the statement.
-    async fn insert_new(&self, group: &str, c: &Columns) -> Result<u64, StoreError> {
+    async fn insert_new(&self, group: &str, c: &Columns<'_>) -> Result<u64, StoreError> {
         let inserted = sqlx::query!(
             r#"
             INSERT INTO redrive.retry_messages (
@@ -140,18 +140,18 @@ impl Store {
             "#,
             group,
             &c.ids,
-            &c.topics,
+            &c.topics as &[&str],
             &c.partitions,
             &c.offsets,
             &c.timestamps as &[Option<DateTime<Utc>>],
-            &c.keys as &[Option<Vec<u8>>],
-            &c.payloads as &[Option<Vec<u8>>],
+            &c.keys as &[Option<&[u8]>],
+            &c.payloads as &[Option<&[u8]>],
             &c.headers,
-            &c.states,
+            &c.states as &[&str],
             &c.max_attempts,
             &c.retry_in,
             &c.errors,
-            &c.kinds,
+            &c.kinds as &[&str],
         )
         .execute(self.pool())
         .await?;
@@ -194,18 +194,18 @@ impl Store {
             "#,
             group,
             &c.ids,
-            &c.topics,
+            &c.topics as &[&str],
             &c.partitions,
             &c.offsets,
             &c.timestamps as &[Option<DateTime<Utc>>],
-            &c.keys as &[Option<Vec<u8>>],
-            &c.payloads as &[Option<Vec<u8>>],
+            &c.keys as &[Option<&[u8]>],
+            &c.payloads as &[Option<&[u8]>],
             &c.headers,
-            &c.states,
+            &c.states as &[&str],
             &c.max_attempts,
             &c.retry_in,
             &c.errors,
-            &c.kinds,
+            &c.kinds as &[&str],
         )
         .fetch_all(self.pool())
         .await?;
@@ -225,45 +225,43 @@ fn is_source_key_violation(e: &sqlx::Error) -> bool {
         .is_some_and(|d| d.constraint() == Some("retry_messages_source_key"))
 }
 
-/// One array per column, for the UNNEST of the capture statements.
-struct Columns {
+/// One array per column, for the UNNEST of the capture statements. The arrays borrow from the
+/// batch: a value is copied once, into the statement.
+struct Columns<'a> {
     ids: Vec<Uuid>,
-    topics: Vec<String>,
+    topics: Vec<&'a str>,
     partitions: Vec<i32>,
     offsets: Vec<i64>,
     timestamps: Vec<Option<DateTime<Utc>>>,
-    keys: Vec<Option<Vec<u8>>>,
-    payloads: Vec<Option<Vec<u8>>>,
+    keys: Vec<Option<&'a [u8]>>,
+    payloads: Vec<Option<&'a [u8]>>,
     headers: Vec<serde_json::Value>,
-    states: Vec<String>,
+    states: Vec<&'static str>,
     max_attempts: Vec<i32>,
     retry_in: Vec<f64>,
     errors: Vec<String>,
-    kinds: Vec<String>,
+    kinds: Vec<&'static str>,
 }
 
-impl Columns {
-    fn of(batch: &[&Capture]) -> Self {
+impl<'a> Columns<'a> {
+    fn of(batch: &[&'a Capture]) -> Self {
         Columns {
             ids: batch.iter().map(|_| Uuid::now_v7()).collect(),
-            topics: batch.iter().map(|c| c.message.topic.clone()).collect(),
+            topics: batch.iter().map(|c| c.message.topic.as_str()).collect(),
             partitions: batch.iter().map(|c| c.message.partition).collect(),
             offsets: batch.iter().map(|c| c.message.offset).collect(),
             timestamps: batch.iter().map(|c| c.message.timestamp).collect(),
-            keys: batch.iter().map(|c| c.message.key.clone()).collect(),
-            payloads: batch.iter().map(|c| c.message.payload.clone()).collect(),
+            keys: batch.iter().map(|c| c.message.key.as_deref()).collect(),
+            payloads: batch.iter().map(|c| c.message.payload.as_deref()).collect(),
             headers: batch.iter().map(|c| c.message.headers_json()).collect(),
-            states: batch.iter().map(|c| c.state.as_str().to_string()).collect(),
+            states: batch.iter().map(|c| c.state.as_str()).collect(),
             max_attempts: batch.iter().map(|c| c.max_attempts).collect(),
             retry_in: batch.iter().map(|c| c.retry_in.as_secs_f64()).collect(),
             errors: batch
                 .iter()
                 .map(|c| super::safe::error_text(&c.error.message))
                 .collect(),
-            kinds: batch
-                .iter()
-                .map(|c| c.error.kind.as_str().to_string())
-                .collect(),
+            kinds: batch.iter().map(|c| c.error.kind.as_str()).collect(),
         }
     }
 }
