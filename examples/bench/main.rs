@@ -20,7 +20,8 @@
 //!
 //! The handler is an in-process `Handler` (redrive's own cost), and for `happy-http` the HTTP
 //! handler against a local endpoint, with redrive's default of 256 messages in flight (the other
-//! consumer cases allow 2,000; `BENCH_MAX_IN_FLIGHT` overrides both). Usage:
+//! consumer cases allow 2,000; `BENCH_MAX_IN_FLIGHT` overrides both, and
+//! `BENCH_CAPTURE_IN_FLIGHT` the capture batches written at once). Usage:
 //! `bench [CASE[,CASE…]|all] [N]`; `BENCH_RUNS` rounds (3 unless set) run the cases interleaved,
 //! and the median and range of each are printed, with each case's ratio to its reference. Every
 //! wait has a deadline; the benchmark counts handler calls in memory, so its own polling does not
@@ -586,6 +587,11 @@ async fn consume(case: &str, db: &str, kafka: &str, n: usize) -> anyhow::Result<
         _ => config.consumer.max_in_flight,
     };
     config.consumer.max_in_flight = env("BENCH_MAX_IN_FLIGHT", &in_flight.to_string()).parse()?;
+    config.consumer.capture_in_flight = env(
+        "BENCH_CAPTURE_IN_FLIGHT",
+        &config.consumer.capture_in_flight.to_string(),
+    )
+    .parse()?;
     let parts = RunArgs {
         no_workers: true,
         no_dlq: true,
