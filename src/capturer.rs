@@ -3,8 +3,14 @@
 //! Each consumer task hands its failure over and waits; the capturer replies only after the batch's
 //! transaction committed, so the task can then let its offset be stored (I1). Up to
 //! `capture_in_flight` batches are written at once, so Postgres works on one while the next fills;
-//! the offsets are tracked per message, so batches may commit in any order. While Postgres is
-//! unreachable the capturer keeps retrying, the tasks keep waiting, and the consumer stops at
+//! the offsets are tracked per message, so batches may commit in any order.
+//!
+//! Once the capturer has taken a failure, its message gives back its handler slot (it waits for
+//! its row, not for a call): the consumer goes on handling messages while their failures are
+//! written, so the batches fill. The failures taken and not yet durable are bounded by the queue
+//! (twice `capture_batch_size`), the batches in flight, and in bytes by `capture_batch_bytes`
+//! (keys, values and headers). While Postgres is unreachable the capturer keeps retrying; once those
+//! bounds are reached, hand-overs wait, the slots stay busy, and the consumer stops at
 //! `max_in_flight`: nothing is skipped.
 
 use crate::batch;
@@ -14,15 +20,31 @@ use crate::message::Message;
 use crate::store::capture::{Capture, InitialState};
 use crate::store::Store;
 use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-type Request = (Capture, oneshot::Sender<()>);
+/// A failure, who waits for its row, and its share of the bytes the capturer may hold.
+type Request = (Capture, oneshot::Sender<()>, OwnedSemaphorePermit);
 
 /// Sends failures to the capturer. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct CaptureHandle {
     tx: mpsc::Sender<Request>,
+    /// Bytes of the failures taken and not yet durable, at most `capture_batch_bytes`.
+    bytes: Arc<Semaphore>,
+    max_bytes: usize,
+}
+
+/// A failure the capturer has taken; [`Pending::durable`] waits for its row.
+#[derive(Debug)]
+pub struct Pending(oneshot::Receiver<()>);
+
+impl Pending {
+    /// `true` once the row is durable; `false` if the capturer stopped first (its message is then
+    /// redelivered: its offset is never stored).
+    pub async fn durable(self) -> bool {
+        self.0.await.is_ok()
+    }
 }
 
 /// The batching writer; run it with [`Capturer::run`].
@@ -48,7 +70,15 @@ pub fn capturer(store: Store, group: &str, config: &ConsumerConfig) -> (Capturer
         },
         in_flight: config.capture_in_flight,
     };
-    (capturer, CaptureHandle { tx })
+    let max_bytes = config
+        .capture_batch_bytes
+        .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+    let handle = CaptureHandle {
+        tx,
+        bytes: Arc::new(Semaphore::new(max_bytes)),
+        max_bytes,
+    };
+    (capturer, handle)
 }
 
 impl Capture {
@@ -120,14 +150,24 @@ impl Capture {
 }
 
 impl CaptureHandle {
-    /// Hands a failure over and waits until its row is durable. `false` when the capturer is gone
-    /// (shutting down): the outcome is then not durable and the offset must not be stored.
-    pub async fn capture(&self, capture: Capture) -> bool {
+    /// Hands a failure over; returns once the capturer has taken it, which waits while the
+    /// failures it holds are at their bounds. `None` when the capturer is gone (shutting down):
+    /// the outcome is then not durable and the offset must not be stored.
+    pub async fn hand_over(&self, capture: Capture) -> Option<Pending> {
+        // A record larger than the whole bound takes all of it, and waits until it is alone.
+        let share = capture.size().clamp(1, self.max_bytes) as u32;
+        let bytes = self.bytes.clone().acquire_many_owned(share).await.ok()?;
         let (done, durable) = oneshot::channel();
-        if self.tx.send((capture, done)).await.is_err() {
-            return false;
+        self.tx.send((capture, done, bytes)).await.ok()?;
+        Some(Pending(durable))
+    }
+
+    /// Hands a failure over and waits until its row is durable. `false` when the capturer is gone.
+    pub async fn capture(&self, capture: Capture) -> bool {
+        match self.hand_over(capture).await {
+            Some(pending) => pending.durable().await,
+            None => false,
         }
-        durable.await.is_ok()
     }
 }
 
@@ -142,7 +182,8 @@ impl Capturer {
             // A batch is collected only once it can be written at once: while every write is busy,
             // failures queue and the next batch takes them all.
             let slot = slots.clone().acquire_owned().await.expect("never closed");
-            let Some(requests) = batch::collect(&mut self.rx, self.limits, |(c, _)| c.size()).await
+            let Some(requests) =
+                batch::collect(&mut self.rx, self.limits, |(c, _, _)| c.size()).await
             else {
                 break;
             };
@@ -163,7 +204,15 @@ impl Capturer {
 
 /// Writes one batch, and tells each waiting task once its row is durable.
 async fn write(store: &Store, group: &str, requests: Vec<Request>) {
-    let (rows, waiting): (Vec<Capture>, Vec<oneshot::Sender<()>>) = requests.into_iter().unzip();
+    let mut rows = Vec::with_capacity(requests.len());
+    let mut waiting = Vec::with_capacity(requests.len());
+    // The requests' shares of the byte bound go back once the batch is written.
+    let mut shares = Vec::with_capacity(requests.len());
+    for (row, done, share) in requests {
+        rows.push(row);
+        waiting.push(done);
+        shares.push(share);
+    }
     let inserted = batch::write_isolating(
         "capture",
         group,
@@ -183,6 +232,7 @@ async fn write(store: &Store, group: &str, requests: Vec<Request>) {
         .increment(rows.len() as u64 - dead);
     metrics::counter!("redrive_captured_total", "state" => "dead").increment(dead);
     tracing::debug!(rows = rows.len(), inserted, "captured failed messages");
+    drop(shares);
     for w in waiting {
         // The task may have been aborted at shutdown; its message is then redelivered.
         let _ = w.send(());

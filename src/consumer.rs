@@ -8,7 +8,10 @@
 //! What is already received when a slot frees is taken as one batch (up to 256): one task, one
 //! deadline for its handler calls, one tracker update and one stored offset per partition for the
 //! outcomes that are ready together. A slow or failing message in a batch holds only its own slot
-//! and, as always, its own partition's commits.
+//! and, as always, its own partition's commits. A failed message gives its slot back once the
+//! capturer has taken it, and waits for its row outside the slots: the next messages are handled
+//! while the failures are written, so the capture batches fill. The capturer bounds what it takes
+//! (see [`crate::capturer`]); at those bounds a hand-over waits in its slot.
 //!
 //! Each message is stamped with the offset tracker's generation when it is received. A revoke in a
 //! rebalance advances the generation ([`crate::kafka::GroupContext`]), so a message of a revoked
@@ -16,7 +19,7 @@
 //! partition whose commits wait on one message for longer than a handler call and a capture should
 //! take is logged and counted.
 
-use crate::capturer::CaptureHandle;
+use crate::capturer::{CaptureHandle, Pending};
 use crate::config::{Config, RetryConfig};
 use crate::guard::Guard;
 use crate::handler::{caught, timeout_error, Delivery, Handler, HandlerError};
@@ -407,12 +410,16 @@ impl<H: Handler> Shared<H> {
             })
             .collect();
         let mut answered = vec![false; messages.len()];
+        // Failures being handed over to the capturer, then waiting for their rows.
+        let mut handing = FuturesUnordered::new();
         let mut captures = FuturesUnordered::new();
         let mut done: Vec<usize> = Vec::with_capacity(messages.len());
+        // Slots to give back: a success's when it is marked done, a failure's once it is handed over.
+        let mut free = 0;
         let mut succeeded = 0;
         let timer = tokio::time::sleep(self.timeout);
         tokio::pin!(timer);
-        while !calls.is_empty() || !captures.is_empty() {
+        while !calls.is_empty() || !handing.is_empty() || !captures.is_empty() {
             let mut failed = Vec::new();
             tokio::select! {
                 biased;
@@ -424,11 +431,24 @@ impl<H: Handler> Shared<H> {
                         match caught(result) {
                             Ok(()) => {
                                 succeeded += 1;
+                                free += 1;
                                 done.push(i);
                             }
                             Err(error) => failed.push((i, error)),
                         }
                         next = calls.next().now_or_never().flatten();
+                    }
+                }
+                Some(first) = handing.next(), if !handing.is_empty() => {
+                    let mut next = Some(first);
+                    while let Some((i, taken)) = next {
+                        // A failure the capturer could not take (it stopped) keeps its slot and is
+                        // never done: its offset is not stored.
+                        if let Some(pending) = taken {
+                            free += 1;
+                            captures.push(Pending::durable(pending).map(move |durable| (i, durable)));
+                        }
+                        next = handing.next().now_or_never().flatten();
                     }
                 }
                 Some(first) = captures.next(), if !captures.is_empty() => {
@@ -450,13 +470,14 @@ impl<H: Handler> Shared<H> {
             }
             for (i, error) in failed {
                 let message = messages[i].clone();
-                captures.push(
-                    self.capture(message, error)
-                        .map(move |durable| (i, durable)),
-                );
+                handing.push(self.hand_over(message, error).map(move |taken| (i, taken)));
             }
             if !done.is_empty() {
-                self.mark_done(&messages, &stamps, &mut held_slots, &mut done);
+                self.mark_done(&messages, &stamps, &mut done);
+            }
+            if free > 0 {
+                drop(held_slots.split(free));
+                free = 0;
             }
         }
         if succeeded > 0 {
@@ -465,8 +486,8 @@ impl<H: Handler> Shared<H> {
         }
     }
 
-    /// Captures a failed first delivery; `true` once its row is durable.
-    async fn capture(&self, message: Message, error: HandlerError) -> bool {
+    /// Hands a failed first delivery over to the capturer; `None` if it is gone.
+    async fn hand_over(&self, message: Message, error: HandlerError) -> Option<Pending> {
         metrics::counter!("redrive_deliveries_total", "outcome" => error.kind.as_str())
             .increment(1);
         tracing::debug!(
@@ -477,19 +498,13 @@ impl<H: Handler> Shared<H> {
         );
         let policy = self.retry.for_topic(&message.topic);
         self.capture
-            .capture(Capture::first_failure(message, policy, error))
+            .hand_over(Capture::first_failure(message, policy, error))
             .await
     }
 
-    /// Marks messages done, frees their slots, and stores each partition's new position once.
-    /// Each message is in `done` once: when its call succeeded, or when its capture is durable.
-    fn mark_done(
-        &self,
-        messages: &[Message],
-        stamps: &[u64],
-        slots: &mut OwnedSemaphorePermit,
-        done: &mut Vec<usize>,
-    ) {
+    /// Marks messages done and stores each partition's new position once. Each message is in
+    /// `done` once: when its call succeeded, or when its capture is durable.
+    fn mark_done(&self, messages: &[Message], stamps: &[u64], done: &mut Vec<usize>) {
         // The position is stored while the tracker's lock is held: positions then reach
         // librdkafka in the order the tracker computed them. Stored after the lock was released,
         // a task could store an older position over a newer one, and at the end of a stream
@@ -497,7 +512,6 @@ impl<H: Handler> Shared<H> {
         let now = Instant::now();
         let mut tracker = self.lock_tracker();
         let mut positions: Vec<(&str, i32, i64)> = Vec::new();
-        let freed = done.len();
         for i in done.drain(..) {
             let m = &messages[i];
             if let Some(next) = tracker.done_at(&m.topic, m.partition, m.offset, stamps[i], now) {
@@ -514,7 +528,6 @@ impl<H: Handler> Shared<H> {
             store_position(&self.consumer, topic, partition, next);
         }
         drop(tracker);
-        drop(slots.split(freed));
     }
 }
 

@@ -19,8 +19,8 @@
 //!   and 1M pending rows, beside `redrive status --exact` (see `operators.rs`).
 //!
 //! The handler is an in-process `Handler` (redrive's own cost), and for `happy-http` the HTTP
-//! handler against a local endpoint, with redrive's default of 256 messages in flight (the other
-//! consumer cases allow 2,000; `BENCH_MAX_IN_FLIGHT` overrides both, and
+//! handler against a local endpoint. `happy-http` and `capture` run with redrive's default of 256
+//! messages in flight (the other consumer cases allow 2,000; `BENCH_MAX_IN_FLIGHT` overrides both, and
 //! `BENCH_CAPTURE_IN_FLIGHT` the capture batches written at once). Usage:
 //! `bench [CASE[,CASE…]|all] [N]`; `BENCH_RUNS` rounds (3 unless set) run the cases interleaved,
 //! and the median and range of each are printed, with each case's ratio to its reference. Every
@@ -580,10 +580,11 @@ async fn consume(case: &str, db: &str, kafka: &str, n: usize) -> anyhow::Result<
     let stub = start_stub().await?;
     let mut config = config(db, kafka, &topic, &group, &format!("http://{stub}/"))?;
     // Through HTTP/1.1 every message in flight holds a connection to the endpoint, which shares
-    // these cores: happy-http runs with redrive's default (256). The other cases keep 2,000, so
-    // capture's batches fill.
+    // these cores: happy-http runs with redrive's default (256), and so does capture, whose
+    // failures give their slots back once the capturer has them. The in-process happy path keeps
+    // 2,000.
     let in_flight = match case {
-        "happy-http" => redrive::config::ConsumerConfig::default().max_in_flight,
+        "happy-http" | "capture" => redrive::config::ConsumerConfig::default().max_in_flight,
         _ => config.consumer.max_in_flight,
     };
     config.consumer.max_in_flight = env("BENCH_MAX_IN_FLIGHT", &in_flight.to_string()).parse()?;

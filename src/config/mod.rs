@@ -82,12 +82,14 @@ pub struct PostgresConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConsumerConfig {
-    /// Messages handled at once; when all are busy (or Postgres is down) the consumer waits.
+    /// Messages handled at once; when all are busy the consumer waits. A failed message gives its
+    /// slot back once the capturer has taken it, so this bounds handler calls, not rows being written.
     pub max_in_flight: usize,
     /// Most failed messages written in one INSERT.
     pub capture_batch_size: usize,
     /// Most bytes (keys, values, headers, errors) written in one INSERT. Postgres refuses a value
-    /// over 1 GB, so a burst of large records is split over several statements.
+    /// over 1 GB, so a burst of large records is split over several statements. Also the most
+    /// bytes of failures the capturer holds that are not yet durable.
     pub capture_batch_bytes: usize,
     /// How long the capturer waits for more failures before it writes a batch.
     #[serde(with = "humantime_serde")]

@@ -307,35 +307,11 @@ async fn a_capture_write_that_waits_does_not_hold_back_the_next() {
     let config = config(&db.url, &[&topic], &group, Some(stub.addr), "");
     assert!(config.consumer.capture_in_flight > 1);
     // An open transaction holds offset 0's coordinates: the batch that captures offset 0 waits on it.
-    let mut blocker = db.pool().begin().await.unwrap();
-    sqlx::query(
-        "INSERT INTO redrive.retry_messages (id, consumer_group, topic, \"partition\", kafka_offset, \
-         state, attempts, max_attempts, next_attempt_at) \
-         VALUES (gen_random_uuid(), $1, $2, 0, 0, 'pending', 1, 3, now())",
-    )
-    .bind(&group)
-    .bind(&topic)
-    .execute(&mut *blocker)
-    .await
-    .unwrap();
+    let blocker = hold_offset_0(&db, &group, &topic).await;
     let (stop, app) = spawn_app(config, consumer_only());
     let p = producer(&kafka());
     produce(&p, &topic, None, Some(b"fail-0"), &[]).await;
-    wait_for(
-        "the capture of offset 0 to wait on the open transaction",
-        Duration::from_secs(60),
-        || async {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
-                 AND query LIKE '%INSERT INTO redrive.retry_messages%'",
-            )
-            .fetch_one(db.pool())
-            .await
-            .unwrap();
-            (waiting > 0).then_some(())
-        },
-    )
-    .await;
+    wait_for_capture_to_wait(&db).await;
     for i in 1..=3 {
         produce(&p, &topic, None, Some(format!("fail-{i}").as_bytes()), &[]).await;
     }
@@ -358,6 +334,203 @@ async fn a_capture_write_that_waits_does_not_hold_back_the_next() {
     )
     .await;
     assert_eq!(db.count("true").await, 4, "each failure is one row");
+    stop.cancel();
+    app.await.unwrap().unwrap();
+}
+
+/// Waits until the handler has had `calls` calls, then while the capturer's writes are refused
+/// three more times: long enough for any further message to have reached the handler, if one could.
+async fn wait_while_the_capturer_retries(proxy: &Proxy, stub: &Stub, calls: usize) {
+    wait_for(
+        "the handler's calls up to the bounds",
+        Duration::from_secs(60),
+        || async { (stub.count() >= calls).then_some(()) },
+    )
+    .await;
+    let refused = proxy.refused();
+    wait_for(
+        "three more refused connections to the unreachable database",
+        Duration::from_secs(60),
+        || async { (proxy.refused() >= refused + 3).then_some(()) },
+    )
+    .await;
+}
+
+/// Waits until a capture statement waits on a lock (the row of [`hold_offset_0`]).
+async fn wait_for_capture_to_wait(db: &TestDb) {
+    wait_for(
+        "the capture of offset 0 to wait on the open transaction",
+        Duration::from_secs(60),
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO redrive.retry_messages%'",
+            )
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+            (waiting > 0).then_some(())
+        },
+    )
+    .await;
+}
+
+/// A row in an open transaction at offset 0's coordinates, so the capture of offset 0 waits on it.
+async fn hold_offset_0(
+    db: &TestDb,
+    group: &str,
+    topic: &str,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut blocker = db.pool().begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO redrive.retry_messages (id, consumer_group, topic, \"partition\", kafka_offset, \
+         state, attempts, max_attempts, next_attempt_at) \
+         VALUES (gen_random_uuid(), $1, $2, 0, 0, 'pending', 1, 3, now())",
+    )
+    .bind(group)
+    .bind(topic)
+    .execute(&mut *blocker)
+    .await
+    .unwrap();
+    blocker
+}
+
+#[tokio::test]
+async fn a_failure_waiting_for_its_row_gives_its_slot_to_the_next_message() {
+    let db = TestDb::new().await;
+    let (topic, group) = (unique("handover"), unique("g"));
+    create_topic(&topic, 1).await;
+    let stub = fail_stub().await;
+    let mut config = config(&db.url, &[&topic], &group, Some(stub.addr), "");
+    // One slot: held until offset 0's row were durable, it would let nothing else be handled.
+    config.consumer.max_in_flight = 1;
+    let blocker = hold_offset_0(&db, &group, &topic).await;
+    let (stop, app) = spawn_app(config, consumer_only());
+    let p = producer(&kafka());
+    produce(&p, &topic, None, Some(b"fail-0"), &[]).await;
+    wait_for_capture_to_wait(&db).await;
+    for body in ["ok-1", "fail-2", "ok-3"] {
+        produce(&p, &topic, None, Some(body.as_bytes()), &[]).await;
+    }
+    wait_for(
+        "offsets 1 to 3 to be handled, and offset 2 captured, while offset 0's write waits",
+        Duration::from_secs(60),
+        || async { (stub.count() == 4 && db.count("kafka_offset = 2").await == 1).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        committed(&group, &topic, 0),
+        None,
+        "nothing is committed past offset 0, whose outcome is not durable"
+    );
+    blocker.rollback().await.unwrap();
+    wait_for(
+        "every offset to be committed once offset 0 is captured",
+        Duration::from_secs(60),
+        || async { (committed(&group, &topic, 0) == Some(4)).then_some(()) },
+    )
+    .await;
+    assert_eq!(db.count("true").await, 2, "each failure is one row");
+    stop.cancel();
+    app.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn failures_the_capturer_cannot_store_stop_the_consumer_at_its_bounds() {
+    let db = TestDb::new().await;
+    let proxy = Proxy::start(postgres_addr()).await;
+    let (topic, group) = (unique("bounds"), unique("g"));
+    create_topic(&topic, 1).await;
+    let stub = fail_stub().await;
+    let mut config = config(&proxy.url(&db.url), &[&topic], &group, Some(stub.addr), "");
+    // The capturer holds at most one batch of one being written and a queue of two; the consumer
+    // one message in its handler slot.
+    config.consumer.max_in_flight = 1;
+    config.consumer.capture_batch_size = 1;
+    config.consumer.capture_in_flight = 1;
+    let (stop, app) = spawn_app(config, consumer_only());
+    let p = producer(&kafka());
+    produce(&p, &topic, None, Some(b"ok-0"), &[]).await;
+    wait_for(
+        "offset 1 to be committed",
+        Duration::from_secs(60),
+        || async { (committed(&group, &topic, 0) == Some(1)).then_some(()) },
+    )
+    .await;
+    proxy.cut();
+    for i in 1..=10 {
+        produce(&p, &topic, None, Some(format!("fail-{i}").as_bytes()), &[]).await;
+    }
+    wait_while_the_capturer_retries(&proxy, &stub, 1 + 4).await;
+    assert_eq!(
+        stub.count(),
+        1 + 4,
+        "while nothing can be stored, the handler sees the three failures the capturer holds and \
+         the one whose hand-over waits in the consumer's only slot, and no more"
+    );
+    assert_eq!(committed(&group, &topic, 0), Some(1));
+    proxy.restore();
+    wait_for(
+        "every failure to be captured and every offset committed",
+        Duration::from_secs(90),
+        || async { (committed(&group, &topic, 0) == Some(11)).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        db.count("true").await,
+        10,
+        "each failure is one row, none skipped"
+    );
+    stop.cancel();
+    app.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn failures_the_capturer_holds_are_bounded_in_bytes() {
+    let db = TestDb::new().await;
+    let proxy = Proxy::start(postgres_addr()).await;
+    let (topic, group) = (unique("bytes"), unique("g"));
+    create_topic(&topic, 1).await;
+    let stub = fail_stub().await;
+    let mut config = config(&proxy.url(&db.url), &[&topic], &group, Some(stub.addr), "");
+    // Each failure below takes more than half of the bytes the capturer may hold, so it holds one;
+    // its queue (by count) would take a thousand.
+    config.consumer.max_in_flight = 1;
+    config.consumer.capture_batch_bytes = 1000;
+    config.consumer.capture_in_flight = 1;
+    let (stop, app) = spawn_app(config, consumer_only());
+    let p = producer(&kafka());
+    produce(&p, &topic, None, Some(b"ok-0"), &[]).await;
+    wait_for(
+        "offset 1 to be committed",
+        Duration::from_secs(60),
+        || async { (committed(&group, &topic, 0) == Some(1)).then_some(()) },
+    )
+    .await;
+    proxy.cut();
+    for i in 1..=10 {
+        let body = format!("fail-{i}-{}", "x".repeat(600));
+        produce(&p, &topic, None, Some(body.as_bytes()), &[]).await;
+    }
+    wait_while_the_capturer_retries(&proxy, &stub, 1 + 2).await;
+    assert_eq!(
+        stub.count(),
+        1 + 2,
+        "while nothing can be stored, the handler sees the failure the capturer holds and the one \
+         whose hand-over waits for room, and no more"
+    );
+    proxy.restore();
+    wait_for(
+        "every failure to be captured and every offset committed",
+        Duration::from_secs(90),
+        || async { (committed(&group, &topic, 0) == Some(11)).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        db.count("true").await,
+        10,
+        "each failure is one row, none skipped"
+    );
     stop.cancel();
     app.await.unwrap().unwrap();
 }

@@ -17,7 +17,7 @@ use redrive::Config;
 use sqlx::{Connection, PgPool};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -399,6 +399,7 @@ pub struct Proxy {
     open: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
     frozen: Arc<Mutex<Vec<Arc<AtomicBool>>>>,
+    refused: Arc<AtomicUsize>,
 }
 
 /// Copies one direction of a proxied connection; while `frozen`, holds what it read.
@@ -430,13 +431,15 @@ impl Proxy {
         let open = Arc::new(AtomicBool::new(true));
         let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
         let frozen: Arc<Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
-        let (o, c, f) = (open.clone(), conns.clone(), frozen.clone());
+        let refused = Arc::new(AtomicUsize::new(0));
+        let (o, c, f, r) = (open.clone(), conns.clone(), frozen.clone(), refused.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((inbound, _)) = listener.accept().await else {
                     return;
                 };
                 if !o.load(Ordering::SeqCst) {
+                    r.fetch_add(1, Ordering::SeqCst);
                     continue; // dropped: the client sees the connection close
                 }
                 let flag = Arc::new(AtomicBool::new(false));
@@ -456,6 +459,7 @@ impl Proxy {
             open,
             conns,
             frozen,
+            refused,
         }
     }
 
@@ -483,6 +487,11 @@ impl Proxy {
 
     pub fn restore(&self) {
         self.open.store(true, Ordering::SeqCst);
+    }
+
+    /// Connections dropped while cut, since the start.
+    pub fn refused(&self) -> usize {
+        self.refused.load(Ordering::SeqCst)
     }
 }
 
