@@ -7,10 +7,11 @@
 //!
 //! Once the capturer has taken a failure, its message gives back its handler slot (it waits for
 //! its row, not for a call): the consumer goes on handling messages while their failures are
-//! written, so the batches fill. The failures taken and not yet durable are bounded by the queue
-//! (twice `capture_batch_size`), the batches in flight, and in bytes by `capture_batch_bytes`
-//! (keys, values and headers). While Postgres is unreachable the capturer keeps retrying; once those
-//! bounds are reached, hand-overs wait, the slots stay busy, and the consumer stops at
+//! written, so the batches fill. The failures taken and not yet durable are bounded in number by
+//! `capture_batch_size` × (`capture_in_flight` + 1), the batches being written and one filling,
+//! and in bytes by `capture_batch_bytes` (keys, values and headers). Their room comes back a whole
+//! batch at a time, when it is written. While Postgres is unreachable the capturer keeps retrying;
+//! once a bound is reached, hand-overs wait, the slots stay busy, and the consumer stops at
 //! `max_in_flight`: nothing is skipped.
 
 use crate::batch;
@@ -23,14 +24,17 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-/// A failure, who waits for its row, and its share of the bytes the capturer may hold.
-type Request = (Capture, oneshot::Sender<()>, OwnedSemaphorePermit);
+/// A failure, who waits for its row, and its room among the failures the capturer may hold (one
+/// of their number, and its share of their bytes).
+type Request = (Capture, oneshot::Sender<()>, [OwnedSemaphorePermit; 2]);
 
 /// Sends failures to the capturer. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct CaptureHandle {
     tx: mpsc::Sender<Request>,
-    /// Bytes of the failures taken and not yet durable, at most `capture_batch_bytes`.
+    /// How many failures are taken and not yet durable, at most one batch more than are written.
+    count: Arc<Semaphore>,
+    /// Their bytes, at most `capture_batch_bytes`.
     bytes: Arc<Semaphore>,
     max_bytes: usize,
 }
@@ -58,7 +62,12 @@ pub struct Capturer {
 
 /// Creates a capturer for `group` and the handle that feeds it.
 pub fn capturer(store: Store, group: &str, config: &ConsumerConfig) -> (Capturer, CaptureHandle) {
-    let (tx, rx) = mpsc::channel(config.capture_batch_size * 2);
+    // The count's permits bound the queue; its own capacity never makes a sender wait.
+    let most = config
+        .capture_batch_size
+        .saturating_mul(config.capture_in_flight.saturating_add(1))
+        .clamp(1, Semaphore::MAX_PERMITS);
+    let (tx, rx) = mpsc::channel(most);
     let capturer = Capturer {
         store,
         group: group.to_string(),
@@ -75,6 +84,7 @@ pub fn capturer(store: Store, group: &str, config: &ConsumerConfig) -> (Capturer
         .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
     let handle = CaptureHandle {
         tx,
+        count: Arc::new(Semaphore::new(most)),
         bytes: Arc::new(Semaphore::new(max_bytes)),
         max_bytes,
     };
@@ -156,9 +166,10 @@ impl CaptureHandle {
     pub async fn hand_over(&self, capture: Capture) -> Option<Pending> {
         // A record larger than the whole bound takes all of it, and waits until it is alone.
         let share = capture.size().clamp(1, self.max_bytes) as u32;
+        let one = self.count.clone().acquire_owned().await.ok()?;
         let bytes = self.bytes.clone().acquire_many_owned(share).await.ok()?;
         let (done, durable) = oneshot::channel();
-        self.tx.send((capture, done, bytes)).await.ok()?;
+        self.tx.send((capture, done, [one, bytes])).await.ok()?;
         Some(Pending(durable))
     }
 
@@ -206,7 +217,7 @@ impl Capturer {
 async fn write(store: &Store, group: &str, requests: Vec<Request>) {
     let mut rows = Vec::with_capacity(requests.len());
     let mut waiting = Vec::with_capacity(requests.len());
-    // The requests' shares of the byte bound go back once the batch is written.
+    // The requests' room goes back once the batch is written, all of it at once.
     let mut shares = Vec::with_capacity(requests.len());
     for (row, done, share) in requests {
         rows.push(row);

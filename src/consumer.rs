@@ -411,15 +411,15 @@ impl<H: Handler> Shared<H> {
             .collect();
         let mut answered = vec![false; messages.len()];
         // Failures being handed over to the capturer, then waiting for their rows.
-        let mut handing = FuturesUnordered::new();
         let mut captures = FuturesUnordered::new();
         let mut done: Vec<usize> = Vec::with_capacity(messages.len());
-        // Slots to give back: a success's when it is marked done, a failure's once it is handed over.
+        // Successes whose slots go back once they are marked done. A failure carries its own slot
+        // and gives it back once the capturer has taken it.
         let mut free = 0;
         let mut succeeded = 0;
         let timer = tokio::time::sleep(self.timeout);
         tokio::pin!(timer);
-        while !calls.is_empty() || !handing.is_empty() || !captures.is_empty() {
+        while !calls.is_empty() || !captures.is_empty() {
             let mut failed = Vec::new();
             tokio::select! {
                 biased;
@@ -437,18 +437,6 @@ impl<H: Handler> Shared<H> {
                             Err(error) => failed.push((i, error)),
                         }
                         next = calls.next().now_or_never().flatten();
-                    }
-                }
-                Some(first) = handing.next(), if !handing.is_empty() => {
-                    let mut next = Some(first);
-                    while let Some((i, taken)) = next {
-                        // A failure the capturer could not take (it stopped) keeps its slot and is
-                        // never done: its offset is not stored.
-                        if let Some(pending) = taken {
-                            free += 1;
-                            captures.push(Pending::durable(pending).map(move |durable| (i, durable)));
-                        }
-                        next = handing.next().now_or_never().flatten();
                     }
                 }
                 Some(first) = captures.next(), if !captures.is_empty() => {
@@ -470,7 +458,17 @@ impl<H: Handler> Shared<H> {
             }
             for (i, error) in failed {
                 let message = messages[i].clone();
-                handing.push(self.hand_over(message, error).map(move |taken| (i, taken)));
+                let slot = held_slots.split(1);
+                let capture = self.hand_over(message, error);
+                captures.push(async move {
+                    // A failure the capturer could not take (it stopped) is never done: its offset
+                    // is not stored.
+                    let Some(pending) = capture.await else {
+                        return (i, false);
+                    };
+                    drop(slot);
+                    (i, pending.durable().await)
+                });
             }
             if !done.is_empty() {
                 self.mark_done(&messages, &stamps, &mut done);

@@ -85,7 +85,8 @@ pub struct ConsumerConfig {
     /// Messages handled at once; when all are busy the consumer waits. A failed message gives its
     /// slot back once the capturer has taken it, so this bounds handler calls, not rows being written.
     pub max_in_flight: usize,
-    /// Most failed messages written in one INSERT.
+    /// Most failed messages written in one INSERT. The capturer holds at most
+    /// `capture_in_flight` + 1 batches of failures that are not yet durable.
     pub capture_batch_size: usize,
     /// Most bytes (keys, values, headers, errors) written in one INSERT. Postgres refuses a value
     /// over 1 GB, so a burst of large records is split over several statements. Also the most

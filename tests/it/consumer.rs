@@ -443,7 +443,7 @@ async fn failures_the_capturer_cannot_store_stop_the_consumer_at_its_bounds() {
     create_topic(&topic, 1).await;
     let stub = fail_stub().await;
     let mut config = config(&proxy.url(&db.url), &[&topic], &group, Some(stub.addr), "");
-    // The capturer holds at most one batch of one being written and a queue of two; the consumer
+    // The capturer holds at most two batches of one (one being written, one filling); the consumer
     // one message in its handler slot.
     config.consumer.max_in_flight = 1;
     config.consumer.capture_batch_size = 1;
@@ -461,11 +461,11 @@ async fn failures_the_capturer_cannot_store_stop_the_consumer_at_its_bounds() {
     for i in 1..=10 {
         produce(&p, &topic, None, Some(format!("fail-{i}").as_bytes()), &[]).await;
     }
-    wait_while_the_capturer_retries(&proxy, &stub, 1 + 4).await;
+    wait_while_the_capturer_retries(&proxy, &stub, 1 + 3).await;
     assert_eq!(
         stub.count(),
-        1 + 4,
-        "while nothing can be stored, the handler sees the three failures the capturer holds and \
+        1 + 3,
+        "while nothing can be stored, the handler sees the two failures the capturer holds and \
          the one whose hand-over waits in the consumer's only slot, and no more"
     );
     assert_eq!(committed(&group, &topic, 0), Some(1));
