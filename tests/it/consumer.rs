@@ -435,19 +435,24 @@ async fn a_failure_waiting_for_its_row_gives_its_slot_to_the_next_message() {
     app.await.unwrap().unwrap();
 }
 
-#[tokio::test]
-async fn failures_the_capturer_cannot_store_stop_the_consumer_at_its_bounds() {
+/// Cuts Postgres once a first message is committed, produces ten failures (`body` of each index),
+/// and checks that while nothing can be stored the handler sees only `held` of them (`why` says
+/// which), and that every one is stored once Postgres is back.
+async fn failures_wait_at_the_capturers_bounds(
+    name: &str,
+    configure: impl FnOnce(&mut redrive::config::Config),
+    body: impl Fn(usize) -> String,
+    held: usize,
+    why: &str,
+) {
     let db = TestDb::new().await;
     let proxy = Proxy::start(postgres_addr()).await;
-    let (topic, group) = (unique("bounds"), unique("g"));
+    let (topic, group) = (unique(name), unique("g"));
     create_topic(&topic, 1).await;
     let stub = fail_stub().await;
     let mut config = config(&proxy.url(&db.url), &[&topic], &group, Some(stub.addr), "");
-    // The capturer holds at most two batches of one (one being written, one filling); the consumer
-    // one message in its handler slot.
     config.consumer.max_in_flight = 1;
-    config.consumer.capture_batch_size = 1;
-    config.consumer.capture_in_flight = 1;
+    configure(&mut config);
     let (stop, app) = spawn_app(config, consumer_only());
     let p = producer(&kafka());
     produce(&p, &topic, None, Some(b"ok-0"), &[]).await;
@@ -459,15 +464,10 @@ async fn failures_the_capturer_cannot_store_stop_the_consumer_at_its_bounds() {
     .await;
     proxy.cut();
     for i in 1..=10 {
-        produce(&p, &topic, None, Some(format!("fail-{i}").as_bytes()), &[]).await;
+        produce(&p, &topic, None, Some(body(i).as_bytes()), &[]).await;
     }
-    wait_while_the_capturer_retries(&proxy, &stub, 1 + 3).await;
-    assert_eq!(
-        stub.count(),
-        1 + 3,
-        "while nothing can be stored, the handler sees the two failures the capturer holds and \
-         the one whose hand-over waits in the consumer's only slot, and no more"
-    );
+    wait_while_the_capturer_retries(&proxy, &stub, 1 + held).await;
+    assert_eq!(stub.count(), 1 + held, "{why}");
     assert_eq!(committed(&group, &topic, 0), Some(1));
     proxy.restore();
     wait_for(
@@ -486,51 +486,37 @@ async fn failures_the_capturer_cannot_store_stop_the_consumer_at_its_bounds() {
 }
 
 #[tokio::test]
+async fn failures_the_capturer_cannot_store_stop_the_consumer_at_its_bounds() {
+    // The capturer holds at most two batches of one (one being written, one filling); the consumer
+    // one message in its handler slot.
+    failures_wait_at_the_capturers_bounds(
+        "bounds",
+        |c| {
+            c.consumer.capture_batch_size = 1;
+            c.consumer.capture_in_flight = 1;
+        },
+        |i| format!("fail-{i}"),
+        3,
+        "while nothing can be stored, the handler sees the two failures the capturer holds and \
+         the one whose hand-over waits in the consumer's only slot, and no more",
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn failures_the_capturer_holds_are_bounded_in_bytes() {
-    let db = TestDb::new().await;
-    let proxy = Proxy::start(postgres_addr()).await;
-    let (topic, group) = (unique("bytes"), unique("g"));
-    create_topic(&topic, 1).await;
-    let stub = fail_stub().await;
-    let mut config = config(&proxy.url(&db.url), &[&topic], &group, Some(stub.addr), "");
-    // Each failure below takes more than half of the bytes the capturer may hold, so it holds one;
-    // its queue (by count) would take a thousand.
-    config.consumer.max_in_flight = 1;
-    config.consumer.capture_batch_bytes = 1000;
-    config.consumer.capture_in_flight = 1;
-    let (stop, app) = spawn_app(config, consumer_only());
-    let p = producer(&kafka());
-    produce(&p, &topic, None, Some(b"ok-0"), &[]).await;
-    wait_for(
-        "offset 1 to be committed",
-        Duration::from_secs(60),
-        || async { (committed(&group, &topic, 0) == Some(1)).then_some(()) },
-    )
-    .await;
-    proxy.cut();
-    for i in 1..=10 {
-        let body = format!("fail-{i}-{}", "x".repeat(600));
-        produce(&p, &topic, None, Some(body.as_bytes()), &[]).await;
-    }
-    wait_while_the_capturer_retries(&proxy, &stub, 1 + 2).await;
-    assert_eq!(
-        stub.count(),
-        1 + 2,
+    // Each failure takes more than half of the bytes the capturer may hold, so it holds one; by
+    // count it would hold a thousand.
+    failures_wait_at_the_capturers_bounds(
+        "bytes",
+        |c| {
+            c.consumer.capture_batch_bytes = 1000;
+            c.consumer.capture_in_flight = 1;
+        },
+        |i| format!("fail-{i}-{}", "x".repeat(600)),
+        2,
         "while nothing can be stored, the handler sees the failure the capturer holds and the one \
-         whose hand-over waits for room, and no more"
-    );
-    proxy.restore();
-    wait_for(
-        "every failure to be captured and every offset committed",
-        Duration::from_secs(90),
-        || async { (committed(&group, &topic, 0) == Some(11)).then_some(()) },
+         whose hand-over waits for room, and no more",
     )
     .await;
-    assert_eq!(
-        db.count("true").await,
-        10,
-        "each failure is one row, none skipped"
-    );
-    stop.cancel();
-    app.await.unwrap().unwrap();
 }
