@@ -321,19 +321,7 @@ async fn a_capture_write_that_waits_does_not_hold_back_the_next() {
         || async { (db.count("kafka_offset > 0").await == 3).then_some(()) },
     )
     .await;
-    assert_eq!(
-        committed(&group, &topic, 0),
-        None,
-        "nothing is committed past offset 0, whose outcome is not durable"
-    );
-    blocker.rollback().await.unwrap();
-    wait_for(
-        "every offset to be committed once offset 0 is captured",
-        Duration::from_secs(60),
-        || async { (committed(&group, &topic, 0) == Some(4)).then_some(()) },
-    )
-    .await;
-    assert_eq!(db.count("true").await, 4, "each failure is one row");
+    release_offset_0(blocker, &db, &group, &topic, 4).await;
     stop.cancel();
     app.await.unwrap().unwrap();
 }
@@ -354,6 +342,30 @@ async fn wait_while_the_capturer_retries(proxy: &Proxy, stub: &Stub, calls: usiz
         || async { (proxy.refused() >= refused + 3).then_some(()) },
     )
     .await;
+}
+
+/// While offset 0's capture waits on `blocker`, nothing is committed; once it rolls back, every
+/// one of the 4 offsets is committed, with `rows` rows stored (one per failure).
+async fn release_offset_0(
+    blocker: sqlx::Transaction<'static, sqlx::Postgres>,
+    db: &TestDb,
+    group: &str,
+    topic: &str,
+    rows: i64,
+) {
+    assert_eq!(
+        committed(group, topic, 0),
+        None,
+        "nothing is committed past offset 0, whose outcome is not durable"
+    );
+    blocker.rollback().await.unwrap();
+    wait_for(
+        "every offset to be committed once offset 0 is captured",
+        Duration::from_secs(60),
+        || async { (committed(group, topic, 0) == Some(4)).then_some(()) },
+    )
+    .await;
+    assert_eq!(db.count("true").await, rows, "each failure is one row");
 }
 
 /// Waits until a capture statement waits on a lock (the row of [`hold_offset_0`]).
@@ -418,19 +430,7 @@ async fn a_failure_waiting_for_its_row_gives_its_slot_to_the_next_message() {
         || async { (stub.count() == 4 && db.count("kafka_offset = 2").await == 1).then_some(()) },
     )
     .await;
-    assert_eq!(
-        committed(&group, &topic, 0),
-        None,
-        "nothing is committed past offset 0, whose outcome is not durable"
-    );
-    blocker.rollback().await.unwrap();
-    wait_for(
-        "every offset to be committed once offset 0 is captured",
-        Duration::from_secs(60),
-        || async { (committed(&group, &topic, 0) == Some(4)).then_some(()) },
-    )
-    .await;
-    assert_eq!(db.count("true").await, 2, "each failure is one row");
+    release_offset_0(blocker, &db, &group, &topic, 2).await;
     stop.cancel();
     app.await.unwrap().unwrap();
 }
