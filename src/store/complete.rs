@@ -100,23 +100,21 @@ impl Store {
                 Outcome::Dead { error } => failed.push(c, "dead", Duration::ZERO, error),
             }
         }
-        let (deleted, updated) = if ok_ids.is_empty() || failed.ids.is_empty() {
+        let (deleted, updated) = match (ok_ids.is_empty(), failed.ids.is_empty()) {
+            (true, true) => (0, Vec::new()),
             // One statement needs no transaction around it to open and close.
-            let deleted = match ok_ids.is_empty() {
-                true => 0,
-                false => delete_succeeded(self.pool(), &ok_ids, &ok_tokens).await?,
-            };
-            let updated = match failed.ids.is_empty() {
-                true => Vec::new(),
-                false => failed.write(self.pool()).await?,
-            };
-            (deleted, updated)
-        } else {
-            let mut tx = self.pool().begin().await?;
-            let deleted = delete_succeeded(&mut *tx, &ok_ids, &ok_tokens).await?;
-            let updated = failed.write(&mut *tx).await?;
-            tx.commit().await?;
-            (deleted, updated)
+            (true, false) => (0, failed.write(self.pool()).await?),
+            (false, true) => {
+                let deleted = delete_succeeded(self.pool(), &ok_ids, &ok_tokens).await?;
+                (deleted, Vec::new())
+            }
+            (false, false) => {
+                let mut tx = self.pool().begin().await?;
+                let deleted = delete_succeeded(&mut *tx, &ok_ids, &ok_tokens).await?;
+                let updated = failed.write(&mut *tx).await?;
+                tx.commit().await?;
+                (deleted, updated)
+            }
         };
         let dead = updated.iter().filter(|s| s.as_str() == "dead").count() as u64;
         Ok(Completed {
@@ -179,21 +177,27 @@ struct Failures {
     ids: Vec<Uuid>,
     tokens: Vec<Uuid>,
     attempts: Vec<i32>,
-    states: Vec<String>,
+    states: Vec<&'static str>,
     retry_in: Vec<f64>,
     errors: Vec<String>,
-    kinds: Vec<String>,
+    kinds: Vec<&'static str>,
 }
 
 impl Failures {
-    fn push(&mut self, c: &Completion, state: &str, retry_in: Duration, error: &HandlerError) {
+    fn push(
+        &mut self,
+        c: &Completion,
+        state: &'static str,
+        retry_in: Duration,
+        error: &HandlerError,
+    ) {
         self.ids.push(c.id);
         self.tokens.push(c.token);
         self.attempts.push(c.attempt);
-        self.states.push(state.to_string());
+        self.states.push(state);
         self.retry_in.push(retry_in.as_secs_f64());
         self.errors.push(super::safe::error_text(&error.message));
-        self.kinds.push(error.kind.as_str().to_string());
+        self.kinds.push(error.kind.as_str());
     }
 
     /// Reschedules the rows or marks them dead, fenced on their claim tokens in the queue, each
@@ -232,10 +236,10 @@ impl Failures {
             &self.ids,
             &self.tokens,
             &self.attempts,
-            &self.states,
+            &self.states as &[&str],
             &self.retry_in,
             &self.errors,
-            &self.kinds,
+            &self.kinds as &[&str],
         )
         .fetch_all(db)
         .await?;
