@@ -2,9 +2,9 @@
 # Capture's and dispatch's SQL alone, on redrive's table and on other layouts of it, beside their
 # floors: what a schema change could gain, without building it. Every layout starts from a fresh
 # database. Capture: one pgbench client inserts N rows of 1 KiB, 500 per statement, as
-# `Store::capture` does (rows made in SQL, with random ids). Dispatch: 4 clients each claim up to
-# 100 due rows and delete them, as the workers and the completer do, until N rows are done; the
-# due rows sit behind INFLIGHT rows held by a worker. Prepared statements throughout. Prints
+# `Store::capture` does (rows made in SQL, their ids ordered by time). Dispatch: 4 clients each
+# claim up to 100 due rows and delete them, as the workers and the completer do, until N rows are
+# done; the due rows sit behind INFLIGHT rows held by a worker. Prepared statements throughout. Prints
 # rows/s and Postgres's CPU per row (every local postgres process), median and range of
 # BENCH_RUNS interleaved rounds (3 unless set), and each layout's ratio to the floor.
 #   scripts/bench-schema.sh [N]    or make bench-schema    (N = 100,000 unless set; INFLIGHT = 400 unless set)

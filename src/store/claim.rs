@@ -1,7 +1,8 @@
 //! Claims: due rows are taken in batches with `FOR UPDATE SKIP LOCKED`, so any number of workers
 //! share the table without taking a row twice. A claim is a lease (I3): `attempts` goes up by one,
-//! the row gets a fresh `claim_token`, and it is the worker's until `lease_expires_at`. Every claim
-//! statement also rescues expired leases, so a dead worker's rows come back without anyone acting.
+//! the row gets the claim's fresh `claim_token` (one per statement, shared by the rows it takes),
+//! and it is the worker's until `lease_expires_at`. Every claim statement also rescues expired
+//! leases, when there are any, so a dead worker's rows come back without anyone acting.
 //! A claim may also take rows that come due shortly ([`Store::claim_ahead`]): the worker holds each
 //! until it is due, and its lease runs from then.
 //!
@@ -12,7 +13,7 @@
 //! its generic plan, so it is planned once per connection: costed for a tenth of the due rows by
 //! `LIMIT`, the generic plan never won against a custom one, and planning each call took about a
 //! tenth of a claim. The rows to take are chosen in an `= ANY(ARRAY(…))` subquery, so the plan is
-//! index scans whatever the limit.
+//! an index scan whatever the limit, and updated by the ctid that locked them (schema V9).
 //!
 //! A claim's commit does not wait for its WAL to reach the disk (`synchronous_commit` off for the
 //! statement's own transaction): a flush that stalls then does not hold up the rows coming due. A
