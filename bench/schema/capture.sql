@@ -11,6 +11,6 @@ SELECT (lpad(to_hex((extract(epoch FROM clock_timestamp()) * 1000)::int8), 12, '
        'bench', 'bench-topic', i % 4, :base::int8 * 1000 + i, now(), convert_to(i::text, 'UTF8'),
        convert_to(repeat('x', 1024), 'UTF8'), '[]', 'pending', 1, 10, now() + make_interval(secs => 1),
        'benchmark failure', 'retryable',
-       jsonb_build_array(jsonb_build_object('at', n.at, 'attempt', 1, 'kind', 'retryable', 'error', 'benchmark failure')),
+       to_jsonb(ARRAY[ROW(now(), 1, 'retryable', 'benchmark failure')::redrive.history_entry]),
        now(), now(), NULL
-FROM (SELECT to_jsonb(now()) AS at) AS n, generate_series(1, 500) i;
+FROM generate_series(1, 500) i;

@@ -52,6 +52,21 @@ async fn capturing_the_same_message_twice_keeps_one_row() {
     assert_eq!(db.count("topic = 'orders' AND kafka_offset = 7").await, 1);
     // Another group consuming the same topic has its own row.
     assert_eq!(db.store.capture("other", &[c]).await.unwrap(), 1);
+    assert_first_errors_recorded(&db, 3).await;
+}
+
+/// Every one of the `rows` rows holds its first failure as the one entry of its error history,
+/// at the time it was first captured.
+async fn assert_first_errors_recorded(db: &TestDb, rows: i64) {
+    let expected = "jsonb_build_array(jsonb_build_object('at', first_failed_at, 'attempt', 1, \
+                    'kind', error_kind, 'error', last_error))";
+    let recorded = db
+        .count(&format!(
+            "error_history = {expected} AND error_kind = 'retryable' \
+             AND last_error = 'first delivery failed'"
+        ))
+        .await;
+    assert_eq!(recorded, rows, "rows whose error history holds their first failure");
 }
 
 #[tokio::test]
@@ -140,6 +155,7 @@ async fn a_different_message_at_a_reused_offset_is_captured_and_a_redelivery_is_
             (6, 0, b"p".to_vec())
         ]
     );
+    assert_first_errors_recorded(&db, 3).await;
 }
 
 /// Marks a row's lease as run out, as a worker cut off from Postgres would leave it.
