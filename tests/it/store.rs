@@ -66,7 +66,10 @@ async fn assert_first_errors_recorded(db: &TestDb, rows: i64) {
              AND last_error = 'first delivery failed'"
         ))
         .await;
-    assert_eq!(recorded, rows, "rows whose error history holds their first failure");
+    assert_eq!(
+        recorded, rows,
+        "rows whose error history holds their first failure"
+    );
 }
 
 #[tokio::test]
