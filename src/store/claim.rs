@@ -13,7 +13,7 @@
 //! its generic plan, so it is planned once per connection: costed for a tenth of the due rows by
 //! `LIMIT`, the generic plan never won against a custom one, and planning each call took about a
 //! tenth of a claim. The rows to take are chosen in an `= ANY(ARRAY(…))` subquery, so the plan is
-//! an index scan whatever the limit, and updated by the ctid that locked them (schema V9).
+//! an index scan whatever the limit; they are then updated by the ctid that locked them (V9).
 //!
 //! A claim's commit does not wait for its WAL to reach the disk (`synchronous_commit` off for the
 //! statement's own transaction): a flush that stalls then does not hold up the rows coming due. A
