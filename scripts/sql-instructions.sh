@@ -10,16 +10,17 @@
 #   against bench/schema/floor-capture.sql.
 # Each count is the backend's whole run less that of a run that only starts and stops, divided by N.
 # The schema is migrated by the release `redrive` (built if needed) into a cluster of its own in a
-# temporary directory, on REDRIVE_CALLGRIND_PORT (5499 unless set); the statements then run in
-# `postgres --single` under callgrind, without autovacuum. Needs Postgres's server binaries
-# (scripts/postgres.sh installs them) and valgrind (installed from Debian's packages if missing).
+# temporary directory, on REDRIVE_CALLGRIND_PORT (5497 unless set; the tests use 5432 and 5499);
+# the statements then run in `postgres --single` under callgrind, without autovacuum. Needs
+# Postgres's server binaries (scripts/postgres.sh installs them) and valgrind (installed from
+# Debian's packages if missing).
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 CASES="${1:-all}"
 N_ARG="${2:-}"
-PORT="${REDRIVE_CALLGRIND_PORT:-5499}"
+PORT="${REDRIVE_CALLGRIND_PORT:-5497}"
 SQL=bench/schema
 
 die() { echo "sql-instructions: $*" >&2; exit 1; }
@@ -39,12 +40,16 @@ if ! command -v valgrind >/dev/null; then
     || die "apt-get install valgrind failed"
 fi
 BIN="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)"
-[[ -x "$BIN/postgres" ]] || die "no Postgres server binaries in /usr/lib/postgresql/*/bin: run scripts/postgres.sh start"
+[[ -x "$BIN/postgres" ]] ||
+  die "no Postgres server binaries in /usr/lib/postgresql/*/bin: run scripts/postgres.sh start"
 
 export SQLX_OFFLINE="${SQLX_OFFLINE:-true}"
 cargo build --release --bin redrive >&2
 REDRIVE="$(pwd)/${CARGO_TARGET_DIR:-target}/release/redrive"
 
+if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
+  die "port $PORT is taken; set REDRIVE_CALLGRIND_PORT to a free one"
+fi
 WORK="$(mktemp -d)"
 DATA="$WORK/data"
 chmod 755 "$WORK"
@@ -74,7 +79,8 @@ cluster() {
 # Instructions of one single-user backend running SCRIPT (commands end with a blank line).
 instructions() {
   as_owner valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind.%p" \
-    "$BIN/postgres" --single -j -D "$DATA" -c autovacuum=off bench <"$1" >"$WORK/single.log" 2>"$WORK/valgrind.log"
+    "$BIN/postgres" --single -j -D "$DATA" -c autovacuum=off bench \
+    <"$1" >"$WORK/single.log" 2>"$WORK/valgrind.log"
   if grep -q 'ERROR:' "$WORK/single.log" "$WORK/valgrind.log"; then
     die "a statement failed: $(grep -h 'ERROR:' "$WORK/single.log" "$WORK/valgrind.log" | head -1)"
   fi
