@@ -1,13 +1,14 @@
 -- V9: cheaper claims and completions. Every statement and function keeps its contract; only how
 -- Postgres does the work changes. Counted in instructions of one backend claiming and deleting
--- rows (callgrind), a dispatched row cost 182,000 instructions before and 127,000 after; the
--- floor of DESIGN §2b, a bare claim and delete of one narrow table, costs 70,000.
+-- 20,000 rows (scripts/sql-instructions.sh), a dispatched row cost 254,500 instructions before and
+-- 117,800 after; the floor of DESIGN §2b, a bare claim and delete of one narrow table, 70,200.
 
 -- The queue follows retry_messages by id arrays instead of joins: a join with the transition
--- table made Postgres hash every changed row, whole (payload included), to find its queue row. A
--- delete by `redrive.delete_succeeded`, which has already taken its rows out of the queue, says so
--- with `redrive.queue_in_step` for its own statement, and the trigger then has nothing to do. Any
--- other delete (an operator's, a purge) still takes its rows out of the queue here.
+-- table hashed every changed row, whole (payload included), and its plan read the queue, so a
+-- statement's cost grew with the backlog. A delete by `redrive.delete_succeeded`, which has
+-- already taken its rows out of the queue, says so with `redrive.queue_in_step` for its own
+-- statement, and the trigger then has nothing to do. Any other delete (an operator's, a purge)
+-- still takes its rows out of the queue here.
 CREATE OR REPLACE FUNCTION redrive.sync_queue() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp AS $$
 BEGIN

@@ -3,7 +3,7 @@
 # floors, counted by valgrind's callgrind in one single-user backend: a count that does not move
 # with the machine's speed or its other load, so two forms of a statement compare in one run each.
 #   scripts/sql-instructions.sh [dispatch|capture|all] [N]
-# dispatch: N due rows (5,000 unless set) behind 400 held ones, claimed 100 at a time by
+# dispatch: N due rows (20,000 unless set) behind 400 held ones, claimed 100 at a time by
 #   `redrive.claim` and deleted by `redrive.delete_succeeded`, against the claim floor's UPDATE and
 #   DELETE (bench/schema/floor.sql's statements); each transaction commits, as the workers' do.
 # capture: N rows (10,000 unless set) inserted 500 per statement by bench/schema/capture.sql,
@@ -104,7 +104,7 @@ per_row() {
 }
 
 dispatch() {
-  local n=${N_ARG:-5000} redrive floor
+  local n=${N_ARG:-20000} redrive floor
   cat >"$WORK/dispatch.sql" <<'SQL'
 DO $$ DECLARE ids uuid[]; tokens uuid[]; BEGIN LOOP
     SELECT array_agg(c.id), array_agg(c.claim_token) INTO ids, tokens
