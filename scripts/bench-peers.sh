@@ -18,8 +18,16 @@ CACHE="${REDRIVE_CACHE:-$HOME/.cache/redrive}"
 PEERS=bench/peers
 mkdir -p "$CACHE"
 
+# A new, empty database named $1; prints its URL. A drop that an autovacuum worker still connected
+# to the old one refuses (this role may not end it) is tried again, for up to 60 s.
 fresh() {
-  psql -q "$BASE" -c "SET client_min_messages = warning" -c "DROP DATABASE IF EXISTS $1 WITH (FORCE)" -c "CREATE DATABASE $1" >/dev/null
+  local deadline=$((SECONDS + 60))
+  until psql -q "$BASE" -v ON_ERROR_STOP=1 -c "SET client_min_messages = warning" \
+    -c "DROP DATABASE IF EXISTS $1 WITH (FORCE)" >/dev/null 2>&1; do
+    ((SECONDS < deadline)) || { echo "bench-peers: could not drop $1 within 60 s" >&2; exit 1; }
+    sleep 1
+  done
+  psql -q "$BASE" -v ON_ERROR_STOP=1 -c "CREATE DATABASE $1" >/dev/null
   echo "${BASE%/*}/$1"
 }
 
@@ -48,14 +56,15 @@ systems+=(pgqueuer)
 
 # One run of one system; prints "name jobs seconds".
 run() {
+  local url
   case "$1" in
     redrive)
       # The benchmark's own dispatch case (it makes its database); its per-run line goes to stderr.
       BENCH_RUNS=1 "$BENCH" dispatch "$N" 2>&1 >/dev/null |
         sed -n 's/^round 1\/1: dispatch: \([0-9]*\) in \([0-9.]*\) s.*/redrive \1 \2/p' ;;
-    river-*) "$CACHE/river-bench" "$(fresh redrive_bench_river)" "$N" "${1#river-}" ;;
-    graphile-*) node "$PEERS/graphile/bench.mjs" "$(fresh redrive_bench_graphile)" "$N" "${1#graphile-}" ;;
-    pgqueuer) "$CACHE/pgqueuer-venv/bin/python" "$PEERS/pgqueuer/bench.py" "$(fresh redrive_bench_pgqueuer)" "$N" ;;
+    river-*) url="$(fresh redrive_bench_river)" && "$CACHE/river-bench" "$url" "$N" "${1#river-}" ;;
+    graphile-*) url="$(fresh redrive_bench_graphile)" && node "$PEERS/graphile/bench.mjs" "$url" "$N" "${1#graphile-}" ;;
+    pgqueuer) url="$(fresh redrive_bench_pgqueuer)" && "$CACHE/pgqueuer-venv/bin/python" "$PEERS/pgqueuer/bench.py" "$url" "$N" ;;
   esac
 }
 
