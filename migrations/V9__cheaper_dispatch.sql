@@ -55,7 +55,6 @@ LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 #variable_conflict use_column
 DECLARE
     token uuid := gen_random_uuid();
-    rescued_rows bigint;
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
     IF EXISTS (SELECT 1 FROM redrive.queue m
@@ -72,19 +71,17 @@ BEGIN
             FROM expired e
             WHERE q.id = e.id
             RETURNING q.id, q.attempts, e.locked_by
-        ), recorded AS (
-            UPDATE redrive.retry_messages r
-            SET state = CASE WHEN s.attempts >= r.max_attempts THEN 'dead' ELSE 'pending' END,
-                dead_at = CASE WHEN s.attempts >= r.max_attempts THEN now() END,
-                attempts = s.attempts, next_attempt_at = now(), error_kind = 'timeout',
-                updated_at = now(), dlq_published_at = NULL, dlq_topic = NULL, dlq_error = NULL,
-                dlq_refused_at = NULL,
-                last_error = format('lease expired: worker %s did not finish attempt %s',
-                                    coalesce(s.locked_by, '?'), s.attempts)
-            FROM rescued s
-            WHERE r.id = s.id
         )
-        SELECT count(*) INTO rescued_rows FROM rescued;
+        UPDATE redrive.retry_messages r
+        SET state = CASE WHEN s.attempts >= r.max_attempts THEN 'dead' ELSE 'pending' END,
+            dead_at = CASE WHEN s.attempts >= r.max_attempts THEN now() END,
+            attempts = s.attempts, next_attempt_at = now(), error_kind = 'timeout',
+            updated_at = now(), dlq_published_at = NULL, dlq_topic = NULL, dlq_error = NULL,
+            dlq_refused_at = NULL,
+            last_error = format('lease expired: worker %s did not finish attempt %s',
+                                coalesce(s.locked_by, '?'), s.attempts)
+        FROM rescued s
+        WHERE r.id = s.id;
     END IF;
     RETURN QUERY
     WITH claimed AS (
