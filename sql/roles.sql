@@ -58,7 +58,8 @@ GRANT SELECT ON redrive.queue TO redrive_worker;
 GRANT UPDATE (state, attempts, next_attempt_at, lease_expires_at, locked_by, claim_token)
     ON redrive.queue TO redrive_worker;
 GRANT EXECUTE ON FUNCTION redrive.delete_succeeded(uuid[], uuid[]),
-    redrive.claim(text, bigint, float8, text, float8)
+    redrive.claim(text, bigint, float8, text, float8),
+    redrive.lock_lines(text[], text[], integer[], bytea[])
     TO redrive_worker;
 
 -- Operator: read-only, plus replay, reschedule, pause and purge.

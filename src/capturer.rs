@@ -18,9 +18,10 @@ use crate::batch;
 use crate::config::{ConsumerConfig, RetryPolicy};
 use crate::handler::{ErrorKind, HandlerError};
 use crate::message::Message;
-use crate::store::capture::{Capture, InitialState};
+use crate::store::capture::{Capture, InitialState, Line};
 use crate::store::Store;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
@@ -109,11 +110,26 @@ impl Capture {
             max_attempts: policy.max_attempts.min(i32::MAX as u32) as i32,
             retry_in: delay,
             error,
+            line: None,
         }
     }
 }
 
 impl Capture {
+    /// The row for a message that is not delivered because an earlier message of its key has a
+    /// row (I12): it waits in its line and is attempted, as its first delivery, when its turn
+    /// comes.
+    pub fn parked(message: Message, policy: &RetryPolicy, line: Line) -> Self {
+        Capture {
+            message,
+            state: InitialState::Parked,
+            max_attempts: policy.max_attempts.min(i32::MAX as u32) as i32,
+            retry_in: Duration::ZERO,
+            error: HandlerError::retryable("parked behind an earlier message of its key"),
+            line: Some(line),
+        }
+    }
+
     /// Bytes this row carries into the statement, for the batch's byte limit.
     pub fn size(&self) -> usize {
         let m = &self.message;
@@ -155,6 +171,8 @@ impl Capture {
                 ),
                 retry_after: None,
             },
+            // A row kept dead in its safe form still holds its line, as any dead row does.
+            line: self.line,
         }
     }
 }

@@ -640,6 +640,7 @@ async fn seed(store: &Store, n: usize, state: InitialState) -> anyhow::Result<()
                 max_attempts: 5,
                 retry_in: Duration::ZERO,
                 error: HandlerError::retryable("seeded"),
+                line: None,
             })
             .collect();
         store.capture("bench", &batch).await?;

@@ -3,6 +3,9 @@
 //! The insert is idempotent on `(consumer_group, topic, partition, kafka_offset)` (I2): a message
 //! that Kafka redelivers after a crash finds its row already there and adds nothing. Only after
 //! this statement commits may the consumer store the messages' offsets (I1).
+//!
+//! A message of a topic that keeps key order carries its [`Line`]: the statement that stores it
+//! decides, under the line's lock, whether it waits behind an earlier row of its key (I12).
 
 use super::{Store, StoreError};
 use crate::handler::HandlerError;
@@ -18,14 +21,63 @@ pub enum InitialState {
     Pending,
     /// Out of attempts already, or a permanent error: straight to the DLQ outbox.
     Dead,
+    /// Not delivered, because an earlier message of its key has a row (I12): it waits in its
+    /// [`Line`], without an attempt or an error. Should the line be empty by the time the row is
+    /// stored, the row is due at once instead, its first attempt still to come.
+    Parked,
 }
 
 impl InitialState {
-    /// The value stored in the `state` column.
+    /// The value sent to the capture statements (`waiting` for a parked row).
     pub fn as_str(self) -> &'static str {
         match self {
             InitialState::Pending => "pending",
             InitialState::Dead => "dead",
+            InitialState::Parked => "waiting",
+        }
+    }
+}
+
+/// What a dead row does to the rows behind it in its key's line.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDead {
+    /// The line waits for an operator: replaying the dead row, or purging it, lets it go on.
+    #[default]
+    Block,
+    /// The next row of the line goes on.
+    Skip,
+}
+
+impl OnDead {
+    /// The value stored in the `order_on_dead` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnDead::Block => "block",
+            OnDead::Skip => "skip",
+        }
+    }
+}
+
+/// A row's key line (I12): the rows of one key of one partition, attempted one at a time in
+/// offset order. Stored as `order_key`, the key's SHA-256, so a key of any size has a line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Line {
+    /// SHA-256 of the Kafka key.
+    pub key: [u8; 32],
+    /// What a dead row of this line does to the rows behind it.
+    pub on_dead: OnDead,
+}
+
+impl Line {
+    /// The line of a message with this key.
+    pub fn of(key: &[u8], on_dead: OnDead) -> Self {
+        use sha2::Digest;
+        Line {
+            key: sha2::Sha256::digest(key).into(),
+            on_dead,
         }
     }
 }
@@ -42,8 +94,10 @@ pub struct Capture {
     /// How long after the capture commits the first retry is due (ignored for dead rows). The
     /// database adds it to its own `now()`, so a worker's clock never decides a due time (I11).
     pub retry_in: Duration,
-    /// Why the first delivery failed.
+    /// Why the first delivery failed (not stored for a parked row).
     pub error: HandlerError,
+    /// The key's line, for a topic that keeps key order and a message with a key.
+    pub line: Option<Line>,
 }
 
 impl Store {
@@ -54,6 +108,12 @@ impl Store {
     /// deleted and recreated, or its log truncated, so offsets were reused) is not a redelivery: it
     /// is captured too, as the next `incarnation` of those coordinates, so it is never lost.
     pub async fn capture(&self, group: &str, batch: &[Capture]) -> Result<u64, StoreError> {
+        if batch
+            .iter()
+            .any(|c| c.line.is_some() || c.state == InitialState::Parked)
+        {
+            return self.capture_in_lines(group, batch).await;
+        }
         let rows: Vec<&Capture> = batch.iter().collect();
         let c = Columns::of(&rows);
         // Nearly always every row is new: a plain INSERT costs Postgres a fifth less than one
@@ -109,6 +169,114 @@ impl Store {
             .filter(|(_, id)| !inserted.contains(id))
             .map(|(row, _)| row)
             .collect();
+        let reused = self.capture_reused(group, &taken).await?;
+        Ok((inserted.len() + reused) as u64)
+    }
+
+    /// The batch of [`Store::capture`] when rows of it have key lines (I12), in one transaction:
+    /// the lines' locks first, then one statement that sees every line as its last writer left
+    /// it. A row waits when its line already holds a row (one that is pending, paused, waiting,
+    /// or dead with the `block` policy), or an earlier row of the batch that will hold it. A
+    /// parked row whose line turns out empty is due at once, with no attempt made yet.
+    async fn capture_in_lines(&self, group: &str, batch: &[Capture]) -> Result<u64, StoreError> {
+        let rows: Vec<&Capture> = batch.iter().collect();
+        let c = Columns::of(&rows);
+        let lines: Vec<Option<&[u8]>> = rows
+            .iter()
+            .map(|r| r.line.as_ref().map(|l| &l.key[..]))
+            .collect();
+        let on_dead: Vec<Option<&str>> = rows
+            .iter()
+            .map(|r| r.line.map(|l| l.on_dead.as_str()))
+            .collect();
+        let groups = vec![group; rows.len()];
+        let mut tx = self.pool().begin().await?;
+        sqlx::query!(
+            "SELECT redrive.lock_lines($1::text[], $2::text[], $3::int4[], $4::bytea[])",
+            &groups as &[&str],
+            &c.topics as &[&str],
+            &c.partitions,
+            &lines as &[Option<&[u8]>],
+        )
+        .execute(&mut *tx)
+        .await?;
+        let inserted = sqlx::query_scalar!(
+            r#"
+            INSERT INTO redrive.retry_messages (
+                id, consumer_group, topic, "partition", kafka_offset, kafka_timestamp, key, payload,
+                headers, state, attempts, max_attempts, next_attempt_at, last_error, error_kind,
+                error_history, first_failed_at, updated_at, dead_at, order_key, order_on_dead)
+            SELECT t.id, $1, t.topic, t.part, t.off, t.ts, t.key, t.payload, t.headers,
+                   CASE WHEN t.behind THEN 'waiting' WHEN t.parked THEN 'pending' ELSE t.state END,
+                   CASE WHEN t.parked THEN 0 ELSE 1 END, t.max_attempts,
+                   CASE WHEN t.parked THEN now() ELSE now() + make_interval(secs => t.retry_in) END,
+                   CASE WHEN NOT t.parked THEN t.err END, CASE WHEN NOT t.parked THEN t.kind END,
+                   CASE WHEN t.parked THEN '[]'::jsonb
+                        ELSE to_jsonb(ARRAY[ROW(now(), 1, t.kind, t.err)::redrive.history_entry]) END,
+                   now(), now(), CASE WHEN t.state = 'dead' AND NOT t.behind THEN now() END,
+                   t.line, t.on_dead
+            FROM (
+                SELECT u.*, u.state = 'waiting' AS parked,
+                       u.line IS NOT NULL AND (
+                           coalesce(bool_or(u.state <> 'dead' OR u.on_dead = 'block') OVER (
+                               PARTITION BY u.topic, u.part, u.line ORDER BY u.off
+                               ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), false)
+                           OR EXISTS (
+                               SELECT 1 FROM redrive.retry_messages r
+                               WHERE r.consumer_group = $1 AND r.topic = u.topic
+                                 AND r."partition" = u.part AND r.order_key = u.line
+                                 AND (r.state IN ('pending', 'paused', 'waiting')
+                                      OR (r.state = 'dead' AND r.order_on_dead = 'block')))
+                       ) AS behind
+                FROM UNNEST($2::uuid[], $3::text[], $4::int4[], $5::int8[], $6::timestamptz[],
+                            $7::bytea[], $8::bytea[], $9::jsonb[], $10::text[], $11::int4[],
+                            $12::float8[], $13::text[], $14::text[], $15::bytea[], $16::text[])
+                     AS u(id, topic, part, off, ts, key, payload, headers, state, max_attempts,
+                          retry_in, err, kind, line, on_dead)
+            ) t
+            ON CONFLICT (consumer_group, topic, "partition", kafka_offset, incarnation) DO NOTHING
+            RETURNING id
+            "#,
+            group,
+            &c.ids,
+            &c.topics as &[&str],
+            &c.partitions,
+            &c.offsets,
+            &c.timestamps as &[Option<DateTime<Utc>>],
+            &c.keys as &[Option<&[u8]>],
+            &c.payloads as &[Option<&[u8]>],
+            &c.headers,
+            &c.states as &[&str],
+            &c.max_attempts,
+            &c.retry_in,
+            &c.errors,
+            &c.kinds as &[&str],
+            &lines as &[Option<&[u8]>],
+            &on_dead as &[Option<&str>],
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        if inserted.len() == batch.len() {
+            return Ok(inserted.len() as u64);
+        }
+        // Offsets that already have rows: redeliveries add nothing. A different message at a
+        // reused offset is kept as a new incarnation, outside any line (its offsets no longer
+        // say where it stands in one).
+        let taken: Vec<Capture> = rows
+            .into_iter()
+            .zip(&c.ids)
+            .filter(|(_, id)| !inserted.contains(id))
+            .map(|(row, _)| Capture {
+                state: match row.state {
+                    InitialState::Parked => InitialState::Pending,
+                    s => s,
+                },
+                line: None,
+                ..row.clone()
+            })
+            .collect();
+        let taken: Vec<&Capture> = taken.iter().collect();
         let reused = self.capture_reused(group, &taken).await?;
         Ok((inserted.len() + reused) as u64)
     }

@@ -19,6 +19,7 @@ fn dead(topic: &str, offset: i64) -> Capture {
         max_attempts: 3,
         retry_in: Duration::ZERO,
         error: HandlerError::permanent("400 bad request"),
+        line: None,
     }
 }
 

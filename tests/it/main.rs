@@ -7,6 +7,7 @@ mod e2e;
 mod hardening;
 mod helpers;
 mod operators;
+mod ordering;
 mod rebalance;
 mod startup;
 mod status;

@@ -1143,6 +1143,7 @@ async fn each_role_can_do_its_job_and_nothing_more() {
         max_attempts: 3,
         retry_in: Duration::ZERO,
         error: redrive::HandlerError::retryable("HTTP 503"),
+        line: None,
     };
     let captured = store
         .capture(

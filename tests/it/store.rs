@@ -28,6 +28,7 @@ pub fn pending(topic: &str, offset: i64, due_in: Duration, max_attempts: i32) ->
         max_attempts,
         retry_in: due_in,
         error: HandlerError::retryable("first delivery failed"),
+        line: None,
     }
 }
 

@@ -1,0 +1,267 @@
+//! Key lines in the store (I12): the rows of one key wait behind the first one, in offset order,
+//! and each goes on when the one before it leaves the line.
+
+use crate::helpers::*;
+use crate::store::message;
+use redrive::handler::HandlerError;
+use redrive::store::capture::{Capture, InitialState, Line, OnDead};
+use redrive::store::claim::Claimed;
+use redrive::store::complete::{Completion, Outcome};
+use std::time::Duration;
+
+const LEASE: Duration = Duration::from_secs(30);
+
+/// A message of `key` at `offset` whose first delivery failed, in its key's line.
+fn failed(topic: &str, key: &str, offset: i64, on_dead: OnDead) -> Capture {
+    first(topic, key, offset, InitialState::Pending, on_dead)
+}
+
+/// A message of `key` at `offset` that was not delivered: it waits behind its key's rows.
+fn parked(topic: &str, key: &str, offset: i64, on_dead: OnDead) -> Capture {
+    first(topic, key, offset, InitialState::Parked, on_dead)
+}
+
+fn first(topic: &str, key: &str, offset: i64, state: InitialState, on_dead: OnDead) -> Capture {
+    let mut m = message(topic, offset, format!("{key}@{offset}").as_bytes());
+    m.key = Some(key.as_bytes().to_vec());
+    Capture {
+        message: m,
+        state,
+        max_attempts: 5,
+        retry_in: Duration::ZERO,
+        error: if state == InitialState::Dead {
+            HandlerError::permanent("HTTP 400")
+        } else {
+            HandlerError::retryable("HTTP 503")
+        },
+        line: Some(Line::of(key.as_bytes(), on_dead)),
+    }
+}
+
+/// The state of the row at `offset` of `topic` (`running` while a worker holds it).
+async fn state_at(db: &TestDb, topic: &str, offset: i64) -> String {
+    sqlx::query_scalar(
+        "SELECT state FROM redrive.messages WHERE consumer_group = 'g' AND topic = $1 AND kafka_offset = $2",
+    )
+    .bind(topic)
+    .bind(offset)
+    .fetch_optional(db.pool())
+    .await
+    .unwrap()
+    .unwrap_or_else(|| "gone".into())
+}
+
+async fn states(db: &TestDb, topic: &str, offsets: &[i64]) -> Vec<String> {
+    let mut out = Vec::new();
+    for &o in offsets {
+        out.push(state_at(db, topic, o).await);
+    }
+    out
+}
+
+fn offsets(claimed: &[Claimed]) -> Vec<i64> {
+    let mut o: Vec<i64> = claimed.iter().map(|c| c.message.offset).collect();
+    o.sort();
+    o
+}
+
+async fn complete(db: &TestDb, claimed: &[Claimed], outcome: Outcome) {
+    let batch: Vec<Completion> = claimed
+        .iter()
+        .map(|c| Completion {
+            id: c.id,
+            attempt: c.attempt,
+            token: c.token,
+            outcome: outcome.clone(),
+        })
+        .collect();
+    db.store.complete(&batch).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_key_line_is_attempted_one_row_at_a_time_in_offset_order() {
+    let db = TestDb::new().await;
+    let block = OnDead::Block;
+    db.seed(&[failed("t", "k1", 1, block), failed("t", "k2", 3, block)])
+        .await;
+    db.seed(&[parked("t", "k1", 2, block), parked("t", "k1", 4, block)])
+        .await;
+    assert_eq!(
+        states(&db, "t", &[1, 2, 3, 4]).await,
+        ["pending", "waiting", "pending", "waiting"]
+    );
+    db.assert_queue_in_step().await;
+    // A waiting row was never delivered: no attempt and no error yet.
+    assert_eq!(
+        db.count("kafka_offset IN (2, 4) AND attempts = 0 AND last_error IS NULL AND error_history = '[]'")
+            .await,
+        2
+    );
+
+    // Only the first row of each line is claimed; the other key is not held up.
+    let claimed = db.claim(LEASE).await;
+    assert_eq!(offsets(&claimed), [1, 3]);
+    complete(&db, &claimed, Outcome::Succeeded).await;
+    assert_eq!(
+        states(&db, "t", &[1, 2, 3, 4]).await,
+        ["gone", "pending", "gone", "waiting"]
+    );
+    db.assert_queue_in_step().await;
+
+    // The released row is due at once, and its first attempt is attempt 1.
+    let claimed = db.claim(LEASE).await;
+    assert_eq!(offsets(&claimed), [2]);
+    assert_eq!(claimed[0].attempt, 1);
+    // A retry keeps the line: the row behind still waits.
+    complete(
+        &db,
+        &claimed,
+        Outcome::Retry {
+            retry_in: Duration::ZERO,
+            error: HandlerError::retryable("HTTP 503"),
+        },
+    )
+    .await;
+    assert_eq!(states(&db, "t", &[2, 4]).await, ["pending", "waiting"]);
+    let claimed = db.claim(LEASE).await;
+    assert_eq!(offsets(&claimed), [2]);
+    complete(&db, &claimed, Outcome::Succeeded).await;
+    let claimed = db.claim(LEASE).await;
+    assert_eq!(offsets(&claimed), [4]);
+    complete(&db, &claimed, Outcome::Succeeded).await;
+    assert_eq!(db.count("true").await, 0);
+    db.assert_queue_in_step().await;
+}
+
+#[tokio::test]
+async fn a_batch_parks_its_own_later_rows_behind_its_failure() {
+    let db = TestDb::new().await;
+    let block = OnDead::Block;
+    // One batch: the failure of k@1, then k@2 and k@3 parked behind it, and a message without a
+    // key line (unordered) that is not held by anything.
+    let mut unordered = failed("t", "k", 4, block);
+    unordered.line = None;
+    db.seed(&[
+        failed("t", "k", 1, block),
+        parked("t", "k", 2, block),
+        parked("t", "k", 3, block),
+        unordered,
+    ])
+    .await;
+    assert_eq!(
+        states(&db, "t", &[1, 2, 3, 4]).await,
+        ["pending", "waiting", "waiting", "pending"]
+    );
+    // A parked message whose line is empty when it is stored is due at once, not left waiting.
+    db.seed(&[parked("t", "other", 9, block)]).await;
+    assert_eq!(state_at(&db, "t", 9).await, "pending");
+    assert_eq!(db.count("kafka_offset = 9 AND attempts = 0").await, 1);
+    db.assert_queue_in_step().await;
+}
+
+#[tokio::test]
+async fn a_dead_row_blocks_its_line_until_an_operator_lets_it_go() {
+    let db = TestDb::new().await;
+    let block = OnDead::Block;
+    // Dead at once (a permanent error), then the next message of the key is parked behind it.
+    db.seed(&[first("t", "k", 1, InitialState::Dead, block)])
+        .await;
+    db.seed(&[parked("t", "k", 2, block), parked("t", "k", 3, block)])
+        .await;
+    assert_eq!(
+        states(&db, "t", &[1, 2, 3]).await,
+        ["dead", "waiting", "waiting"]
+    );
+    assert!(db.claim(LEASE).await.is_empty());
+
+    // Replayed, the dead row is the line's first again, and the others still wait for it.
+    let id: uuid::Uuid =
+        sqlx::query_scalar("SELECT id FROM redrive.retry_messages WHERE kafka_offset = 1")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    sqlx::query("SELECT redrive.replay(ARRAY[$1])")
+        .bind(id)
+        .execute(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        states(&db, "t", &[1, 2, 3]).await,
+        ["pending", "waiting", "waiting"]
+    );
+    let claimed = db.claim(LEASE).await;
+    assert_eq!(offsets(&claimed), [1]);
+    // It dies again; an operator purges it, and the next row goes on.
+    complete(
+        &db,
+        &claimed,
+        Outcome::Dead {
+            error: HandlerError::permanent("HTTP 400"),
+        },
+    )
+    .await;
+    assert_eq!(states(&db, "t", &[1, 2]).await, ["dead", "waiting"]);
+    sqlx::query("DELETE FROM redrive.retry_messages WHERE kafka_offset = 1")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(states(&db, "t", &[2, 3]).await, ["pending", "waiting"]);
+    db.assert_queue_in_step().await;
+}
+
+#[tokio::test]
+async fn with_the_skip_policy_a_dead_row_lets_its_line_go_on() {
+    let db = TestDb::new().await;
+    let skip = OnDead::Skip;
+    // Dead at capture: it holds nothing, so the next message of the key is due at once.
+    db.seed(&[first("t", "k", 1, InitialState::Dead, skip)])
+        .await;
+    db.seed(&[parked("t", "k", 2, skip), parked("t", "k", 3, skip)])
+        .await;
+    assert_eq!(
+        states(&db, "t", &[1, 2, 3]).await,
+        ["dead", "pending", "waiting"]
+    );
+    // Dead after its attempts: the row behind it is released.
+    let claimed = db.claim(LEASE).await;
+    assert_eq!(offsets(&claimed), [2]);
+    complete(
+        &db,
+        &claimed,
+        Outcome::Dead {
+            error: HandlerError::permanent("HTTP 400"),
+        },
+    )
+    .await;
+    assert_eq!(states(&db, "t", &[2, 3]).await, ["dead", "pending"]);
+    db.assert_queue_in_step().await;
+}
+
+/// A parked message stored while the row ahead of it succeeds, from two connections at once: the
+/// parked row is never left waiting behind a line that has emptied.
+#[tokio::test]
+async fn parking_and_a_success_at_once_never_strand_a_row() {
+    let db = TestDb::new().await;
+    let block = OnDead::Block;
+    for i in 0..60_i64 {
+        let key = format!("k{i}");
+        db.seed(&[failed("t", &key, i * 10, block)]).await;
+        let claimed = db.claim(LEASE).await;
+        assert_eq!(offsets(&claimed), [i * 10]);
+        let later = parked("t", &key, i * 10 + 1, block);
+        let (captured, ()) = tokio::join!(
+            db.store.capture("g", std::slice::from_ref(&later)),
+            complete(&db, &claimed, Outcome::Succeeded),
+        );
+        assert_eq!(captured.unwrap(), 1);
+        assert_eq!(
+            states(&db, "t", &[i * 10, i * 10 + 1]).await,
+            ["gone", "pending"],
+            "iteration {i}: the parked row waits behind nothing"
+        );
+        let claimed = db.claim(LEASE).await;
+        assert_eq!(offsets(&claimed), [i * 10 + 1]);
+        complete(&db, &claimed, Outcome::Succeeded).await;
+    }
+    db.assert_queue_in_step().await;
+}
