@@ -78,6 +78,13 @@ async fn complete(db: &TestDb, claimed: &[Claimed], outcome: Outcome) {
     db.store.complete(&batch).await.unwrap();
 }
 
+/// A permanent failure of the attempt.
+fn dead() -> Outcome {
+    Outcome::Dead {
+        error: HandlerError::permanent("HTTP 400"),
+    }
+}
+
 #[tokio::test]
 async fn a_key_line_is_attempted_one_row_at_a_time_in_offset_order() {
     let db = TestDb::new().await;
@@ -192,14 +199,7 @@ async fn a_dead_row_blocks_its_line_until_an_operator_lets_it_go() {
     let claimed = db.claim(LEASE).await;
     assert_eq!(offsets(&claimed), [1]);
     // It dies again; an operator purges it, and the next row goes on.
-    complete(
-        &db,
-        &claimed,
-        Outcome::Dead {
-            error: HandlerError::permanent("HTTP 400"),
-        },
-    )
-    .await;
+    complete(&db, &claimed, dead()).await;
     assert_eq!(states(&db, "t", &[1, 2]).await, ["dead", "waiting"]);
     sqlx::query("DELETE FROM redrive.retry_messages WHERE kafka_offset = 1")
         .execute(db.pool())
@@ -225,14 +225,7 @@ async fn with_the_skip_policy_a_dead_row_lets_its_line_go_on() {
     // Dead after its attempts: the row behind it is released.
     let claimed = db.claim(LEASE).await;
     assert_eq!(offsets(&claimed), [2]);
-    complete(
-        &db,
-        &claimed,
-        Outcome::Dead {
-            error: HandlerError::permanent("HTTP 400"),
-        },
-    )
-    .await;
+    complete(&db, &claimed, dead()).await;
     assert_eq!(states(&db, "t", &[2, 3]).await, ["dead", "pending"]);
     db.assert_queue_in_step().await;
 }
