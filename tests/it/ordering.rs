@@ -230,6 +230,21 @@ async fn with_the_skip_policy_a_dead_row_lets_its_line_go_on() {
     db.assert_queue_in_step().await;
 }
 
+/// A redelivered message of a key line finds its row and adds nothing (I2): not a second row, and
+/// not a row parked behind its own.
+#[tokio::test]
+async fn a_redelivered_message_of_a_line_keeps_one_row() {
+    let db = TestDb::new().await;
+    let block = OnDead::Block;
+    let head = failed("t", "k", 1, block);
+    let behind = parked("t", "k", 2, block);
+    db.seed(&[head.clone(), behind.clone()]).await;
+    assert_eq!(db.store.capture("g", &[head, behind]).await.unwrap(), 0);
+    assert_eq!(db.count("true").await, 2);
+    assert_eq!(states(&db, "t", &[1, 2]).await, ["pending", "waiting"]);
+    db.assert_queue_in_step().await;
+}
+
 /// A parked message stored while the row ahead of it succeeds, from two connections at once: the
 /// parked row is never left waiting behind a line that has emptied.
 #[tokio::test]
