@@ -25,9 +25,14 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-/// A failure, who waits for its row, and its room among the failures the capturer may hold (one
-/// of their number, and its share of their bytes).
-type Request = (Capture, oneshot::Sender<()>, [OwnedSemaphorePermit; 2]);
+/// Failures handed over together (one, or the parked messages of one key, which are stored in one
+/// statement and in order), who waits for their rows, and their room among the failures the
+/// capturer may hold (their number, and their share of the bytes).
+type Request = (
+    Vec<Capture>,
+    oneshot::Sender<Vec<i64>>,
+    [OwnedSemaphorePermit; 2],
+);
 
 /// Sends failures to the capturer. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -38,17 +43,29 @@ pub struct CaptureHandle {
     /// Their bytes, at most `capture_batch_bytes`.
     bytes: Arc<Semaphore>,
     max_bytes: usize,
+    /// The count's permits in all.
+    count_max: usize,
+    /// Where the rows go, for reading a partition's key lines.
+    store: Store,
+    group: Arc<str>,
 }
 
-/// A failure the capturer has taken; [`Pending::durable`] waits for its row.
+/// Failures the capturer has taken; [`Pending::durable`] waits for their rows.
 #[derive(Debug)]
-pub struct Pending(oneshot::Receiver<()>);
+pub struct Pending(oneshot::Receiver<Vec<i64>>);
 
 impl Pending {
-    /// `true` once the row is durable; `false` if the capturer stopped first (its message is then
-    /// redelivered: its offset is never stored).
+    /// `true` once the rows are durable; `false` if the capturer stopped first (the messages are
+    /// then redelivered: their offsets are never stored).
     pub async fn durable(self) -> bool {
         self.0.await.is_ok()
+    }
+
+    /// Once the rows are durable, the offsets of the parked messages that found their key's line
+    /// empty and were not stored (I12): those are the caller's to deliver. `None` if the capturer
+    /// stopped first.
+    pub async fn outcome(self) -> Option<Vec<i64>> {
+        self.0.await.ok()
     }
 }
 
@@ -88,6 +105,9 @@ pub fn capturer(store: Store, group: &str, config: &ConsumerConfig) -> (Capturer
         count: Arc::new(Semaphore::new(most)),
         bytes: Arc::new(Semaphore::new(max_bytes)),
         max_bytes,
+        count_max: most,
+        store: capturer.store.clone(),
+        group: group.into(),
     };
     (capturer, handle)
 }
@@ -182,13 +202,31 @@ impl CaptureHandle {
     /// failures it holds are at their bounds. `None` when the capturer is gone (shutting down):
     /// the outcome is then not durable and the offset must not be stored.
     pub async fn hand_over(&self, capture: Capture) -> Option<Pending> {
+        self.hand_over_all(vec![capture]).await
+    }
+
+    /// Hands over messages that are written in one statement, in the order given: the parked
+    /// messages of one key (I12), which must not be split over statements that may commit in any
+    /// order. As [`CaptureHandle::hand_over`] otherwise.
+    pub async fn hand_over_all(&self, captures: Vec<Capture>) -> Option<Pending> {
         // A record larger than the whole bound takes all of it, and waits until it is alone.
-        let share = capture.size().clamp(1, self.max_bytes) as u32;
-        let one = self.count.clone().acquire_owned().await.ok()?;
+        let size: usize = captures.iter().map(Capture::size).sum();
+        let share = size.clamp(1, self.max_bytes) as u32;
+        let most = self.count_max;
+        let count = captures.len().clamp(1, most) as u32;
+        let count = self.count.clone().acquire_many_owned(count).await.ok()?;
         let bytes = self.bytes.clone().acquire_many_owned(share).await.ok()?;
         let (done, durable) = oneshot::channel();
-        self.tx.send((capture, done, [one, bytes])).await.ok()?;
+        self.tx.send((captures, done, [count, bytes])).await.ok()?;
         Some(Pending(durable))
+    }
+
+    /// The lines of a partition that hold a row (I12), read until Postgres answers.
+    pub async fn lines_of(&self, topic: &str, partition: i32) -> crate::lines::Blocked {
+        batch::until_written("reading a partition's key lines", || {
+            self.store.lines_of(&self.group, topic, partition)
+        })
+        .await
     }
 
     /// Hands a failure over and waits until its row is durable. `false` when the capturer is gone.
@@ -211,8 +249,10 @@ impl Capturer {
             // A batch is collected only once it can be written at once: while every write is busy,
             // failures queue and the next batch takes them all.
             let slot = slots.clone().acquire_owned().await.expect("never closed");
-            let Some(requests) =
-                batch::collect(&mut self.rx, self.limits, |(c, _, _)| c.size()).await
+            let Some(requests) = batch::collect(&mut self.rx, self.limits, |(c, _, _)| {
+                c.iter().map(Capture::size).sum()
+            })
+            .await
             else {
                 break;
             };
@@ -234,37 +274,53 @@ impl Capturer {
 /// Writes one batch, and tells each waiting task once its row is durable.
 async fn write(store: &Store, group: &str, requests: Vec<Request>) {
     let mut rows = Vec::with_capacity(requests.len());
+    // Who waits, and how many of the rows are theirs.
     let mut waiting = Vec::with_capacity(requests.len());
     // The requests' room goes back once the batch is written, all of it at once.
     let mut shares = Vec::with_capacity(requests.len());
-    for (row, done, share) in requests {
-        rows.push(row);
-        waiting.push(done);
+    for (captures, done, share) in requests {
+        waiting.push((done, captures.len()));
+        rows.extend(captures);
         shares.push(share);
     }
-    let inserted = batch::write_isolating(
+    let captured = batch::write_isolating(
         "capture",
         group,
         &rows,
-        |chunk| store.capture(group, chunk),
+        |chunk| store.capture_rows(group, chunk),
         |row, error| {
             let safe = row.safe_form(&error);
-            async move { store.capture(group, std::slice::from_ref(&safe)).await }
+            async move { store.capture_rows(group, std::slice::from_ref(&safe)).await }
         },
     )
     .await;
-    let dead = rows
-        .iter()
-        .filter(|r| r.state == InitialState::Dead)
-        .count() as u64;
+    let inserted = captured.inserted;
+    let count = |state| rows.iter().filter(|r| r.state == state).count() as u64;
+    let (dead, parked) = (count(InitialState::Dead), count(InitialState::Parked));
     metrics::counter!("redrive_captured_total", "state" => "pending")
-        .increment(rows.len() as u64 - dead);
+        .increment(rows.len() as u64 - dead - parked);
     metrics::counter!("redrive_captured_total", "state" => "dead").increment(dead);
+    // Parked messages that found their line empty were not stored: they are delivered.
+    metrics::counter!("redrive_captured_total", "state" => "waiting")
+        .increment(parked - captured.open.len() as u64);
     tracing::debug!(rows = rows.len(), inserted, "captured failed messages");
     drop(shares);
-    for w in waiting {
+    let open: std::collections::HashSet<(&str, i32, i64)> = captured
+        .open
+        .iter()
+        .map(|(t, p, o)| (t.as_str(), *p, *o))
+        .collect();
+    let mut rows = rows.iter();
+    for (w, n) in waiting {
+        let opened = rows
+            .by_ref()
+            .take(n)
+            .map(|r| &r.message)
+            .filter(|m| open.contains(&(m.topic.as_str(), m.partition, m.offset)))
+            .map(|m| m.offset)
+            .collect();
         // The task may have been aborted at shutdown; its message is then redelivered.
-        let _ = w.send(());
+        let _ = w.send(opened);
     }
 }
 

@@ -24,9 +24,10 @@ use crate::config::{Config, RetryConfig};
 use crate::guard::Guard;
 use crate::handler::{caught, timeout_error, Delivery, Handler, HandlerError};
 use crate::kafka::{self, GroupContext};
+use crate::lines::{Item, KeyHash, Lines, Ordered, Outcome, Work};
 use crate::message::Message;
 use crate::offsets::OffsetTracker;
-use crate::store::capture::Capture;
+use crate::store::capture::{Capture, InitialState, OnDead};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt as _, StreamExt as _};
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
@@ -40,6 +41,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 /// How long every slot must stay busy before the partitions are paused; far below librdkafka's
@@ -66,7 +68,31 @@ const BATCH_MAX: usize = 256;
 /// Received messages and one slot for each.
 struct Batch {
     messages: Vec<Received>,
+    /// How each message of a topic that keeps key order is ordered; empty when there is none.
+    lines: Vec<Option<Ordered>>,
     slots: OwnedSemaphorePermit,
+}
+
+impl Batch {
+    /// The messages of ordered topics that go now, each with its own slot.
+    fn of(items: Vec<Item>) -> Option<Batch> {
+        let mut slots: Option<OwnedSemaphorePermit> = None;
+        let mut messages = Vec::with_capacity(items.len());
+        let mut lines = Vec::with_capacity(items.len());
+        for item in items {
+            match &mut slots {
+                Some(s) => s.merge(item.slot),
+                None => slots = Some(item.slot),
+            }
+            messages.push((item.message, item.stamp));
+            lines.push(Some(item.order));
+        }
+        Some(Batch {
+            messages,
+            lines,
+            slots: slots?,
+        })
+    }
 }
 
 /// What every message task needs.
@@ -80,6 +106,10 @@ struct Shared<H> {
     retry: RetryConfig,
     group: String,
     timeout: Duration,
+    /// Keys under way, queued and blocked, when a topic keeps key order (I12).
+    lines: Option<Arc<Mutex<Lines>>>,
+    /// Tasks that go on with a key's next messages, and read partitions' key lines.
+    continuations: TaskTracker,
 }
 
 /// Consumes and dispatches first deliveries.
@@ -110,6 +140,11 @@ impl<H: Handler> Consumer<H> {
                 stamps: consumer.context().lock_tracker().stamps(),
                 retry: config.retry.clone(),
                 timeout: config.handler.timeout,
+                lines: config
+                    .retry
+                    .any_ordered()
+                    .then(|| consumer.context().lines.clone()),
+                continuations: TaskTracker::new(),
             }),
         }
     }
@@ -163,6 +198,7 @@ impl<H: Handler> Consumer<H> {
             };
             let mut batch = Batch {
                 messages: vec![first],
+                lines: Vec::new(),
                 slots: permit,
             };
             if let Err(fatal) = self.fill(&mut batch, &slots, &mut held) {
@@ -308,9 +344,10 @@ impl<H: Handler> Consumer<H> {
 
     /// Registers a batch with the offset tracker (in consumption order) and handles it in one
     /// task. A message of a partition revoked since it was received is dropped: its new owner has
-    /// it.
+    /// it. A message of a topic that keeps key order goes only when its key lets it (I12).
     fn start(&self, tasks: &mut JoinSet<()>, mut batch: Batch) {
         let now = Instant::now();
+        let mut work = Work::default();
         {
             let mut tracker = self.shared.lock_tracker();
             batch.messages.retain(|(message, stamp)| {
@@ -327,17 +364,25 @@ impl<H: Handler> Consumer<H> {
                 }
                 begun
             });
+            // The slots of dropped messages go back.
+            drop(
+                batch
+                    .slots
+                    .split(batch.slots.num_permits() - batch.messages.len()),
+            );
+            if batch.messages.is_empty() {
+                return;
+            }
+            metrics::counter!("redrive_messages_consumed_total")
+                .increment(batch.messages.len() as u64);
         }
-        // The slots of dropped messages go back.
-        drop(
-            batch
-                .slots
-                .split(batch.slots.num_permits() - batch.messages.len()),
-        );
+        if let Some(lines) = &self.shared.lines {
+            work = self.shared.order(lines, &mut batch);
+        }
+        self.shared.execute(work);
         if batch.messages.is_empty() {
             return;
         }
-        metrics::counter!("redrive_messages_consumed_total").increment(batch.messages.len() as u64);
         let shared = self.shared.clone();
         tasks.spawn(async move { shared.process(batch).await });
     }
@@ -349,8 +394,12 @@ impl<H: Handler> Consumer<H> {
             in_flight = waiting,
             "consumer stopping: finishing in-flight messages"
         );
-        let finished =
-            tokio::time::timeout(limit, async { while tasks.join_next().await.is_some() {} }).await;
+        self.shared.continuations.close();
+        let finished = tokio::time::timeout(limit, async {
+            while tasks.join_next().await.is_some() {}
+            self.shared.continuations.wait().await;
+        })
+        .await;
         if finished.is_err() {
             tracing::warn!(
                 abandoned = tasks.len(),
@@ -379,16 +428,153 @@ impl<H: Handler> Shared<H> {
         (message, self.stamps.load(Ordering::SeqCst))
     }
 
+    /// Takes the batch's messages of topics that keep key order and whose key must wait out of
+    /// it: they wait for their key, or are parked (I12). Those that go now stay.
+    fn order(&self, lines: &Mutex<Lines>, batch: &mut Batch) -> Work {
+        let mut lines = lock(lines);
+        let mut orders = Vec::with_capacity(batch.messages.len());
+        // Whether each message waits; most go now, and stay where they are.
+        let mut waits = Vec::new();
+        for (i, (message, _)) in batch.messages.iter().enumerate() {
+            let order = match (
+                self.retry.for_topic(&message.topic).ordered(),
+                message.key.as_deref(),
+            ) {
+                (Some(on_dead), Some(key)) => Ordered {
+                    key: KeyHash::of(key),
+                    on_dead,
+                },
+                // A record without a key has no order to keep.
+                _ => {
+                    orders.push(None);
+                    continue;
+                }
+            };
+            if !lines.start_now(message, order) {
+                waits.resize(batch.messages.len(), false);
+                waits[i] = true;
+            }
+            orders.push(Some(order));
+        }
+        batch.lines = orders;
+        if waits.is_empty() {
+            return Work::default();
+        }
+        let mut waiting = Vec::new();
+        let messages = std::mem::take(&mut batch.messages);
+        let orders = std::mem::take(&mut batch.lines);
+        for (((message, stamp), order), waits) in messages.into_iter().zip(orders).zip(waits) {
+            match order {
+                Some(order) if waits => waiting.push(Item {
+                    slot: batch.slots.split(1).expect("a slot per message"),
+                    message,
+                    stamp,
+                    order,
+                }),
+                _ => {
+                    batch.messages.push((message, stamp));
+                    batch.lines.push(order);
+                }
+            }
+        }
+        let mut work = lines.admit(waiting);
+        for item in work.run.drain(..) {
+            batch.slots.merge(item.slot);
+            batch.messages.push((item.message, item.stamp));
+            batch.lines.push(Some(item.order));
+        }
+        work
+    }
+
+    /// Starts what a key's turn calls for: delivering its next messages, parking them, or reading
+    /// a partition's blocked keys.
+    fn execute(self: &Arc<Self>, work: Work) {
+        if work.is_empty() {
+            return;
+        }
+        let Work { run, park, load } = work;
+        if let Some(batch) = Batch::of(run) {
+            let me = self.clone();
+            self.continuations
+                .spawn(async move { me.process(batch).await });
+        }
+        for group in park {
+            let me = self.clone();
+            self.continuations
+                .spawn(async move { me.park(group).await });
+        }
+        for (topic, partition, since) in load {
+            let me = self.clone();
+            self.continuations.spawn(async move {
+                let blocked = me.capture.lines_of(&topic, partition).await;
+                tracing::debug!(
+                    topic,
+                    partition,
+                    blocked = blocked.len(),
+                    "read the partition's blocked keys"
+                );
+                let lines = me.lines.as_ref().expect("keys are ordered");
+                let work = lock(lines).loaded(&topic, partition, since, blocked);
+                me.execute(work);
+            });
+        }
+    }
+
+    /// Parks messages of a blocked key behind its row, in one statement (I12). Those that find
+    /// the line empty come back, and are delivered next.
+    async fn park(self: Arc<Self>, group: Vec<Item>) {
+        let policy = self.retry.for_topic(&group[0].message.topic);
+        let captures = group
+            .iter()
+            .map(|item| {
+                let line = item.order.line(&item.message);
+                Capture::parked(item.message.clone(), policy, line)
+            })
+            .collect();
+        let Some(pending) = self.capture.hand_over_all(captures).await else {
+            return;
+        };
+        // A park the capturer could not finish (it stopped) is never done: no offset is stored.
+        let Some(open) = pending.outcome().await else {
+            return;
+        };
+        let (key, stamp) = (group[0].order.key, group[0].stamp);
+        let first = group[0].message.clone();
+        let (open, stored): (Vec<Item>, Vec<Item>) = group
+            .into_iter()
+            .partition(|item| open.contains(&item.message.offset));
+        if !stored.is_empty() {
+            metrics::counter!("redrive_deliveries_total", "outcome" => "parked")
+                .increment(stored.len() as u64);
+        }
+        self.done_under(
+            &mut self.lock_tracker(),
+            stored.iter().map(|item| (&item.message, item.stamp)),
+        );
+        let lines = self.lines.as_ref().expect("keys are ordered");
+        let outcome = Outcome::Parked {
+            open,
+            stored: !stored.is_empty(),
+        };
+        let work = lock(lines).finish(&first, stamp, key, outcome);
+        // The stored messages' slots go back.
+        drop(stored);
+        self.execute(work);
+    }
+
     /// Handles a batch: every message's handler call runs at once, under one deadline, and a
     /// failure is captured. As outcomes become durable they are marked done, those ready together
     /// under one lock with one stored position per partition, and their slots are freed. A message
     /// whose failure could not be made durable (the capturer is gone: shutting down) stays in
-    /// flight, so its offset is never stored.
-    async fn process(&self, batch: Batch) {
+    /// flight, so its offset is never stored. A message of a key line lets its key go on once its
+    /// outcome is durable.
+    async fn process(self: &Arc<Self>, batch: Batch) {
         let Batch {
             messages,
+            lines,
             slots: mut held_slots,
         } = batch;
+        let line = |i: usize| lines.get(i).copied().flatten();
         let (messages, stamps): (Vec<Message>, Vec<u64>) = messages.into_iter().unzip();
         let mut calls: FuturesUnordered<_> = messages
             .iter()
@@ -413,6 +599,8 @@ impl<H: Handler> Shared<H> {
         // Failures being handed over to the capturer, then waiting for their rows.
         let mut captures = FuturesUnordered::new();
         let mut done: Vec<usize> = Vec::with_capacity(messages.len());
+        // Messages of key lines whose outcome is durable, and what it was.
+        let mut finished: Vec<(usize, Outcome)> = Vec::new();
         // Successes whose slots go back once they are marked done. A failure carries its own slot
         // and gives it back once the capturer has taken it.
         let mut free = 0;
@@ -433,6 +621,9 @@ impl<H: Handler> Shared<H> {
                                 succeeded += 1;
                                 free += 1;
                                 done.push(i);
+                                if line(i).is_some() {
+                                    finished.push((i, Outcome::Delivered));
+                                }
                             }
                             Err(error) => failed.push((i, error)),
                         }
@@ -441,9 +632,12 @@ impl<H: Handler> Shared<H> {
                 }
                 Some(first) = captures.next(), if !captures.is_empty() => {
                     let mut next = Some(first);
-                    while let Some((i, durable)) = next {
+                    while let Some((i, durable, blocks)) = next {
                         if durable {
                             done.push(i);
+                            if line(i).is_some() {
+                                finished.push((i, Outcome::Failed { blocks }));
+                            }
                         }
                         next = captures.next().now_or_never().flatten();
                     }
@@ -459,19 +653,24 @@ impl<H: Handler> Shared<H> {
             for (i, error) in failed {
                 let message = messages[i].clone();
                 let slot = held_slots.split(1);
-                let capture = self.hand_over(message, error);
+                let order = line(i);
+                let capture = self.failure(message, error, order);
+                // Whether the row holds its key's line: all but a dead one with the skip policy.
+                let blocks = !(capture.state == InitialState::Dead
+                    && order.is_some_and(|o| o.on_dead == OnDead::Skip));
+                let capture = self.hand_over(capture);
                 captures.push(async move {
                     // A failure the capturer could not take (it stopped) is never done: its offset
                     // is not stored.
                     let Some(pending) = capture.await else {
-                        return (i, false);
+                        return (i, false, blocks);
                     };
                     drop(slot);
-                    (i, pending.durable().await)
+                    (i, pending.durable().await, blocks)
                 });
             }
-            if !done.is_empty() {
-                self.mark_done(&messages, &stamps, &mut done);
+            if !done.is_empty() || !finished.is_empty() {
+                self.settle(&messages, &stamps, &lines, &mut done, &mut finished);
             }
             if free > 0 {
                 drop(held_slots.split(free));
@@ -484,8 +683,8 @@ impl<H: Handler> Shared<H> {
         }
     }
 
-    /// Hands a failed first delivery over to the capturer; `None` if it is gone.
-    async fn hand_over(&self, message: Message, error: HandlerError) -> Option<Pending> {
+    /// The row for a failed first delivery, in its key's line if it has one.
+    fn failure(&self, message: Message, error: HandlerError, order: Option<Ordered>) -> Capture {
         metrics::counter!("redrive_deliveries_total", "outcome" => error.kind.as_str())
             .increment(1);
         tracing::debug!(
@@ -495,24 +694,61 @@ impl<H: Handler> Shared<H> {
             "first delivery failed: {error}"
         );
         let policy = self.retry.for_topic(&message.topic);
-        self.capture
-            .hand_over(Capture::first_failure(message, policy, error))
-            .await
+        Capture {
+            line: order.map(|o| o.line(&message)),
+            ..Capture::first_failure(message, policy, error)
+        }
     }
 
-    /// Marks messages done and stores each partition's new position once. Each message is in
-    /// `done` once: when its call succeeded, or when its capture is durable.
-    fn mark_done(&self, messages: &[Message], stamps: &[u64], done: &mut Vec<usize>) {
+    /// Hands a failed first delivery over to the capturer; `None` if it is gone.
+    async fn hand_over(&self, capture: Capture) -> Option<Pending> {
+        self.capture.hand_over(capture).await
+    }
+
+    /// Marks messages done, and lets the keys of those in key lines go on.
+    fn settle(
+        self: &Arc<Self>,
+        messages: &[Message],
+        stamps: &[u64],
+        lines: &[Option<Ordered>],
+        done: &mut Vec<usize>,
+        finished: &mut Vec<(usize, Outcome)>,
+    ) {
+        if !done.is_empty() {
+            self.done_under(
+                &mut self.lock_tracker(),
+                done.drain(..).map(|i| (&messages[i], stamps[i])),
+            );
+        }
+        if finished.is_empty() {
+            return;
+        }
+        let mut work = Work::default();
+        lock(self.lines.as_ref().expect("keys are ordered")).finish_all(
+            finished.drain(..).map(|(i, outcome)| {
+                let key = lines[i].expect("a message of a key line").key;
+                (&messages[i], stamps[i], key, outcome)
+            }),
+            &mut work,
+        );
+        self.execute(work);
+    }
+
+    /// Marks messages done and stores each partition's new position once. Each message is marked
+    /// once: when its call succeeded, or when its row is durable.
+    fn done_under<'m>(
+        &self,
+        tracker: &mut OffsetTracker,
+        done: impl Iterator<Item = (&'m Message, u64)>,
+    ) {
         // The position is stored while the tracker's lock is held: positions then reach
         // librdkafka in the order the tracker computed them. Stored after the lock was released,
         // a task could store an older position over a newer one, and at the end of a stream
         // nothing would store past it again: the partition's commit would stay short for good.
         let now = Instant::now();
-        let mut tracker = self.lock_tracker();
         let mut positions: Vec<(&str, i32, i64)> = Vec::new();
-        for i in done.drain(..) {
-            let m = &messages[i];
-            if let Some(next) = tracker.done_at(&m.topic, m.partition, m.offset, stamps[i], now) {
+        for (m, stamp) in done {
+            if let Some(next) = tracker.done_at(&m.topic, m.partition, m.offset, stamp, now) {
                 match positions
                     .iter_mut()
                     .find(|(t, p, _)| *p == m.partition && *t == m.topic)
@@ -525,8 +761,12 @@ impl<H: Handler> Shared<H> {
         for (topic, partition, next) in positions {
             store_position(&self.consumer, topic, partition, next);
         }
-        drop(tracker);
     }
+}
+
+/// The key lines' state, whatever a panic elsewhere left in its lock.
+fn lock(lines: &Mutex<Lines>) -> std::sync::MutexGuard<'_, Lines> {
+    lines.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Stores `next` (the next offset to consume) for the auto-commit. Call with the tracker's lock

@@ -232,6 +232,8 @@ fn add_header(headers: &OwnedHeaders, key: &[u8], value: Option<&[u8]>) {
 pub struct GroupContext {
     /// The consumer's offset tracker, shared with [`crate::consumer::Consumer`].
     pub tracker: Arc<Mutex<OffsetTracker>>,
+    /// The consumer's key lines (I12), which a revoke ends for the revoked partitions.
+    pub lines: Arc<Mutex<crate::lines::Lines>>,
 }
 
 impl GroupContext {
@@ -262,6 +264,11 @@ impl ConsumerContext for GroupContext {
             .iter()
             .map(|e| tracker.revoke(e.topic(), e.partition()))
             .sum();
+        let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        for e in tpl.elements() {
+            lines.revoke(e.topic(), e.partition());
+        }
+        drop(lines);
         if abandoned > 0 {
             tracing::info!(
                 abandoned,

@@ -44,6 +44,7 @@ pub mod guard;
 pub mod handler;
 pub mod http_server;
 pub mod kafka;
+pub mod lines;
 pub mod message;
 pub mod offsets;
 pub mod ops;

@@ -41,7 +41,7 @@ type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 /// Values by topic, then partition: looked up by `&str`, so the per-message path allocates
 /// nothing.
 #[derive(Debug)]
-struct ByPartition<T>(FastMap<String, FastMap<i32, T>>);
+pub(crate) struct ByPartition<T>(FastMap<String, FastMap<i32, T>>);
 
 impl<T> Default for ByPartition<T> {
     fn default() -> Self {
@@ -50,15 +50,15 @@ impl<T> Default for ByPartition<T> {
 }
 
 impl<T> ByPartition<T> {
-    fn get(&self, topic: &str, partition: i32) -> Option<&T> {
+    pub(crate) fn get(&self, topic: &str, partition: i32) -> Option<&T> {
         self.0.get(topic)?.get(&partition)
     }
 
-    fn get_mut(&mut self, topic: &str, partition: i32) -> Option<&mut T> {
+    pub(crate) fn get_mut(&mut self, topic: &str, partition: i32) -> Option<&mut T> {
         self.0.get_mut(topic)?.get_mut(&partition)
     }
 
-    fn get_or_insert_with(
+    pub(crate) fn get_or_insert_with(
         &mut self,
         topic: &str,
         partition: i32,
@@ -71,15 +71,15 @@ impl<T> ByPartition<T> {
         by_partition.entry(partition).or_insert_with(new)
     }
 
-    fn remove(&mut self, topic: &str, partition: i32) -> Option<T> {
+    pub(crate) fn remove(&mut self, topic: &str, partition: i32) -> Option<T> {
         self.0.get_mut(topic)?.remove(&partition)
     }
 
-    fn values(&self) -> impl Iterator<Item = &T> {
+    pub(crate) fn values(&self) -> impl Iterator<Item = &T> {
         self.0.values().flat_map(|ps| ps.values())
     }
 
-    fn iter(&self) -> impl Iterator<Item = (&str, i32, &T)> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&str, i32, &T)> {
         self.0
             .iter()
             .flat_map(|(t, ps)| ps.iter().map(move |(p, v)| (t.as_str(), *p, v)))

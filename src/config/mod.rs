@@ -443,7 +443,7 @@ mod kafka;
 mod retry;
 
 pub use kafka::{flatten_properties, kafka_property_is_secret, redact_url, KafkaConfig};
-pub use retry::{RetryConfig, RetryPolicy};
+pub use retry::{OrderingMode, RetryConfig, RetryPolicy};
 
 #[cfg(test)]
 mod tests;

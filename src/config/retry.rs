@@ -5,6 +5,7 @@
 
 use super::{invalid, prefixed, ConfigError};
 use crate::backoff::{Backoff, BackoffKind};
+use crate::store::capture::{Line, OnDead};
 use figment::providers::Serialized;
 use figment::value::Dict;
 use figment::Figment;
@@ -33,6 +34,24 @@ pub struct RetryPolicy {
     /// Cap on a handler's `Retry-After`.
     #[serde(with = "humantime_serde")]
     pub retry_after_max: Duration,
+    /// `none`: messages are handled concurrently and a failure holds back no other message.
+    /// `key`: the messages of one key (within a partition) are handled one after another, and the
+    /// messages behind a failed one wait in the retry table until it is done (I12).
+    pub ordering: OrderingMode,
+    /// With `ordering = "key"`, what a dead message does to the messages of its key behind it:
+    /// `block` (they wait for an operator to replay or purge it) or `skip` (the next one goes on).
+    pub on_dead: OnDead,
+}
+
+/// What order a topic's messages are handled in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OrderingMode {
+    /// Concurrently; a failed message does not hold back later ones.
+    #[default]
+    None,
+    /// One at a time per key and partition; a failed message holds back its key's later ones.
+    Key,
 }
 
 /// `[retry]`: the default policy, and `topics` with per-topic overrides.
@@ -54,11 +73,27 @@ impl Default for RetryPolicy {
             max_delay: Duration::from_secs(3600),
             jitter: 0.1,
             retry_after_max: Duration::from_secs(3600),
+            ordering: OrderingMode::None,
+            on_dead: OnDead::Block,
         }
     }
 }
 
 impl RetryPolicy {
+    /// The key line a message of this topic joins (I12): with key ordering and a key, its line;
+    /// otherwise none (a record without a key has no order to keep).
+    pub fn line(&self, key: Option<&[u8]>) -> Option<Line> {
+        match (self.ordering, key) {
+            (OrderingMode::Key, Some(key)) => Some(Line::of(key, self.on_dead)),
+            _ => None,
+        }
+    }
+
+    /// With key ordering, its dead-row policy; `None` without.
+    pub fn ordered(&self) -> Option<OnDead> {
+        (self.ordering == OrderingMode::Key).then_some(self.on_dead)
+    }
+
     /// The backoff parameters of this policy.
     pub fn backoff(&self) -> Backoff {
         Backoff {
@@ -92,6 +127,13 @@ impl RetryPolicy {
 }
 
 impl RetryConfig {
+    /// Whether any topic keeps key order.
+    pub fn any_ordered(&self) -> bool {
+        std::iter::once(&self.default)
+            .chain(self.topics.values())
+            .any(|p| p.ordering == OrderingMode::Key)
+    }
+
     /// The policy for a topic: its override, or the default.
     pub fn for_topic(&self, topic: &str) -> &RetryPolicy {
         self.topics.get(topic).unwrap_or(&self.default)

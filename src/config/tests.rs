@@ -1,5 +1,6 @@
 use super::*;
 use crate::backoff::BackoffKind;
+use crate::store::capture::{Line, OnDead};
 
 const MINIMAL: &str = r#"
 [postgres]
@@ -48,6 +49,37 @@ fn per_topic_retry_overrides_keep_the_other_defaults() {
     assert_eq!(orders.max_attempts, 10);
     assert_eq!(orders.backoff, BackoffKind::Linear);
     assert_eq!(orders.initial_delay, Duration::from_secs(1));
+}
+
+#[test]
+fn key_ordering_is_set_per_topic_and_off_by_default() {
+    let c = with(
+        "[retry.topics.\"orders\"]\nordering = \"key\"\n\
+         [retry.topics.\"audit\"]\nordering = \"key\"\non_dead = \"skip\"",
+    )
+    .unwrap();
+    assert_eq!(c.retry.default.ordering, OrderingMode::None);
+    assert!(c.retry.any_ordered());
+    let orders = c.retry.for_topic("orders");
+    assert_eq!(orders.ordering, OrderingMode::Key);
+    assert_eq!(
+        orders.on_dead,
+        OnDead::Block,
+        "a dead message blocks its key by default"
+    );
+    assert_eq!(c.retry.for_topic("audit").on_dead, OnDead::Skip);
+    assert_eq!(c.retry.for_topic("other").line(Some(b"k")), None);
+    assert_eq!(
+        orders.line(None),
+        None,
+        "a record without a key has no order to keep"
+    );
+    assert_eq!(orders.line(Some(b"k")), Some(Line::of(b"k", OnDead::Block)));
+    assert!(!with("").unwrap().retry.any_ordered());
+    let e = error_of("[retry]\nordering = \"partition\"");
+    assert!(e.contains("retry") && e.contains("ordering"), "{e}");
+    let e = error_of("[retry.topics.\"orders\"]\non_dead = \"later\"");
+    assert!(e.contains("on_dead"), "{e}");
 }
 
 fn error_of(extra: &str) -> String {

@@ -44,7 +44,7 @@ pub fn render(s: &Status, database: &str) -> String {
         out += "  (the retry table is empty)\n";
     } else {
         let mut t = table(&[
-            "group", "topic", "pending", "running", "paused", "dead", "replayed",
+            "group", "topic", "pending", "running", "paused", "dead", "replayed", "waiting",
         ]);
         for c in &s.topics {
             let n = |n: i64| count(n, c.estimated);
@@ -56,6 +56,7 @@ pub fn render(s: &Status, database: &str) -> String {
                 n(c.paused),
                 n(c.dead),
                 n(c.replayed),
+                n(c.waiting),
             ]);
         }
         out += &format!("{t}\n");
@@ -95,6 +96,38 @@ pub fn render(s: &Status, database: &str) -> String {
                 when(Some(p.paused_at), s.at),
                 p.paused_by.clone(),
                 p.reason.clone().unwrap_or_default(),
+            ]);
+        }
+        out += &format!("{t}\n");
+    }
+    if !s.key_lines.is_empty() {
+        out += &format!(
+            "\nKeys waiting behind a row of theirs ({} in all; `redrive.key_lines` has them all)\n",
+            s.key_lines_total
+        );
+        let mut t = table(&[
+            "group",
+            "topic",
+            "partition",
+            "key",
+            "head offset",
+            "head",
+            "waiting",
+        ]);
+        for l in &s.key_lines {
+            let head = if l.needs_operator {
+                "dead: replay or purge it".to_string()
+            } else {
+                l.head_state.clone()
+            };
+            t.add_row(vec![
+                l.consumer_group.clone(),
+                l.topic.clone(),
+                l.partition.to_string(),
+                l.key.as_deref().map(|k| clip(k, 40)).unwrap_or_default(),
+                l.head_offset.to_string(),
+                head,
+                l.waiting.to_string(),
             ]);
         }
         out += &format!("{t}\n");

@@ -23,7 +23,7 @@ pub enum InitialState {
     Dead,
     /// Not delivered, because an earlier message of its key has a row (I12): it waits in its
     /// [`Line`], without an attempt or an error. Should the line be empty by the time the row is
-    /// stored, the row is due at once instead, its first attempt still to come.
+    /// stored, it is not stored at all, and the capture says it is open.
     Parked,
 }
 
@@ -82,6 +82,23 @@ impl Line {
     }
 }
 
+/// What a capture statement did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Captured {
+    /// Rows that were new.
+    pub inserted: u64,
+    /// Parked messages (topic, partition, offset) that found their key's line empty, so were not
+    /// stored: no earlier message of their key has a row, and they are to be delivered.
+    pub open: Vec<(String, i32, i64)>,
+}
+
+impl std::ops::AddAssign for Captured {
+    fn add_assign(&mut self, other: Captured) {
+        self.inserted += other.inserted;
+        self.open.extend(other.open);
+    }
+}
+
 /// A failed first delivery, ready to be stored.
 #[derive(Debug, Clone)]
 pub struct Capture {
@@ -108,12 +125,31 @@ impl Store {
     /// deleted and recreated, or its log truncated, so offsets were reused) is not a redelivery: it
     /// is captured too, as the next `incarnation` of those coordinates, so it is never lost.
     pub async fn capture(&self, group: &str, batch: &[Capture]) -> Result<u64, StoreError> {
+        Ok(self.capture_rows(group, batch).await?.inserted)
+    }
+
+    /// [`Store::capture`], saying also which parked messages found their line empty (I12).
+    pub async fn capture_rows(
+        &self,
+        group: &str,
+        batch: &[Capture],
+    ) -> Result<Captured, StoreError> {
         if batch
             .iter()
             .any(|c| c.line.is_some() || c.state == InitialState::Parked)
         {
             return self.capture_in_lines(group, batch).await;
         }
+        self.capture_plain(group, batch)
+            .await
+            .map(|inserted| Captured {
+                inserted,
+                open: Vec::new(),
+            })
+    }
+
+    /// [`Store::capture`] of a batch without key lines.
+    async fn capture_plain(&self, group: &str, batch: &[Capture]) -> Result<u64, StoreError> {
         let rows: Vec<&Capture> = batch.iter().collect();
         let c = Columns::of(&rows);
         // Nearly always every row is new: a plain INSERT costs Postgres a fifth less than one
@@ -176,9 +212,14 @@ impl Store {
     /// The batch of [`Store::capture`] when rows of it have key lines (I12), in one transaction:
     /// the lines' locks first, then one statement that sees every line as its last writer left
     /// it. A row waits when its line already holds a row (one that is pending, paused, waiting,
-    /// or dead with the `block` policy), or an earlier row of the batch that will hold it. A
-    /// parked row whose line turns out empty is due at once, with no attempt made yet.
-    async fn capture_in_lines(&self, group: &str, batch: &[Capture]) -> Result<u64, StoreError> {
+    /// or dead with the `block` policy), or an earlier row of the batch, not itself parked, that
+    /// will hold it. A parked row whose line turns out empty is not stored: it is [`Captured::open`],
+    /// and its message is the caller's to deliver, in order, as the line has no row left.
+    async fn capture_in_lines(
+        &self,
+        group: &str,
+        batch: &[Capture],
+    ) -> Result<Captured, StoreError> {
         let rows: Vec<&Capture> = batch.iter().collect();
         let c = Columns::of(&rows);
         let lines: Vec<Option<&[u8]>> = rows
@@ -200,25 +241,13 @@ impl Store {
         )
         .execute(&mut *tx)
         .await?;
-        let inserted = sqlx::query_scalar!(
+        let outcomes = sqlx::query!(
             r#"
-            INSERT INTO redrive.retry_messages (
-                id, consumer_group, topic, "partition", kafka_offset, kafka_timestamp, key, payload,
-                headers, state, attempts, max_attempts, next_attempt_at, last_error, error_kind,
-                error_history, first_failed_at, updated_at, dead_at, order_key, order_on_dead)
-            SELECT t.id, $1, t.topic, t.part, t.off, t.ts, t.key, t.payload, t.headers,
-                   CASE WHEN t.behind THEN 'waiting' WHEN t.parked THEN 'pending' ELSE t.state END,
-                   CASE WHEN t.parked THEN 0 ELSE 1 END, t.max_attempts,
-                   CASE WHEN t.parked THEN now() ELSE now() + make_interval(secs => t.retry_in) END,
-                   CASE WHEN NOT t.parked THEN t.err END, CASE WHEN NOT t.parked THEN t.kind END,
-                   CASE WHEN t.parked THEN '[]'::jsonb
-                        ELSE to_jsonb(ARRAY[ROW(now(), 1, t.kind, t.err)::redrive.history_entry]) END,
-                   now(), now(), CASE WHEN t.state = 'dead' AND NOT t.behind THEN now() END,
-                   t.line, t.on_dead
-            FROM (
+            WITH t AS (
                 SELECT u.*, u.state = 'waiting' AS parked,
                        u.line IS NOT NULL AND (
-                           coalesce(bool_or(u.state <> 'dead' OR u.on_dead = 'block') OVER (
+                           coalesce(bool_or(u.state <> 'waiting'
+                                            AND (u.state <> 'dead' OR u.on_dead = 'block')) OVER (
                                PARTITION BY u.topic, u.part, u.line ORDER BY u.off
                                ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), false)
                            OR EXISTS (
@@ -233,9 +262,29 @@ impl Store {
                             $12::float8[], $13::text[], $14::text[], $15::bytea[], $16::text[])
                      AS u(id, topic, part, off, ts, key, payload, headers, state, max_attempts,
                           retry_in, err, kind, line, on_dead)
-            ) t
-            ON CONFLICT (consumer_group, topic, "partition", kafka_offset, incarnation) DO NOTHING
-            RETURNING id
+            ), stored AS (
+                INSERT INTO redrive.retry_messages (
+                    id, consumer_group, topic, "partition", kafka_offset, kafka_timestamp, key,
+                    payload, headers, state, attempts, max_attempts, next_attempt_at, last_error,
+                    error_kind, error_history, first_failed_at, updated_at, dead_at, order_key,
+                    order_on_dead)
+                SELECT t.id, $1, t.topic, t.part, t.off, t.ts, t.key, t.payload, t.headers,
+                       CASE WHEN t.behind THEN 'waiting' ELSE t.state END,
+                       CASE WHEN t.parked THEN 0 ELSE 1 END, t.max_attempts,
+                       CASE WHEN t.parked THEN now() ELSE now() + make_interval(secs => t.retry_in) END,
+                       CASE WHEN NOT t.parked THEN t.err END, CASE WHEN NOT t.parked THEN t.kind END,
+                       CASE WHEN t.parked THEN '[]'::jsonb
+                            ELSE to_jsonb(ARRAY[ROW(now(), 1, t.kind, t.err)::redrive.history_entry]) END,
+                       now(), now(), CASE WHEN t.state = 'dead' AND NOT t.behind THEN now() END,
+                       t.line, t.on_dead
+                FROM t
+                WHERE t.behind OR NOT t.parked
+                ON CONFLICT (consumer_group, topic, "partition", kafka_offset, incarnation) DO NOTHING
+                RETURNING id
+            )
+            SELECT id AS "id!", false AS "open!" FROM stored
+            UNION ALL
+            SELECT id, true FROM t WHERE t.parked AND NOT t.behind
             "#,
             group,
             &c.ids,
@@ -257,16 +306,31 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        if inserted.len() == batch.len() {
-            return Ok(inserted.len() as u64);
+        let mut captured = Captured::default();
+        for o in &outcomes {
+            if o.open {
+                let i = c
+                    .ids
+                    .iter()
+                    .position(|id| *id == o.id)
+                    .expect("an id of the batch");
+                let m = &rows[i].message;
+                captured.open.push((m.topic.clone(), m.partition, m.offset));
+            } else {
+                captured.inserted += 1;
+            }
+        }
+        if outcomes.len() == batch.len() {
+            return Ok(captured);
         }
         // Offsets that already have rows: redeliveries add nothing. A different message at a
         // reused offset is kept as a new incarnation, outside any line (its offsets no longer
         // say where it stands in one).
+        let answered: std::collections::HashSet<Uuid> = outcomes.iter().map(|o| o.id).collect();
         let taken: Vec<Capture> = rows
             .into_iter()
             .zip(&c.ids)
-            .filter(|(_, id)| !inserted.contains(id))
+            .filter(|(_, id)| !answered.contains(id))
             .map(|(row, _)| Capture {
                 state: match row.state {
                     InitialState::Parked => InitialState::Pending,
@@ -277,8 +341,40 @@ impl Store {
             })
             .collect();
         let taken: Vec<&Capture> = taken.iter().collect();
-        let reused = self.capture_reused(group, &taken).await?;
-        Ok((inserted.len() + reused) as u64)
+        captured.inserted += self.capture_reused(group, &taken).await? as u64;
+        Ok(captured)
+    }
+
+    /// The lines of a partition that hold a row (I12): each one's Kafka key (from a row that
+    /// has it; a row kept in its safe form has none) and its [`Line::key`]. A message of one of
+    /// them must wait behind that row. Read when the consumer is assigned the partition, before it
+    /// delivers any of its messages.
+    pub async fn lines_of(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: i32,
+    ) -> Result<Vec<(Option<Vec<u8>>, [u8; 32])>, StoreError> {
+        let lines = sqlx::query!(
+            r#"
+            SELECT order_key AS "line!", (array_agg(key) FILTER (WHERE key IS NOT NULL))[1] AS key
+            FROM redrive.retry_messages
+            WHERE consumer_group = $1 AND topic = $2 AND "partition" = $3
+              AND order_key IS NOT NULL
+              AND (state IN ('pending', 'paused', 'waiting')
+                   OR (state = 'dead' AND order_on_dead = 'block'))
+            GROUP BY order_key
+            "#,
+            group,
+            topic,
+            partition,
+        )
+        .fetch_all(self.pool())
+        .await?;
+        Ok(lines
+            .into_iter()
+            .filter_map(|l| Some((l.key, <[u8; 32]>::try_from(l.line.as_slice()).ok()?)))
+            .collect())
     }
 
     /// Inserts every row of the batch, or none: fails on the source key when any row exists.

@@ -38,6 +38,28 @@ pub struct Status {
     pub top_errors_estimated: bool,
     /// The sample the estimates come from; `None` when every number is exact.
     pub sample: Option<SampleInfo>,
+    /// The key lines holding rows (I12), those that wait for an operator first, then the longest;
+    /// at most [`Limits::key_lines`] of them.
+    pub key_lines: Vec<KeyLine>,
+    /// How many key lines hold rows in all.
+    pub key_lines_total: i64,
+}
+
+/// A key whose messages wait behind a row of it (I12): a row of `redrive.key_lines`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct KeyLine {
+    pub consumer_group: String,
+    pub topic: String,
+    pub partition: i32,
+    /// The key as text where it is valid UTF-8; its bytes in hex otherwise.
+    pub key: Option<String>,
+    /// The row the others wait behind.
+    pub head_offset: i64,
+    pub head_state: String,
+    /// The head is dead and its topic blocks on a dead row: the key waits for a replay or a purge.
+    pub needs_operator: bool,
+    /// Rows waiting behind the head.
+    pub waiting: i64,
 }
 
 /// The pages a status read to estimate what was too large to count.
@@ -59,6 +81,8 @@ pub struct TopicCounts {
     pub paused: i64,
     pub dead: i64,
     pub replayed: i64,
+    /// Rows parked behind an earlier row of their key (I12).
+    pub waiting: i64,
     /// Whether these counts are estimates from the sample.
     pub estimated: bool,
 }
@@ -122,6 +146,8 @@ pub struct Limits {
     pub error_rows: i64,
     /// How many of the table's pages the sample reads. A table no larger is read whole, exactly.
     pub sample_pages: i64,
+    /// How many key lines are listed.
+    pub key_lines: i64,
 }
 
 impl Limits {
@@ -132,6 +158,7 @@ impl Limits {
         index_rows: 1_000_000,
         error_rows: 100_000,
         sample_pages: 5_000,
+        key_lines: 10,
     };
 
     /// Every number exact: the whole table is read (`redrive status --exact`).
@@ -141,6 +168,7 @@ impl Limits {
         index_rows: i64::MAX - 1,
         error_rows: i64::MAX - 1,
         sample_pages: i64::MAX,
+        key_lines: 10,
     };
 }
 
@@ -223,7 +251,37 @@ impl Store {
         } else {
             sample::top_errors(&mut tx, plan, since, top).await?
         };
+        let key_lines = sqlx::query!(
+            r#"
+            SELECT consumer_group AS "consumer_group!", topic AS "topic!",
+                   "partition" AS "partition!",
+                   coalesce(key_text, encode(key, 'hex')) AS key_shown,
+                   head_offset AS "head_offset!", head_state AS "head_state!",
+                   needs_operator AS "needs_operator!", waiting AS "waiting!",
+                   count(*) OVER () AS "total!"
+            FROM redrive.key_lines
+            ORDER BY needs_operator DESC, waiting DESC, consumer_group, topic, "partition", head_offset
+            LIMIT $1
+            "#,
+            limits.key_lines,
+        )
+        .fetch_all(&mut *tx)
+        .await?;
         tx.commit().await?;
+        let key_lines_total = key_lines.first().map_or(0, |l| l.total);
+        let key_lines = key_lines
+            .into_iter()
+            .map(|l| KeyLine {
+                consumer_group: l.consumer_group,
+                topic: l.topic,
+                partition: l.partition,
+                key: l.key_shown,
+                head_offset: l.head_offset,
+                head_state: l.head_state,
+                needs_operator: l.needs_operator,
+                waiting: l.waiting,
+            })
+            .collect();
         let estimated = !exact_errors
             || topics.iter().any(|t| t.estimated)
             || groups.iter().any(|g| g.estimated);
@@ -236,6 +294,8 @@ impl Store {
             top_errors,
             top_errors_estimated: !exact_errors,
             sample: estimated.then(|| plan.info()),
+            key_lines,
+            key_lines_total,
         })
     }
 }
@@ -292,14 +352,16 @@ async fn topics(
         r#"
         SELECT p.consumer_group AS "consumer_group!", p.topic AS "topic!",
                c.pending AS "pending!", c.running AS "running!", c.paused AS "paused!",
-               c.dead AS "dead!", c.replayed AS "replayed!", false AS "estimated!"
+               c.dead AS "dead!", c.replayed AS "replayed!", c.waiting AS "waiting!",
+               false AS "estimated!"
         FROM unnest($1::text[], $2::text[]) AS p(consumer_group, topic),
              LATERAL (
                  SELECT count(*) FILTER (WHERE state = 'pending') AS pending,
                         count(*) FILTER (WHERE state = 'running') AS running,
                         count(*) FILTER (WHERE state = 'paused') AS paused,
                         count(*) FILTER (WHERE state = 'dead') AS dead,
-                        count(*) FILTER (WHERE state = 'replayed') AS replayed
+                        count(*) FILTER (WHERE state = 'replayed') AS replayed,
+                        count(*) FILTER (WHERE state = 'waiting') AS waiting
                  FROM (SELECT state FROM redrive.retry_messages r
                        WHERE r.consumer_group = p.consumer_group AND r.topic = p.topic
                        ORDER BY r.consumer_group, r.topic, r."partition", r.kafka_offset

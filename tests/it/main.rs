@@ -6,6 +6,7 @@ mod dlq;
 mod e2e;
 mod hardening;
 mod helpers;
+mod key_order;
 mod operators;
 mod ordering;
 mod rebalance;

@@ -986,8 +986,8 @@ async fn status_json_reports_the_table() {
     assert_eq!(
         s["topics"],
         json!([
-            {"consumer_group": "g1", "topic": "orders", "pending": 3, "running": 1, "paused": 1, "dead": 2, "replayed": 1, "estimated": false},
-            {"consumer_group": "g2", "topic": "payments", "pending": 0, "running": 0, "paused": 0, "dead": 1, "replayed": 0, "estimated": false},
+            {"consumer_group": "g1", "topic": "orders", "pending": 3, "running": 1, "paused": 1, "dead": 2, "replayed": 1, "waiting": 0, "estimated": false},
+            {"consumer_group": "g2", "topic": "payments", "pending": 0, "running": 0, "paused": 0, "dead": 1, "replayed": 0, "waiting": 0, "estimated": false},
         ])
     );
     let at = |v: &Value| chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap()).unwrap();

@@ -159,10 +159,16 @@ async fn a_batch_parks_its_own_later_rows_behind_its_failure() {
         states(&db, "t", &[1, 2, 3, 4]).await,
         ["pending", "waiting", "waiting", "pending"]
     );
-    // A parked message whose line is empty when it is stored is due at once, not left waiting.
-    db.seed(&[parked("t", "other", 9, block)]).await;
-    assert_eq!(state_at(&db, "t", 9).await, "pending");
-    assert_eq!(db.count("kafka_offset = 9 AND attempts = 0").await, 1);
+    // A parked message whose line is empty when it is stored is not stored: it is open, for the
+    // consumer to deliver, as nothing of its key is ahead of it.
+    let captured = db
+        .store
+        .capture_rows("g", &[parked("t", "other", 9, block)])
+        .await
+        .unwrap();
+    assert_eq!(captured.inserted, 0);
+    assert_eq!(captured.open, [("t".to_string(), 0, 9)]);
+    assert_eq!(state_at(&db, "t", 9).await, "gone");
     db.assert_queue_in_step().await;
 }
 
@@ -213,10 +219,17 @@ async fn a_dead_row_blocks_its_line_until_an_operator_lets_it_go() {
 async fn with_the_skip_policy_a_dead_row_lets_its_line_go_on() {
     let db = TestDb::new().await;
     let skip = OnDead::Skip;
-    // Dead at capture: it holds nothing, so the next message of the key is due at once.
+    // Dead at capture: it holds nothing, so the next message of the key is open.
     db.seed(&[first("t", "k", 1, InitialState::Dead, skip)])
         .await;
-    db.seed(&[parked("t", "k", 2, skip), parked("t", "k", 3, skip)])
+    let captured = db
+        .store
+        .capture_rows("g", &[parked("t", "k", 2, skip)])
+        .await
+        .unwrap();
+    assert_eq!(captured.open, [("t".to_string(), 0, 2)]);
+    // Delivered, it fails, and the next one waits behind it.
+    db.seed(&[failed("t", "k", 2, skip), parked("t", "k", 3, skip)])
         .await;
     assert_eq!(
         states(&db, "t", &[1, 2, 3]).await,
@@ -246,11 +259,13 @@ async fn a_redelivered_message_of_a_line_keeps_one_row() {
 }
 
 /// A parked message stored while the row ahead of it succeeds, from two connections at once: the
-/// parked row is never left waiting behind a line that has emptied.
+/// parked row is never left waiting behind a line that has emptied. Either it waits, and the
+/// success releases it, or it finds the line empty and comes back open, unstored.
 #[tokio::test]
 async fn parking_and_a_success_at_once_never_strand_a_row() {
     let db = TestDb::new().await;
     let block = OnDead::Block;
+    let mut opened_after_success = 0;
     for i in 0..60_i64 {
         let key = format!("k{i}");
         db.seed(&[failed("t", &key, i * 10, block)]).await;
@@ -258,18 +273,89 @@ async fn parking_and_a_success_at_once_never_strand_a_row() {
         assert_eq!(offsets(&claimed), [i * 10]);
         let later = parked("t", &key, i * 10 + 1, block);
         let (captured, ()) = tokio::join!(
-            db.store.capture("g", std::slice::from_ref(&later)),
+            db.store.capture_rows("g", std::slice::from_ref(&later)),
             complete(&db, &claimed, Outcome::Succeeded),
         );
-        assert_eq!(captured.unwrap(), 1);
-        assert_eq!(
-            states(&db, "t", &[i * 10, i * 10 + 1]).await,
-            ["gone", "pending"],
-            "iteration {i}: the parked row waits behind nothing"
-        );
-        let claimed = db.claim(LEASE).await;
-        assert_eq!(offsets(&claimed), [i * 10 + 1]);
-        complete(&db, &claimed, Outcome::Succeeded).await;
+        let captured = captured.unwrap();
+        if captured.inserted == 1 {
+            assert_eq!(
+                states(&db, "t", &[i * 10, i * 10 + 1]).await,
+                ["gone", "pending"],
+                "iteration {i}: the parked row waits behind nothing"
+            );
+            let claimed = db.claim(LEASE).await;
+            assert_eq!(offsets(&claimed), [i * 10 + 1]);
+            complete(&db, &claimed, Outcome::Succeeded).await;
+        } else {
+            opened_after_success += 1;
+            assert_eq!(captured.open, [("t".to_string(), 0, i * 10 + 1)]);
+            assert_eq!(
+                states(&db, "t", &[i * 10, i * 10 + 1]).await,
+                ["gone", "gone"],
+                "iteration {i}: an open message is not stored"
+            );
+        }
     }
+    tracing::debug!(opened_after_success, "parks that found the line empty");
     db.assert_queue_in_step().await;
+}
+
+/// `redrive status` and `redrive.key_lines` show which keys wait, behind what, and which need an
+/// operator.
+#[tokio::test]
+async fn status_and_the_key_lines_view_show_what_waits_behind_what() {
+    let db = TestDb::new().await;
+    let block = OnDead::Block;
+    db.seed(&[
+        first("t", "stuck", 1, InitialState::Dead, block),
+        parked("t", "stuck", 2, block),
+        parked("t", "stuck", 3, block),
+        failed("t", "retrying", 4, block),
+        parked("t", "retrying", 5, block),
+    ])
+    .await;
+    let s = db
+        .store
+        .status(
+            Duration::from_secs(3600),
+            5,
+            redrive::store::status::Limits::DEFAULT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(s.topics[0].waiting, 3);
+    assert_eq!(s.topics[0].pending, 1);
+    assert_eq!(s.key_lines_total, 2);
+    let shown: Vec<_> = s
+        .key_lines
+        .iter()
+        .map(|l| {
+            (
+                l.key.as_deref().unwrap(),
+                l.head_offset,
+                l.head_state.as_str(),
+                l.needs_operator,
+                l.waiting,
+            )
+        })
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            ("stuck", 1, "dead", true, 2),
+            ("retrying", 4, "pending", false, 1)
+        ]
+    );
+    let text = redrive::ops::status::render(&s, "db");
+    assert!(text.contains("dead: replay or purge it"), "{text}");
+    // Each waiting row finds its head in the view.
+    let behind: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT w.kafka_offset, l.head_offset FROM redrive.retry_messages w \
+         JOIN redrive.key_lines l USING (consumer_group, topic, \"partition\", order_key) \
+         WHERE w.state = 'waiting' ORDER BY 1",
+    )
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(behind, [(2, 1), (3, 1), (5, 4)]);
 }

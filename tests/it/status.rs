@@ -72,6 +72,7 @@ async fn a_large_table_is_estimated_from_a_sample_and_says_so() {
         index_rows: 50,
         error_rows: 50,
         sample_pages: pages / 2,
+        key_lines: 10,
     };
     let s = status(&db, limits).await;
     let sample = s.sample.expect("the status says it estimated");

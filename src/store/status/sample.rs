@@ -56,6 +56,7 @@ struct PairCounts {
     paused: i64,
     dead: i64,
     replayed: i64,
+    waiting: i64,
     due: i64,
     dlq_backlog: i64,
     dlq_refused: i64,
@@ -76,6 +77,7 @@ impl Counts {
                    count(*) FILTER (WHERE state = 'paused') AS "paused!",
                    count(*) FILTER (WHERE state = 'dead') AS "dead!",
                    count(*) FILTER (WHERE state = 'replayed') AS "replayed!",
+                   count(*) FILTER (WHERE state = 'waiting') AS "waiting!",
                    count(*) FILTER (WHERE state = 'pending' AND next_attempt_at <= now()) AS "due!",
                    count(*) FILTER (WHERE state = 'dead' AND dlq_published_at IS NULL
                                       AND dlq_refused_at IS NULL) AS "dlq_backlog!",
@@ -96,6 +98,7 @@ impl Counts {
                     paused: r.paused,
                     dead: r.dead,
                     replayed: r.replayed,
+                    waiting: r.waiting,
                     due: r.due,
                     dlq_backlog: r.dlq_backlog,
                     dlq_refused: r.dlq_refused,
@@ -131,6 +134,7 @@ impl Counts {
             paused: plan.scale(c.paused),
             dead: plan.scale(c.dead),
             replayed: plan.scale(c.replayed),
+            waiting: plan.scale(c.waiting),
             estimated: !plan.whole(),
         }
     }

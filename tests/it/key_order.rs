@@ -1,0 +1,276 @@
+//! Key order through the consumer (I12), on the real broker: the messages of a key succeed in the
+//! order they were produced, a failing key's later messages wait behind it in the retry table, and
+//! every other key flows.
+
+use crate::helpers::*;
+use redrive::cli::RunArgs;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The value, key and attempt of each request the stub received, in the order received.
+fn calls(stub: &Stub) -> Vec<(i64, String, u32)> {
+    stub.all()
+        .iter()
+        .map(|r| {
+            let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            let key = r.header("ce-key").unwrap_or_default();
+            (v["value"].as_i64().unwrap(), key, r.attempt())
+        })
+        .collect()
+}
+
+/// The calls of one key: (value, attempt) in the order received.
+fn of_key(calls: &[(i64, String, u32)], key: &str) -> Vec<(i64, u32)> {
+    calls
+        .iter()
+        .filter(|(_, k, _)| k == key)
+        .map(|(v, _, a)| (*v, *a))
+        .collect()
+}
+
+async fn produce_values(topic: &str, values: impl Iterator<Item = (i64, &'static str)>) {
+    let p = producer(&kafka());
+    for (v, key) in values {
+        produce(
+            &p,
+            topic,
+            Some(key.as_bytes()),
+            Some(format!("{{\"value\":{v}}}").as_bytes()),
+            &[],
+        )
+        .await;
+    }
+}
+
+/// The seed experiment in key mode: values 1–10, keys k1/k2 alternating, the multiples of 3 fail
+/// twice. A later value of the same key as 3, 6 or 9 waits behind it; the other key flows.
+#[tokio::test]
+async fn the_seed_experiment_in_key_mode() {
+    let db = TestDb::new().await;
+    let (topic, group) = (unique("values"), unique("g"));
+    create_topic(&topic, 1).await;
+    create_topic(&format!("{topic}.dlq"), 1).await;
+    let stub = Stub::start(|r| {
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        let fails = v["value"].as_i64().unwrap() % 3 == 0 && r.attempt() <= 2;
+        (if fails { 500 } else { 200 }, vec![])
+    })
+    .await;
+    let retry = "[retry]\nmax_attempts = 4\ninitial_delay = \"500ms\"\nmultiplier = 2.0\n\
+                 jitter = 0.0\nordering = \"key\"";
+    let (stop, app) = spawn_app(
+        config(&db.url, &[&topic], &group, Some(stub.addr), retry),
+        RunArgs::default(),
+    );
+    produce_values(
+        &topic,
+        (1..=10).map(|v| (v, if v % 2 == 1 { "k1" } else { "k2" })),
+    )
+    .await;
+
+    wait_for(
+        "every value to succeed and every offset to be committed",
+        Duration::from_secs(60),
+        || async {
+            let ok = stub.count() == 16 && committed(&group, &topic, 0) == Some(10);
+            ok.then_some(())
+        },
+    )
+    .await;
+    wait_for(
+        "the retry table to empty",
+        Duration::from_secs(30),
+        || async { (db.count("true").await == 0).then_some(()) },
+    )
+    .await;
+    stop.cancel();
+    app.await.unwrap().unwrap();
+
+    let calls = calls(&stub);
+    // Each key's calls, in order: its failing value is retried, and nothing of the key is called
+    // before that value has succeeded. A message that waited is called as its first attempt.
+    assert_eq!(
+        of_key(&calls, "k1"),
+        [
+            (1, 1),
+            (3, 1),
+            (3, 2),
+            (3, 3),
+            (5, 1),
+            (7, 1),
+            (9, 1),
+            (9, 2),
+            (9, 3)
+        ]
+    );
+    assert_eq!(
+        of_key(&calls, "k2"),
+        [(2, 1), (4, 1), (6, 1), (6, 2), (6, 3), (8, 1), (10, 1)]
+    );
+    // k2 flows while k1 waits: 4 is called before 3 is retried at all.
+    let at = |value, attempt| {
+        calls
+            .iter()
+            .position(|(v, _, a)| *v == value && *a == attempt)
+            .unwrap()
+    };
+    assert!(at(4, 1) < at(3, 2), "{calls:?}");
+    assert!(at(10, 1) < at(9, 2) || at(6, 3) < at(9, 2), "{calls:?}");
+}
+
+/// A dead message blocks its key until an operator replays it (`on_dead = "block"`), and then its
+/// key's later messages go in order; with `"skip"` they go on at once. Other keys never wait.
+#[tokio::test]
+async fn a_dead_message_blocks_its_key_until_replayed_unless_its_topic_skips() {
+    let db = TestDb::new().await;
+    let (blocked, skipped, group) = (unique("blocked"), unique("skipped"), unique("g"));
+    create_topic(&blocked, 1).await;
+    create_topic(&skipped, 1).await;
+    for t in [&blocked, &skipped] {
+        create_topic(&format!("{t}.dlq"), 1).await;
+    }
+    // Value 1 is refused (permanent) until `healed`.
+    let healed = Arc::new(AtomicBool::new(false));
+    let h = healed.clone();
+    let stub = Stub::start(move |r| {
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        let refused = v["value"].as_i64().unwrap() == 1 && !h.load(Ordering::SeqCst);
+        (if refused { 400 } else { 200 }, vec![])
+    })
+    .await;
+    let retry =
+        format!("[retry]\nordering = \"key\"\n[retry.topics.\"{skipped}\"]\non_dead = \"skip\"");
+    let (stop, app) = spawn_app(
+        config(
+            &db.url,
+            &[&blocked, &skipped],
+            &group,
+            Some(stub.addr),
+            &retry,
+        ),
+        RunArgs::default(),
+    );
+    let values = || [(1, "k"), (2, "k"), (3, "other"), (4, "k"), (5, "other")].into_iter();
+    produce_values(&blocked, values()).await;
+    produce_values(&skipped, values()).await;
+
+    let on_topic = |topic: &str| {
+        let topic = topic.to_string();
+        let stub = stub.clone();
+        move || {
+            stub.all()
+                .iter()
+                .filter(|r| r.header("ce-source").is_some_and(|s| s.ends_with(&topic)))
+                .map(|r| {
+                    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+                    v["value"].as_i64().unwrap()
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    let (blocked_calls, skipped_calls) = (on_topic(&blocked), on_topic(&skipped));
+    wait_for(
+        "both topics' offsets to be committed, and the skipping topic's values called",
+        Duration::from_secs(60),
+        || async {
+            let done = committed(&group, &blocked, 0) == Some(5)
+                && committed(&group, &skipped, 0) == Some(5)
+                && skipped_calls().len() == 5
+                && blocked_calls().len() == 3;
+            done.then_some(())
+        },
+    )
+    .await;
+    // Skip: 1 died, and the rest of its key went on in order.
+    let mut k_values: Vec<i64> = skipped_calls()
+        .into_iter()
+        .filter(|v| [1, 2, 4].contains(v))
+        .collect();
+    assert_eq!(k_values, [1, 2, 4]);
+    // Block: 1 is dead and 2 and 4 wait behind it; the other key went on.
+    let mut got = blocked_calls();
+    got.sort();
+    assert_eq!(got, [1, 3, 5]);
+    let states: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT kafka_offset, state FROM redrive.retry_messages WHERE topic = $1 ORDER BY 1",
+    )
+    .bind(&blocked)
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    let states: BTreeMap<i64, String> = states.into_iter().collect();
+    assert_eq!(states[&0], "dead");
+    assert_eq!(states[&1], "waiting");
+    assert_eq!(states[&3], "waiting");
+    assert_eq!(states.len(), 3);
+
+    // Restarted, the consumer reads the blocked key before it delivers anything: a new message
+    // of it waits too, and the other key still flows.
+    stop.cancel();
+    app.await.unwrap().unwrap();
+    let (stop, app) = spawn_app(
+        config(
+            &db.url,
+            &[&blocked, &skipped],
+            &group,
+            Some(stub.addr),
+            &retry,
+        ),
+        RunArgs::default(),
+    );
+    produce_values(&blocked, [(6, "k"), (7, "other")].into_iter()).await;
+    wait_for(
+        "the new messages' offsets to be committed",
+        Duration::from_secs(60),
+        || async {
+            (committed(&group, &blocked, 0) == Some(7) && blocked_calls().contains(&7))
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(!blocked_calls().contains(&6), "{:?}", blocked_calls());
+    assert_eq!(
+        db.count(&format!("topic = '{blocked}' AND state = 'waiting'"))
+            .await,
+        3
+    );
+
+    // The operator fixes the cause and replays the dead message: it goes first, then its key.
+    healed.store(true, Ordering::SeqCst);
+    sqlx::query(
+        "SELECT redrive.replay(array_agg(id)) FROM redrive.retry_messages \
+         WHERE topic = $1 AND state = 'dead'",
+    )
+    .bind(&blocked)
+    .execute(db.pool())
+    .await
+    .unwrap();
+    wait_for(
+        "the blocked key to drain",
+        Duration::from_secs(60),
+        || async { (blocked_calls().len() == 8).then_some(()) },
+    )
+    .await;
+    k_values = blocked_calls()
+        .into_iter()
+        .filter(|v| [1, 2, 4, 6].contains(v))
+        .collect();
+    assert_eq!(k_values, [1, 1, 2, 4, 6]);
+    wait_for(
+        "the retry table to hold only the skipped dead row",
+        Duration::from_secs(30),
+        || async { (db.count("true").await == 1).then_some(()) },
+    )
+    .await;
+    // Once its line is empty, the key flows straight through the consumer again.
+    produce_values(&blocked, [(8, "k")].into_iter()).await;
+    wait_for("the key to flow again", Duration::from_secs(60), || async {
+        (committed(&group, &blocked, 0) == Some(8) && blocked_calls().contains(&8)).then_some(())
+    })
+    .await;
+    assert_eq!(db.count("true").await, 1);
+    stop.cancel();
+    app.await.unwrap().unwrap();
+}
