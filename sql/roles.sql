@@ -67,5 +67,6 @@ GRANT redrive_readonly TO redrive_operator;
 GRANT UPDATE, DELETE ON redrive.retry_messages TO redrive_operator;
 GRANT INSERT, UPDATE, DELETE ON redrive.paused_topics TO redrive_operator;
 GRANT EXECUTE ON FUNCTION redrive.replay(uuid[], text, text, integer),
-    redrive.pause(text, text, text), redrive.resume(text, text)
+    redrive.pause(text, text, text), redrive.resume(text, text),
+    redrive.lock_lines(text[], text[], integer[], bytea[])
     TO redrive_operator;

@@ -359,3 +359,56 @@ async fn status_and_the_key_lines_view_show_what_waits_behind_what() {
     .unwrap();
     assert_eq!(behind, [(2, 1), (3, 1), (5, 4)]);
 }
+
+/// Replaying a row its line had skipped keeps the line's order: while the line has a row under
+/// way, the replayed row waits, and goes first once that row leaves.
+#[tokio::test]
+async fn a_replayed_skipped_row_waits_for_the_row_under_way_then_goes_first() {
+    let db = TestDb::new().await;
+    let skip = OnDead::Skip;
+    db.seed(&[first("t", "k", 1, InitialState::Dead, skip)])
+        .await;
+    db.seed(&[failed("t", "k", 2, skip), parked("t", "k", 3, skip)])
+        .await;
+    let replay = |offsets: &'static [i64]| {
+        let pool = db.pool().clone();
+        async move {
+            sqlx::query(
+                "SELECT redrive.replay(array_agg(id)) FROM redrive.retry_messages \
+                 WHERE kafka_offset = ANY($1)",
+            )
+            .bind(offsets)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+    replay(&[1]).await;
+    assert_eq!(
+        states(&db, "t", &[1, 2, 3]).await,
+        ["waiting", "pending", "waiting"]
+    );
+    let claimed = db.claim(LEASE).await;
+    assert_eq!(
+        offsets(&claimed),
+        [2],
+        "only the row under way is attempted"
+    );
+    complete(&db, &claimed, Outcome::Succeeded).await;
+    assert_eq!(states(&db, "t", &[1, 3]).await, ["pending", "waiting"]);
+    let claimed = db.claim(LEASE).await;
+    assert_eq!(offsets(&claimed), [1]);
+    complete(&db, &claimed, dead()).await;
+    assert_eq!(states(&db, "t", &[1, 3]).await, ["dead", "pending"]);
+    let claimed = db.claim(LEASE).await;
+    complete(&db, &claimed, dead()).await;
+
+    // Two skipped rows of a line with nothing under way, replayed together: the lower goes first.
+    replay(&[1, 3]).await;
+    assert_eq!(states(&db, "t", &[1, 3]).await, ["pending", "waiting"]);
+    let claimed = db.claim(LEASE).await;
+    assert_eq!(offsets(&claimed), [1]);
+    complete(&db, &claimed, Outcome::Succeeded).await;
+    assert_eq!(state_at(&db, "t", 3).await, "pending");
+    db.assert_queue_in_step().await;
+}
