@@ -70,7 +70,9 @@ struct Batch {
     messages: Vec<Received>,
     /// How each message of a topic that keeps key order is ordered; empty when there is none.
     lines: Vec<Option<Ordered>>,
-    slots: OwnedSemaphorePermit,
+    /// Their slots: one each, except for messages of a key that were parked and came back open
+    /// (they go one at a time, after their slots went back with the hand-over).
+    slots: Option<OwnedSemaphorePermit>,
 }
 
 impl Batch {
@@ -80,17 +82,21 @@ impl Batch {
         let mut messages = Vec::with_capacity(items.len());
         let mut lines = Vec::with_capacity(items.len());
         for item in items {
-            match &mut slots {
-                Some(s) => s.merge(item.slot),
-                None => slots = Some(item.slot),
+            match (&mut slots, item.slot) {
+                (Some(s), Some(slot)) => s.merge(slot),
+                (None, slot) => slots = slot,
+                (Some(_), None) => {}
             }
             messages.push((item.message, item.stamp));
             lines.push(Some(item.order));
         }
+        if messages.is_empty() {
+            return None;
+        }
         Some(Batch {
             messages,
             lines,
-            slots: slots?,
+            slots,
         })
     }
 }
@@ -199,7 +205,7 @@ impl<H: Handler> Consumer<H> {
             let mut batch = Batch {
                 messages: vec![first],
                 lines: Vec::new(),
-                slots: permit,
+                slots: Some(permit),
             };
             if let Err(fatal) = self.fill(&mut batch, &slots, &mut held) {
                 failure = Some(fatal);
@@ -252,7 +258,9 @@ impl<H: Handler> Consumer<H> {
         };
         // The slots taken for messages that were not there go back when `more` is dropped.
         if let Some(used) = more.split(batch.messages.len() - 1) {
-            batch.slots.merge(used);
+            if let Some(slots) = batch.slots.as_mut() {
+                slots.merge(used);
+            }
         }
         result
     }
@@ -365,11 +373,9 @@ impl<H: Handler> Consumer<H> {
                 begun
             });
             // The slots of dropped messages go back.
-            drop(
-                batch
-                    .slots
-                    .split(batch.slots.num_permits() - batch.messages.len()),
-            );
+            if let Some(slots) = batch.slots.as_mut() {
+                drop(slots.split(slots.num_permits() - batch.messages.len()));
+            }
             if batch.messages.is_empty() {
                 return;
             }
@@ -435,7 +441,7 @@ impl<H: Handler> Shared<H> {
         let mut orders = Vec::with_capacity(batch.messages.len());
         // Whether each message waits; most go now, and stay where they are.
         let mut waits = Vec::new();
-        for (i, (message, _)) in batch.messages.iter().enumerate() {
+        for (i, (message, stamp)) in batch.messages.iter().enumerate() {
             let order = match (
                 self.retry.for_topic(&message.topic).ordered(),
                 message.key.as_deref(),
@@ -450,7 +456,7 @@ impl<H: Handler> Shared<H> {
                     continue;
                 }
             };
-            if !lines.start_now(message, order) {
+            if !lines.start_now(message, *stamp, order) {
                 waits.resize(batch.messages.len(), false);
                 waits[i] = true;
             }
@@ -466,7 +472,7 @@ impl<H: Handler> Shared<H> {
         for (((message, stamp), order), waits) in messages.into_iter().zip(orders).zip(waits) {
             match order {
                 Some(order) if waits => waiting.push(Item {
-                    slot: batch.slots.split(1).expect("a slot per message"),
+                    slot: batch.slots.as_mut().and_then(|s| s.split(1)),
                     message,
                     stamp,
                     order,
@@ -479,7 +485,11 @@ impl<H: Handler> Shared<H> {
         }
         let mut work = lines.admit(waiting);
         for item in work.run.drain(..) {
-            batch.slots.merge(item.slot);
+            match (batch.slots.as_mut(), item.slot) {
+                (Some(s), Some(slot)) => s.merge(slot),
+                (None, slot) => batch.slots = slot,
+                (Some(_), None) => {}
+            }
             batch.messages.push((item.message, item.stamp));
             batch.lines.push(Some(item.order));
         }
@@ -534,6 +544,13 @@ impl<H: Handler> Shared<H> {
         let Some(pending) = self.capture.hand_over_all(captures).await else {
             return;
         };
+        // Taken: the capturer's bounds hold the parked messages now, as they hold failures, and
+        // their slots go back so the consumer goes on reading. Those that come back open go one
+        // at a time, slot or not.
+        let mut group = group;
+        for item in &mut group {
+            item.slot = None;
+        }
         // A park the capturer could not finish (it stopped) is never done: no offset is stored.
         let Some(open) = pending.outcome().await else {
             return;
@@ -652,7 +669,7 @@ impl<H: Handler> Shared<H> {
             }
             for (i, error) in failed {
                 let message = messages[i].clone();
-                let slot = held_slots.split(1);
+                let slot = held_slots.as_mut().and_then(|s| s.split(1));
                 let order = line(i);
                 let capture = self.failure(message, error, order);
                 // Whether the row holds its key's line: all but a dead one with the skip policy.
@@ -673,7 +690,7 @@ impl<H: Handler> Shared<H> {
                 self.settle(&messages, &stamps, &lines, &mut done, &mut finished);
             }
             if free > 0 {
-                drop(held_slots.split(free));
+                drop(held_slots.as_mut().and_then(|s| s.split(free)));
                 free = 0;
             }
         }

@@ -259,14 +259,11 @@ impl ConsumerContext for GroupContext {
             ),
         }
         let mut tracker = self.lock_tracker();
-        let abandoned: usize = tpl
-            .elements()
-            .iter()
-            .map(|e| tracker.revoke(e.topic(), e.partition()))
-            .sum();
         let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        let mut abandoned = 0;
         for e in tpl.elements() {
-            lines.revoke(e.topic(), e.partition());
+            abandoned += tracker.revoke(e.topic(), e.partition());
+            lines.revoke(e.topic(), e.partition(), tracker.stamp());
         }
         drop(lines);
         if abandoned > 0 {

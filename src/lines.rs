@@ -52,12 +52,13 @@ impl Ordered {
     }
 }
 
-/// A received message of a topic that keeps key order, with its stamp and its slot.
+/// A received message of a topic that keeps key order, with its stamp and its slot (none once
+/// it was parked: the capturer's bounds hold it then).
 #[derive(Debug)]
 pub struct Item {
     pub message: Message,
     pub stamp: u64,
-    pub slot: OwnedSemaphorePermit,
+    pub slot: Option<OwnedSemaphorePermit>,
     pub order: Ordered,
 }
 
@@ -144,18 +145,22 @@ impl Part {
 #[derive(Debug, Default)]
 pub struct Lines {
     parts: ByPartition<Part>,
+    /// The stamp each partition's last revoke began: a message stamped before it is the next
+    /// owner's, and is dropped here.
+    revoked_at: ByPartition<u64>,
 }
 
 impl Lines {
     /// The common case, without moving the message: its partition's lines are known, and its key
     /// has nothing under way and no row. The key is then marked busy and `true` returned: the
     /// message goes now. Otherwise nothing changes, and the message goes to [`Lines::admit`].
-    pub fn start_now(&mut self, message: &Message, order: Ordered) -> bool {
+    pub fn start_now(&mut self, message: &Message, stamp: u64, order: Ordered) -> bool {
         let (topic, partition) = (message.topic.as_str(), message.partition);
         let Some(part) = self.parts.get_mut(topic, partition) else {
             return false;
         };
-        if !part.loaded || !part.opaque.is_empty() {
+        // A message from before the state began goes the slow way, which drops it.
+        if !part.loaded || !part.opaque.is_empty() || stamp < part.since {
             return false;
         }
         match part.keys.entry(order.key) {
@@ -270,10 +275,12 @@ impl Lines {
         next(&mut part.keys, key, work);
     }
 
-    /// The partition is revoked: its queued messages are dropped (their slots go back), and the
-    /// outcomes of its work under way will be ignored.
-    pub fn revoke(&mut self, topic: &str, partition: i32) {
+    /// The partition is revoked, and `generation` is the offset tracker's generation after it:
+    /// its queued messages are dropped (their slots go back), messages received before are
+    /// dropped when they arrive here, and the outcomes of its work under way are ignored.
+    pub fn revoke(&mut self, topic: &str, partition: i32, generation: u64) {
         self.parts.remove(topic, partition);
+        *self.revoked_at.get_or_insert_with(topic, partition, || 0) = generation;
     }
 
     fn admit_one(
@@ -283,6 +290,14 @@ impl Lines {
         parks: &mut Vec<(String, i32, KeyHash, usize)>,
     ) {
         let (topic, partition) = (item.message.topic.as_str(), item.message.partition);
+        if self
+            .revoked_at
+            .get(topic, partition)
+            .is_some_and(|&at| at > item.stamp)
+        {
+            // Received before the partition was revoked: its next owner has it.
+            return;
+        }
         let mut fresh = false;
         let part = self.parts.get_or_insert_with(topic, partition, || {
             fresh = true;

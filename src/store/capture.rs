@@ -250,12 +250,16 @@ impl Store {
                                             AND (u.state <> 'dead' OR u.on_dead = 'block')) OVER (
                                PARTITION BY u.topic, u.part, u.line ORDER BY u.off
                                ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), false)
+                           -- OFFSET 0 keeps this a probe of the line's index per row: as a
+                           -- hashed subplan, Postgres read every row in every line of the group
+                           -- on each statement (145 µs of CPU per parked row at 500,000).
                            OR EXISTS (
                                SELECT 1 FROM redrive.retry_messages r
                                WHERE r.consumer_group = $1 AND r.topic = u.topic
                                  AND r."partition" = u.part AND r.order_key = u.line
                                  AND (r.state IN ('pending', 'paused', 'waiting')
-                                      OR (r.state = 'dead' AND r.order_on_dead = 'block')))
+                                      OR (r.state = 'dead' AND r.order_on_dead = 'block'))
+                               OFFSET 0)
                        ) AS behind
                 FROM UNNEST($2::uuid[], $3::text[], $4::int4[], $5::int8[], $6::timestamptz[],
                             $7::bytea[], $8::bytea[], $9::jsonb[], $10::text[], $11::int4[],

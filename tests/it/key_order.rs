@@ -274,3 +274,112 @@ async fn a_dead_message_blocks_its_key_until_replayed_unless_its_topic_skips() {
     stop.cancel();
     app.await.unwrap().unwrap();
 }
+
+/// Key order while partitions move between two members: values of 20 keys over 4 partitions,
+/// every seventh one failing at its first attempt and retried 3 s later, while a second member
+/// joins and the first one leaves; each move happens while keys wait behind failed values. Each
+/// key's values first succeed in the order they were produced: a value may succeed again later
+/// (a redelivery), but never for the first time after a later value of its key.
+#[tokio::test]
+async fn key_order_holds_while_partitions_move_between_members() {
+    let db = TestDb::new().await;
+    let (topic, group) = (unique("moving"), unique("g"));
+    create_topic(&topic, 4).await;
+    create_topic(&format!("{topic}.dlq"), 1).await;
+    let fails = |v: i64, attempt: u32| v % 7 == 0 && attempt == 1;
+    let stub = Stub::start(move |r| {
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        let failed = fails(v["value"].as_i64().unwrap(), r.attempt());
+        (if failed { 503 } else { 200 }, vec![])
+    })
+    .await;
+    let retry = "[retry]\nordering = \"key\"\ninitial_delay = \"3s\"\njitter = 0.0";
+    let member = || {
+        spawn_app(
+            config(&db.url, &[&topic], &group, Some(stub.addr), retry),
+            RunArgs::default(),
+        )
+    };
+    const KEYS: [&str; 20] = [
+        "k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7", "k8", "k9", "k10", "k11", "k12", "k13",
+        "k14", "k15", "k16", "k17", "k18", "k19",
+    ];
+    let values = |from: i64, to: i64| (from..=to).map(|v| (v, KEYS[(v % 20) as usize]));
+    let committed_all = |n: i64| {
+        let (group, topic) = (group.clone(), topic.clone());
+        move || {
+            let (group, topic) = (group.clone(), topic.clone());
+            async move {
+                let sum: i64 = (0..4).filter_map(|p| committed(&group, &topic, p)).sum();
+                (sum == n).then_some(())
+            }
+        }
+    };
+    let (stop_a, app_a) = member();
+    produce_values(&topic, values(1, 200)).await;
+    wait_for(
+        "the first values' outcomes",
+        Duration::from_secs(60),
+        committed_all(200),
+    )
+    .await;
+    // Keys wait behind failed values now; the second member takes some of their partitions.
+    let (stop_b, app_b) = member();
+    produce_values(&topic, values(201, 300)).await;
+    wait_for(
+        "the next values' outcomes",
+        Duration::from_secs(60),
+        committed_all(300),
+    )
+    .await;
+    // The first member leaves: the second one takes its partitions, and their waiting keys.
+    stop_a.cancel();
+    app_a.await.unwrap().unwrap();
+    produce_values(&topic, values(301, 400)).await;
+
+    let succeeded = || {
+        let mut first = std::collections::HashSet::new();
+        for (v, _, attempt) in calls(&stub) {
+            if !fails(v, attempt) {
+                first.insert(v);
+            }
+        }
+        first.len()
+    };
+    wait_for(
+        "every value to succeed",
+        Duration::from_secs(120),
+        || async { (succeeded() == 400).then_some(()) },
+    )
+    .await;
+    wait_for(
+        "every offset to be committed",
+        Duration::from_secs(60),
+        committed_all(400),
+    )
+    .await;
+    wait_for("the table to empty", Duration::from_secs(60), || async {
+        (db.count("true").await == 0).then_some(())
+    })
+    .await;
+    stop_b.cancel();
+    app_b.await.unwrap().unwrap();
+
+    // Per key, the values in the order of their first success.
+    let mut seen = std::collections::HashSet::new();
+    let mut order: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for (v, key, attempt) in calls(&stub) {
+        if !fails(v, attempt) && seen.insert(v) {
+            order.entry(key).or_default().push(v);
+        }
+    }
+    assert_eq!(order.len(), 20);
+    for (key, values) in &order {
+        let mut sorted = values.clone();
+        sorted.sort();
+        assert_eq!(
+            values, &sorted,
+            "key {key}: first successes out of produce order"
+        );
+    }
+}
