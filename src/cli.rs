@@ -53,17 +53,23 @@ pub enum Command {
     /// replayed. Works in chunks of one short transaction each, with a progress bar; Ctrl-C stops
     /// after the current chunk, and every finished chunk stays replayed.
     ///
+    /// A row of a topic that keeps key order goes back into its key's line: a dead row that held
+    /// its key is due at once, and the rows waiting behind it follow it in order; a row its key had
+    /// skipped waits while another row of its key is under way, then goes first.
+    ///
     /// Needs [postgres] from the configuration ([kafka] too with --to-topic).
     #[command(after_help = REPLAY_EXAMPLES)]
     Replay(ReplayArgs),
-    /// Show row counts by topic and state, due times, the DLQ backlog and the top errors.
+    /// Show row counts by topic and state, due times, the DLQ backlog, the keys waiting behind a
+    /// row of theirs (topics with ordering = "key") and the top errors.
     #[command(after_help = STATUS_EXAMPLES)]
     Status(StatusArgs),
     /// Delete dead rows (and rows replayed to a topic) that died longer ago than --older-than.
     ///
     /// Dead rows the DLQ broker has not acknowledged yet are kept unless --include-unpublished is
     /// given. Works in chunks of one short transaction each, with a progress bar; Ctrl-C stops
-    /// after the current chunk.
+    /// after the current chunk. Purging a dead row that held its key (ordering = "key") lets the
+    /// key's next row go on.
     #[command(after_help = PURGE_EXAMPLES)]
     Purge(PurgeArgs),
 }

@@ -3,9 +3,15 @@
 //! - bare:     the reference for happy: a bare rdkafka loop (receive, no-op, store the offset,
 //!   auto-commit), with redrive's consumer settings.
 //! - happy:    every handler call succeeds; messages/s until every offset is committed.
+//! - happy-keys: happy with `ordering = "key"`, every message of a key of its own (many keys).
+//! - happy-fewkeys: happy with `ordering = "key"` and 16 keys in all, so each key's messages go
+//!   one after another.
 //! - insert-floor: the reference for capture: INSERT of rows as wide, 500 per statement, on one
 //!   connection.
 //! - capture:  every handler call fails; messages/s until every failure is a row and committed.
+//! - capture-parked: `ordering = "key"` and one key per partition; every handler call fails, so
+//!   each partition's first message fails and every later one is parked behind it; messages/s
+//!   until every message is a row and committed.
 //! - claim-floor: the reference for dispatch: claim (UPDATE … SKIP LOCKED, 100 rows) and delete
 //!   (one statement per batch), 4 clients.
 //! - dispatch: due rows in the table, the handler succeeds; rows/s until the table is empty.
@@ -99,12 +105,15 @@ fn env(name: &str, default: &str) -> String {
 }
 
 /// Every case, in the order a round runs them.
-const CASES: [&str; 9] = [
+const CASES: [&str; 12] = [
     "bare",
     "happy",
+    "happy-keys",
+    "happy-fewkeys",
     "happy-http",
     "insert-floor",
     "capture",
+    "capture-parked",
     "claim-floor",
     "dispatch",
     "replay",
@@ -117,10 +126,14 @@ const CASES: [&str; 9] = [
 const OWN_TABLES: [&str; 3] = ["timing", "footprint", "operators"];
 
 /// Each case against its reference: (case, reference, what the reference is).
-const RATIOS: [(&str, &str); 4] = [
+const RATIOS: [(&str, &str); 8] = [
     ("happy", "bare"),
+    ("happy-keys", "bare"),
+    ("happy-keys", "happy"),
+    ("happy-fewkeys", "happy"),
     ("happy-http", "bare"),
     ("capture", "insert-floor"),
+    ("capture-parked", "insert-floor"),
     ("dispatch", "claim-floor"),
 ];
 
@@ -149,8 +162,8 @@ async fn main() -> anyhow::Result<()> {
     let n: Option<usize> = args.get(2).map(|s| s.parse()).transpose()?;
     let size = |case: &str| match (n, case) {
         (Some(n), _) => n,
-        (None, "bare" | "happy") => 1_000_000,
-        (None, "capture" | "insert-floor") => 500_000,
+        (None, "bare" | "happy" | "happy-keys" | "happy-fewkeys") => 1_000_000,
+        (None, "capture" | "capture-parked" | "insert-floor") => 500_000,
         (None, _) => 100_000,
     };
     let runs: usize = env("BENCH_RUNS", "3").parse()?;
@@ -414,6 +427,16 @@ fn workers_only(db: &str) -> anyhow::Result<(Config, RunArgs)> {
 }
 
 async fn produce(kafka: &str, topic: &str, n: usize) -> anyhow::Result<()> {
+    produce_keys(kafka, topic, n, None).await
+}
+
+/// `n` messages of 1 KiB; message `i` has the key `i`, or `i % keys`.
+async fn produce_keys(
+    kafka: &str,
+    topic: &str,
+    n: usize,
+    keys: Option<usize>,
+) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", kafka)
         .create()?;
@@ -426,8 +449,12 @@ async fn produce(kafka: &str, topic: &str, n: usize) -> anyhow::Result<()> {
         .create()?;
     let payload = vec![b'x'; 1024];
     for i in 0..n {
-        let key = i.to_string();
+        let key = keys.map_or(i, |k| i % k).to_string();
         let mut record = BaseRecord::to(topic).key(&key).payload(&payload);
+        // With few keys, key `k` goes to partition `k % 4`: each partition gets keys of its own.
+        if let Some(k) = keys {
+            record = record.partition(((i % k) as i32) % PARTITIONS);
+        }
         loop {
             match p.send(record) {
                 Ok(()) => break,
@@ -575,7 +602,12 @@ async fn consume(case: &str, db: &str, kafka: &str, n: usize) -> anyhow::Result<
         format!("bench.{case}.{stamp}"),
         format!("bench-{case}-{stamp}"),
     );
-    produce(kafka, &topic, n).await?;
+    let keys = match case {
+        "happy-fewkeys" => Some(16),
+        "capture-parked" => Some(PARTITIONS as usize),
+        _ => None,
+    };
+    produce_keys(kafka, &topic, n, keys).await?;
     let committed = Committed::new(kafka, &group, &topic)?;
     let stub = start_stub().await?;
     let mut config = config(db, kafka, &topic, &group, &format!("http://{stub}/"))?;
@@ -583,8 +615,13 @@ async fn consume(case: &str, db: &str, kafka: &str, n: usize) -> anyhow::Result<
     // these cores: happy-http runs with redrive's default (256), and so does capture, whose
     // failures give their slots back once the capturer has them. The in-process happy path keeps
     // 2,000.
+    if matches!(case, "happy-keys" | "happy-fewkeys" | "capture-parked") {
+        config.retry.default.ordering = redrive::config::OrderingMode::Key;
+    }
     let in_flight = match case {
-        "happy-http" | "capture" => redrive::config::ConsumerConfig::default().max_in_flight,
+        "happy-http" | "capture" | "capture-parked" => {
+            redrive::config::ConsumerConfig::default().max_in_flight
+        }
         _ => config.consumer.max_in_flight,
     };
     config.consumer.max_in_flight = env("BENCH_MAX_IN_FLIGHT", &in_flight.to_string()).parse()?;
@@ -607,13 +644,19 @@ async fn consume(case: &str, db: &str, kafka: &str, n: usize) -> anyhow::Result<
             (task, stub.calls.clone())
         }
         _ => {
-            let handler = Fixed::new(case == "happy");
+            let handler = Fixed::new(case.starts_with("happy"));
             let calls = handler.calls.clone();
             let task = tokio::spawn(redrive::app::run(config, handler, parts, stop.clone()));
             (task, calls)
         }
     };
-    wait_calls(case, &calls, n, &task).await?;
+    // A parked message is never handed to the handler: only the first of each key is.
+    let handed = if case == "capture-parked" {
+        keys.unwrap_or(n)
+    } else {
+        n
+    };
+    wait_calls(case, &calls, handed, &task).await?;
     committed.wait_all(case, n).await?;
     let run = calls.first.get().expect("n > 0 calls were made").finish(n);
     stop.cancel();
