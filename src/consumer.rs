@@ -13,6 +13,10 @@
 //! while the failures are written, so the capture batches fill. The capturer bounds what it takes
 //! (see [`crate::capturer`]); at those bounds a hand-over waits in its slot.
 //!
+//! A topic with `ordering = "key"` keeps each key's order (I12): one message of a key is under way
+//! at a time, and the messages of a key whose line in the retry table holds a row are parked
+//! behind it instead of delivered; [`crate::lines`] decides which message goes next.
+//!
 //! Each message is stamped with the offset tracker's generation when it is received. A revoke in a
 //! rebalance advances the generation ([`crate::kafka::GroupContext`]), so a message of a revoked
 //! partition received before, still held or still running, stores no offset for it (I11). A
@@ -376,12 +380,11 @@ impl<H: Handler> Consumer<H> {
             if let Some(slots) = batch.slots.as_mut() {
                 drop(slots.split(slots.num_permits() - batch.messages.len()));
             }
-            if batch.messages.is_empty() {
-                return;
-            }
-            metrics::counter!("redrive_messages_consumed_total")
-                .increment(batch.messages.len() as u64);
         }
+        if batch.messages.is_empty() {
+            return;
+        }
+        metrics::counter!("redrive_messages_consumed_total").increment(batch.messages.len() as u64);
         if let Some(lines) = &self.shared.lines {
             work = self.shared.order(lines, &mut batch);
         }

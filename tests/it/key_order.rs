@@ -142,16 +142,19 @@ async fn a_dead_message_blocks_its_key_until_replayed_unless_its_topic_skips() {
     .await;
     let retry =
         format!("[retry]\nordering = \"key\"\n[retry.topics.\"{skipped}\"]\non_dead = \"skip\"");
-    let (stop, app) = spawn_app(
-        config(
-            &db.url,
-            &[&blocked, &skipped],
-            &group,
-            Some(stub.addr),
-            &retry,
-        ),
-        RunArgs::default(),
-    );
+    let start = || {
+        spawn_app(
+            config(
+                &db.url,
+                &[&blocked, &skipped],
+                &group,
+                Some(stub.addr),
+                &retry,
+            ),
+            RunArgs::default(),
+        )
+    };
+    let (stop, app) = start();
     let values = || [(1, "k"), (2, "k"), (3, "other"), (4, "k"), (5, "other")].into_iter();
     produce_values(&blocked, values()).await;
     produce_values(&skipped, values()).await;
@@ -210,16 +213,7 @@ async fn a_dead_message_blocks_its_key_until_replayed_unless_its_topic_skips() {
     // of it waits too, and the other key still flows.
     stop.cancel();
     app.await.unwrap().unwrap();
-    let (stop, app) = spawn_app(
-        config(
-            &db.url,
-            &[&blocked, &skipped],
-            &group,
-            Some(stub.addr),
-            &retry,
-        ),
-        RunArgs::default(),
-    );
+    let (stop, app) = start();
     produce_values(&blocked, [(6, "k"), (7, "other")].into_iter()).await;
     wait_for(
         "the new messages' offsets to be committed",
