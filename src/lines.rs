@@ -26,14 +26,18 @@ use tokio::sync::OwnedSemaphorePermit;
 /// At most this many messages of one key are parked in one statement.
 const PARK_MAX: usize = 256;
 
-/// A message's key in this process: a fast hash of its bytes. Two keys that share one are only
-/// ever handled one after another, which keeps both orders; the table's lines are by SHA-256.
+/// A message's key in this process: two fast 64-bit hashes of its bytes, with different seeds.
+/// Keys that shared one would share their state here, a blocked key's with a free one's; at 128
+/// bits that is not expected in any partition's lifetime. The table's lines are by SHA-256.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct KeyHash(u64);
+pub struct KeyHash(u64, u64);
 
 impl KeyHash {
     pub fn of(key: &[u8]) -> Self {
-        KeyHash(foldhash::fast::FixedState::default().hash_one(key))
+        KeyHash(
+            foldhash::fast::FixedState::with_seed(0x7265_6472_6976_6531).hash_one(key),
+            foldhash::fast::FixedState::with_seed(0x7265_6472_6976_6532).hash_one(key),
+        )
     }
 }
 
@@ -374,5 +378,154 @@ fn next(keys: &mut Keys, k: KeyHash, work: &mut Work) {
         work.park.push(key.queue.drain(..n).collect());
     } else {
         work.run.extend(key.queue.pop_front());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(key: &str, offset: i64, stamp: u64) -> Item {
+        Item {
+            message: Message {
+                topic: "t".into(),
+                partition: 0,
+                offset,
+                timestamp: None,
+                key: Some(key.as_bytes().to_vec()),
+                payload: None,
+                headers: Vec::new(),
+            },
+            stamp,
+            slot: None,
+            order: Ordered {
+                key: KeyHash::of(key.as_bytes()),
+                on_dead: OnDead::Block,
+            },
+        }
+    }
+
+    fn offsets(items: &[Item]) -> Vec<i64> {
+        items.iter().map(|i| i.message.offset).collect()
+    }
+
+    /// Lines with partition t/0 read, `blocked` blocked.
+    fn loaded(blocked: &[&str]) -> Lines {
+        let mut lines = Lines::default();
+        let work = lines.admit(vec![item("first", 0, 0)]);
+        assert_eq!(work.load, [("t".to_string(), 0, 0)]);
+        let blocked = blocked
+            .iter()
+            .map(|k| {
+                (
+                    Some(k.as_bytes().to_vec()),
+                    Line::of(k.as_bytes(), OnDead::Block).key,
+                )
+            })
+            .collect();
+        let work = lines.loaded("t", 0, 0, blocked);
+        assert_eq!(offsets(&work.run), [0], "what waited for the read goes");
+        lines
+    }
+
+    #[test]
+    fn a_key_goes_one_message_at_a_time_and_a_failure_parks_the_rest() {
+        let mut lines = loaded(&[]);
+        let work = lines.admit(vec![item("k", 1, 0), item("k", 2, 0), item("j", 3, 0)]);
+        assert_eq!(offsets(&work.run), [1, 3]);
+        let done = item("k", 1, 0);
+        let work = lines.finish(&done.message, 0, done.order.key, Outcome::Delivered);
+        assert_eq!(
+            offsets(&work.run),
+            [2],
+            "the next of the key goes once the first succeeded"
+        );
+        lines.admit(vec![item("k", 4, 0), item("k", 5, 0)]);
+        let failed = item("k", 2, 0);
+        let work = lines.finish(
+            &failed.message,
+            0,
+            failed.order.key,
+            Outcome::Failed { blocks: true },
+        );
+        assert!(work.run.is_empty());
+        assert_eq!(work.park.len(), 1);
+        assert_eq!(
+            offsets(&work.park[0]),
+            [4, 5],
+            "the rest park together, in order"
+        );
+        // A message that comes while they are parked waits for the park.
+        assert!(lines.admit(vec![item("k", 6, 0)]).is_empty());
+        let work = lines.finish(
+            &failed.message,
+            0,
+            failed.order.key,
+            Outcome::Parked {
+                open: Vec::new(),
+                stored: true,
+            },
+        );
+        assert_eq!(
+            offsets(&work.park[0]),
+            [6],
+            "still blocked: the next one parks too"
+        );
+        // The line emptied meanwhile: the park comes back open, and the key flows again.
+        let work = lines.finish(
+            &failed.message,
+            0,
+            failed.order.key,
+            Outcome::Parked {
+                open: vec![item("k", 6, 0)],
+                stored: false,
+            },
+        );
+        assert_eq!(offsets(&work.run), [6]);
+        let work = lines.finish(&failed.message, 0, failed.order.key, Outcome::Delivered);
+        assert!(work.is_empty());
+        assert_eq!(offsets(&lines.admit(vec![item("k", 7, 0)]).run), [7]);
+    }
+
+    #[test]
+    fn a_partitions_blocked_keys_are_known_before_its_messages_go() {
+        let mut lines = Lines::default();
+        let work = lines.admit(vec![item("k", 1, 0), item("j", 2, 0), item("k", 3, 0)]);
+        assert!(
+            work.run.is_empty() && work.park.is_empty(),
+            "nothing goes before the read"
+        );
+        let blocked = vec![(Some(b"k".to_vec()), Line::of(b"k", OnDead::Block).key)];
+        let work = lines.loaded("t", 0, 0, blocked);
+        assert_eq!(offsets(&work.run), [2]);
+        assert_eq!(work.park.len(), 1);
+        assert_eq!(offsets(&work.park[0]), [1, 3]);
+        // A line known only by its SHA-256 (its rows lost their key) blocks its key all the same.
+        let mut lines = Lines::default();
+        lines.admit(vec![item("x", 1, 0)]);
+        let work = lines.loaded("t", 0, 0, vec![(None, Line::of(b"x", OnDead::Block).key)]);
+        assert_eq!(offsets(&work.park[0]), [1]);
+    }
+
+    #[test]
+    fn a_revoke_ends_the_partitions_state_and_drops_what_came_before_it() {
+        let mut lines = loaded(&[]);
+        lines.admit(vec![item("k", 1, 0), item("k", 2, 0)]);
+        lines.revoke("t", 0, 1);
+        // Received before the revoke: the next owner's.
+        let work = lines.admit(vec![item("k", 3, 0)]);
+        assert!(work.is_empty());
+        // Assigned again: read again, and the old key's outcome is ignored.
+        let work = lines.admit(vec![item("k", 4, 1)]);
+        assert_eq!(work.load, [("t".to_string(), 0, 1)]);
+        let work = lines.loaded("t", 0, 1, Vec::new());
+        assert_eq!(offsets(&work.run), [4]);
+        let old = item("k", 1, 0);
+        let work = lines.finish(&old.message, 0, old.order.key, Outcome::Delivered);
+        assert!(work.is_empty());
+        assert!(
+            lines.admit(vec![item("k", 5, 1)]).run.is_empty(),
+            "k is still under way"
+        );
     }
 }
