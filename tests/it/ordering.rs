@@ -412,3 +412,60 @@ async fn a_replayed_skipped_row_waits_for_the_row_under_way_then_goes_first() {
     assert_eq!(state_at(&db, "t", 3).await, "pending");
     db.assert_queue_in_step().await;
 }
+
+/// An operator's replay or purge of a key's dead head, from another connection while the next
+/// message of the key is parked, in a loop: the parked message is never lost, never strands
+/// behind nothing, and never goes ahead of a replayed head.
+#[tokio::test]
+async fn replay_and_purge_of_a_dead_head_racing_a_park_keep_the_line() {
+    let db = TestDb::new().await;
+    let block = OnDead::Block;
+    for i in 0..60_i64 {
+        let (key, head, next) = (format!("k{i}"), i * 10, i * 10 + 1);
+        db.seed(&[first("t", &key, head, InitialState::Dead, block)])
+            .await;
+        let id: uuid::Uuid =
+            sqlx::query_scalar("SELECT id FROM redrive.retry_messages WHERE kafka_offset = $1")
+                .bind(head)
+                .fetch_one(db.pool())
+                .await
+                .unwrap();
+        let replaying = i % 2 == 0;
+        let operator = async {
+            let sql = if replaying {
+                "SELECT redrive.replay(ARRAY[$1])"
+            } else {
+                "DELETE FROM redrive.retry_messages WHERE id = $1"
+            };
+            sqlx::query(sql).bind(id).execute(db.pool()).await.unwrap();
+        };
+        let later = parked("t", &key, next, block);
+        let (captured, ()) = tokio::join!(
+            db.store.capture_rows("g", std::slice::from_ref(&later)),
+            operator,
+        );
+        let captured = captured.unwrap();
+        let got = states(&db, "t", &[head, next]).await;
+        if replaying {
+            // The head is the line's first again: the parked row waits behind it, whichever
+            // came first.
+            assert_eq!(got, ["pending", "waiting"], "iteration {i}");
+            assert!(captured.open.is_empty(), "iteration {i}");
+            let claimed = db.claim(LEASE).await;
+            assert_eq!(offsets(&claimed), [head], "iteration {i}");
+            complete(&db, &claimed, Outcome::Succeeded).await;
+        } else if captured.open.is_empty() {
+            // Parked first, then released by the purge.
+            assert_eq!(got, ["gone", "pending"], "iteration {i}");
+        } else {
+            // Purged first: the line was empty, the message comes back to be delivered.
+            assert_eq!(got, ["gone", "gone"], "iteration {i}");
+            continue;
+        }
+        let claimed = db.claim(LEASE).await;
+        assert_eq!(offsets(&claimed), [next], "iteration {i}");
+        complete(&db, &claimed, Outcome::Succeeded).await;
+    }
+    assert_eq!(db.count("true").await, 0);
+    db.assert_queue_in_step().await;
+}
