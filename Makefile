@@ -34,11 +34,12 @@ services-stop:
 	@scripts/kafka.sh stop
 	@scripts/postgres.sh stop
 
-## The whole suite: a short fault-injection run on services of its own, then unit and integration
-## tests on the real Postgres and Kafka broker.
+## The whole suite: two short fault-injection runs (the second keeping key order) on services of
+## their own, then unit and integration tests on the real Postgres and Kafka broker.
 test: build-deps services clean-test-dbs
 	$(CARGO) build --bins --tests
 	scripts/chaos.sh short
+	scripts/chaos.sh short --key-order
 	scripts/test.sh
 
 ## The long fault-injection run (BENCHMARKS.md has its figures), on services of its own.

@@ -86,6 +86,10 @@ pub struct Options {
     /// Where worker logs and the report go.
     #[arg(long, default_value = "target/chaos")]
     out: PathBuf,
+    /// Keep each key's order (`ordering = "key"`, `on_dead = "skip"`), and check that the messages
+    /// of each key first succeed in the order they were produced.
+    #[arg(long)]
+    key_order: bool,
 }
 
 #[tokio::main]
@@ -136,7 +140,7 @@ async fn run(o: &Options) -> anyhow::Result<verify::Report> {
     let config_path = o.out.join("redrive.toml");
     std::fs::write(
         &config_path,
-        worker_config(&db_url, &o.kafka, &topic, handler),
+        worker_config(&db_url, &o.kafka, &topic, handler, o.key_order),
     )?;
 
     let mut workers = start_workers(o, &config_path)?;
@@ -187,6 +191,7 @@ async fn run(o: &Options) -> anyhow::Result<verify::Report> {
         settled,
         settle_time,
         peak_rss,
+        key_order: o.key_order,
     })
     .await
 }
@@ -359,7 +364,18 @@ async fn produce_one(p: &FutureProducer, m: &redrive::Message) -> anyhow::Result
         .context("producing")
 }
 
-fn worker_config(db_url: &str, kafka: &str, topic: &str, handler: std::net::SocketAddr) -> String {
+fn worker_config(
+    db_url: &str,
+    kafka: &str,
+    topic: &str,
+    handler: std::net::SocketAddr,
+    key_order: bool,
+) -> String {
+    let ordering = if key_order {
+        "ordering = \"key\"\non_dead = \"skip\""
+    } else {
+        ""
+    };
     format!(
         r#"
 [postgres]
@@ -382,6 +398,7 @@ max_attempts = {max}
 initial_delay = "{initial}ms"
 multiplier = 2.0
 jitter = 0.0
+{ordering}
 
 [workers]
 lease = "10s"

@@ -88,10 +88,15 @@ pub fn message(topic: &str, i: usize) -> Message {
         partition: -1,
         offset: -1,
         timestamp: None,
-        key: Some(format!("k{}", i % 50).into_bytes()),
+        key: Some(format!("k{}", key_of(i)).into_bytes()),
         payload: Some(payload),
         headers,
     }
+}
+
+/// The key of message `i`: `k` and this number.
+pub fn key_of(i: usize) -> usize {
+    i % 50
 }
 
 /// The index of a message from its value.

@@ -32,6 +32,8 @@ pub struct Inputs<'a> {
     pub settled: bool,
     pub settle_time: Duration,
     pub peak_rss: u64,
+    /// The workers kept key order: check it.
+    pub key_order: bool,
 }
 
 /// The outcome of a run.
@@ -116,7 +118,7 @@ pub async fn settle(
         let committed = lagging(kafka, topic).is_ok_and(|l| l.is_empty());
         let open: i64 = if committed {
             sqlx::query_scalar(
-                "SELECT count(*) FROM redrive.retry_messages WHERE state IN ('pending', 'paused')
+                "SELECT count(*) FROM redrive.retry_messages WHERE state IN ('pending', 'paused', 'waiting')
                     OR (state = 'dead' AND dlq_published_at IS NULL AND dlq_refused_at IS NULL)",
             )
             .fetch_one(&pool)
@@ -172,7 +174,7 @@ pub async fn check(i: Inputs<'_>) -> anyhow::Result<Report> {
     let pool = PgPool::connect(i.db_url).await?;
     // A row being attempted is pending in the table (and running in the queue).
     let open: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM redrive.retry_messages WHERE state IN ('pending', 'paused')",
+        "SELECT count(*) FROM redrive.retry_messages WHERE state IN ('pending', 'paused', 'waiting')",
     )
     .fetch_one(&pool)
     .await?;
@@ -239,6 +241,9 @@ pub async fn check(i: Inputs<'_>) -> anyhow::Result<Report> {
     let (dlq_records, dlq_failures) = check_dlq(i.kafka, i.topic, &dead).await?;
     failures.extend(dlq_failures);
     failures.extend(early_attempts(i.calls, i.faults));
+    if i.key_order {
+        failures.extend(out_of_key_order(&first_ack));
+    }
     Ok(Report {
         messages: i.produced.len(),
         faults: i.faults.iter().map(|f| f.what.clone()).collect(),
@@ -254,6 +259,31 @@ pub async fn check(i: Inputs<'_>) -> anyhow::Result<Report> {
         peak_rss: i.peak_rss,
         failures,
     })
+}
+
+/// Messages of a key (`stub::key_of`) that first succeeded after a later message of their key had:
+/// with key order, a key's messages first succeed in the order they were produced.
+fn out_of_key_order(first_ack: &[Option<&Call>]) -> Vec<String> {
+    let mut by_key: BTreeMap<usize, Vec<(Instant, usize)>> = BTreeMap::new();
+    for (n, call) in first_ack.iter().enumerate() {
+        if let Some(c) = call {
+            by_key
+                .entry(stub::key_of(n))
+                .or_default()
+                .push((c.arrived, n));
+        }
+    }
+    let mut out = Vec::new();
+    for (key, mut firsts) in by_key {
+        firsts.sort();
+        if let Some(w) = firsts.windows(2).find(|w| w[1].1 < w[0].1) {
+            out.push(format!(
+                "key k{key}: message {} first succeeded after message {} of its key",
+                w[1].1, w[0].1
+            ));
+        }
+    }
+    out
 }
 
 /// The rows still to attempt, up to five, each with the calls its message had: what a failure of
