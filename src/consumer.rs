@@ -23,7 +23,7 @@
 //! partition whose commits wait on one message for longer than a handler call and a capture should
 //! take is logged and counted.
 
-use crate::capturer::{CaptureHandle, Pending};
+use crate::capturer::CaptureHandle;
 use crate::config::{Config, RetryConfig};
 use crate::guard::Guard;
 use crate::handler::{caught, timeout_error, Delivery, Handler, HandlerError};
@@ -86,11 +86,7 @@ impl Batch {
         let mut messages = Vec::with_capacity(items.len());
         let mut lines = Vec::with_capacity(items.len());
         for item in items {
-            match (&mut slots, item.slot) {
-                (Some(s), Some(slot)) => s.merge(slot),
-                (None, slot) => slots = slot,
-                (Some(_), None) => {}
-            }
+            merge(&mut slots, item.slot);
             messages.push((item.message, item.stamp));
             lines.push(Some(item.order));
         }
@@ -488,11 +484,7 @@ impl<H: Handler> Shared<H> {
         }
         let mut work = lines.admit(waiting);
         for item in work.run.drain(..) {
-            match (batch.slots.as_mut(), item.slot) {
-                (Some(s), Some(slot)) => s.merge(slot),
-                (None, slot) => batch.slots = slot,
-                (Some(_), None) => {}
-            }
+            merge(&mut batch.slots, item.slot);
             batch.messages.push((item.message, item.stamp));
             batch.lines.push(Some(item.order));
         }
@@ -678,7 +670,7 @@ impl<H: Handler> Shared<H> {
                 // Whether the row holds its key's line: all but a dead one with the skip policy.
                 let blocks = !(capture.state == InitialState::Dead
                     && order.is_some_and(|o| o.on_dead == OnDead::Skip));
-                let capture = self.hand_over(capture);
+                let capture = self.capture.hand_over(capture);
                 captures.push(async move {
                     // A failure the capturer could not take (it stopped) is never done: its offset
                     // is not stored.
@@ -718,11 +710,6 @@ impl<H: Handler> Shared<H> {
             line: order.map(|o| o.line(&message)),
             ..Capture::first_failure(message, policy, error)
         }
-    }
-
-    /// Hands a failed first delivery over to the capturer; `None` if it is gone.
-    async fn hand_over(&self, capture: Capture) -> Option<Pending> {
-        self.capture.hand_over(capture).await
     }
 
     /// Marks messages done, and lets the keys of those in key lines go on.
@@ -781,6 +768,15 @@ impl<H: Handler> Shared<H> {
         for (topic, partition, next) in positions {
             store_position(&self.consumer, topic, partition, next);
         }
+    }
+}
+
+/// Adds a message's slot, if it has one, to a batch's.
+fn merge(slots: &mut Option<OwnedSemaphorePermit>, slot: Option<OwnedSemaphorePermit>) {
+    match (slots.as_mut(), slot) {
+        (Some(s), Some(slot)) => s.merge(slot),
+        (None, slot) => *slots = slot,
+        (Some(_), None) => {}
     }
 }
 

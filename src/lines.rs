@@ -82,12 +82,6 @@ impl Work {
     pub fn is_empty(&self) -> bool {
         self.run.is_empty() && self.park.is_empty() && self.load.is_empty()
     }
-
-    pub fn extend(&mut self, other: Work) {
-        self.run.extend(other.run);
-        self.park.extend(other.park);
-        self.load.extend(other.load);
-    }
 }
 
 /// How a key's message under way ended.
@@ -108,7 +102,8 @@ struct Key {
     busy: bool,
     /// The key's line holds a row.
     blocked: bool,
-    /// Its next messages, in offset order. Empty while the key is not busy.
+    /// Its next messages, in offset order. Empty while the key is not busy (but for the moment
+    /// an admission queues a blocked key's messages before they park).
     queue: VecDeque<Item>,
 }
 
@@ -182,22 +177,27 @@ impl Lines {
     /// Takes received messages, in consumption order, and says which go now.
     pub fn admit(&mut self, items: Vec<Item>) -> Work {
         let mut work = Work::default();
-        let mut parks = Vec::new();
+        // Blocked keys that were idle: they park once the whole admission is queued, so their
+        // messages of it park in one statement.
+        let mut kicks = Vec::new();
         for item in items {
-            self.admit_one(item, &mut work, &mut parks);
+            self.admit_one(item, &mut work, &mut kicks);
         }
-        self.fill_parks(&mut work, parks);
+        for (topic, partition, key) in kicks {
+            if let Some(part) = self.parts.get_mut(&topic, partition) {
+                next(&mut part.keys, key, &mut work);
+            }
+        }
         work
     }
 
     /// The blocked keys of a partition are read: its waiting messages go on.
     pub fn loaded(&mut self, topic: &str, partition: i32, since: u64, blocked: Blocked) -> Work {
-        let mut work = Work::default();
         let Some(part) = self.parts.get_mut(topic, partition) else {
-            return work;
+            return Work::default();
         };
         if part.since != since || part.loaded {
-            return work;
+            return Work::default();
         }
         for (key, line) in blocked {
             match key {
@@ -209,12 +209,7 @@ impl Lines {
         }
         part.loaded = true;
         let early = std::mem::take(&mut part.early);
-        let mut parks = Vec::new();
-        for item in early {
-            self.admit_one(item, &mut work, &mut parks);
-        }
-        self.fill_parks(&mut work, parks);
-        work
+        self.admit(early)
     }
 
     /// A key's message under way (received with `stamp`) is done: its next message, if any, goes.
@@ -287,12 +282,7 @@ impl Lines {
         *self.revoked_at.get_or_insert_with(topic, partition, || 0) = generation;
     }
 
-    fn admit_one(
-        &mut self,
-        item: Item,
-        work: &mut Work,
-        parks: &mut Vec<(String, i32, KeyHash, usize)>,
-    ) {
+    fn admit_one(&mut self, item: Item, work: &mut Work, kicks: &mut Vec<(String, i32, KeyHash)>) {
         let (topic, partition) = (item.message.topic.as_str(), item.message.partition);
         if self
             .revoked_at
@@ -324,35 +314,14 @@ impl Lines {
         let key = part.keys.entry(item.order.key).or_default();
         if key.busy {
             key.queue.push_back(item);
-            return;
-        }
-        key.busy = true;
-        if key.blocked {
-            parks.push((
-                topic.to_string(),
-                partition,
-                item.order.key,
-                work.park.len(),
-            ));
-            work.park.push(vec![item]);
+        } else if key.blocked {
+            if key.queue.is_empty() {
+                kicks.push((topic.to_string(), partition, item.order.key));
+            }
+            key.queue.push_back(item);
         } else {
+            key.busy = true;
             work.run.push(item);
-        }
-    }
-
-    /// A key that begins parking takes along the messages of it that came in the same admission.
-    fn fill_parks(&mut self, work: &mut Work, parks: Vec<(String, i32, KeyHash, usize)>) {
-        for (topic, partition, key, at) in parks {
-            let Some(key) = self
-                .parts
-                .get_mut(&topic, partition)
-                .and_then(|p| p.keys.get_mut(&key))
-            else {
-                continue;
-            };
-            let group = &mut work.park[at];
-            let room = PARK_MAX.saturating_sub(group.len()).min(key.queue.len());
-            group.extend(key.queue.drain(..room));
         }
     }
 }

@@ -311,14 +311,17 @@ impl Store {
         .await?;
         tx.commit().await?;
         let mut captured = Captured::default();
+        // The parked rows' messages by id, made only when some came back open.
+        let mut by_id = None;
         for o in &outcomes {
             if o.open {
-                let i = c
-                    .ids
-                    .iter()
-                    .position(|id| *id == o.id)
-                    .expect("an id of the batch");
-                let m = &rows[i].message;
+                let by_id = by_id.get_or_insert_with(|| {
+                    c.ids
+                        .iter()
+                        .zip(&rows)
+                        .collect::<std::collections::HashMap<_, _>>()
+                });
+                let m = &by_id[&o.id].message;
                 captured.open.push((m.topic.clone(), m.partition, m.offset));
             } else {
                 captured.inserted += 1;
