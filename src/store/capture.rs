@@ -213,7 +213,7 @@ impl Store {
     /// the lines' locks first, then one statement that sees every line as its last writer left
     /// it. A row waits when its line already holds a row (one that is pending, paused, waiting,
     /// or dead with the `block` policy), or an earlier row of the batch, not itself parked, that
-    /// will hold it. A parked row whose line turns out empty is not stored: it is [`Captured::open`],
+    /// will hold it; a dead row stays dead in its place, never attempted. A parked row whose line turns out empty is not stored: it is [`Captured::open`],
     /// and its message is the caller's to deliver, in order, as the line has no row left.
     async fn capture_in_lines(
         &self,
@@ -273,14 +273,15 @@ impl Store {
                     error_kind, error_history, first_failed_at, updated_at, dead_at, order_key,
                     order_on_dead)
                 SELECT t.id, $1, t.topic, t.part, t.off, t.ts, t.key, t.payload, t.headers,
-                       CASE WHEN t.behind THEN 'waiting' ELSE t.state END,
+                       -- A dead row keeps its place in its line dead: a permanent error, or a
+                       -- row kept in its safe form, which must never be attempted (I10).
+                       CASE WHEN t.behind AND t.state <> 'dead' THEN 'waiting' ELSE t.state END,
                        CASE WHEN t.parked THEN 0 ELSE 1 END, t.max_attempts,
                        CASE WHEN t.parked THEN now() ELSE now() + make_interval(secs => t.retry_in) END,
                        CASE WHEN NOT t.parked THEN t.err END, CASE WHEN NOT t.parked THEN t.kind END,
                        CASE WHEN t.parked THEN '[]'::jsonb
                             ELSE to_jsonb(ARRAY[ROW(now(), 1, t.kind, t.err)::redrive.history_entry]) END,
-                       now(), now(), CASE WHEN t.state = 'dead' AND NOT t.behind THEN now() END,
-                       t.line, t.on_dead
+                       now(), now(), CASE WHEN t.state = 'dead' THEN now() END, t.line, t.on_dead
                 FROM t
                 WHERE t.behind OR NOT t.parked
                 ON CONFLICT (consumer_group, topic, "partition", kafka_offset, incarnation) DO NOTHING

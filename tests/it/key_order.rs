@@ -120,6 +120,89 @@ async fn the_seed_experiment_in_key_mode() {
     assert!(at(10, 1) < at(9, 2) || at(6, 3) < at(9, 2), "{calls:?}");
 }
 
+/// A parked message whose row Postgres refuses (I10) is kept dead in its safe form and keeps its
+/// place in its key's line: the key's earlier messages go first, and with the default
+/// `on_dead = "block"` the later ones wait behind it until an operator purges it. Nothing stalls:
+/// every offset is committed.
+#[tokio::test]
+async fn a_parked_row_postgres_refuses_keeps_its_place_in_its_key_line() {
+    let db = TestDb::new().await;
+    // A rule of the database's own that value 3's row breaks.
+    sqlx::query(
+        "ALTER TABLE redrive.retry_messages ADD CONSTRAINT no_three \
+         CHECK (payload IS DISTINCT FROM '{\"value\":3}'::bytea)",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let (topic, group) = (unique("refused"), unique("g"));
+    create_topic(&topic, 1).await;
+    create_topic(&format!("{topic}.dlq"), 1).await;
+    // Value 1 fails at its first attempt, so the key's later values are parked behind it.
+    let stub = Stub::start(|r| {
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        let fails = v["value"].as_i64().unwrap() == 1 && r.attempt() == 1;
+        (if fails { 500 } else { 200 }, vec![])
+    })
+    .await;
+    let retry = "[retry]\ninitial_delay = \"500ms\"\njitter = 0.0\nordering = \"key\"";
+    let (stop, app) = spawn_app(
+        config(&db.url, &[&topic], &group, Some(stub.addr), retry),
+        RunArgs::default(),
+    );
+    produce_values(&topic, (1..=5).map(|v| (v, "k"))).await;
+
+    // 1 is retried and succeeds, then 2; 3 is the line's dead head, and 4 and 5 wait behind it.
+    let head = || async {
+        let head: Option<(i64, bool, i64)> = sqlx::query_as(
+            "SELECT head_offset, needs_operator, waiting FROM redrive.key_lines WHERE topic = $1",
+        )
+        .bind(&topic)
+        .fetch_optional(db.pool())
+        .await
+        .unwrap();
+        head
+    };
+    wait_for(
+        "every offset committed, and the refused row at the head of its line",
+        Duration::from_secs(60),
+        || async {
+            let at_head = head().await == Some((2, true, 2));
+            (at_head && committed(&group, &topic, 0) == Some(5)).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(of_key(&calls(&stub), "k"), [(1, 1), (1, 2), (2, 1)]);
+    let (payload, error): (Option<Vec<u8>>, String) = sqlx::query_as(
+        "SELECT payload, last_error FROM redrive.retry_messages WHERE kafka_offset = 2",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(payload, None, "kept in its safe form");
+    assert!(
+        error.contains("no_three"),
+        "names the database's error: {error}"
+    );
+
+    // Purged, the refused row lets its line go on, in order.
+    sqlx::query("DELETE FROM redrive.retry_messages WHERE topic = $1 AND state = 'dead'")
+        .bind(&topic)
+        .execute(db.pool())
+        .await
+        .unwrap();
+    wait_for("the line to drain", Duration::from_secs(60), || async {
+        (db.count("true").await == 0 && stub.count() == 5).then_some(())
+    })
+    .await;
+    assert_eq!(
+        of_key(&calls(&stub), "k"),
+        [(1, 1), (1, 2), (2, 1), (4, 1), (5, 1)]
+    );
+    stop.cancel();
+    app.await.unwrap().unwrap();
+}
+
 /// A dead message blocks its key until an operator replays it (`on_dead = "block"`), and then its
 /// key's later messages go in order; with `"skip"` they go on at once. Other keys never wait.
 #[tokio::test]
