@@ -5,6 +5,7 @@
 //! then commits; the retry workers drain and release unfinished claims; the completer and capturer
 //! flush what they hold. Whatever misses the deadline is redelivered or rescued, never lost.
 
+use crate::breaker::Breakers;
 use crate::capturer::capturer;
 use crate::cli::RunArgs;
 use crate::completer::completer;
@@ -65,6 +66,8 @@ pub async fn run<H: Handler>(
         },
     };
     let mut services: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
+    // The consumer and the workers call the same handler, so they share its breakers (I13).
+    let breakers = Arc::new(Breakers::new(&config.breaker, &group));
 
     if let Some(publisher) = publisher {
         let token = shutdown.clone();
@@ -85,6 +88,7 @@ pub async fn run<H: Handler>(
             config.retry.clone(),
             config.workers.clone(),
             config.handler.timeout,
+            breakers.clone(),
         );
         let token = shutdown.clone();
         services.spawn(async move {
@@ -96,7 +100,13 @@ pub async fn run<H: Handler>(
     }
     if let Some(consumer) = consumer {
         let (capturer, capture) = capturer(store.clone(), &group, &config.consumer);
-        let consumer = Consumer::new(consumer, handler.clone(), capture, &config);
+        let consumer = Consumer::new(
+            consumer,
+            handler.clone(),
+            capture,
+            &config,
+            breakers.clone(),
+        );
         let token = shutdown.clone();
         services.spawn(async move {
             let capturing = tokio::spawn(capturer.run());
@@ -107,10 +117,11 @@ pub async fn run<H: Handler>(
     }
     if !parts.no_http {
         let (listen, store, token) = (config.http.listen, store.clone(), shutdown.clone());
+        let breakers = breakers.clone();
         services.spawn(async move {
             (
                 "http listener",
-                crate::http_server::serve(listen, store, token).await,
+                crate::http_server::serve(listen, store, breakers, token).await,
             )
         });
     }

@@ -17,12 +17,19 @@
 //! at a time, and the messages of a key whose line in the retry table holds a row are parked
 //! behind it instead of delivered; [`crate::lines`] decides which message goes next.
 //!
+//! While a topic's breaker is not closed (I13), its messages are not delivered: those received are
+//! held back in order, its partitions are paused (the consumer keeps polling, so it stays in its
+//! group) and the backlog stays in Kafka. A half-open breaker may take one of them as a probe. When
+//! the breaker closes they go first, and the consumer ramps up to `max_in_flight` over the
+//! breaker's `ramp`. Every call's outcome is counted by its topic's breaker, once per batch.
+//!
 //! Each message is stamped with the offset tracker's generation when it is received. A revoke in a
 //! rebalance advances the generation ([`crate::kafka::GroupContext`]), so a message of a revoked
 //! partition received before, still held or still running, stores no offset for it (I11). A
 //! partition whose commits wait on one message for longer than a handler call and a capture should
 //! take is logged and counted.
 
+use crate::breaker::{Breakers, Shared as Breaker, State, Tally};
 use crate::capturer::CaptureHandle;
 use crate::config::{Config, RetryConfig};
 use crate::guard::Guard;
@@ -77,6 +84,8 @@ struct Batch {
     /// Their slots: one each, except for messages of a key that were parked and came back open
     /// (they go one at a time, after their slots went back with the hand-over).
     slots: Option<OwnedSemaphorePermit>,
+    /// The breaker whose probe this one message is (I13).
+    probe: Option<Arc<Breaker>>,
 }
 
 impl Batch {
@@ -97,7 +106,23 @@ impl Batch {
             messages,
             lines,
             slots,
+            probe: None,
         })
+    }
+}
+
+/// Messages held back, in the order received, while their topic's breaker is not closed (I13),
+/// and whether partitions are paused for a breaker.
+#[derive(Default)]
+struct Stalled {
+    messages: VecDeque<Received>,
+    paused: bool,
+}
+
+impl Stalled {
+    /// Whether a breaker's change must be watched for.
+    fn waiting(&self) -> bool {
+        self.paused || !self.messages.is_empty()
     }
 }
 
@@ -116,6 +141,8 @@ struct Shared<H> {
     lines: Option<Arc<Mutex<Lines>>>,
     /// Tasks that go on with a key's next messages, and read partitions' key lines.
     continuations: TaskTracker,
+    /// The handler's breakers, shared with the workers (I13).
+    breakers: Arc<Breakers>,
 }
 
 /// Consumes and dispatches first deliveries.
@@ -133,6 +160,7 @@ impl<H: Handler> Consumer<H> {
         handler: Arc<H>,
         capture: CaptureHandle,
         config: &Config,
+        breakers: Arc<Breakers>,
     ) -> Self {
         Self {
             max_in_flight: config.consumer.max_in_flight,
@@ -151,6 +179,7 @@ impl<H: Handler> Consumer<H> {
                     .any_ordered()
                     .then(|| consumer.context().lines.clone()),
                 continuations: TaskTracker::new(),
+                breakers,
             }),
         }
     }
@@ -171,7 +200,17 @@ impl<H: Handler> Consumer<H> {
         };
         let guard = tokio::spawn(guard.run(shutdown.clone()));
         let mut failure = None;
+        let mut stalled = Stalled::default();
+        let mut breakers = self.shared.breakers.watch();
+        let mut probes = self.shared.breakers.watch_probes();
+        let mut ramping: Option<tokio::task::JoinHandle<()>> = None;
         loop {
+            if stalled.waiting() {
+                if let Some(ramp) = self.unstall(&mut stalled, &mut held, &slots, &mut tasks) {
+                    ramping.take().inspect(|r| r.abort());
+                    ramping = Some(ramp);
+                }
+            }
             let permit = match self.next_slot(&slots, &mut held, &shutdown).await {
                 Ok(Some(permit)) => permit,
                 Ok(None) => break,
@@ -180,12 +219,26 @@ impl<H: Handler> Consumer<H> {
                     break;
                 }
             };
+            if stalled.waiting() {
+                // A resume after busy slots let the held-back topics' partitions go again.
+                self.steer(&mut stalled);
+            }
             let first = match held.pop_front() {
                 Some(m) => m,
                 None => {
+                    let reopen = match stalled.waiting() {
+                        true => self.shared.breakers.next_change(),
+                        false => None,
+                    };
                     let received = tokio::select! {
                         _ = shutdown.cancelled() => break,
                         m = self.shared.consumer.recv() => m,
+                        // A breaker changed, or may turn half-open: look at the stalled messages.
+                        _ = breakers.changed(), if stalled.waiting() => continue,
+                        _ = probes.changed(), if stalled.waiting() => continue,
+                        _ = tokio::time::sleep_until(reopen.map_or_else(
+                                tokio::time::Instant::now, tokio::time::Instant::from_std)),
+                            if reopen.is_some() => continue,
                     };
                     match received {
                         Ok(m) => self.shared.received(Message::from_kafka(&m)),
@@ -206,16 +259,21 @@ impl<H: Handler> Consumer<H> {
                 messages: vec![first],
                 lines: Vec::new(),
                 slots: Some(permit),
+                probe: None,
             };
             if let Err(fatal) = self.fill(&mut batch, &slots, &mut held) {
                 failure = Some(fatal);
             }
             while tasks.try_join_next().is_some() {}
+            if !self.shared.breakers.all_closed() {
+                self.stall(&mut batch, &mut stalled);
+            }
             self.start(&mut tasks, batch);
             if failure.is_some() {
                 break;
             }
         }
+        ramping.inspect(|r| r.abort());
         guard.abort();
         self.drain(tasks, drain).await;
         failure.map_or(Ok(()), Err)
@@ -332,6 +390,125 @@ impl<H: Handler> Consumer<H> {
         permit
     }
 
+    /// Takes the messages of topics whose breaker is not closed out of a batch, in order, with
+    /// their slots, and pauses those topics' partitions.
+    fn stall(&self, batch: &mut Batch, stalled: &mut Stalled) {
+        let breakers = &self.shared.breakers;
+        let before = batch.messages.len();
+        let mut kept = Vec::with_capacity(before);
+        for m in batch.messages.drain(..) {
+            match breakers.for_topic(&m.0.topic).state() {
+                State::Closed => kept.push(m),
+                _ => stalled.messages.push_back(m),
+            }
+        }
+        batch.messages = kept;
+        if batch.messages.len() < before {
+            if let Some(slots) = batch.slots.as_mut() {
+                drop(slots.split(before - batch.messages.len()));
+            }
+            self.steer(stalled);
+        }
+    }
+
+    /// Lets held-back messages go: those of topics whose breaker closed, in order, ahead of what
+    /// is held; and one as the probe of a half-open breaker, if it lets one go and a slot is free.
+    /// Then pauses and resumes partitions to match. Returns the ramp of a breaker that closed.
+    fn unstall(
+        &self,
+        stalled: &mut Stalled,
+        held: &mut VecDeque<Received>,
+        slots: &Arc<Semaphore>,
+        tasks: &mut JoinSet<()>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let breakers = &self.shared.breakers;
+        let mut free: Vec<Received> = Vec::new();
+        let mut rest = VecDeque::with_capacity(stalled.messages.len());
+        for m in stalled.messages.drain(..) {
+            let breaker = breakers.for_topic(&m.0.topic);
+            match breaker.state() {
+                State::Closed => free.push(m),
+                State::HalfOpen if !rest.iter().any(|r: &Received| r.0.topic == m.0.topic) => {
+                    // The first held-back message of a half-open topic may go as its probe.
+                    match slots.clone().try_acquire_owned() {
+                        Ok(slot) if breaker.take_probe() => {
+                            let batch = Batch {
+                                messages: vec![m],
+                                lines: Vec::new(),
+                                slots: Some(slot),
+                                probe: Some(breaker.clone()),
+                            };
+                            self.start(tasks, batch);
+                        }
+                        _ => rest.push_back(m),
+                    }
+                }
+                _ => rest.push_back(m),
+            }
+        }
+        stalled.messages = rest;
+        let (was_paused, freed) = (stalled.paused, !free.is_empty());
+        for m in free.into_iter().rev() {
+            held.push_front(m);
+        }
+        self.steer(stalled);
+        if !freed && !was_paused {
+            return None;
+        }
+        let breaker = breakers
+            .all()
+            .find(|b| b.seen() == State::Closed && b.share() < 1.0)?
+            .clone();
+        tracing::info!(
+            breaker = breaker.name(),
+            "breaker closed: the consumer resumes, ramping up"
+        );
+        Some(tokio::spawn(crate::breaker::ramp(
+            slots.clone(),
+            self.max_in_flight,
+            breaker,
+        )))
+    }
+
+    /// Pauses the assigned partitions of topics whose breaker is open, or half-open with a message
+    /// held back for its probe; resumes the others, so that a half-open breaker with nothing held
+    /// back gets a message to probe with, and a closed one its backlog.
+    fn steer(&self, stalled: &mut Stalled) {
+        let breakers = &self.shared.breakers;
+        let Ok(assignment) = self.shared.consumer.assignment() else {
+            return;
+        };
+        let (mut pause, mut resume) = (TopicPartitionList::new(), TopicPartitionList::new());
+        for e in assignment.elements() {
+            let hold = match breakers.for_topic(e.topic()).seen() {
+                State::Closed => false,
+                State::Open => true,
+                State::HalfOpen => stalled.messages.iter().any(|m| m.0.topic == e.topic()),
+            };
+            let list = if hold { &mut pause } else { &mut resume };
+            list.add_partition(e.topic(), e.partition());
+        }
+        if pause.count() > 0 {
+            if let Err(e) = self.shared.consumer.pause(&pause) {
+                tracing::warn!("pausing the partitions of a failing handler failed: {e}");
+            }
+        }
+        if stalled.paused && resume.count() > 0 {
+            if let Err(e) = self.shared.consumer.resume(&resume) {
+                tracing::debug!("resuming partitions: {e}");
+            }
+        }
+        stalled.paused = !breakers.all_closed();
+        for b in breakers.all() {
+            let topics = stalled.messages.iter().map(|m| &m.0.topic);
+            b.set_fresh(
+                topics
+                    .into_iter()
+                    .any(|t| Arc::ptr_eq(breakers.for_topic(t), b)),
+            );
+        }
+    }
+
     /// Pauses every assigned partition; returns what was paused.
     fn pause(&self) -> Option<TopicPartitionList> {
         let assignment = self.shared.consumer.assignment().ok()?;
@@ -378,6 +555,10 @@ impl<H: Handler> Consumer<H> {
             }
         }
         if batch.messages.is_empty() {
+            // A probe that was dropped with its partition was not made.
+            if let Some(breaker) = batch.probe {
+                breaker.return_probe();
+            }
             return;
         }
         metrics::counter!("redrive_messages_consumed_total").increment(batch.messages.len() as u64);
@@ -585,7 +766,9 @@ impl<H: Handler> Shared<H> {
             messages,
             lines,
             slots: mut held_slots,
+            probe,
         } = batch;
+        let mut tally = Tally::new(&self.breakers);
         let line = |i: usize| lines.get(i).copied().flatten();
         let (messages, stamps): (Vec<Message>, Vec<u64>) = messages.into_iter().unzip();
         let mut calls: FuturesUnordered<_> = messages
@@ -628,7 +811,12 @@ impl<H: Handler> Shared<H> {
                     let mut next = Some(first);
                     while let Some((i, result)) = next {
                         answered[i] = true;
-                        match caught(result) {
+                        let result = caught(result);
+                        match &probe {
+                            Some(breaker) => breaker.record(&result, true),
+                            None => tally.add(&messages[i].topic, &result),
+                        }
+                        match result {
                             Ok(()) => {
                                 succeeded += 1;
                                 free += 1;
@@ -660,8 +848,16 @@ impl<H: Handler> Shared<H> {
                     let error = timeout_error(self.timeout);
                     failed.extend(answered.iter().enumerate().filter(|(_, a)| !**a)
                         .map(|(i, _)| (i, error.clone())));
+                    for (i, error) in &failed {
+                        let result = Err(error.clone());
+                        match &probe {
+                            Some(breaker) => breaker.record(&result, true),
+                            None => tally.add(&messages[*i].topic, &result),
+                        }
+                    }
                 }
             }
+            tally.flush();
             for (i, error) in failed {
                 let message = messages[i].clone();
                 let slot = held_slots.as_mut().and_then(|s| s.split(1));

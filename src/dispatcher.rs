@@ -8,7 +8,17 @@
 //! that come due within [`CLAIM_AHEAD`], and holds each until it is due: rows are attempted on time
 //! rather than on the next claim after it, and each statement takes the rows of several
 //! milliseconds. With a backlog, further claims run while the rows of the first are started.
+//!
+//! While a breaker is not closed (I13) the workers claim nothing but probes: one row at a time
+//! when a half-open breaker lets one go and the consumer holds back no new message to probe with.
+//! A probe is an attempt like any other, so a row that fails whatever the service does dies in
+//! its time rather than holding the breaker open. Attempts do not open a breaker; only first
+//! deliveries do. A claimed row whose breaker is open when it comes due,
+//! or whose attempt fails in a counted class while its breaker is open, is released with its
+//! attempt given back, so no row spends its budget on a service that is down. After a breaker
+//! closes the workers ramp up from a trickle to `concurrency` over its `ramp`.
 
+use crate::breaker::{Breakers, Shared as Breaker, State};
 use crate::completer::CompleteHandle;
 use crate::config::{RetryConfig, WorkersConfig};
 use crate::handler::{call_with_timeout, Delivery, ErrorKind, Handler, HandlerError};
@@ -55,6 +65,7 @@ pub struct Dispatcher<H> {
     retry: Arc<RetryConfig>,
     config: WorkersConfig,
     timeout: Duration,
+    breakers: Arc<Breakers>,
 }
 
 /// When to claim again, judged from what the last claim took.
@@ -68,14 +79,22 @@ enum Next {
     Wait(Duration),
 }
 
-/// A finished claim statement: the rows it asked for, when it was sent, and what it took.
-type ClaimDone = (usize, tokio::time::Instant, Result<Claim, StoreError>);
+/// A finished claim statement: the rows it asked for, when it was sent, what it took, and the
+/// breaker whose probe it is, if it is one.
+type ClaimDone = (
+    usize,
+    tokio::time::Instant,
+    Result<Claim, StoreError>,
+    Option<Arc<Breaker>>,
+);
 
 /// Attempts in flight, by task, with the claim (row id, claim token) each holds.
 type Running = (JoinSet<()>, HashMap<Id, (Uuid, Uuid)>);
 
 impl<H: Handler> Dispatcher<H> {
-    /// Creates the workers; `timeout` bounds each handler call.
+    /// Creates the workers; `timeout` bounds each handler call, and `breakers` are shared with the
+    /// consumer.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Store,
         handler: Arc<H>,
@@ -84,6 +103,7 @@ impl<H: Handler> Dispatcher<H> {
         retry: RetryConfig,
         config: WorkersConfig,
         timeout: Duration,
+        breakers: Arc<Breakers>,
     ) -> Self {
         Self {
             store,
@@ -94,6 +114,7 @@ impl<H: Handler> Dispatcher<H> {
             retry: Arc::new(retry),
             config,
             timeout,
+            breakers,
         }
     }
 
@@ -116,24 +137,34 @@ impl<H: Handler> Dispatcher<H> {
         // timer fires. A finished attempt alone makes nothing due, so it costs no statement.
         let mut due = true;
         let mut look_at = tokio::time::Instant::now();
+        let mut breakers = self.breakers.watch();
         while !shutdown.is_cancelled() {
             // Finished attempts still sit in the set until joined; reap them so the count is true.
             while let Some(done) = running.0.try_join_next_with_id() {
                 forget(&mut running.1, done);
             }
+            // While a breaker is not closed, only probes are claimed; wake when it may let one go.
+            let mut reopen = None;
             while due && (claims.is_empty() || backlog && claims.len() < CLAIMS_IN_FLIGHT) {
-                let Some(asked) = self.to_claim(running.0.len() + reserved) else {
-                    break;
+                let (asked, probe) = match self.to_claim(running.0.len() + reserved) {
+                    Claimable::Rows(n) => (n, None),
+                    Claimable::Probe(b) => (1, Some(b)),
+                    Claimable::Nothing => break,
+                    Claimable::NotYet(at) => {
+                        reopen = at;
+                        break;
+                    }
                 };
                 reserved += asked;
-                claims.push(self.claim(asked));
+                claims.push(self.claim(asked, probe));
             }
+            let wake = reopen.map(tokio::time::Instant::from_std);
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                Some((asked, sent, claimed)) = claims.next(), if !claims.is_empty() => {
+                Some((asked, sent, claimed, probe)) = claims.next(), if !claims.is_empty() => {
                     reserved -= asked;
                     let next = match claimed {
-                        Ok(claim) => self.start(claim, asked, &mut running).await,
+                        Ok(claim) => self.start(claim, asked, probe, &mut running).await,
                         Err(e) => {
                             tracing::error!("claiming due rows failed: {e}");
                             Next::Wait(Duration::from_secs(1))
@@ -154,12 +185,14 @@ impl<H: Handler> Dispatcher<H> {
                 }
                 _ = listener.wait() => due = true,
                 _ = tokio::time::sleep_until(look_at), if !due => due = true,
+                _ = breakers.changed() => due = true,
+                _ = tokio::time::sleep_until(wake.unwrap_or(look_at)), if wake.is_some() => due = true,
             }
         }
         // Rows claimed as the workers stop are not attempted: their claims are released with the
         // unfinished attempts'.
         let mut unstarted = Vec::new();
-        while let Some((_, _, claimed)) = claims.next().await {
+        while let Some((_, _, claimed, _)) = claims.next().await {
             if let Ok(claim) = claimed {
                 unstarted.extend(claim.rows.iter().map(|r| (r.id, r.token)));
                 unstarted.extend(claim.unreadable.iter().map(|r| (r.id, r.token)));
@@ -170,19 +203,40 @@ impl<H: Handler> Dispatcher<H> {
         Ok(())
     }
 
-    /// How many rows to claim with `busy` slots taken (running or reserved by a claim under way):
-    /// `None` until enough are free for a worthwhile batch (half a batch), unless nothing runs.
-    fn to_claim(&self, busy: usize) -> Option<usize> {
-        let free = self.config.concurrency.saturating_sub(busy);
-        let batch = self.config.claim_batch_size.min(self.config.concurrency);
-        if free == 0 || (free < batch.div_ceil(2) && busy > 0) {
-            return None;
+    /// What to claim with `busy` slots taken (running or reserved by a claim under way): nothing
+    /// until enough are free for a worthwhile batch (half a batch), unless nothing runs. While a
+    /// breaker is not closed, a probe if one may go; after one closed, fewer slots while it ramps.
+    fn to_claim(&self, busy: usize) -> Claimable {
+        let mut concurrency = self.config.concurrency;
+        if !self.breakers.all_closed() {
+            let mut open = false;
+            for b in self.breakers.all() {
+                match b.state() {
+                    State::Closed => {}
+                    State::HalfOpen if busy == 0 && b.take_probe_for_row() => {
+                        return Claimable::Probe(b.clone());
+                    }
+                    _ => open = true,
+                }
+            }
+            if open {
+                return Claimable::NotYet(self.breakers.next_change());
+            }
         }
-        Some(free.min(self.config.claim_batch_size))
+        let share = self.breakers.share();
+        if share < 1.0 {
+            concurrency = ((concurrency as f64 * share).ceil() as usize).max(1);
+        }
+        let free = concurrency.saturating_sub(busy);
+        let batch = self.config.claim_batch_size.min(concurrency);
+        if free == 0 || (free < batch.div_ceil(2) && busy > 0) {
+            return Claimable::Nothing;
+        }
+        Claimable::Rows(free.min(self.config.claim_batch_size))
     }
 
     /// One claim statement for `asked` rows, with the number it asked for and when it was sent.
-    fn claim(&self, asked: usize) -> BoxFuture<'_, ClaimDone> {
+    fn claim(&self, asked: usize, probe: Option<Arc<Breaker>>) -> BoxFuture<'_, ClaimDone> {
         let sent = tokio::time::Instant::now();
         let claim = self.store.claim_ahead(
             &self.group,
@@ -191,12 +245,18 @@ impl<H: Handler> Dispatcher<H> {
             &self.worker,
             CLAIM_AHEAD,
         );
-        Box::pin(async move { (asked, sent, claim.await) })
+        Box::pin(async move { (asked, sent, claim.await, probe) })
     }
 
     /// Starts the attempts of what one claim took, and says when to claim again: at once when the
     /// claim was full, on the tick when it took some, else when the next row is due.
-    async fn start(&self, claimed: Claim, asked: usize, running: &mut Running) -> Next {
+    async fn start(
+        &self,
+        claimed: Claim,
+        asked: usize,
+        mut probe: Option<Arc<Breaker>>,
+        running: &mut Running,
+    ) -> Next {
         // A row's wait is counted from the database's now() when it was claimed; counted from here,
         // after the statement's round trip, the handler is called late rather than early.
         let received = tokio::time::Instant::now();
@@ -216,9 +276,15 @@ impl<H: Handler> Dispatcher<H> {
             };
             // A row due already needs no timer.
             let due = (!row.wait.is_zero()).then(|| received + row.wait);
-            let task = self.attempt(row, due).instrument(span);
+            let breaker = self.breakers.for_topic(&row.message.topic).clone();
+            // A probe is made only by a row of the breaker that let it go.
+            let probing = probe.take_if(|p| Arc::ptr_eq(p, &breaker)).is_some();
+            let task = self.attempt(row, due, breaker, probing).instrument(span);
             let handle = running.0.spawn(task);
             running.1.insert(handle.id(), claim);
+        }
+        if let Some(unused) = probe {
+            unused.return_probe();
         }
         match got {
             _ if got == asked => Next::Now,
@@ -262,22 +328,29 @@ impl<H: Handler> Dispatcher<H> {
         wait.clamp(Duration::from_millis(1), self.config.max_idle)
     }
 
-    /// One attempt of `row`, its handler called at `due` (when it was claimed ahead) or at once.
+    /// One attempt of `row`, its handler called at `due` (when it was claimed ahead) or at once,
+    /// through its topic's breaker (`probe` when the breaker let it go as its probe).
     fn attempt(
         &self,
         row: Claimed,
         due: Option<tokio::time::Instant>,
+        breaker: Arc<Breaker>,
+        probe: bool,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let (handler, complete, retry, group) = (
+        let (handler, complete, retry, group, store) = (
             self.handler.clone(),
             self.complete.clone(),
             self.retry.clone(),
             self.group.clone(),
+            self.store.clone(),
         );
         let timeout = self.timeout;
         async move {
             if let Some(due) = due {
                 tokio::time::sleep_until(due).await;
+            }
+            if !probe && breaker.state() != State::Closed {
+                return give_back(&store, &row, "refused").await;
             }
             let attempt = u32::try_from(row.attempt).unwrap_or(u32::MAX);
             let delivery = Delivery {
@@ -286,6 +359,19 @@ impl<H: Handler> Dispatcher<H> {
                 group: &group,
             };
             let result = call_with_timeout(handler.as_ref(), delivery, timeout).await;
+            // Only a probe's outcome counts: retries do not open the breaker (see crate::breaker).
+            if probe {
+                breaker.record(&result, true);
+            }
+            // A probe is an attempt like any other; an attempt under way when the breaker opened
+            // that fails with it says nothing about the row, and gets its attempt back.
+            if !probe
+                && result.is_err()
+                && breaker.counts(&result)
+                && breaker.state() != State::Closed
+            {
+                return give_back(&store, &row, "refunded").await;
+            }
             let outcome = match result {
                 Ok(()) => Outcome::Succeeded,
                 Err(error)
@@ -356,6 +442,27 @@ impl<H: Handler> Dispatcher<H> {
                 tracing::warn!("releasing claims failed; their leases will expire instead: {e}")
             }
         }
+    }
+}
+
+/// What the workers may claim now.
+enum Claimable {
+    Rows(usize),
+    /// One row, as the probe of this breaker.
+    Probe(Arc<Breaker>),
+    /// Nothing now: slots are busy.
+    Nothing,
+    /// Nothing while a breaker is not closed; look again when it may turn half-open.
+    NotYet(Option<std::time::Instant>),
+}
+
+/// Releases a claimed row that was not attempted, or whose failure is not held against it, with
+/// its attempt given back (I13): it is due again, with its budget as it was.
+async fn give_back(store: &Store, row: &Claimed, why: &'static str) {
+    metrics::counter!("redrive_attempts_total", "outcome" => why).increment(1);
+    tracing::debug!(id = %row.id, "breaker not closed: the attempt is given back ({why})");
+    if let Err(e) = store.release(&[(row.id, row.token)]).await {
+        tracing::warn!(id = %row.id, "giving an attempt back failed; its lease will expire instead: {e}");
     }
 }
 

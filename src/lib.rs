@@ -16,7 +16,9 @@
 //! - [`consumer`]: consumes topics, calls the handler, stores offsets only after a durable outcome.
 //! - [`guard`]: the consumer's guards: stalled partitions, and commits that did not arrive.
 //! - [`offsets`]: per-partition tracking of the highest offset below which all is durable.
+//! - [`lines`]: the consumer's key lines: one message of a key at a time, parking behind a failure (I12).
 //! - [`capturer`]: batches failed messages into one INSERT per batch.
+//! - [`breaker`]: the circuit breaker that keeps an outage's backlog in Kafka (I13).
 //! - [`dispatcher`]: the retry workers: claim due rows, call the handler, hand results on.
 //! - [`completer`]: finishes attempts in batches, fenced on the claimed attempt.
 //! - [`dlq`]: the outbox publisher that produces dead rows to the DLQ topic.
@@ -33,6 +35,7 @@
 pub mod app;
 pub mod backoff;
 pub mod batch;
+pub mod breaker;
 pub mod capturer;
 pub mod cli;
 pub mod completer;

@@ -17,7 +17,8 @@ use std::time::Duration;
 
 /// The top-level sections; environment variables outside them (`REDRIVE_LOG`…) are not config.
 const SECTIONS: &[&str] = &[
-    "postgres", "kafka", "consumer", "workers", "retry", "handler", "dlq", "http", "shutdown",
+    "postgres", "kafka", "consumer", "workers", "retry", "breaker", "handler", "dlq", "http",
+    "shutdown",
 ];
 
 /// A configuration error, with the field it is about.
@@ -54,6 +55,8 @@ pub struct Config {
     pub workers: WorkersConfig,
     /// Default retry policy and per-topic overrides.
     pub retry: RetryConfig,
+    /// The circuit breaker, and per-topic overrides (I13).
+    pub breaker: BreakerConfig,
     /// Where messages are delivered.
     pub handler: HandlerConfig,
     /// The dead-letter topic publisher.
@@ -276,6 +279,7 @@ impl Config {
             .map_err(|e| ConfigError::Parse(Box::new(e)))?;
         let kafka = KafkaConfig::from_figment(&figment)?;
         let retry = RetryConfig::from_figment(&figment)?;
+        let breaker = BreakerConfig::from_figment(&figment)?;
         let partial: Partial = figment
             .extract()
             .map_err(|e| ConfigError::Parse(Box::new(e)))?;
@@ -285,6 +289,7 @@ impl Config {
             consumer: partial.consumer,
             workers: partial.workers,
             retry,
+            breaker,
             handler: partial.handler,
             dlq: partial.dlq,
             http: partial.http,
@@ -375,7 +380,7 @@ impl Config {
     }
 }
 
-/// What the typed extraction reads; `kafka` and `retry` are read by their own functions.
+/// What the typed extraction reads; `kafka`, `retry` and `breaker` are read by their own functions.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Partial {
@@ -384,6 +389,8 @@ struct Partial {
     _kafka: serde::de::IgnoredAny,
     #[serde(rename = "retry", default)]
     _retry: serde::de::IgnoredAny,
+    #[serde(rename = "breaker", default)]
+    _breaker: serde::de::IgnoredAny,
     #[serde(default)]
     consumer: ConsumerConfig,
     #[serde(default)]
@@ -439,9 +446,57 @@ fn environment() -> Env {
     })
 }
 
+/// Reads a section whose fields make a default, and whose `topics.<name>` tables override some of
+/// them per topic: the default and each topic's fully resolved value, each validated by `check`
+/// with the path to name in an error.
+fn with_overrides<P>(
+    figment: &Figment,
+    section: &str,
+    check: impl Fn(&P, &str) -> Result<(), ConfigError>,
+) -> Result<(P, BTreeMap<String, P>), ConfigError>
+where
+    P: Default + Serialize + serde::de::DeserializeOwned,
+{
+    use figment::providers::Serialized;
+    let mut fields: Dict = match figment.find_value(section) {
+        Ok(v) => v
+            .into_dict()
+            .ok_or_else(|| invalid(section, "must be a table"))?,
+        Err(_) => Dict::new(),
+    };
+    let overrides = fields.remove("topics");
+    let default: P = Figment::from(Serialized::defaults(P::default()))
+        .merge(Serialized::defaults(fields))
+        .extract()
+        .map_err(|e| prefixed(e, section))?;
+    check(&default, section)?;
+    let overrides = match overrides {
+        Some(v) => v
+            .into_dict()
+            .ok_or_else(|| invalid(format!("{section}.topics"), "must be a table"))?,
+        None => Dict::new(),
+    };
+    let mut topics = BTreeMap::new();
+    for (topic, value) in overrides {
+        let at = format!("{section}.topics.\"{topic}\"");
+        let dict = value
+            .into_dict()
+            .ok_or_else(|| invalid(&at, "must be a table"))?;
+        let resolved: P = Figment::from(Serialized::defaults(&default))
+            .merge(Serialized::defaults(dict))
+            .extract()
+            .map_err(|e| prefixed(e, &at))?;
+        check(&resolved, &at)?;
+        topics.insert(topic, resolved);
+    }
+    Ok((default, topics))
+}
+
+mod breaker;
 mod kafka;
 mod retry;
 
+pub use breaker::{BreakerConfig, BreakerPolicy};
 pub use kafka::{flatten_properties, kafka_property_is_secret, redact_url, KafkaConfig};
 pub use retry::{OrderingMode, RetryConfig, RetryPolicy};
 

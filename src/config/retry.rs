@@ -3,11 +3,9 @@
 //! A `[retry.topics."name"]` table overrides some fields of the default; the rest are inherited.
 //! Each resolved policy is validated, and an error names the field, override path included.
 
-use super::{invalid, prefixed, ConfigError};
+use super::{invalid, ConfigError};
 use crate::backoff::{Backoff, BackoffKind};
 use crate::store::capture::{Line, OnDead};
-use figment::providers::Serialized;
-use figment::value::Dict;
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -141,36 +139,7 @@ impl RetryConfig {
 
     /// Reads `[retry]`: the default policy's fields, and `topics.<name>` tables that override some.
     pub(super) fn from_figment(figment: &Figment) -> Result<Self, ConfigError> {
-        let mut section: Dict = match figment.find_value("retry") {
-            Ok(v) => v
-                .into_dict()
-                .ok_or_else(|| invalid("retry", "must be a table"))?,
-            Err(_) => Dict::new(),
-        };
-        let overrides = section.remove("topics");
-        let base = Figment::from(Serialized::defaults(RetryPolicy::default()))
-            .merge(Serialized::defaults(section));
-        let default: RetryPolicy = base.extract().map_err(|e| prefixed(e, "retry"))?;
-        default.validate("retry")?;
-        let mut topics = BTreeMap::new();
-        let overrides = match overrides {
-            Some(v) => v
-                .into_dict()
-                .ok_or_else(|| invalid("retry.topics", "must be a table"))?,
-            None => Dict::new(),
-        };
-        for (topic, value) in overrides {
-            let at = format!("retry.topics.\"{topic}\"");
-            let dict = value
-                .into_dict()
-                .ok_or_else(|| invalid(&at, "must be a table"))?;
-            let policy: RetryPolicy = Figment::from(Serialized::defaults(&default))
-                .merge(Serialized::defaults(dict))
-                .extract()
-                .map_err(|e| prefixed(e, &at))?;
-            policy.validate(&at)?;
-            topics.insert(topic, policy);
-        }
+        let (default, topics) = super::with_overrides(figment, "retry", RetryPolicy::validate)?;
         Ok(Self { default, topics })
     }
 }

@@ -181,3 +181,47 @@ fn a_missing_file_is_named() {
         .to_string();
     assert!(e.contains("/nonexistent/redrive.toml"), "{e}");
 }
+
+#[test]
+fn the_breaker_is_on_by_default_and_a_topic_may_override_it() {
+    let c = with(
+        "[breaker]\nfailure_rate = 0.8\n\
+         [breaker.topics.\"payments\"]\nwindow_calls = 50\ncount = [\"retryable\"]\n",
+    )
+    .unwrap();
+    let d = &c.breaker.default;
+    assert!(d.enabled);
+    assert_eq!((d.failure_rate, d.window_calls), (0.8, None));
+    let p = c.breaker.for_topic("payments");
+    assert_eq!(
+        (p.failure_rate, p.window_calls),
+        (0.8, Some(50)),
+        "inherits the default"
+    );
+    assert_eq!(p.settings().window, crate::breaker::Window::Calls(50));
+    assert_eq!(c.breaker.for_topic("other"), d);
+}
+
+#[test]
+fn bad_breaker_settings_name_their_field() {
+    for (text, field) in [
+        ("[breaker]\nfailure_rate = 0.0", "`breaker.failure_rate`"),
+        ("[breaker]\nfailure_rate = 1.5", "`breaker.failure_rate`"),
+        ("[breaker]\nmin_calls = 0", "`breaker.min_calls`"),
+        (
+            "[breaker]\nopen_for = \"1m\"\nopen_max = \"10s\"",
+            "`breaker.open_max`",
+        ),
+        ("[breaker]\ncount = []", "`breaker.count`"),
+        ("[breaker]\ncount = [\"sometimes\"]", "breaker.count"),
+        ("[breaker]\nwindow = \"0s\"", "`breaker.window`"),
+        (
+            "[breaker.topics.\"t\"]\nprobes = 0",
+            "`breaker.topics.\"t\".probes`",
+        ),
+        ("[breaker]\nhalf_open = 3", "half_open"),
+    ] {
+        let e = with(text).unwrap_err().to_string();
+        assert!(e.contains(field), "{text}: {e}");
+    }
+}

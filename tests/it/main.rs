@@ -1,6 +1,7 @@
 //! Integration tests on a real Postgres and a real Kafka broker (`make test` starts both); the
 //! librdkafka mock cluster stands in where a broker fault is injected.
 
+mod breaker;
 mod consumer;
 mod dlq;
 mod e2e;

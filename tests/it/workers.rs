@@ -4,8 +4,9 @@
 use crate::helpers::*;
 use crate::store::pending;
 use chrono::{DateTime, Utc};
+use redrive::breaker::Breakers;
 use redrive::completer::completer;
-use redrive::config::{RetryConfig, WorkersConfig};
+use redrive::config::{BreakerConfig, RetryConfig, WorkersConfig};
 use redrive::dispatcher::Dispatcher;
 use redrive::handler::{Delivery, Handler, HandlerError};
 use std::collections::HashMap;
@@ -69,6 +70,7 @@ fn start<H: Handler>(
         retry,
         workers(),
         Duration::from_secs(30),
+        Arc::new(Breakers::new(&BreakerConfig::default(), "g")),
     );
     let token = CancellationToken::new();
     let t = token.clone();

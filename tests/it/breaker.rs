@@ -1,0 +1,240 @@
+//! The circuit breaker (I13), through the consumer and the workers on the real broker: an outage's
+//! backlog stays in Kafka, no row spends its budget while the breaker is open, and bad messages
+//! never open it.
+
+use crate::helpers::*;
+use futures::future::join_all;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::producer::FutureRecord;
+use rdkafka::ClientConfig;
+use redrive::cli::RunArgs;
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The group's members' ids, as the broker knows them.
+fn members(group: &str) -> Vec<String> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .create()
+        .unwrap();
+    let list = c
+        .fetch_group_list(Some(group), Duration::from_secs(10))
+        .unwrap();
+    list.groups()
+        .iter()
+        .flat_map(|g| g.members().iter().map(|m| m.id().to_string()))
+        .collect()
+}
+
+/// A breaker counter of `group`'s default breaker.
+fn transitions(group: &str, from: &str, to: &str) -> f64 {
+    counter(&format!(
+        "redrive_breaker_transitions_total{{group=\"{group}\",breaker=\"default\",from=\"{from}\",to=\"{to}\"}}"
+    ))
+}
+
+async fn produce_values(topic: &str, n: i64) {
+    let p = producer(&kafka());
+    let sends = (0..n).map(|v| {
+        let payload = format!("{{\"value\":{v}}}");
+        let key = format!("k{}", v % 64);
+        let p = &p;
+        async move {
+            let record = FutureRecord::to(topic).key(&key).payload(&payload);
+            p.send(record, Duration::from_secs(30)).await.unwrap();
+        }
+    });
+    join_all(sends).await;
+}
+
+fn value(r: &Received) -> i64 {
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    v["value"].as_i64().unwrap()
+}
+
+/// A total outage: 10,000 messages while the handler answers 503. The breaker opens within its
+/// window and the table holds only what was under way then; the rest waits in Kafka as lag, and
+/// the consumer stays in its group past `max.poll.interval.ms`. Probes fail and it opens again.
+/// No row spends an attempt while it is open (only a row that went as a probe does) and none dies,
+/// though three attempts in all would kill a row within a second without the breaker. Once the service is
+/// back, everything is delivered and the committed offsets reach the end.
+#[tokio::test]
+async fn a_total_outage_stays_in_kafka_and_costs_no_row_its_budget() {
+    const N: i64 = 10_000;
+    let db = TestDb::new().await;
+    redrive::telemetry::metrics(); // the counters read below count from here
+    let (topic, group) = (unique("outage"), unique("g"));
+    create_topic(&topic, 2).await;
+    create_topic(&format!("{topic}.dlq"), 1).await;
+    let up = Arc::new(AtomicBool::new(false));
+    // The values the handler took, once it is up.
+    let took: Arc<Mutex<BTreeSet<i64>>> = Arc::default();
+    let (u, t) = (up.clone(), took.clone());
+    let stub = Stub::start(move |r| match u.load(Ordering::SeqCst) {
+        true => {
+            t.lock().unwrap().insert(value(r));
+            (200, vec![])
+        }
+        false => (503, vec![]),
+    })
+    .await;
+    let extra = "[retry]\nmax_attempts = 3\ninitial_delay = \"200ms\"\njitter = 0.0\n\
+                 [breaker]\nopen_for = \"1s\"\nopen_max = \"2s\"\nprobes = 2\nramp = \"2s\"";
+    let mut config = config(&db.url, &[&topic], &group, Some(stub.addr), extra);
+    // librdkafka's least: the session timeout (6 s).
+    config
+        .kafka
+        .properties
+        .insert("max.poll.interval.ms".into(), "6000".into());
+    let (stop, app) = spawn_app(config, RunArgs::default());
+    produce_values(&topic, N).await;
+
+    wait_for(
+        "the breaker to open, and to open again after failed probes",
+        Duration::from_secs(60),
+        || async {
+            let again = transitions(&group, "half_open", "open") >= 1.0;
+            (transitions(&group, "closed", "open") >= 1.0 && again).then_some(())
+        },
+    )
+    .await;
+    let member = wait_for(
+        "the consumer's membership",
+        Duration::from_secs(30),
+        || async {
+            let m = members(&group);
+            (m.len() == 1).then(|| m[0].clone())
+        },
+    )
+    .await;
+    // The outage itself: longer than max.poll.interval.ms, while the consumer delivers nothing.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let rows = db.count("true").await;
+    assert!(rows > 0 && rows < N / 10, "{rows} rows for {N} messages");
+    assert_eq!(db.count("state = 'dead'").await, 0, "no row died");
+    // Only a row that went as a probe spent an attempt: at most one failed probe a half-open.
+    let probed = db.count("attempts > 1").await as f64;
+    assert!(
+        probed <= transitions(&group, "open", "half_open"),
+        "{probed} rows spent attempts"
+    );
+    assert_eq!(
+        members(&group),
+        [member],
+        "the consumer stayed in its group"
+    );
+    let lag: i64 = (0..2)
+        .map(|p| committed(&group, &topic, p).unwrap_or(0))
+        .sum();
+    assert!(lag < N / 2, "the backlog stays in Kafka: {lag} committed");
+
+    // The service comes back: probes pass, the breaker closes and everything goes.
+    up.store(true, Ordering::SeqCst);
+    wait_for(
+        "every offset committed and the retry table empty",
+        Duration::from_secs(120),
+        || async {
+            let end = (0..2)
+                .map(|p| committed(&group, &topic, p).unwrap_or(0))
+                .sum::<i64>();
+            (end == N && db.count("true").await == 0).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        took.lock().unwrap().len() as i64,
+        N,
+        "the handler took every value"
+    );
+    assert!(transitions(&group, "half_open", "closed") >= 1.0);
+    stop.cancel();
+    app.await.unwrap().unwrap();
+}
+
+/// Permanent failures at a high rate are bad messages, not a bad service: the breaker stays
+/// closed and they die at once, as before.
+#[tokio::test]
+async fn permanent_failures_never_open_the_breaker() {
+    let db = TestDb::new().await;
+    redrive::telemetry::metrics();
+    let (topic, group) = (unique("refused"), unique("g"));
+    create_topic(&topic, 1).await;
+    create_topic(&format!("{topic}.dlq"), 1).await;
+    let stub = Stub::start(|_| (400, vec![])).await;
+    let extra = "[breaker]\nmin_calls = 5";
+    let (stop, app) = spawn_app(
+        config(&db.url, &[&topic], &group, Some(stub.addr), extra),
+        RunArgs::default(),
+    );
+    produce_values(&topic, 300).await;
+    wait_for(
+        "every message dead and committed",
+        Duration::from_secs(60),
+        || async {
+            let done = committed(&group, &topic, 0) == Some(300)
+                && db.count("state = 'dead'").await == 300;
+            done.then_some(())
+        },
+    )
+    .await;
+    assert_eq!(stub.count(), 300);
+    assert_eq!(transitions(&group, "closed", "open"), 0.0);
+    stop.cancel();
+    app.await.unwrap().unwrap();
+}
+
+/// Retry rows that fail whatever the service does cannot hold the breaker open: as probes they
+/// spend their attempts and die in their time. Then a new message goes as the probe, the breaker
+/// closes and everything else is delivered.
+#[tokio::test]
+async fn bad_rows_cannot_hold_the_breaker_open() {
+    let db = TestDb::new().await;
+    redrive::telemetry::metrics();
+    let (topic, group) = (unique("poison"), unique("g"));
+    create_topic(&topic, 1).await;
+    create_topic(&format!("{topic}.dlq"), 1).await;
+    let up = Arc::new(AtomicBool::new(false));
+    let u = up.clone();
+    // Values under 10 fail every time; the others fail until the service is up.
+    let stub = Stub::start(move |r| match u.load(Ordering::SeqCst) && value(r) >= 10 {
+        true => (200, vec![]),
+        false => (500, vec![]),
+    })
+    .await;
+    let extra = "[retry]\nmax_attempts = 3\ninitial_delay = \"100ms\"\njitter = 0.0\n\
+                 [breaker]\nmin_calls = 5\nopen_for = \"300ms\"\nopen_max = \"600ms\"\nprobes = 3";
+    let (stop, app) = spawn_app(
+        config(&db.url, &[&topic], &group, Some(stub.addr), extra),
+        RunArgs::default(),
+    );
+    produce_values(&topic, 10).await;
+    wait_for("the breaker to open", Duration::from_secs(60), || async {
+        (transitions(&group, "closed", "open") >= 1.0).then_some(())
+    })
+    .await;
+    up.store(true, Ordering::SeqCst);
+    // Only bad rows are due: their probes fail, and they die.
+    wait_for("the bad rows to die", Duration::from_secs(120), || async {
+        (db.count("state = 'dead'").await == 10).then_some(())
+    })
+    .await;
+    let p = producer(&kafka());
+    for v in 10..30 {
+        let payload = format!("{{\"value\":{v}}}");
+        produce(&p, &topic, None, Some(payload.as_bytes()), &[]).await;
+    }
+    wait_for(
+        "every new value to succeed",
+        Duration::from_secs(120),
+        || async {
+            let done = committed(&group, &topic, 0) == Some(30) && db.count("true").await == 10;
+            done.then_some(())
+        },
+    )
+    .await;
+    assert!(transitions(&group, "half_open", "closed") >= 1.0);
+    stop.cancel();
+    app.await.unwrap().unwrap();
+}
