@@ -405,7 +405,7 @@ impl Breaker {
             ..
         } = call
         {
-            self.retry_after = Some(self.retry_after.map_or(r, |o| o.max(r)));
+            self.retry_after = longest(self.retry_after, r);
         }
         if probe {
             return self.probed(now, failed);
@@ -615,7 +615,7 @@ impl Shared {
         }
         self.with(|b, now| {
             if let Some(r) = retry_after {
-                b.retry_after = Some(b.retry_after.map_or(r, |o| o.max(r)));
+                b.retry_after = longest(b.retry_after, r);
             }
             ((), b.record_many(now, calls, failed))
         })
@@ -664,10 +664,13 @@ impl Shared {
 
     /// The share of their full rate callers may use now (see [`Breaker::share`]).
     pub fn share(&self) -> f64 {
-        if self.seen() == State::Closed && self.breaker.try_lock().is_err() {
-            return 1.0;
-        }
         self.with(|b, now| (b.share(now), None))
+    }
+
+    /// Whether it is closed now: without the lock when it was last seen closed, as only a call
+    /// under the lock opens it.
+    pub fn closed(&self) -> bool {
+        self.seen() == State::Closed || self.state() == State::Closed
     }
 
     /// When an open breaker turns half-open.
@@ -783,6 +786,11 @@ impl Breakers {
     }
 }
 
+/// The longer of a `Retry-After` kept so far and a new one.
+fn longest(kept: Option<Duration>, new: Duration) -> Option<Duration> {
+    Some(kept.map_or(new, |k| k.max(new)))
+}
+
 /// Counts a batch's calls per breaker and records them together: one lock per batch, not one per
 /// call.
 pub struct Tally<'a> {
@@ -819,7 +827,7 @@ impl<'a> Tally<'a> {
             if breaker.counted.contains(&e.kind) {
                 self.failed += 1;
                 if let Some(r) = e.retry_after {
-                    self.retry_after = Some(self.retry_after.map_or(r, |o| o.max(r)));
+                    self.retry_after = longest(self.retry_after, r);
                 }
             }
         }

@@ -397,9 +397,9 @@ impl<H: Handler> Consumer<H> {
         let before = batch.messages.len();
         let mut kept = Vec::with_capacity(before);
         for m in batch.messages.drain(..) {
-            match breakers.for_topic(&m.0.topic).state() {
-                State::Closed => kept.push(m),
-                _ => stalled.messages.push_back(m),
+            match breakers.for_topic(&m.0.topic).closed() {
+                true => kept.push(m),
+                false => stalled.messages.push_back(m),
             }
         }
         batch.messages = kept;

@@ -349,7 +349,7 @@ impl<H: Handler> Dispatcher<H> {
             if let Some(due) = due {
                 tokio::time::sleep_until(due).await;
             }
-            if !probe && breaker.state() != State::Closed {
+            if !probe && !breaker.closed() {
                 return give_back(&store, &row, "refused").await;
             }
             let attempt = u32::try_from(row.attempt).unwrap_or(u32::MAX);
@@ -365,11 +365,7 @@ impl<H: Handler> Dispatcher<H> {
             }
             // A probe is an attempt like any other; an attempt under way when the breaker opened
             // that fails with it says nothing about the row, and gets its attempt back.
-            if !probe
-                && result.is_err()
-                && breaker.counts(&result)
-                && breaker.state() != State::Closed
-            {
+            if !probe && result.is_err() && breaker.counts(&result) && !breaker.closed() {
                 return give_back(&store, &row, "refunded").await;
             }
             let outcome = match result {
