@@ -14,7 +14,8 @@
 --                   function redrive.delete_succeeded), cannot purge, cannot rewrite a message's
 --                   key, payload, headers or source, and cannot touch the replay audit.
 -- redrive_operator  reads everything; replays (redrive.replay, `redrive replay`), pauses and
---                   resumes topics, reschedules rows, purges (`redrive purge`). It cannot insert
+--                   resumes topics, reschedules rows, purges (`redrive purge`), holds circuit
+--                   breakers open or closed (`redrive breaker`). It cannot insert
 --                   rows, truncate, or change the schema.
 -- redrive_readonly  reads the table, the views and `redrive status`; changes nothing.
 
@@ -47,6 +48,9 @@ GRANT EXECUTE ON FUNCTION redrive.utf8_or_null(bytea),
 
 -- Worker.
 GRANT SELECT ON redrive.refinery_schema_history, redrive.paused_topics TO redrive_worker;
+-- The circuit breakers: a process reads the operators' holds and reports its own states.
+GRANT SELECT ON redrive.breaker_holds TO redrive_worker;
+GRANT SELECT, INSERT, UPDATE, DELETE ON redrive.breaker_states TO redrive_worker;
 GRANT SELECT, INSERT ON redrive.retry_messages TO redrive_worker;
 -- Only the columns the rescue, the completer, the release at shutdown and the DLQ publisher set.
 GRANT UPDATE (state, attempts, next_attempt_at, last_error, error_kind, error_history, updated_at,
@@ -66,7 +70,9 @@ GRANT EXECUTE ON FUNCTION redrive.delete_succeeded(uuid[], uuid[]),
 GRANT redrive_readonly TO redrive_operator;
 GRANT UPDATE, DELETE ON redrive.retry_messages TO redrive_operator;
 GRANT INSERT, UPDATE, DELETE ON redrive.paused_topics TO redrive_operator;
+GRANT INSERT, UPDATE, DELETE ON redrive.breaker_holds TO redrive_operator;
 GRANT EXECUTE ON FUNCTION redrive.replay(uuid[], text, text, integer),
     redrive.pause(text, text, text), redrive.resume(text, text),
+    redrive.hold_breaker(text, text, text, text), redrive.release_breaker(text, text),
     redrive.lock_lines(text[], text[], integer[], bytea[])
     TO redrive_operator;

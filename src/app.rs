@@ -68,6 +68,22 @@ pub async fn run<H: Handler>(
     let mut services: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
     // The consumer and the workers call the same handler, so they share its breakers (I13).
     let breakers = Arc::new(Breakers::new(&config.breaker, &group));
+    if !(parts.no_consumer && parts.no_workers) {
+        // An operator's hold is taken before the first message is handed over.
+        if let Err(e) = crate::breaker_sync::apply_holds(&store, &breakers, &group).await {
+            tracing::warn!(
+                "reading the breaker holds failed ({e}); trying again every {:?}",
+                crate::breaker_sync::EVERY
+            );
+        }
+        let (store, breakers, group) = (store.clone(), breakers.clone(), group.clone());
+        let token = shutdown.clone();
+        services.spawn(async move {
+            let process = crate::dispatcher::worker_id();
+            crate::breaker_sync::run(store, breakers, group, process, token).await;
+            ("breaker holds and states", Ok(()))
+        });
+    }
 
     if let Some(publisher) = publisher {
         let token = shutdown.clone();

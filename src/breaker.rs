@@ -545,6 +545,23 @@ pub struct Shared {
     /// Whether the consumer holds back new messages of this breaker's topics: they make better
     /// probes than retry rows, whose failures are the rows' own as often as the service's.
     fresh: std::sync::atomic::AtomicBool,
+    /// The last change of state: when, and why (`None` before the first).
+    last: Mutex<(chrono::DateTime<chrono::Utc>, Option<String>)>,
+}
+
+/// One breaker as a process reports it (`redrive.breaker_states`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Snapshot {
+    pub breaker: String,
+    pub state: State,
+    /// Whether an operator holds it in this state.
+    pub held: bool,
+    /// Since when it is in this state (since the process started, if it never changed).
+    pub since: chrono::DateTime<chrono::Utc>,
+    /// Why it changed to this state.
+    pub cause: Option<String>,
+    /// When an open breaker turns half-open.
+    pub open_until: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl Shared {
@@ -569,7 +586,34 @@ impl Shared {
             changed,
             probes,
             fresh: std::sync::atomic::AtomicBool::new(false),
+            last: Mutex::new((chrono::Utc::now(), None)),
         }
+    }
+
+    /// Its state now, with when and why it changed last, for reporting.
+    pub fn snapshot(&self) -> Snapshot {
+        let (state, held, until) = self.with(|b, now| {
+            let (state, t) = b.state(now);
+            ((state, b.forced().is_some(), b.open_until()), t)
+        });
+        let (since, cause) = self.last.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let open_until = until.map(|u| {
+            let left = u.saturating_duration_since(Instant::now());
+            chrono::Utc::now() + chrono::Duration::from_std(left).unwrap_or(chrono::Duration::MAX)
+        });
+        Snapshot {
+            breaker: self.name.clone(),
+            state,
+            held,
+            since,
+            cause,
+            open_until,
+        }
+    }
+
+    /// The operator's hold it is under, if any.
+    pub fn forced(&self) -> Option<State> {
+        self.with(|b, _| (b.forced(), None))
     }
 
     /// The name it is reported under: `default`, or the topic it was configured for.
@@ -684,6 +728,8 @@ impl Shared {
     }
 
     fn report(&self, t: &Transition) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) =
+            (chrono::Utc::now(), Some(t.cause.clone()));
         metrics::counter!("redrive_breaker_transitions_total", "group" => self.group.clone(),
             "breaker" => self.name.clone(), "from" => t.from.as_str(), "to" => t.to.as_str())
         .increment(1);

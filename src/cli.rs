@@ -72,6 +72,64 @@ pub enum Command {
     /// key's next row go on.
     #[command(after_help = PURGE_EXAMPLES)]
     Purge(PurgeArgs),
+    /// See the circuit breakers of every running process, and hold them open or closed.
+    ///
+    /// Each `redrive run` decides its breakers from its own calls to the handler and reports them
+    /// to Postgres every 2 seconds. An operator's hold overrides them in every running process of
+    /// the group within 2 seconds, and in processes that start later, until it is released:
+    /// `open` keeps the backlog in Kafka and stops the workers' claims (use it for planned
+    /// maintenance of the handler's service); `close` keeps messages and retries flowing whatever
+    /// the failure rate. The holds live in `redrive.breaker_holds`; `redrive.hold_breaker()` and
+    /// `redrive.release_breaker()` do the same from SQL.
+    ///
+    /// Needs [postgres] from the configuration.
+    #[command(subcommand, after_help = BREAKER_EXAMPLES)]
+    Breaker(BreakerCommand),
+}
+
+/// `redrive breaker …`
+#[derive(Debug, Subcommand)]
+pub enum BreakerCommand {
+    /// The holds, and the state of every breaker of every running process.
+    Status {
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Hold breakers open: the consumer pauses its topics and keeps the backlog in Kafka, and the
+    /// workers claim nothing, probes included, until the hold is released.
+    Open(HoldArgs),
+    /// Hold breakers closed: every call goes, whatever the failure rate, until the hold is
+    /// released.
+    Close(HoldArgs),
+    /// Lift holds: the breakers decide from their calls again, starting closed.
+    Release(BreakerTarget),
+}
+
+/// Which breakers a hold is on.
+#[derive(Debug, Clone, Args)]
+pub struct BreakerTarget {
+    /// The breaker: `default` (topics without a [breaker.topics."…"] entry), a topic that has such
+    /// an entry, or `*` for every breaker.
+    #[arg(long, value_name = "NAME", default_value = "*")]
+    pub breaker: String,
+    /// The consumer group, or `*` for every group.
+    #[arg(long, value_name = "GROUP", default_value = "*")]
+    pub consumer_group: String,
+    /// How long to wait for the running processes to report that they took the change; 0 does
+    /// not wait.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub wait: Duration,
+}
+
+/// `redrive breaker open|close`
+#[derive(Debug, Clone, Args)]
+pub struct HoldArgs {
+    #[command(flatten)]
+    pub target: BreakerTarget,
+    /// Why, kept with the hold (a ticket, a maintenance window).
+    #[arg(long, value_name = "TEXT")]
+    pub reason: Option<String>,
 }
 
 const REPLAY_EXAMPLES: &str = "Examples:
@@ -86,6 +144,13 @@ const STATUS_EXAMPLES: &str = "Examples:
   redrive status --window 24h --top 20
   redrive status --exact            (count every row, however long it takes)
   redrive status --json | jq '.groups[] | {consumer_group, dlq_backlog}'";
+
+const BREAKER_EXAMPLES: &str = "Examples:
+  redrive breaker status
+  redrive breaker open --reason 'SMTP relay maintenance, CHG-118'
+  redrive breaker open --breaker orders --consumer-group billing
+  redrive breaker release
+  psql -c \"SELECT redrive.hold_breaker('open', reason => 'CHG-118')\"";
 
 const PURGE_EXAMPLES: &str = "Examples:
   redrive purge --older-than 30d --dry-run

@@ -19,6 +19,8 @@
 //! - [`lines`]: the consumer's key lines: one message of a key at a time, parking behind a failure (I12).
 //! - [`capturer`]: batches failed messages into one INSERT per batch.
 //! - [`breaker`]: the circuit breaker that keeps an outage's backlog in Kafka (I13).
+//! - [`breaker_sync`]: operators' breaker holds read from Postgres, and each process's states
+//!   written there.
 //! - [`dispatcher`]: the retry workers: claim due rows, call the handler, hand results on.
 //! - [`completer`]: finishes attempts in batches, fenced on the claimed attempt.
 //! - [`dlq`]: the outbox publisher that produces dead rows to the DLQ topic.
@@ -36,6 +38,7 @@ pub mod app;
 pub mod backoff;
 pub mod batch;
 pub mod breaker;
+pub mod breaker_sync;
 pub mod capturer;
 pub mod cli;
 pub mod completer;

@@ -43,6 +43,10 @@ async fn main() -> ExitCode {
             Ok(postgres) => redrive::ops::status::run(&postgres, &args).await,
             Err(e) => Err(e.into()),
         },
+        Command::Breaker(command) => match PostgresConfig::load(path) {
+            Ok(postgres) => redrive::ops::breaker::run(&postgres, &command).await,
+            Err(e) => Err(e.into()),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

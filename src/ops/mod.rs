@@ -2,6 +2,7 @@
 //! [`crate::store`]; this module turns command-line arguments into filters, runs chunked work with
 //! a progress display and a clean stop on Ctrl-C, and prints the results.
 
+pub mod breaker;
 pub mod purge;
 pub mod replay;
 pub mod status;
@@ -10,6 +11,7 @@ use crate::cli::FilterArgs;
 use crate::store::find::{Filter, Matched, Sample, Scope, Skipped};
 use crate::store::purge::Chunk;
 use crate::store::{Store, StoreError};
+use chrono::{DateTime, Utc};
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::future::Future;
@@ -346,4 +348,30 @@ mod tests {
             )
         );
     }
+}
+
+/// A count as shown: a leading `~` when it is an estimate.
+pub fn count(n: i64, estimated: bool) -> String {
+    if estimated {
+        format!("~{n}")
+    } else {
+        n.to_string()
+    }
+}
+
+/// A time, with how far it is from `now` ("… (3m ago)", "… (in 20s)").
+pub fn when(t: Option<DateTime<Utc>>, now: DateTime<Utc>) -> String {
+    let Some(t) = t else {
+        return "-".into();
+    };
+    let secs = (t - now).num_seconds();
+    let distance = humantime::format_duration(std::time::Duration::from_secs(secs.unsigned_abs()));
+    let relative = if secs == 0 {
+        "now".to_string()
+    } else if secs < 0 {
+        format!("{distance} ago")
+    } else {
+        format!("in {distance}")
+    };
+    format!("{} ({relative})", t.format("%Y-%m-%d %H:%M:%S"))
 }

@@ -1,10 +1,9 @@
 //! `redrive status`: tables for people, `--json` for scripts. Both show the same [`Status`].
 
-use super::{clip, connect, explain, table};
+use super::{clip, connect, count, explain, table, when};
 use crate::cli::StatusArgs;
 use crate::config::{redact_url, PostgresConfig};
 use crate::store::status::{Limits, Status};
-use chrono::{DateTime, Utc};
 use secrecy::ExposeSecret;
 
 /// Runs `redrive status` and prints it.
@@ -100,6 +99,10 @@ pub fn render(s: &Status, database: &str) -> String {
         }
         out += &format!("{t}\n");
     }
+    if !s.breakers.is_empty() || !s.breaker_holds.is_empty() {
+        out += "\n";
+        out += &super::breaker::render(&s.breaker_holds, &s.breakers, s.at);
+    }
     if !s.key_lines.is_empty() {
         out += &format!(
             "\nKeys waiting behind a row of theirs ({} in all; `redrive.key_lines` has them all)\n",
@@ -157,30 +160,4 @@ pub fn render(s: &Status, database: &str) -> String {
         );
     }
     out
-}
-
-/// A count as shown: a leading `~` when it is an estimate.
-fn count(n: i64, estimated: bool) -> String {
-    if estimated {
-        format!("~{n}")
-    } else {
-        n.to_string()
-    }
-}
-
-/// A time, with how far it is from `now` ("… (3m ago)", "… (in 20s)").
-fn when(t: Option<DateTime<Utc>>, now: DateTime<Utc>) -> String {
-    let Some(t) = t else {
-        return "-".into();
-    };
-    let secs = (t - now).num_seconds();
-    let distance = humantime::format_duration(std::time::Duration::from_secs(secs.unsigned_abs()));
-    let relative = if secs == 0 {
-        "now".to_string()
-    } else if secs < 0 {
-        format!("{distance} ago")
-    } else {
-        format!("in {distance}")
-    };
-    format!("{} ({relative})", t.format("%Y-%m-%d %H:%M:%S"))
 }

@@ -10,6 +10,7 @@
 //! - [`replay`]: dead rows back to pending, or their records back to Kafka, in chunks.
 //! - [`purge`]: deleting dead and replayed rows, in chunks (I5).
 //! - [`safe`]: error texts cleaned of what Postgres refuses (NUL) and bounded (I10).
+//! - [`breakers`]: operators' breaker holds and each process's breaker states (I13).
 //! - [`status`]: counts, due times, the DLQ backlog and top errors for `redrive status`.
 
 /// The [`crate::message::Message`] of a row that a `query!` read with its source columns (`id`,
@@ -36,6 +37,7 @@ macro_rules! stored_message {
     };
 }
 
+pub mod breakers;
 pub mod capture;
 pub mod claim;
 pub mod complete;

@@ -30,6 +30,10 @@ pub struct Status {
     pub groups: Vec<GroupStatus>,
     /// Topics whose retries are paused.
     pub paused_topics: Vec<PausedTopic>,
+    /// Operators' holds on circuit breakers (I13).
+    pub breaker_holds: Vec<super::breakers::Hold>,
+    /// The circuit breakers of the processes that reported within the last hour.
+    pub breakers: Vec<super::breakers::Reported>,
     /// The window the errors were counted over, in seconds.
     pub error_window_seconds: u64,
     /// The most frequent errors of failed attempts in the window, most frequent first.
@@ -268,6 +272,7 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
+        let (breaker_holds, breakers) = self.breakers().await?;
         let key_lines_total = key_lines.first().map_or(0, |l| l.total);
         let key_lines = key_lines
             .into_iter()
@@ -290,6 +295,8 @@ impl Store {
             topics,
             groups,
             paused_topics,
+            breaker_holds,
+            breakers,
             error_window_seconds: window.as_secs(),
             top_errors,
             top_errors_estimated: !exact_errors,

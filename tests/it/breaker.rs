@@ -238,3 +238,122 @@ async fn bad_rows_cannot_hold_the_breaker_open() {
     stop.cancel();
     app.await.unwrap().unwrap();
 }
+
+/// An operator's hold, from the command line, is taken by a running process within seconds and
+/// wins over the calls: held open, nothing is delivered and a due row keeps its attempt count;
+/// released, everything goes; held closed, an outage does not open the breaker. `redrive breaker
+/// status` and `redrive status` show the process's breakers, and a stopped process removes its
+/// rows.
+#[tokio::test]
+async fn an_operators_hold_is_taken_by_running_processes() {
+    use redrive::store::capture::{Capture, InitialState};
+    let db = TestDb::new().await;
+    redrive::telemetry::metrics();
+    let (topic, group) = (unique("held"), unique("g"));
+    create_topic(&topic, 1).await;
+    create_topic(&format!("{topic}.dlq"), 1).await;
+    let down = Arc::new(AtomicBool::new(false));
+    let d = down.clone();
+    let stub = Stub::start(move |_| match d.load(Ordering::SeqCst) {
+        true => (503, vec![]),
+        false => (200, vec![]),
+    })
+    .await;
+    let extra = "[retry]\ninitial_delay = \"100ms\"\njitter = 0.0\n[breaker]\nmin_calls = 5";
+    let (stop, app) = spawn_app(
+        config(&db.url, &[&topic], &group, Some(stub.addr), extra),
+        RunArgs::default(),
+    );
+    let ops = ops_config(&db.url);
+    let g = ["--consumer-group", group.as_str()];
+    wait_for("the process to report", Duration::from_secs(30), || async {
+        let out = redrive(&ops.0, &["breaker", "status"]).await.ok().stdout;
+        out.contains(&group).then_some(())
+    })
+    .await;
+
+    // Held open: the command waits until the process says it took the hold.
+    let held = redrive(
+        &ops.0,
+        &[&["breaker", "open", "--reason", "CHG-118"][..], &g].concat(),
+    )
+    .await
+    .ok()
+    .stdout;
+    assert!(held.contains("1 running process(es) took it"), "{held}");
+    let status = redrive(&ops.0, &["breaker", "status"]).await.ok().stdout;
+    assert!(
+        status.contains("open (held)") && status.contains("CHG-118"),
+        "{status}"
+    );
+    let store = redrive::Store::from_pool(db.pool().clone());
+    let due = Capture {
+        message: redrive::Message {
+            topic: topic.clone(),
+            partition: 0,
+            offset: 1_000_000,
+            timestamp: None,
+            key: None,
+            payload: Some(b"{\"value\":-1}".to_vec()),
+            headers: vec![],
+        },
+        state: InitialState::Pending,
+        max_attempts: 3,
+        retry_in: Duration::ZERO,
+        error: redrive::HandlerError::retryable("HTTP 503"),
+        line: None,
+    };
+    store.capture(&group, &[due]).await.unwrap();
+    produce_values(&topic, 20).await;
+    // Without the hold, the row and the messages would go within milliseconds.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(stub.count(), 0, "nothing was delivered while held open");
+    assert_eq!(
+        db.count("attempts = 1").await,
+        1,
+        "the due row kept its count"
+    );
+    assert_eq!(committed(&group, &topic, 0).unwrap_or(0), 0);
+
+    // Released: everything goes.
+    let released = redrive(&ops.0, &[&["breaker", "release"][..], &g].concat())
+        .await
+        .ok()
+        .stdout;
+    assert!(released.contains("lifted 1 hold(s)"), "{released}");
+    wait_for("everything delivered", Duration::from_secs(60), || async {
+        let done = committed(&group, &topic, 0) == Some(20) && db.count("true").await == 0;
+        done.then_some(())
+    })
+    .await;
+    assert_eq!(stub.count(), 21);
+
+    // Held closed (for every group): an outage does not open it.
+    let opened = transitions(&group, "closed", "open"); // the hold above counts once
+    let closed = redrive(&ops.0, &["breaker", "close"]).await.ok().stdout;
+    assert!(closed.contains("took it"), "{closed}");
+    down.store(true, Ordering::SeqCst);
+    produce_values(&topic, 30).await;
+    wait_for("the failures captured", Duration::from_secs(60), || async {
+        let done = committed(&group, &topic, 0) == Some(50) && db.count("true").await == 30;
+        done.then_some(())
+    })
+    .await;
+    assert_eq!(transitions(&group, "closed", "open"), opened);
+    let status = redrive(&ops.0, &["status"]).await.ok().stdout;
+    assert!(
+        status.contains("Circuit breakers") && status.contains("closed (held)"),
+        "{status}"
+    );
+    redrive(&ops.0, &["breaker", "release"]).await.ok();
+
+    stop.cancel();
+    app.await.unwrap().unwrap();
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM redrive.breaker_states WHERE consumer_group = $1")
+            .bind(&group)
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(left, 0, "a stopped process removes its rows");
+}

@@ -582,3 +582,45 @@ pub mod tempfile_path {
         }
     }
 }
+
+/// The output of one `redrive` command.
+pub struct Ran {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Ran {
+    pub fn ok(self) -> Self {
+        assert_eq!(
+            self.code,
+            Some(0),
+            "redrive failed:\n{}\n{}",
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+}
+
+/// A config file with only `[postgres]`.
+pub fn ops_config(url: &str) -> tempfile_path::TempPath {
+    write_config(&format!("[postgres]\nurl = \"{url}\"\n"))
+}
+
+/// Runs `redrive --config <config> <args>` to the end.
+pub async fn redrive(config: &std::path::Path, args: &[&str]) -> Ran {
+    let out = tokio::process::Command::new(redrive_bin())
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("REDRIVE_LOG", "warn")
+        .output()
+        .await
+        .unwrap();
+    Ran {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}

@@ -105,48 +105,6 @@ async fn insert(db: &TestDb, r: Row<'_>) -> Uuid {
     id
 }
 
-/// The output of one `redrive` command.
-struct Ran {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Ran {
-    fn ok(self) -> Self {
-        assert_eq!(
-            self.code,
-            Some(0),
-            "redrive failed:\n{}\n{}",
-            self.stdout,
-            self.stderr
-        );
-        self
-    }
-}
-
-/// A config file with only `[postgres]`.
-fn ops_config(url: &str) -> tempfile_path::TempPath {
-    write_config(&format!("[postgres]\nurl = \"{url}\"\n"))
-}
-
-/// Runs `redrive --config <config> <args>` to the end.
-async fn redrive(config: &Path, args: &[&str]) -> Ran {
-    let out = tokio::process::Command::new(redrive_bin())
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .env("REDRIVE_LOG", "warn")
-        .output()
-        .await
-        .unwrap();
-    Ran {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
 /// The count a dry run reports: "dry run: would replay N row(s)".
 fn dry_run_count(out: &str) -> i64 {
     let line = out
@@ -1232,7 +1190,14 @@ async fn each_role_can_do_its_job_and_nothing_more() {
         .collect();
     assert_eq!(published.len(), 3);
     batch.finish(&published, &[]).await.unwrap();
+    // It reads the breaker holds and reports its breakers' states.
+    let b = redrive::breaker::Breakers::new(&Default::default(), "g");
+    let snapshots: Vec<_> = b.all().map(|b| b.snapshot()).collect();
+    store.breaker_holds("g").await.unwrap();
+    store.report_breakers("g", "w-1", &snapshots).await.unwrap();
+    store.forget_breakers("g", "w-1").await.unwrap();
     // ... and nothing an operator does.
+    denied(&worker, "SELECT redrive.hold_breaker('open')").await;
     denied(&worker, "DELETE FROM redrive.retry_messages").await;
     // Rows join and leave the queue only with their state in the table.
     denied(&worker, "DELETE FROM redrive.queue").await;
@@ -1298,6 +1263,9 @@ async fn each_role_can_do_its_job_and_nothing_more() {
         );
     }
     denied(&reader, "SELECT redrive.pause('orders')").await;
+    let out = redrive(&reader_config.0, &["breaker", "open", "--wait", "0s"]).await;
+    assert!(out.stderr.contains("not allowed"), "{}", out.stderr);
+    redrive(&reader_config.0, &["breaker", "status"]).await.ok();
     denied(
         &reader,
         "UPDATE redrive.retry_messages SET next_attempt_at = now()",
@@ -1324,6 +1292,14 @@ async fn each_role_can_do_its_job_and_nothing_more() {
         .await
         .unwrap();
     let operator_config = ops_config(&operator_url);
+    let out = redrive(&operator_config.0, &["breaker", "open", "--wait", "0s"])
+        .await
+        .ok();
+    assert!(out.stdout.contains("held open"), "{}", out.stdout);
+    let out = redrive(&operator_config.0, &["breaker", "release", "--wait", "0s"])
+        .await
+        .ok();
+    assert!(out.stdout.contains("lifted 1 hold(s)"), "{}", out.stdout);
     let one: Uuid = sqlx::query_scalar("SELECT id FROM redrive.dead_messages LIMIT 1")
         .fetch_one(&operator)
         .await
