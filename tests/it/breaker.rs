@@ -357,3 +357,102 @@ async fn an_operators_hold_is_taken_by_running_processes() {
             .unwrap();
     assert_eq!(left, 0, "a stopped process removes its rows");
 }
+
+/// How long each opening of `group`'s default breaker lasts, in seconds, in order, as the process
+/// reports them to Postgres (it reports every change), until `n` have been seen.
+async fn open_times(db: &TestDb, group: &str, n: usize) -> Vec<f64> {
+    type Seen = Vec<(chrono::DateTime<chrono::Utc>, f64)>;
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    wait_for(
+        &format!("{n} openings of the breaker"),
+        Duration::from_secs(90),
+        || async {
+            let row: Option<(chrono::DateTime<chrono::Utc>, f64)> = sqlx::query_as(
+                "SELECT since, extract(epoch FROM open_until - since)::float8 \
+                 FROM redrive.breaker_states \
+                 WHERE consumer_group = $1 AND breaker = 'default' AND state = 'open'",
+            )
+            .bind(group)
+            .fetch_optional(db.pool())
+            .await
+            .unwrap();
+            let mut seen = seen.lock().unwrap();
+            if let Some((since, secs)) = row {
+                if seen.last().is_none_or(|(s, _)| *s != since) {
+                    seen.push((since, secs));
+                }
+            }
+            (seen.len() >= n).then_some(())
+        },
+    )
+    .await;
+    let seen = seen.lock().unwrap();
+    seen.iter().map(|(_, secs)| *secs).collect()
+}
+
+fn roughly(actual: &[f64], expected: &[f64]) -> bool {
+    actual.len() >= expected.len()
+        && actual
+            .iter()
+            .zip(expected)
+            .all(|(a, e)| (a - e).abs() <= 0.15)
+}
+
+/// A flapping service: every probe fails, so the breaker opens again each time, for twice as long
+/// up to `open_max`; only the probes spend attempts.
+#[tokio::test]
+async fn a_failing_probe_reopens_it_for_longer_up_to_the_cap() {
+    let db = TestDb::new().await;
+    redrive::telemetry::metrics();
+    let (topic, group) = (unique("flapping"), unique("g"));
+    create_topic(&topic, 1).await;
+    create_topic(&format!("{topic}.dlq"), 1).await;
+    let stub = Stub::start(|_| (503, vec![])).await;
+    let extra = "[retry]\nmax_attempts = 2\ninitial_delay = \"100ms\"\njitter = 0.0\n\
+                 [breaker]\nmin_calls = 5\nopen_for = \"400ms\"\nopen_max = \"1600ms\"\nprobes = 1";
+    let (stop, app) = spawn_app(
+        config(&db.url, &[&topic], &group, Some(stub.addr), extra),
+        RunArgs::default(),
+    );
+    produce_values(&topic, 200).await;
+    let times = open_times(&db, &group, 5).await;
+    assert!(
+        roughly(&times, &[0.4, 0.8, 1.6, 1.6, 1.6]),
+        "open for {times:?} s"
+    );
+    // Only probes spent attempts: at most one a half-open, as `probes = 1`.
+    let spent: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(attempts - 1), 0)::int8 FROM redrive.retry_messages",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    let rounds = transitions(&group, "open", "half_open");
+    assert!(
+        spent as f64 <= rounds,
+        "{spent} attempts spent in {rounds} rounds"
+    );
+    stop.cancel();
+    app.await.unwrap().unwrap();
+}
+
+/// A `Retry-After` on the 503s that open the breaker keeps it open at least that long, beyond its
+/// own `open_for`.
+#[tokio::test]
+async fn a_retry_after_keeps_it_open_at_least_that_long() {
+    let db = TestDb::new().await;
+    let (topic, group) = (unique("retry-after"), unique("g"));
+    create_topic(&topic, 1).await;
+    create_topic(&format!("{topic}.dlq"), 1).await;
+    let stub = Stub::start(|_| (503, vec![("retry-after", "3".to_string())])).await;
+    let extra = "[breaker]\nmin_calls = 5\nopen_for = \"200ms\"\nopen_max = \"10s\"\nprobes = 1";
+    let (stop, app) = spawn_app(
+        config(&db.url, &[&topic], &group, Some(stub.addr), extra),
+        RunArgs::default(),
+    );
+    produce_values(&topic, 50).await;
+    let times = open_times(&db, &group, 2).await;
+    assert!(roughly(&times, &[3.0, 3.0]), "open for {times:?} s");
+    stop.cancel();
+    app.await.unwrap().unwrap();
+}
