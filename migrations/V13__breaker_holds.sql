@@ -22,13 +22,18 @@ CREATE TABLE redrive.breaker_holds (
 
 -- What each running process last reported of each of its breakers. A process writes its rows every
 -- few seconds and on every change, and deletes them when it stops; a row that is not refreshed
--- belongs to a process that is gone (reported_at says since when).
+-- belongs to a process that is gone (reported_at says since when). `decides` is true for a process
+-- that consumes, whose breakers decide from the first deliveries it makes. A process that runs only
+-- retry workers makes none, so its breakers follow the group's deciding processes instead: open
+-- while any of them reports the same breaker open (and not held), so that an outage costs its rows
+-- no attempts either, then half-open, to find out with probes of its own.
 CREATE TABLE redrive.breaker_states (
     consumer_group text        NOT NULL,
     breaker        text        NOT NULL,
     process        text        NOT NULL,
     state          text        NOT NULL CHECK (state IN ('closed', 'open', 'half_open')),
     held           boolean     NOT NULL DEFAULT false,
+    decides        boolean     NOT NULL DEFAULT true,
     since          timestamptz NOT NULL,
     cause          text,
     open_until     timestamptz,

@@ -70,7 +70,9 @@ pub async fn run<H: Handler>(
     let breakers = Arc::new(Breakers::new(&config.breaker, &group));
     if !(parts.no_consumer && parts.no_workers) {
         // An operator's hold is taken before the first message is handed over.
-        if let Err(e) = crate::breaker_sync::apply_holds(&store, &breakers, &group).await {
+        let (process, decides) = (process_name(), !parts.no_consumer);
+        let holds = crate::breaker_sync::apply_holds(&store, &breakers, &group, &process, decides);
+        if let Err(e) = holds.await {
             tracing::warn!(
                 "reading the breaker holds failed ({e}); trying again every {:?}",
                 crate::breaker_sync::EVERY
@@ -79,8 +81,7 @@ pub async fn run<H: Handler>(
         let (store, breakers, group) = (store.clone(), breakers.clone(), group.clone());
         let token = shutdown.clone();
         services.spawn(async move {
-            let process = crate::dispatcher::worker_id();
-            crate::breaker_sync::run(store, breakers, group, process, token).await;
+            crate::breaker_sync::run(store, breakers, group, process, decides, token).await;
             ("breaker holds and states", Ok(()))
         });
     }
@@ -161,6 +162,16 @@ fn check_connection_budget(config: &Config, parts: &RunArgs) -> anyhow::Result<(
         );
     }
     Ok(())
+}
+
+/// The name this `run` reports its breakers under: `host-pid`, and a number after it for a second
+/// `run` in the same process (tests, an embedding application).
+fn process_name() -> String {
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    match RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) {
+        0 => crate::dispatcher::worker_id(),
+        n => format!("{}-{}", crate::dispatcher::worker_id(), n + 1),
+    }
 }
 
 /// Waits for shutdown, or for a service to end by itself (which shuts the others down).

@@ -499,6 +499,11 @@ impl Breaker {
     /// An operator's hold: `Some(Open)` or `Some(Closed)` holds that state whatever the calls
     /// say; `None` lets the calls decide again, from a closed breaker and an empty window.
     pub fn force(&mut self, now: Instant, hold: Option<State>) -> Option<Transition> {
+        self.hold(now, hold, "an operator")
+    }
+
+    /// Holds the state as [`Breaker::force`] does; `by` says who, for the log line.
+    pub fn hold(&mut self, now: Instant, hold: Option<State>, by: &str) -> Option<Transition> {
         let from = self.current();
         if self.forced == hold {
             return None;
@@ -515,8 +520,8 @@ impl Breaker {
             from,
             to,
             cause: match hold {
-                Some(s) => format!("held {} by an operator", s.as_str()),
-                None => "an operator's hold was lifted".into(),
+                Some(s) => format!("held {} by {by}", s.as_str()),
+                None => format!("the hold by {by} was lifted"),
             },
             open_for: None,
         })
@@ -524,6 +529,26 @@ impl Breaker {
 
     pub fn forced(&self) -> Option<State> {
         self.forced
+    }
+
+    /// Ends a hold by going half-open: the next calls are probes, judged as usual. A process that
+    /// follows the group's deciding processes goes so when they stop being open, and finds out
+    /// for itself whether the service is back.
+    pub fn probe_after_hold(&mut self, cause: &str) -> Option<Transition> {
+        let from = self.current();
+        self.forced = None;
+        self.inner = Inner::HalfOpen {
+            out: false,
+            passed: 0,
+            failed: 0,
+        };
+        self.tally.clear();
+        (from != State::HalfOpen).then(|| Transition {
+            from,
+            to: State::HalfOpen,
+            cause: format!("{cause}: {} probe call(s) may go", self.settings.probes),
+            open_for: None,
+        })
     }
 }
 
@@ -547,6 +572,8 @@ pub struct Shared {
     fresh: std::sync::atomic::AtomicBool,
     /// The last change of state: when, and why (`None` before the first).
     last: Mutex<(chrono::DateTime<chrono::Utc>, Option<String>)>,
+    /// Whether its hold follows the group's deciding processes rather than an operator.
+    followed: std::sync::atomic::AtomicBool,
 }
 
 /// One breaker as a process reports it (`redrive.breaker_states`).
@@ -556,6 +583,9 @@ pub struct Snapshot {
     pub state: State,
     /// Whether an operator holds it in this state.
     pub held: bool,
+    /// Whether it follows the group's deciding processes (a process that makes no first
+    /// deliveries).
+    pub followed: bool,
     /// Since when it is in this state (since the process started, if it never changed).
     pub since: chrono::DateTime<chrono::Utc>,
     /// Why it changed to this state.
@@ -587,15 +617,17 @@ impl Shared {
             probes,
             fresh: std::sync::atomic::AtomicBool::new(false),
             last: Mutex::new((chrono::Utc::now(), None)),
+            followed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     /// Its state now, with when and why it changed last, for reporting.
     pub fn snapshot(&self) -> Snapshot {
-        let (state, held, until) = self.with(|b, now| {
+        let (state, forced, until) = self.with(|b, now| {
             let (state, t) = b.state(now);
             ((state, b.forced().is_some(), b.open_until()), t)
         });
+        let followed = self.followed.load(Ordering::Relaxed);
         let (since, cause) = self.last.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let open_until = until.map(|u| {
             let left = u.saturating_duration_since(Instant::now());
@@ -604,7 +636,8 @@ impl Shared {
         Snapshot {
             breaker: self.name.clone(),
             state,
-            held,
+            held: forced && !followed,
+            followed: forced && followed,
             since,
             cause,
             open_until,
@@ -725,6 +758,26 @@ impl Shared {
     /// An operator's hold (see [`Breaker::force`]).
     pub fn force(&self, hold: Option<State>) {
         self.with(|b, now| ((), b.force(now, hold)))
+    }
+
+    /// Holds the state for `by` (see [`Breaker::hold`]); `followed` when it is not an operator's
+    /// hold but the state of the group's deciding processes, followed by a process that makes no
+    /// first deliveries.
+    pub fn hold(&self, hold: Option<State>, by: &str, followed: bool) {
+        self.with(|b, now| ((), b.hold(now, hold, by)));
+        self.followed
+            .store(followed && hold.is_some(), Ordering::Relaxed);
+    }
+
+    /// Whether its hold follows the group's deciding processes.
+    pub fn followed(&self) -> bool {
+        self.followed.load(Ordering::Relaxed)
+    }
+
+    /// Ends a followed hold by going half-open (see [`Breaker::probe_after_hold`]).
+    pub fn probe_after_hold(&self, cause: &str) {
+        self.with(|b, _| ((), b.probe_after_hold(cause)));
+        self.followed.store(false, Ordering::Relaxed);
     }
 
     fn report(&self, t: &Transition) {

@@ -35,6 +35,7 @@
 
 mod footprint;
 mod operators;
+mod outage;
 mod timing;
 
 /// The allocator of the `redrive` binary, so the figures are the binary's.
@@ -122,8 +123,9 @@ const CASES: [&str; 12] = [
 
 /// Cases that measure something other than a rate, each printing a table of its own after the
 /// rates: `timing` (lateness, N rows: 10,000 unless set), `footprint` (peak RSS of `redrive run`,
-/// N messages: 1,000,000 unless set) and `operators` (seconds per command).
-const OWN_TABLES: [&str; 3] = ["timing", "footprint", "operators"];
+/// N messages: 1,000,000 unless set), `operators` (seconds per command) and `outage` (the breaker on
+/// and off through a 60 s outage of the handler's service).
+const OWN_TABLES: [&str; 4] = ["timing", "footprint", "operators", "outage"];
 
 /// Each case against its reference: (case, reference, what the reference is).
 const RATIOS: [(&str, &str); 8] = [
@@ -257,6 +259,7 @@ async fn main() -> anyhow::Result<()> {
         match case {
             "timing" => timing::run(&admin_url, n.unwrap_or(10_000), runs).await?,
             "footprint" => footprint::run(&admin_url, &kafka, n.unwrap_or(1_000_000), runs).await?,
+            "outage" => outage::run(&admin_url, &kafka, runs).await?,
             _ => operators::run(&admin_url, runs).await?,
         }
     }

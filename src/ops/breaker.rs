@@ -147,6 +147,8 @@ pub fn render(holds: &[Hold], reported: &[Reported], now: DateTime<Utc>) -> Stri
             let mut state = r.state.clone();
             if r.held {
                 state += " (held)";
+            } else if !r.decides && r.state == "open" {
+                state += " (following the group's consumers)";
             }
             if let Some(until) = r.open_until.filter(|_| r.state == "open") {
                 state += &format!(" until {}", until.format("%H:%M:%S"));

@@ -55,6 +55,9 @@ pub struct Reported {
     pub state: String,
     /// Whether an operator's hold keeps it in this state.
     pub held: bool,
+    /// Whether the process decides from its own first deliveries (it consumes); one that does not
+    /// follows the group's deciding processes.
+    pub decides: bool,
     pub since: DateTime<Utc>,
     pub cause: Option<String>,
     pub open_until: Option<DateTime<Utc>>,
@@ -83,12 +86,35 @@ impl Store {
         .await?)
     }
 
+    /// The breakers that a process of group `group` other than `process`, deciding from its own
+    /// calls, reported open within the last [`STALE_AFTER_SECONDS`], not under a hold.
+    pub async fn breakers_open(
+        &self,
+        group: &str,
+        process: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar!(
+            r#"
+            SELECT DISTINCT breaker FROM redrive.breaker_states
+            WHERE consumer_group = $1 AND process <> $2 AND decides AND NOT held
+              AND state = 'open' AND reported_at >= now() - make_interval(secs => $3)
+            "#,
+            group,
+            process,
+            STALE_AFTER_SECONDS,
+        )
+        .fetch_all(self.pool())
+        .await?)
+    }
+
     /// Writes what process `process` of group `group` sees of its breakers, and forgets the rows
-    /// of the group's processes that have not reported for an hour.
+    /// of the group's processes that have not reported for an hour. `decides`: whether it decides
+    /// from first deliveries of its own.
     pub async fn report_breakers(
         &self,
         group: &str,
         process: &str,
+        decides: bool,
         breakers: &[Snapshot],
     ) -> Result<(), StoreError> {
         let names: Vec<&str> = breakers.iter().map(|b| b.breaker.as_str()).collect();
@@ -105,12 +131,14 @@ impl Store {
                   AND reported_at < now() - make_interval(secs => $9)
             )
             INSERT INTO redrive.breaker_states AS s
-                (consumer_group, breaker, process, state, held, since, cause, open_until, reported_at)
-            SELECT $1, b.breaker, $2, b.state, b.held, b.since, b.cause, b.open_until, now()
+                (consumer_group, breaker, process, state, held, decides, since, cause, open_until,
+                 reported_at)
+            SELECT $1, b.breaker, $2, b.state, b.held, $10, b.since, b.cause, b.open_until, now()
             FROM unnest($3::text[], $4::text[], $5::bool[], $6::timestamptz[], $7::text[],
                         $8::timestamptz[]) AS b(breaker, state, held, since, cause, open_until)
             ON CONFLICT ON CONSTRAINT breaker_states_pkey DO UPDATE
-            SET state = EXCLUDED.state, held = EXCLUDED.held, since = EXCLUDED.since,
+            SET state = EXCLUDED.state, held = EXCLUDED.held, decides = EXCLUDED.decides,
+                since = EXCLUDED.since,
                 cause = EXCLUDED.cause, open_until = EXCLUDED.open_until, reported_at = now()
             "#,
             group,
@@ -122,6 +150,7 @@ impl Store {
             &causes as &[Option<String>],
             &until as &[Option<DateTime<Utc>>],
             GONE_AFTER_SECONDS,
+            decides,
         )
         .execute(self.pool())
         .await?;
@@ -186,7 +215,7 @@ impl Store {
         let reported = sqlx::query_as!(
             Reported,
             r#"
-            SELECT consumer_group, breaker, process, state, held, since, cause, open_until,
+            SELECT consumer_group, breaker, process, state, held, decides, since, cause, open_until,
                    reported_at, reported_at < now() - make_interval(secs => $1) AS "stale!"
             FROM redrive.breaker_states
             WHERE reported_at >= now() - make_interval(secs => $2)

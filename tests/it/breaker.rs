@@ -456,3 +456,106 @@ async fn a_retry_after_keeps_it_open_at_least_that_long() {
     stop.cancel();
     app.await.unwrap().unwrap();
 }
+
+/// A process that runs only retry workers makes no first deliveries, so its breaker follows the
+/// group's consuming processes through Postgres: open while theirs is, so that its rows spend no
+/// attempts on the service that is down; then half-open, and its own probe closes it. (The
+/// consumer, with no workers and no new message to probe with, stays half-open.)
+#[tokio::test]
+async fn a_workers_only_process_follows_the_consumers_breaker() {
+    let db = TestDb::new().await;
+    let (topic, group) = (unique("split"), unique("g"));
+    create_topic(&topic, 1).await;
+    create_topic(&format!("{topic}.dlq"), 1).await;
+    let up = Arc::new(AtomicBool::new(false));
+    let u = up.clone();
+    let stub = Stub::start(move |_| match u.load(Ordering::SeqCst) {
+        true => (200, vec![]),
+        false => (503, vec![]),
+    })
+    .await;
+    // Rows come due 4 s after their failure: after the workers' process has followed (within 2 s).
+    let extra = "[retry]\nmax_attempts = 3\ninitial_delay = \"4s\"\njitter = 0.0\n\
+                 [breaker]\nmin_calls = 5\nopen_for = \"8s\"\nprobes = 1\nramp = \"1s\"";
+    let config = || config(&db.url, &[&topic], &group, Some(stub.addr), extra);
+    let consumer = RunArgs {
+        no_workers: true,
+        no_http: true,
+        ..Default::default()
+    };
+    let workers = RunArgs {
+        no_consumer: true,
+        no_dlq: true,
+        no_http: true,
+        ..Default::default()
+    };
+    let (stop_c, app_c) = spawn_app(config(), consumer);
+    let (stop_w, app_w) = spawn_app(config(), workers);
+    produce_values(&topic, 200).await;
+
+    let state = |decides: bool| {
+        let pool = db.pool().clone();
+        let group = group.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT state FROM redrive.breaker_states WHERE consumer_group = $1 AND decides = $2",
+            )
+            .bind(&group)
+            .bind(decides)
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    wait_for(
+        "the workers' breaker to follow the consumer's open",
+        Duration::from_secs(30),
+        || async {
+            let both = state(true).await.as_deref() == Some("open")
+                && state(false).await.as_deref() == Some("open");
+            both.then_some(())
+        },
+    )
+    .await;
+    let rows = db.count("true").await;
+    assert!(rows > 0, "the failures under way were captured");
+    // Every row comes due while the breaker is open: none is attempted.
+    wait_for(
+        "every row to be due for a second",
+        Duration::from_secs(30),
+        || async {
+            let due = db
+                .count("next_attempt_at < now() - interval '1 second'")
+                .await;
+            (due == rows).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(state(false).await.as_deref(), Some("open"));
+    assert_eq!(
+        db.count("attempts = 1").await,
+        rows,
+        "no row spent an attempt"
+    );
+    let status = redrive(&ops_config(&db.url).0, &["breaker", "status"])
+        .await
+        .ok()
+        .stdout;
+    assert!(
+        status.contains("following the group's consumers"),
+        "{status}"
+    );
+
+    // Back: the consumer's probe passes and it closes, the workers follow and drain the rows.
+    up.store(true, Ordering::SeqCst);
+    wait_for("everything delivered", Duration::from_secs(90), || async {
+        let done = committed(&group, &topic, 0) == Some(200) && db.count("true").await == 0;
+        done.then_some(())
+    })
+    .await;
+    assert_eq!(state(false).await.as_deref(), Some("closed"));
+    stop_c.cancel();
+    stop_w.cancel();
+    app_c.await.unwrap().unwrap();
+    app_w.await.unwrap().unwrap();
+}

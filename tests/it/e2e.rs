@@ -26,8 +26,12 @@ async fn the_knative_seed_experiment() {
         )
     })
     .await;
+    // The breaker is on, as by default, and judges from the fifth call: 3 failures in 10 (30 %)
+    // stay below its 50 %, so retries and the DLQ go exactly as without it (I13).
+    redrive::telemetry::metrics();
     let retry =
-        "[retry]\nmax_attempts = 4\ninitial_delay = \"200ms\"\nmultiplier = 2.0\njitter = 0.0";
+        "[retry]\nmax_attempts = 4\ninitial_delay = \"200ms\"\nmultiplier = 2.0\njitter = 0.0\n\
+                 [breaker]\nmin_calls = 5";
     let (stop, app) = spawn_app(
         config(&db.url, &[&topic], &group, Some(stub.addr), retry),
         RunArgs::default(),
@@ -56,6 +60,10 @@ async fn the_knative_seed_experiment() {
     .await;
     stop.cancel();
     app.await.unwrap().unwrap();
+    let opened = format!(
+        "redrive_breaker_transitions_total{{group=\"{group}\",breaker=\"default\",from=\"closed\",to=\"open\"}}"
+    );
+    assert_eq!(counter(&opened), 0.0, "the breaker never opened");
 
     // Delivery counts and attempt numbers per value.
     let mut by_value: BTreeMap<i64, Vec<(u32, chrono::DateTime<chrono::Utc>)>> = BTreeMap::new();

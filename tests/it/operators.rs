@@ -1194,7 +1194,11 @@ async fn each_role_can_do_its_job_and_nothing_more() {
     let b = redrive::breaker::Breakers::new(&Default::default(), "g");
     let snapshots: Vec<_> = b.all().map(|b| b.snapshot()).collect();
     store.breaker_holds("g").await.unwrap();
-    store.report_breakers("g", "w-1", &snapshots).await.unwrap();
+    store.breakers_open("g", "w-2").await.unwrap();
+    store
+        .report_breakers("g", "w-1", true, &snapshots)
+        .await
+        .unwrap();
     store.forget_breakers("g", "w-1").await.unwrap();
     // ... and nothing an operator does.
     denied(&worker, "SELECT redrive.hold_breaker('open')").await;
