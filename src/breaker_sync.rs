@@ -40,21 +40,20 @@ pub async fn apply_holds(
         false => store.breakers_open(group, process).await?,
     };
     for b in breakers.all() {
-        match hold_for(&holds, group, b.name()).and_then(|h| h.state()) {
-            Some(held) if b.forced() != Some(held) || b.followed() => {
-                b.hold(Some(held), "an operator", false)
+        let held = hold_for(&holds, group, b.name()).and_then(|h| h.state());
+        let follows = open.iter().any(|n| n == b.name());
+        match (held, follows) {
+            (Some(h), _) if b.forced() != Some(h) || b.followed() => {
+                b.hold(Some(h), "an operator", false)
             }
-            Some(_) => {}
-            None if open.iter().any(|n| n == b.name()) => {
-                if b.forced() != Some(State::Open) || !b.followed() {
-                    b.hold(Some(State::Open), "the group's consuming processes", true);
-                }
+            (None, true) if b.forced() != Some(State::Open) || !b.followed() => {
+                b.hold(Some(State::Open), "the group's consuming processes", true)
             }
-            None if b.followed() => {
+            (None, false) if b.followed() => {
                 b.probe_after_hold("the group's consuming processes are no longer open")
             }
-            None if b.forced().is_some() => b.hold(None, "an operator", false),
-            None => {}
+            (None, false) if b.forced().is_some() => b.hold(None, "an operator", false),
+            _ => {}
         }
     }
     Ok(())

@@ -268,6 +268,32 @@ pub fn clip(s: &str, max: usize) -> String {
     format!("{cut}…")
 }
 
+/// A count as shown: a leading `~` when it is an estimate.
+pub fn count(n: i64, estimated: bool) -> String {
+    if estimated {
+        format!("~{n}")
+    } else {
+        n.to_string()
+    }
+}
+
+/// A time, with how far it is from `now` ("… (3m ago)", "… (in 20s)").
+pub fn when(t: Option<DateTime<Utc>>, now: DateTime<Utc>) -> String {
+    let Some(t) = t else {
+        return "-".into();
+    };
+    let secs = (t - now).num_seconds();
+    let distance = humantime::format_duration(std::time::Duration::from_secs(secs.unsigned_abs()));
+    let relative = if secs == 0 {
+        "now".to_string()
+    } else if secs < 0 {
+        format!("{distance} ago")
+    } else {
+        format!("in {distance}")
+    };
+    format!("{} ({relative})", t.format("%Y-%m-%d %H:%M:%S"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,30 +374,4 @@ mod tests {
             )
         );
     }
-}
-
-/// A count as shown: a leading `~` when it is an estimate.
-pub fn count(n: i64, estimated: bool) -> String {
-    if estimated {
-        format!("~{n}")
-    } else {
-        n.to_string()
-    }
-}
-
-/// A time, with how far it is from `now` ("… (3m ago)", "… (in 20s)").
-pub fn when(t: Option<DateTime<Utc>>, now: DateTime<Utc>) -> String {
-    let Some(t) = t else {
-        return "-".into();
-    };
-    let secs = (t - now).num_seconds();
-    let distance = humantime::format_duration(std::time::Duration::from_secs(secs.unsigned_abs()));
-    let relative = if secs == 0 {
-        "now".to_string()
-    } else if secs < 0 {
-        format!("{distance} ago")
-    } else {
-        format!("in {distance}")
-    };
-    format!("{} ({relative})", t.format("%Y-%m-%d %H:%M:%S"))
 }
