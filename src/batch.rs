@@ -28,8 +28,20 @@ pub async fn collect<T>(
     limits: Limits,
     weight: impl Fn(&T) -> usize,
 ) -> Option<Vec<T>> {
+    collect_until(rx, limits, weight, |_| false).await
+}
+
+/// [`collect`], except that once an item that `urgent` picks is in the batch, the batch takes only
+/// what is queued already and does not wait out the linger: something waits on that item.
+pub async fn collect_until<T>(
+    rx: &mut mpsc::Receiver<T>,
+    limits: Limits,
+    weight: impl Fn(&T) -> usize,
+    urgent: impl Fn(&T) -> bool,
+) -> Option<Vec<T>> {
     let first = rx.recv().await?;
     let mut bytes = weight(&first);
+    let mut hurry = urgent(&first);
     let mut items = Vec::with_capacity(limits.max.min(1024));
     items.push(first);
     let deadline = Instant::now() + limits.linger;
@@ -38,6 +50,7 @@ pub async fn collect<T>(
         let item = match rx.try_recv() {
             Ok(item) => item,
             Err(mpsc::error::TryRecvError::Disconnected) => break,
+            Err(mpsc::error::TryRecvError::Empty) if hurry => break,
             Err(mpsc::error::TryRecvError::Empty) => {
                 match tokio::time::timeout_at(deadline, rx.recv()).await {
                     Ok(Some(item)) => item,
@@ -46,6 +59,7 @@ pub async fn collect<T>(
             }
         };
         bytes += weight(&item);
+        hurry |= urgent(&item);
         items.push(item);
     }
     Some(items)
@@ -175,6 +189,20 @@ mod tests {
         let rest = collect(&mut rx, limits(10, usize::MAX), |_| 1).await;
         assert_eq!(rest.unwrap(), vec![3, 4]);
         assert_eq!(collect(&mut rx, limits(10, usize::MAX), |_| 1).await, None);
+    }
+
+    /// An urgent item ends the linger: the batch takes what is queued and goes, where it would
+    /// otherwise wait 60 s for more.
+    #[tokio::test]
+    async fn an_urgent_item_does_not_wait_out_the_linger() {
+        let (tx, mut rx) = mpsc::channel(10);
+        for i in [1, 2, 3] {
+            tx.send(i).await.unwrap();
+        }
+        let batch = collect_until(&mut rx, limits(10, usize::MAX), |_| 1, |i| *i == 2);
+        let got = tokio::time::timeout(Duration::from_secs(30), batch).await;
+        assert_eq!(got.expect("no linger").unwrap(), vec![1, 2, 3]);
+        drop(tx);
     }
 
     fn limits(max: usize, max_bytes: usize) -> Limits {

@@ -11,14 +11,24 @@ use tokio::sync::mpsc;
 /// Sends finished attempts to the completer. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct CompleteHandle {
-    tx: mpsc::Sender<Completion>,
+    tx: mpsc::Sender<(Completion, Urgency)>,
+}
+
+/// Whether something waits on a completion being written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Urgency {
+    /// It may wait in its batch for `complete_linger`.
+    Batched,
+    /// The next row of its key line waits for it (I12): written without the linger, with what
+    /// is queued already. A line drains one row at a time, so each row's linger would add up.
+    LineWaits,
 }
 
 /// The batching writer; run it with [`Completer::run`].
 pub struct Completer {
     store: Store,
     group: String,
-    rx: mpsc::Receiver<Completion>,
+    rx: mpsc::Receiver<(Completion, Urgency)>,
     limits: batch::Limits,
 }
 
@@ -45,14 +55,27 @@ impl CompleteHandle {
     /// Queues a completion; `false` when the completer has stopped (the lease then runs out and
     /// the row is attempted again).
     pub async fn send(&self, completion: Completion) -> bool {
-        self.tx.send(completion).await.is_ok()
+        self.send_with(completion, Urgency::Batched).await
+    }
+
+    /// [`CompleteHandle::send`], saying whether something waits on it.
+    pub async fn send_with(&self, completion: Completion, urgency: Urgency) -> bool {
+        self.tx.send((completion, urgency)).await.is_ok()
     }
 }
 
 impl Completer {
     /// Writes batches until every handle is dropped and the queue is empty.
     pub async fn run(mut self) {
-        while let Some(batch) = batch::collect(&mut self.rx, self.limits, Completion::size).await {
+        loop {
+            let collected = batch::collect_until(
+                &mut self.rx,
+                self.limits,
+                |(c, _)| c.size(),
+                |(_, u)| *u == Urgency::LineWaits,
+            );
+            let Some(batch) = collected.await else { break };
+            let batch: Vec<Completion> = batch.into_iter().map(|(c, _)| c).collect();
             let store = &self.store;
             let done = batch::write_isolating(
                 "completion",

@@ -19,7 +19,7 @@
 //! closes the workers ramp up from a trickle to `concurrency` over its `ramp`.
 
 use crate::breaker::{Breakers, Shared as Breaker, State};
-use crate::completer::CompleteHandle;
+use crate::completer::{CompleteHandle, Urgency};
 use crate::config::{RetryConfig, WorkersConfig};
 use crate::handler::{call_with_timeout, Delivery, ErrorKind, Handler, HandlerError};
 use crate::store::claim::{Claim, Claimed, Unreadable};
@@ -395,14 +395,21 @@ impl<H: Handler> Dispatcher<H> {
                 Outcome::Dead { .. } => "dead",
             };
             metrics::counter!("redrive_attempts_total", "outcome" => label).increment(1);
-            complete
-                .send(Completion {
-                    id: row.id,
-                    attempt: row.attempt,
-                    token: row.token,
-                    outcome,
-                })
-                .await;
+            // A success, or a death, takes the row out of its key line, if it is in one: the next
+            // row of the line waits for that to be written.
+            let ordered = retry.for_topic(&row.message.topic).ordered().is_some()
+                && row.message.key.is_some();
+            let urgency = match outcome {
+                Outcome::Succeeded | Outcome::Dead { .. } if ordered => Urgency::LineWaits,
+                _ => Urgency::Batched,
+            };
+            let completion = Completion {
+                id: row.id,
+                attempt: row.attempt,
+                token: row.token,
+                outcome,
+            };
+            complete.send_with(completion, urgency).await;
         }
     }
 

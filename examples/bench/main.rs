@@ -15,6 +15,9 @@
 //! - claim-floor: the reference for dispatch: claim (UPDATE … SKIP LOCKED, 100 rows) and delete
 //!   (one statement per batch), 4 clients.
 //! - dispatch: due rows in the table, the handler succeeds; rows/s until the table is empty.
+//! - dispatch-lines: the same rows in 16 key lines (`ordering = "key"`): each line's first row due,
+//!   the others waiting behind it, so each line goes one row at a time; rows/s until the table is
+//!   empty.
 //! - replay:   dead rows in the table; rows/s of `redrive replay --all` (chunks of 1,000).
 //! - purge:    dead rows in the table; rows/s of `redrive purge` (chunks of 1,000).
 //! - timing:   rows coming due at 1,000/s; how late each is attempted, and the CPU per row of
@@ -106,7 +109,7 @@ fn env(name: &str, default: &str) -> String {
 }
 
 /// Every case, in the order a round runs them.
-const CASES: [&str; 12] = [
+const CASES: [&str; 13] = [
     "bare",
     "happy",
     "happy-keys",
@@ -117,6 +120,7 @@ const CASES: [&str; 12] = [
     "capture-parked",
     "claim-floor",
     "dispatch",
+    "dispatch-lines",
     "replay",
     "purge",
 ];
@@ -128,7 +132,7 @@ const CASES: [&str; 12] = [
 const OWN_TABLES: [&str; 4] = ["timing", "footprint", "operators", "outage"];
 
 /// Each case against its reference: (case, reference, what the reference is).
-const RATIOS: [(&str, &str); 8] = [
+const RATIOS: [(&str, &str); 9] = [
     ("happy", "bare"),
     ("happy-keys", "bare"),
     ("happy-keys", "happy"),
@@ -137,6 +141,7 @@ const RATIOS: [(&str, &str); 8] = [
     ("capture", "insert-floor"),
     ("capture-parked", "insert-floor"),
     ("dispatch", "claim-floor"),
+    ("dispatch-lines", "dispatch"),
 ];
 
 /// The consumer cases' auto-commit interval (redrive's default is 200 ms). A case ends when its last
@@ -166,6 +171,7 @@ async fn main() -> anyhow::Result<()> {
         (Some(n), _) => n,
         (None, "bare" | "happy" | "happy-keys" | "happy-fewkeys") => 1_000_000,
         (None, "capture" | "capture-parked" | "insert-floor") => 500_000,
+        (None, "dispatch-lines") => 4_000,
         (None, _) => 100_000,
     };
     let runs: usize = env("BENCH_RUNS", "3").parse()?;
@@ -202,7 +208,8 @@ async fn main() -> anyhow::Result<()> {
                 "bare" => bare(&kafka, n).await?,
                 "insert-floor" => insert_floor(&db, n).await?,
                 "claim-floor" => claim_floor(&db, n).await?,
-                "dispatch" => dispatch(&db, n).await?,
+                "dispatch" => dispatch(&db, n, None).await?,
+                "dispatch-lines" => dispatch(&db, n, Some(LINES)).await?,
                 "replay" | "purge" => operate(case, &db, n).await?,
                 _ => consume(case, &db, &kafka, n).await?,
             };
@@ -699,14 +706,60 @@ async fn seed(store: &Store, n: usize, state: InitialState) -> anyhow::Result<()
     Ok(())
 }
 
-/// Fills the table with `n` due rows, then times the retry workers emptying it.
-async fn dispatch(db: &str, n: usize) -> anyhow::Result<Run> {
+/// The key lines of `dispatch-lines`.
+const LINES: usize = 16;
+
+/// `n` rows of 1 KiB in `lines` key lines: the first row of each due now, the others waiting
+/// behind it in offset order.
+async fn seed_lines(store: &Store, n: usize, lines: usize) -> anyhow::Result<()> {
+    use redrive::store::capture::{Line, OnDead};
+    let row = |i: usize, state| {
+        let key = format!("k{}", i % lines).into_bytes();
+        Capture {
+            line: Some(Line::of(&key, OnDead::Skip)),
+            message: redrive::Message {
+                topic: "bench".into(),
+                partition: 0,
+                offset: i as i64,
+                timestamp: None,
+                key: Some(key),
+                payload: Some(vec![b'x'; 1024]),
+                headers: vec![],
+            },
+            state,
+            max_attempts: 5,
+            retry_in: Duration::ZERO,
+            error: HandlerError::retryable("seeded"),
+        }
+    };
+    let heads: Vec<Capture> = (0..lines.min(n))
+        .map(|i| row(i, InitialState::Pending))
+        .collect();
+    store.capture("bench", &heads).await?;
+    for start in (lines..n).step_by(1000) {
+        let batch: Vec<Capture> = (start..(start + 1000).min(n))
+            .map(|i| row(i, InitialState::Parked))
+            .collect();
+        store.capture("bench", &batch).await?;
+    }
+    Ok(())
+}
+
+/// Fills the table with `n` due rows, or with `n` rows in key lines, then times the retry workers
+/// emptying it.
+async fn dispatch(db: &str, n: usize, lines: Option<usize>) -> anyhow::Result<Run> {
     let store = Store::from_pool(sqlx::PgPool::connect(db).await?);
-    seed(&store, n, InitialState::Pending).await?;
+    match lines {
+        Some(lines) => seed_lines(&store, n, lines).await?,
+        None => seed(&store, n, InitialState::Pending).await?,
+    }
     sqlx::query("VACUUM ANALYZE redrive.retry_messages, redrive.queue")
         .execute(store.pool())
         .await?;
-    let (config, parts) = workers_only(db)?;
+    let (mut config, parts) = workers_only(db)?;
+    if lines.is_some() {
+        config.retry.default.ordering = redrive::config::OrderingMode::Key;
+    }
     let stop = tokio_util::sync::CancellationToken::new();
     let handler = Fixed::new(true);
     let calls = handler.calls.clone();
