@@ -169,12 +169,15 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
         | sqlx::Error::PoolClosed
         | sqlx::Error::Tls(_) => true,
         sqlx::Error::Database(db) => {
-            // 08: connection exceptions; 57P0x: admin shutdown / cannot connect now; 53: resources.
+            // 08: connection exceptions; 57P0x: admin shutdown / cannot connect now; 53: resources;
+            // 40001 and 40P01: a serialization failure or a deadlock, which the same statement
+            // survives when it runs again (key lines lock rows and lines in more than one order).
             let code = db.code().unwrap_or_default();
             code.starts_with("08")
                 || code.starts_with("57P0")
                 || code.starts_with("53")
                 || code == "40001"
+                || code == "40P01"
         }
         _ => false,
     }
