@@ -284,6 +284,8 @@ pub struct Breaker {
     retry_after: Option<Duration>,
     /// Set by an operator: the state held whatever the calls say.
     forced: Option<State>,
+    /// Whether the hold follows the group's deciding processes rather than an operator.
+    followed: bool,
 }
 
 impl Breaker {
@@ -296,6 +298,7 @@ impl Breaker {
             opened: 0,
             retry_after: None,
             forced: None,
+            followed: false,
         }
     }
 
@@ -499,12 +502,21 @@ impl Breaker {
     /// An operator's hold: `Some(Open)` or `Some(Closed)` holds that state whatever the calls
     /// say; `None` lets the calls decide again, from a closed breaker and an empty window.
     pub fn force(&mut self, now: Instant, hold: Option<State>) -> Option<Transition> {
-        self.hold(now, hold, "an operator")
+        self.hold(now, hold, "an operator", false)
     }
 
-    /// Holds the state as [`Breaker::force`] does; `by` says who, for the log line.
-    pub fn hold(&mut self, now: Instant, hold: Option<State>, by: &str) -> Option<Transition> {
+    /// Holds the state as [`Breaker::force`] does; `by` says who, for the log line, and
+    /// `followed` that the hold follows the group's deciding processes (a process that makes no
+    /// first deliveries), not an operator.
+    pub fn hold(
+        &mut self,
+        now: Instant,
+        hold: Option<State>,
+        by: &str,
+        followed: bool,
+    ) -> Option<Transition> {
         let from = self.current();
+        self.followed = followed && hold.is_some();
         if self.forced == hold {
             return None;
         }
@@ -531,12 +543,18 @@ impl Breaker {
         self.forced
     }
 
+    /// Whether its hold follows the group's deciding processes.
+    pub fn followed(&self) -> bool {
+        self.followed
+    }
+
     /// Ends a hold by going half-open: the next calls are probes, judged as usual. A process that
     /// follows the group's deciding processes goes so when they stop being open, and finds out
     /// for itself whether the service is back.
     pub fn probe_after_hold(&mut self, cause: &str) -> Option<Transition> {
         let from = self.current();
         self.forced = None;
+        self.followed = false;
         self.inner = Inner::HalfOpen {
             out: false,
             passed: 0,
@@ -572,8 +590,6 @@ pub struct Shared {
     fresh: std::sync::atomic::AtomicBool,
     /// The last change of state: when, and why (`None` before the first).
     last: Mutex<(chrono::DateTime<chrono::Utc>, Option<String>)>,
-    /// Whether its hold follows the group's deciding processes rather than an operator.
-    followed: std::sync::atomic::AtomicBool,
 }
 
 /// One breaker as a process reports it (`redrive.breaker_states`).
@@ -617,17 +633,18 @@ impl Shared {
             probes,
             fresh: std::sync::atomic::AtomicBool::new(false),
             last: Mutex::new((chrono::Utc::now(), None)),
-            followed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     /// Its state now, with when and why it changed last, for reporting.
     pub fn snapshot(&self) -> Snapshot {
-        let (state, forced, until) = self.with(|b, now| {
+        let (state, forced, followed, until) = self.with(|b, now| {
             let (state, t) = b.state(now);
-            ((state, b.forced().is_some(), b.open_until()), t)
+            (
+                (state, b.forced().is_some(), b.followed(), b.open_until()),
+                t,
+            )
         });
-        let followed = self.followed.load(Ordering::Relaxed);
         let (since, cause) = self.last.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let open_until = until.map(|u| {
             let left = u.saturating_duration_since(Instant::now());
@@ -755,29 +772,19 @@ impl Shared {
         self.with(|b, _| (b.open_until(), None))
     }
 
-    /// An operator's hold (see [`Breaker::force`]).
-    pub fn force(&self, hold: Option<State>) {
-        self.with(|b, now| ((), b.force(now, hold)))
-    }
-
-    /// Holds the state for `by` (see [`Breaker::hold`]); `followed` when it is not an operator's
-    /// hold but the state of the group's deciding processes, followed by a process that makes no
-    /// first deliveries.
+    /// Holds the state for `by` (see [`Breaker::hold`]).
     pub fn hold(&self, hold: Option<State>, by: &str, followed: bool) {
-        self.with(|b, now| ((), b.hold(now, hold, by)));
-        self.followed
-            .store(followed && hold.is_some(), Ordering::Relaxed);
+        self.with(|b, now| ((), b.hold(now, hold, by, followed)))
     }
 
     /// Whether its hold follows the group's deciding processes.
     pub fn followed(&self) -> bool {
-        self.followed.load(Ordering::Relaxed)
+        self.with(|b, _| (b.followed(), None))
     }
 
     /// Ends a followed hold by going half-open (see [`Breaker::probe_after_hold`]).
     pub fn probe_after_hold(&self, cause: &str) {
-        self.with(|b, _| ((), b.probe_after_hold(cause)));
-        self.followed.store(false, Ordering::Relaxed);
+        self.with(|b, _| ((), b.probe_after_hold(cause)))
     }
 
     fn report(&self, t: &Transition) {

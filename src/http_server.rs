@@ -78,7 +78,7 @@ mod tests {
             .all()
             .next()
             .unwrap()
-            .force(Some(BreakerState::Open));
+            .hold(Some(BreakerState::Open), "an operator", false);
         let (status, body) = readiness(true, &breakers);
         assert_eq!(status, StatusCode::OK);
         assert!(

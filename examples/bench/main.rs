@@ -684,26 +684,36 @@ async fn consume(case: &str, db: &str, kafka: &str, n: usize) -> anyhow::Result<
 async fn seed(store: &Store, n: usize, state: InitialState) -> anyhow::Result<()> {
     for start in (0..n).step_by(1000) {
         let batch: Vec<Capture> = (start..(start + 1000).min(n))
-            .map(|i| Capture {
-                message: redrive::Message {
-                    topic: "bench".into(),
-                    partition: 0,
-                    offset: i as i64,
-                    timestamp: None,
-                    key: Some(i.to_string().into_bytes()),
-                    payload: Some(vec![b'x'; 1024]),
-                    headers: vec![],
-                },
-                state,
-                max_attempts: 5,
-                retry_in: Duration::ZERO,
-                error: HandlerError::retryable("seeded"),
-                line: None,
-            })
+            .map(|i| row(i, i.to_string().into_bytes(), state, None))
             .collect();
         store.capture("bench", &batch).await?;
     }
     Ok(())
+}
+
+/// Row `i` of a seeded table: 1 KiB at offset `i` of partition 0 of topic "bench".
+fn row(
+    i: usize,
+    key: Vec<u8>,
+    state: InitialState,
+    line: Option<redrive::store::capture::Line>,
+) -> Capture {
+    Capture {
+        message: redrive::Message {
+            topic: "bench".into(),
+            partition: 0,
+            offset: i as i64,
+            timestamp: None,
+            key: Some(key),
+            payload: Some(vec![b'x'; 1024]),
+            headers: vec![],
+        },
+        state,
+        max_attempts: 5,
+        retry_in: Duration::ZERO,
+        error: HandlerError::retryable("seeded"),
+        line,
+    }
 }
 
 /// The key lines of `dispatch-lines`.
@@ -715,22 +725,8 @@ async fn seed_lines(store: &Store, n: usize, lines: usize) -> anyhow::Result<()>
     use redrive::store::capture::{Line, OnDead};
     let row = |i: usize, state| {
         let key = format!("k{}", i % lines).into_bytes();
-        Capture {
-            line: Some(Line::of(&key, OnDead::Skip)),
-            message: redrive::Message {
-                topic: "bench".into(),
-                partition: 0,
-                offset: i as i64,
-                timestamp: None,
-                key: Some(key),
-                payload: Some(vec![b'x'; 1024]),
-                headers: vec![],
-            },
-            state,
-            max_attempts: 5,
-            retry_in: Duration::ZERO,
-            error: HandlerError::retryable("seeded"),
-        }
+        let line = Line::of(&key, OnDead::Skip);
+        row(i, key, state, Some(line))
     };
     let heads: Vec<Capture> = (0..lines.min(n))
         .map(|i| row(i, InitialState::Pending))

@@ -124,10 +124,11 @@ async fn wait_for(store: &Store, target: &BreakerTarget) -> anyhow::Result<()> {
                 .collect();
             if target.wait > Duration::ZERO {
                 println!(
-                    "not yet taken after {} by: {}; they take it within 2 seconds of reading \
-                     Postgres (`redrive breaker status` shows them)",
+                    "not yet taken after {} by: {}; they take it within {} of reading Postgres \
+                     (`redrive breaker status` shows them)",
                     humantime::format_duration(target.wait),
-                    names.join(", ")
+                    names.join(", "),
+                    humantime::format_duration(crate::breaker_sync::EVERY)
                 );
             }
             return Ok(());
