@@ -120,6 +120,78 @@ async fn the_seed_experiment_in_key_mode() {
     assert!(at(10, 1) < at(9, 2) || at(6, 3) < at(9, 2), "{calls:?}");
 }
 
+/// Eight keys interleaved over two partitions; two of them fail: k1 at its second value, k5 at its
+/// second and its fifth. Each key's values succeed in the order they were produced, every run, and
+/// the six other keys are not held up by the failing ones: each of their values has succeeded
+/// before the first retry of any failed value is called.
+#[tokio::test]
+async fn interleaved_keys_succeed_in_produce_order_and_a_failing_key_holds_up_only_itself() {
+    let db = TestDb::new().await;
+    let (topic, group) = (unique("interleaved"), unique("g"));
+    create_topic(&topic, 2).await;
+    create_topic(&format!("{topic}.dlq"), 1).await;
+    const KEYS: [&str; 8] = ["k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7"];
+    let key_of = |v: i64| KEYS[(v % 8) as usize];
+    // v = 8n + k is key k's (n+1)th value.
+    let fails = |v: i64, attempt: u32| [9, 13, 37].contains(&v) && attempt == 1;
+    let stub = Stub::start(move |r| {
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        let failed = fails(v["value"].as_i64().unwrap(), r.attempt());
+        (if failed { 503 } else { 200 }, vec![])
+    })
+    .await;
+    let retry = "[retry]\nordering = \"key\"\ninitial_delay = \"3s\"\njitter = 0.0";
+    let (stop, app) = spawn_app(
+        config(&db.url, &[&topic], &group, Some(stub.addr), retry),
+        RunArgs::default(),
+    );
+    produce_values(&topic, (0..160).map(|v| (v, key_of(v)))).await;
+
+    wait_for(
+        "every value to succeed",
+        Duration::from_secs(60),
+        || async {
+            let calls = calls(&stub);
+            let ok: std::collections::HashSet<i64> = calls
+                .iter()
+                .filter(|(v, _, a)| !fails(*v, *a))
+                .map(|(v, _, _)| *v)
+                .collect();
+            (ok.len() == 160).then_some(())
+        },
+    )
+    .await;
+    wait_for("the table to empty", Duration::from_secs(30), || async {
+        (db.count("true").await == 0).then_some(())
+    })
+    .await;
+    stop.cancel();
+    app.await.unwrap().unwrap();
+
+    let calls = calls(&stub);
+    for key in KEYS {
+        let successes: Vec<i64> = of_key(&calls, key)
+            .into_iter()
+            .filter(|(v, a)| !fails(*v, *a))
+            .map(|(v, _)| v)
+            .collect();
+        let produced: Vec<i64> = (0..160).filter(|v| key_of(*v) == key).collect();
+        assert_eq!(
+            successes, produced,
+            "key {key}: successes out of produce order"
+        );
+    }
+    let first_retry = calls.iter().position(|(_, _, a)| *a > 1).unwrap();
+    let last_flowing = calls
+        .iter()
+        .rposition(|(_, k, _)| k != "k1" && k != "k5")
+        .unwrap();
+    assert!(
+        last_flowing < first_retry,
+        "a flowing key's value was called after the first retry: {calls:?}"
+    );
+}
+
 /// A parked message whose row Postgres refuses (I10) is kept dead in its safe form and keeps its
 /// place in its key's line: the key's earlier messages go first, and with the default
 /// `on_dead = "block"` the later ones wait behind it until an operator purges it. Nothing stalls:
