@@ -11,7 +11,7 @@ export REDRIVE_TEST_DATABASE_URL ?= postgres://redrive:redrive@127.0.0.1:5432/re
 export REDRIVE_TEST_KAFKA ?= 127.0.0.1:9092
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: all build build-deps test chaos demo bench bench-peers bench-schema services services-stop prepare prepare-check lint clean-test-dbs
+.PHONY: all build build-deps browser test chaos demo bench bench-peers bench-schema services services-stop prepare prepare-check lint clean-test-dbs
 
 all: build
 
@@ -29,14 +29,19 @@ services:
 	@scripts/postgres.sh start >/dev/null
 	@scripts/kafka.sh start >/dev/null
 
+## Headless Chromium and chromedriver, for the console's browser tests (idempotent).
+browser:
+	@scripts/browser.sh install
+
 ## Stop them again.
 services-stop:
 	@scripts/kafka.sh stop
 	@scripts/postgres.sh stop
 
 ## The whole suite: two short fault-injection runs (the second keeping key order) on services of
-## their own, then unit and integration tests on the real Postgres and Kafka broker.
-test: build-deps services clean-test-dbs
+## their own, then unit and integration tests on the real Postgres and Kafka broker, the console's
+## in headless Chromium.
+test: build-deps services browser clean-test-dbs
 	$(CARGO) build --bins --tests
 	scripts/chaos.sh short
 	scripts/chaos.sh short --key-order

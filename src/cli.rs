@@ -85,7 +85,37 @@ pub enum Command {
     /// Needs [postgres] from the configuration.
     #[command(subcommand, after_help = BREAKER_EXAMPLES)]
     Breaker(BreakerCommand),
+    /// Serve the web console: an overview of what fails, since when and why; the rows under any
+    /// filter of the CLI; one message whole; and replay, purge, pause, resume and retry now, each
+    /// with a preview first and a reason recorded.
+    ///
+    /// It listens on 127.0.0.1:8089 by default (`[console] listen`). It refuses any other address
+    /// unless `[[console.users]]` are configured, each with a password (HTTP basic
+    /// authentication) or a token (`Authorization: Bearer`), and a role: `read-only` or
+    /// `operator`. Run it apart from the workers, with a database role of sql/roles.sql that fits:
+    /// redrive_readonly for a console that only shows, redrive_operator for one that acts.
+    ///
+    /// Needs [postgres] and [console] from the configuration; replay to a topic needs [kafka] too.
+    #[command(after_help = CONSOLE_EXAMPLES)]
+    Console(ConsoleArgs),
 }
+
+/// `redrive console`
+#[derive(Debug, Clone, Args)]
+pub struct ConsoleArgs {
+    /// Listen here instead of `console.listen`.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+const CONSOLE_EXAMPLES: &str = "Examples:
+  redrive console -c redrive.toml                 # http://127.0.0.1:8089/, no sign-in
+  redrive console -c redrive.toml --listen 0.0.0.0:8089
+      # needs [[console.users]], for example:
+      #   [[console.users]]
+      #   name = \"alice\"
+      #   role = \"operator\"
+      #   password = \"...at least 12 characters...\"";
 
 /// `redrive breaker …`
 #[derive(Debug, Subcommand)]

@@ -43,6 +43,7 @@ pub mod capturer;
 pub mod cli;
 pub mod completer;
 pub mod config;
+pub mod console;
 pub mod consumer;
 pub mod dispatcher;
 pub mod dlq;

@@ -47,6 +47,7 @@ async fn main() -> ExitCode {
             Ok(postgres) => redrive::ops::breaker::run(&postgres, &command).await,
             Err(e) => Err(e.into()),
         },
+        Command::Console(args) => redrive::console::run(path, &args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

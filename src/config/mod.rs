@@ -18,7 +18,7 @@ use std::time::Duration;
 /// The top-level sections; environment variables outside them (`REDRIVE_LOG`…) are not config.
 const SECTIONS: &[&str] = &[
     "postgres", "kafka", "consumer", "workers", "retry", "breaker", "handler", "dlq", "http",
-    "shutdown",
+    "shutdown", "console",
 ];
 
 /// A configuration error, with the field it is about.
@@ -391,6 +391,9 @@ struct Partial {
     _retry: serde::de::IgnoredAny,
     #[serde(rename = "breaker", default)]
     _breaker: serde::de::IgnoredAny,
+    /// Read by `redrive console` alone.
+    #[serde(rename = "console", default)]
+    _console: serde::de::IgnoredAny,
     #[serde(default)]
     consumer: ConsumerConfig,
     #[serde(default)]
@@ -493,10 +496,12 @@ where
 }
 
 mod breaker;
+mod console;
 mod kafka;
 mod retry;
 
 pub use breaker::{BreakerConfig, BreakerPolicy};
+pub use console::{ConsoleConfig, ConsoleSettings, ConsoleUser, Role};
 pub use kafka::{flatten_properties, kafka_property_is_secret, redact_url, KafkaConfig};
 pub use retry::{OrderingMode, RetryConfig, RetryPolicy};
 

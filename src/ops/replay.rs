@@ -96,8 +96,8 @@ fn os_user() -> String {
     whoami::username().unwrap_or_else(|_| "unknown".into())
 }
 
-/// Produces dead rows' records back to Kafka.
-struct ToTopic {
+/// Produces dead rows' records back to Kafka (`replay --to-topic`, and the console's).
+pub struct ToTopic {
     producer: FutureProducer,
     /// The named topic, or empty for each row's original topic.
     topic: String,
@@ -107,7 +107,8 @@ struct ToTopic {
 }
 
 impl ToTopic {
-    fn new(config: &Config, topic: &str) -> anyhow::Result<Self> {
+    /// A producer from `[kafka]`, to `topic`, or to each row's own topic when it is empty.
+    pub fn new(config: &Config, topic: &str) -> anyhow::Result<Self> {
         let producer: FutureProducer =
             kafka::producer_config(&config.kafka.properties, config.dlq.publish_timeout)
                 .create()
@@ -130,7 +131,7 @@ impl ToTopic {
 
     /// Locks a chunk, produces its records, and marks those the broker acknowledged. Any send
     /// that fails ends the replay with an error; its rows stay dead.
-    async fn chunk(
+    pub async fn chunk(
         &self,
         store: &Store,
         filter: &Filter,

@@ -41,6 +41,7 @@ pub mod breakers;
 pub mod capture;
 pub mod claim;
 pub mod complete;
+pub mod console;
 pub mod find;
 pub mod listen;
 pub mod migrate;

@@ -2,6 +2,7 @@
 //! librdkafka mock cluster stands in where a broker fault is injected.
 
 mod breaker;
+mod console;
 mod consumer;
 mod dlq;
 mod e2e;
