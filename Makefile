@@ -11,7 +11,7 @@ export REDRIVE_TEST_DATABASE_URL ?= postgres://redrive:redrive@127.0.0.1:5432/re
 export REDRIVE_TEST_KAFKA ?= 127.0.0.1:9092
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: all build build-deps browser test chaos demo bench bench-peers bench-schema services services-stop prepare prepare-check lint clean-test-dbs
+.PHONY: all build build-deps browser console-demo screenshots test chaos demo bench bench-peers bench-schema services services-stop prepare prepare-check lint clean-test-dbs
 
 all: build
 
@@ -57,6 +57,17 @@ demo: build-deps services
 	$(CARGO) build --bins
 	@status=0; $(TARGET_DIR)/debug/redrive-demo run || status=$$?; \
 	  scripts/kafka.sh stop; scripts/postgres.sh stop-if-started; exit $$status
+
+## The demo, stopped before the fix, with the web console serving its dead rows until Ctrl-C.
+console-demo: build-deps services
+	$(CARGO) build --bins
+	@status=0; $(TARGET_DIR)/debug/redrive-demo run --console || status=$$?; \
+	  scripts/kafka.sh stop; scripts/postgres.sh stop-if-started; exit $$status
+
+## The console's screenshots in docs/, taken by headless Chromium from the demo's data.
+screenshots: build-deps services browser
+	$(CARGO) build --bins --examples
+	scripts/screenshots.sh
 
 ## Throughput figures for BENCHMARKS.md.
 bench: build-deps services

@@ -46,6 +46,10 @@ enum Cmd {
             default_value = "postgres://redrive:redrive@127.0.0.1:5432/redrive"
         )]
         database_url: String,
+        /// Stop before the fix and the replay, and serve the web console on ADDR with the dead
+        /// rows in it, until Ctrl-C (`make console-demo`).
+        #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:8089")]
+        console: Option<SocketAddr>,
     },
     /// Serve only the handler: 500 when value % 3 == 0, 200 otherwise.
     Handler {
@@ -82,7 +86,8 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Run {
             kafka,
             database_url,
-        } => run(&kafka, &database_url).await,
+            console,
+        } => run(&kafka, &database_url, console).await,
     }
 }
 
@@ -124,7 +129,7 @@ async fn start_handler(listen: SocketAddr, fixed: Fixed) -> anyhow::Result<(Sock
     Ok((addr, log))
 }
 
-async fn run(kafka: &str, admin_url: &str) -> anyhow::Result<()> {
+async fn run(kafka: &str, admin_url: &str, console: Option<SocketAddr>) -> anyhow::Result<()> {
     let stamp = chrono::Utc::now().format("%Y%m%d%H%M%S");
     let topic = format!("demo.values.{stamp}");
     let dlq = format!("{topic}.dlq");
@@ -178,6 +183,9 @@ async fn run(kafka: &str, admin_url: &str) -> anyhow::Result<()> {
     println!("== redrive status");
     let out = ops(&["status"]).output().await?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
+    if let Some(listen) = console {
+        return serve_console(&redrive, &config, listen, child).await;
+    }
     fixed.store(true, std::sync::atomic::Ordering::SeqCst);
     println!(
         "\n== The handler is fixed; redrive replay --topic {topic} --reason \"handler fixed\""
@@ -221,7 +229,68 @@ async fn run(kafka: &str, admin_url: &str) -> anyhow::Result<()> {
         left,
         dlq_records.len(),
         exit.success(),
-    )
+    )?;
+    println!(
+        "\nThe web console: `make console-demo` runs the demo again, stops before the fix, and serves\n\
+         its dead rows at http://127.0.0.1:8089/ until Ctrl-C; replay them from there."
+    );
+    Ok(())
+}
+
+/// `--console`: serves `redrive console` on the demo's data until Ctrl-C or SIGTERM, then stops it
+/// and `redrive run`.
+async fn serve_console(
+    redrive: &std::path::Path,
+    config: &std::path::Path,
+    listen: SocketAddr,
+    mut run: tokio::process::Child,
+) -> anyhow::Result<()> {
+    let mut console = tokio::process::Command::new(redrive)
+        .arg("--config")
+        .arg(config)
+        .arg("console")
+        .arg("--listen")
+        .arg(listen.to_string())
+        .env("REDRIVE_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()?;
+    let url = format!("http://{listen}/");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if reqwest::get(&url)
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            break;
+        }
+        if let Some(exit) = console.try_wait()? {
+            bail!("`redrive console` exited with {exit}");
+        }
+        if Instant::now() >= deadline {
+            bail!("`redrive console` did not answer on {url} within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("\n== The web console serves the dead rows 3, 6 and 9 at {url}");
+    println!("   replay them there (Messages, Replay…); Ctrl-C stops the console and redrive.");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+        exit = console.wait() => bail!("`redrive console` exited with {}", exit?),
+    }
+    for child in [&mut console, &mut run] {
+        if let Some(pid) = child.id() {
+            let _ = tokio::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status()
+                .await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+    }
+    println!("stopped the console and redrive");
+    Ok(())
 }
 
 /// Waits (bounded) until the retry table is empty; returns how many rows are left.

@@ -109,6 +109,7 @@ svg .failed { fill: #f0a35e; } svg .died { fill: #b3261e; } svg text { font-size
 dl.kv { display: grid; grid-template-columns: max-content 1fr; gap: .2rem 1rem; background: #fff; border: 1px solid var(--line); padding: .6rem .9rem; margin: 0; }
 dl.kv dt { color: var(--muted); } dl.kv dd { margin: 0; }
 progress { width: 24rem; height: 1rem; }
+input[name=reason] { width: 28rem; }
 "#;
 
 #[cfg(test)]
