@@ -806,7 +806,14 @@ fn headers_table(headers: &serde_json::Value) -> String {
     };
     let mut out = String::from("<table><tr><th>name</th><th>value</th></tr>");
     for h in list {
-        let name = h["key"].as_str().unwrap_or("");
+        let name = match (h["key"].as_str(), h["key_b64"].as_str()) {
+            (Some(name), _) => format!(r#"<span class="mono">{}</span>"#, esc(name)),
+            (None, Some(b64)) => format!(
+                r#"<span class="muted">not UTF-8, base64:</span> <span class="mono">{}</span>"#,
+                esc(b64)
+            ),
+            (None, None) => String::new(),
+        };
         let value = match h["value"].as_str() {
             None => r#"<span class="muted">(null)</span>"#.to_string(),
             Some(b64) => {
@@ -823,11 +830,7 @@ fn headers_table(headers: &serde_json::Value) -> String {
                 }
             }
         };
-        let _ = write!(
-            out,
-            "<tr><td class=\"mono\">{}</td><td>{value}</td></tr>",
-            esc(name)
-        );
+        let _ = write!(out, "<tr><td>{name}</td><td>{value}</td></tr>");
     }
     out.push_str("</table>");
     out

@@ -16,20 +16,23 @@ const RITA: (&str, &str) = ("rita", "rita-password-1234");
 
 /// A console on a free loopback port, with an operator (ann) and a read-only user (rita).
 async fn console(db: &TestDb) -> (SocketAddr, CancellationToken) {
+    console_with(db, 50, Err("no [kafka] in this test".into())).await
+}
+
+async fn console_with(
+    db: &TestDb,
+    page_size: u32,
+    kafka: Result<Box<redrive::Config>, String>,
+) -> (SocketAddr, CancellationToken) {
     let config = ConsoleConfig::from_toml(&format!(
-        "listen = \"127.0.0.1:0\"\nchunk_size = 2\n\
+        "listen = \"127.0.0.1:0\"\nchunk_size = 2\npage_size = {page_size}\n\
          [[users]]\nname = \"{}\"\nrole = \"operator\"\npassword = \"{}\"\n\
          [[users]]\nname = \"{}\"\nrole = \"read-only\"\npassword = \"{}\"\n",
         ANN.0, ANN.1, RITA.0, RITA.1
     ))
     .unwrap();
     let stop = CancellationToken::new();
-    let console = Console::new(
-        db.store.clone(),
-        config,
-        Err("no [kafka] in this test".into()),
-        stop.clone(),
-    );
+    let console = Console::new(db.store.clone(), config, kafka, stop.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let s = stop.clone();
@@ -40,6 +43,69 @@ async fn console(db: &TestDb) -> (SocketAddr, CancellationToken) {
             .unwrap();
     });
     (addr, stop)
+}
+
+/// Ann's HTTP client: GETs a page, and POSTs a form with her CSRF token as a browser would.
+struct Operator {
+    http: reqwest::Client,
+    base: String,
+    csrf: String,
+}
+
+impl Operator {
+    async fn new(addr: SocketAddr) -> Operator {
+        let http = reqwest::Client::new();
+        let base = format!("http://{addr}");
+        let page = http
+            .get(format!("{base}/messages"))
+            .basic_auth(ANN.0, Some(ANN.1))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let csrf = page
+            .split(r#"name="csrf" value=""#)
+            .nth(1)
+            .expect("an operator's page holds a CSRF token")
+            .split('"')
+            .next()
+            .unwrap()
+            .to_string();
+        Operator { http, base, csrf }
+    }
+
+    async fn get(&self, path: &str) -> String {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .basic_auth(ANN.0, Some(ANN.1))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "GET {path}: {}", r.status());
+        r.text().await.unwrap()
+    }
+
+    /// POSTs `form` (with the token added) to `path`; returns the final page after redirects.
+    async fn post(&self, path: &str, form: &[(&str, &str)]) -> String {
+        let mut fields: Vec<(&str, &str)> = form.to_vec();
+        fields.push(("csrf", &self.csrf));
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .basic_auth(ANN.0, Some(ANN.1))
+            .header("sec-fetch-site", "same-origin")
+            .form(&fields)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let body = r.text().await.unwrap();
+        assert!(status.is_success(), "POST {path}: {status}: {body}");
+        body
+    }
 }
 
 /// Headless Chromium behind a chromedriver of its own; both end when it is dropped.
@@ -552,4 +618,173 @@ async fn without_users_a_non_loopback_address_is_refused() {
         "{}",
         ran.stderr
     );
+}
+
+/// Browsing pages through a filter with keyset links: every row once, newest first, and the
+/// filters kept in each link.
+#[tokio::test]
+async fn pages_of_a_filter_hold_every_row_once_newest_first() {
+    let db = TestDb::new().await;
+    for offset in 0..7 {
+        Dead::of("paged", offset, "boom").insert(&db).await;
+        Dead::of("other", offset, "boom").insert(&db).await;
+    }
+    let (addr, stop) = console_with(&db, 3, Err(String::new())).await;
+    let ann = Operator::new(addr).await;
+    let mut seen = Vec::new();
+    let mut path = "/messages?topic=paged&state=dead".to_string();
+    for _ in 0..10 {
+        let page = ann.get(&path).await;
+        for cell in page.split(r#"<td class="num"><a href="/messages/"#).skip(1) {
+            let offset = cell.split("\">").nth(1).unwrap().split('<').next().unwrap();
+            seen.push(offset.parse::<i64>().unwrap());
+        }
+        match page
+            .split(r#"<a href="/messages?"#)
+            .find(|p| p.contains("next page"))
+        {
+            Some(link) => {
+                let query = link.split('"').next().unwrap().replace("&amp;", "&");
+                assert!(
+                    query.starts_with("topic=paged&state=dead&before="),
+                    "{query}"
+                );
+                path = format!("/messages?{query}");
+            }
+            None => break,
+        }
+    }
+    assert_eq!(seen, [6, 5, 4, 3, 2, 1, 0]);
+    stop.cancel();
+}
+
+/// "Retry now" makes a pending row due at once; a dead row is left alone.
+#[tokio::test]
+async fn retry_now_makes_a_pending_row_due() {
+    let db = TestDb::new().await;
+    let dead = Dead::of("t", 1, "boom").insert(&db).await;
+    let pending = Dead::of("t", 2, "boom").insert(&db).await;
+    sqlx::query(
+        "UPDATE redrive.retry_messages SET state = 'pending', dead_at = NULL,
+                dlq_published_at = NULL, next_attempt_at = now() + interval '1 hour'
+         WHERE id = $1",
+    )
+    .bind(pending)
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let (addr, stop) = console(&db).await;
+    let ann = Operator::new(addr).await;
+    let due = || async {
+        db.count(&format!("id = '{pending}' AND next_attempt_at <= now()"))
+            .await
+    };
+    assert_eq!(due().await, 0);
+    let preview = ann
+        .post(
+            "/preview",
+            &[("action", "retry-now"), ("id", &pending.to_string())],
+        )
+        .await;
+    assert!(
+        preview.contains("<strong>1</strong> pending row(s) become due now"),
+        "{preview}"
+    );
+    let done = ann
+        .post(
+            "/run",
+            &[
+                ("action", "retry-now"),
+                ("id", &pending.to_string()),
+                ("reason", "customer waiting"),
+            ],
+        )
+        .await;
+    assert!(done.contains("Done: 1 row(s) due now"), "{done}");
+    assert_eq!(due().await, 1);
+    let queued: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM redrive.queue WHERE id = $1 AND next_attempt_at <= now()",
+    )
+    .bind(pending)
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(queued, 1, "the workers' queue did not follow");
+    let refused = ann
+        .post(
+            "/preview",
+            &[("action", "retry-now"), ("id", &dead.to_string())],
+        )
+        .await;
+    assert!(
+        refused.contains("Nothing to do: the row is not pending"),
+        "{refused}"
+    );
+    stop.cancel();
+}
+
+/// Replay to a topic from the console: the records go to Kafka with the row's key, value and
+/// headers and the replayed row's id, and the rows are marked replayed by the operator.
+#[tokio::test]
+async fn replay_to_a_topic_produces_the_records_and_marks_the_rows() {
+    let db = TestDb::new().await;
+    let (source, target) = (unique("source"), unique("target"));
+    create_topic(&target, 1).await;
+    for offset in [1, 2] {
+        Dead {
+            payload: format!("{{\"n\":{offset}}}").into_bytes().leak(),
+            headers: serde_json::json!([{"key": "trace", "value": "dA=="}]),
+            ..Dead::of(&source, offset, "boom")
+        }
+        .insert(&db)
+        .await;
+    }
+    let kafka = Box::new(config(&db.url, &[&source], "g", None, ""));
+    let (addr, stop) = console_with(&db, 50, Ok(kafka)).await;
+    let ann = Operator::new(addr).await;
+    let preview = ann
+        .post(
+            "/preview",
+            &[("action", "replay-topic-matching"), ("topic", &source)],
+        )
+        .await;
+    assert!(
+        preview.contains("<strong>2</strong> row(s) are <strong>produced back to Kafka</strong>"),
+        "{preview}"
+    );
+    let job = ann
+        .post(
+            "/run",
+            &[
+                ("action", "replay-topic-matching"),
+                ("topic", &source),
+                ("to_topic", &target),
+                ("reason", "rebuild"),
+            ],
+        )
+        .await;
+    assert!(job.contains("id=\"outcome\""), "{job}");
+    let records = read_topic_raw(&target, 2, Duration::from_secs(30)).await;
+    let mut values: Vec<String> = records
+        .iter()
+        .map(|m| String::from_utf8(m.payload.clone().unwrap()).unwrap())
+        .collect();
+    values.sort();
+    assert_eq!(values, [r#"{"n":1}"#, r#"{"n":2}"#]);
+    assert!(records.iter().all(|m| m.key.as_deref() == Some(&b"k"[..])));
+    assert!(records.iter().all(|m| m
+        .headers
+        .iter()
+        .any(|h| h.key == b"redrive.replay.of" && h.value.is_some())));
+    wait_for("the rows to be marked", Duration::from_secs(10), || async {
+        let n = db
+            .count(&format!(
+                "topic = '{source}' AND state = 'replayed' AND replayed_to_topic = '{target}' \
+                 AND last_replayed_by = 'ann' AND last_replay_reason = 'rebuild'"
+            ))
+            .await;
+        (n == 2).then_some(())
+    })
+    .await;
+    stop.cancel();
 }
