@@ -26,6 +26,8 @@
 //!   through its HTTP handler (see `footprint.rs`).
 //! - operators: seconds of `redrive status` and `redrive replay --dry-run --topic small` at 10M dead
 //!   and 1M pending rows, beside `redrive status --exact` (see `operators.rs`).
+//! - console: seconds of the web console's pages at 1M dead rows, beside `redrive status` and
+//!   `redrive replay --dry-run` on the same table (see `operators.rs`).
 //!
 //! The handler is an in-process `Handler` (redrive's own cost), and for `happy-http` the HTTP
 //! handler against a local endpoint. `happy-http` and `capture` run with redrive's default of 256
@@ -127,9 +129,9 @@ const CASES: [&str; 13] = [
 
 /// Cases that measure something other than a rate, each printing a table of its own after the
 /// rates: `timing` (lateness, N rows: 10,000 unless set), `footprint` (peak RSS of `redrive run`,
-/// N messages: 1,000,000 unless set), `operators` (seconds per command) and `outage` (the breaker on
-/// and off through a 60 s outage of the handler's service).
-const OWN_TABLES: [&str; 4] = ["timing", "footprint", "operators", "outage"];
+/// N messages: 1,000,000 unless set), `operators` (seconds per command), `outage` (the breaker on
+/// and off through a 60 s outage of the handler's service) and `console` (seconds per page).
+const OWN_TABLES: [&str; 5] = ["timing", "footprint", "operators", "outage", "console"];
 
 /// Each case against its reference: (case, reference, what the reference is).
 const RATIOS: [(&str, &str); 9] = [
@@ -267,6 +269,7 @@ async fn main() -> anyhow::Result<()> {
             "timing" => timing::run(&admin_url, n.unwrap_or(10_000), runs).await?,
             "footprint" => footprint::run(&admin_url, &kafka, n.unwrap_or(1_000_000), runs).await?,
             "outage" => outage::run(&admin_url, &kafka, runs).await?,
+            "console" => operators::console(&admin_url, runs).await?,
             _ => operators::run(&admin_url, runs).await?,
         }
     }

@@ -48,7 +48,7 @@ const COMMANDS: [Command; 3] = [
 pub async fn run(admin_url: &str, runs: usize) -> anyhow::Result<()> {
     let dead: i64 = env("BENCH_OPS_DEAD", "10000000").parse()?;
     let pending: i64 = env("BENCH_OPS_PENDING", "1000000").parse()?;
-    let url = load(admin_url, dead, pending).await?;
+    let url = load(admin_url, DB, dead, pending).await?;
     let bin = redrive_binary()?;
     let mut secs: Vec<Vec<f64>> = vec![vec![]; COMMANDS.len()];
     for round in 1..=runs {
@@ -126,10 +126,10 @@ fn worst_error(estimated: &serde_json::Value, exact: &serde_json::Value) -> f64 
 }
 
 /// The database with the table, loaded unless an earlier run left it as this run wants it.
-async fn load(admin_url: &str, dead: i64, pending: i64) -> anyhow::Result<String> {
+async fn load(admin_url: &str, db: &str, dead: i64, pending: i64) -> anyhow::Result<String> {
     let spec = format!("{dead} dead, {pending} pending, {SMALL} small, v1");
     let mut url = url::Url::parse(admin_url)?;
-    url.set_path(DB);
+    url.set_path(db);
     let url = url.to_string();
     if let Ok(mut c) = sqlx::PgConnection::connect(&url).await {
         let got: Option<String> = sqlx::query_scalar("SELECT spec FROM bench_loaded")
@@ -138,13 +138,13 @@ async fn load(admin_url: &str, dead: i64, pending: i64) -> anyhow::Result<String
             .ok()
             .flatten();
         if got.as_deref() == Some(spec.as_str()) {
-            eprintln!("operators: reusing the table in {DB} ({spec})");
+            eprintln!("operators: reusing the table in {db} ({spec})");
             // A newer build may bring migrations (indexes) of its own.
             redrive::store::migrate::run(&url.clone().into()).await?;
             return Ok(url);
         }
     }
-    let url = redrive::support::recreate_database(admin_url, DB).await?;
+    let url = redrive::support::recreate_database(admin_url, db).await?;
     redrive::store::migrate::run(&url.clone().into()).await?;
     let mut c = sqlx::PgConnection::connect(&url).await?;
     let started = Instant::now();
@@ -156,7 +156,7 @@ async fn load(admin_url: &str, dead: i64, pending: i64) -> anyhow::Result<String
             let to = (from + STEP).min(total);
             sqlx::query(sql).bind(from).bind(to).execute(&mut c).await?;
             eprintln!(
-                "operators: loading {DB}: {to} of {total} {what} rows ({:.0} s)",
+                "operators: loading {db}: {to} of {total} {what} rows ({:.0} s)",
                 started.elapsed().as_secs_f64()
             );
         }
@@ -233,3 +233,107 @@ SELECT lpad(to_hex(j), 32, '0')::uuid, 'group-' || (i % 2), 'small', 0, i,
 FROM generate_series(0::bigint, $1::bigint - 1) AS s(i),
      LATERAL (SELECT i + 2000000000 AS j, now() - i * interval '1 minute' AS t) AS x
 "#;
+
+/// The console case: its pages on a table of `BENCH_CONSOLE_DEAD` dead rows (1,000,000 unless set)
+/// and a tenth as many pending, loaded as the operators case loads its own, in a database of its
+/// own. The console runs in this process on a loopback port; each page is one GET of a fresh
+/// connection, beside `redrive status` and `redrive replay --dry-run`, which read the same rows.
+pub async fn console(admin_url: &str, runs: usize) -> anyhow::Result<()> {
+    use redrive::console::{router, Console};
+    let dead: i64 = env("BENCH_CONSOLE_DEAD", "1000000").parse()?;
+    let url = load(admin_url, "redrive_bench_console", dead, dead / 10).await?;
+    let store = redrive::Store::from_pool(
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&url)
+            .await?,
+    );
+    let stop = tokio_util::sync::CancellationToken::new();
+    let console = Console::new(
+        store.clone(),
+        redrive::config::ConsoleConfig::default(),
+        Err("not needed".into()),
+        stop.clone(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let s = stop.clone();
+    tokio::spawn(async move {
+        axum::serve(listener, router(console))
+            .with_graceful_shutdown(async move { s.cancelled().await })
+            .await
+    });
+    let old: uuid::Uuid = sqlx::query_scalar(
+        "SELECT id FROM redrive.retry_messages WHERE state = 'dead' ORDER BY id LIMIT 1 OFFSET 1000",
+    )
+    .fetch_one(store.pool())
+    .await?;
+    let pages: Vec<(String, String)> = vec![
+        ("overview, last 24 h".into(), "/".into()),
+        ("overview, last 30 days".into(), "/?window=30d".into()),
+        ("messages, no filter".into(), "/messages".into()),
+        (
+            "messages, topic small (1,000 rows)".into(),
+            "/messages?topic=small".into(),
+        ),
+        (
+            "messages, topic big-3, error \"error 13\", dead".into(),
+            "/messages?topic=big-3&error=error+13&state=dead".into(),
+        ),
+        (
+            "messages, a page deep in the table (keyset)".into(),
+            format!("/messages?state=dead&before={old}"),
+        ),
+        (
+            "messages, key 12345 (no index: every row read)".into(),
+            "/messages?key=12345".into(),
+        ),
+        ("a message".into(), format!("/messages/{old}")),
+    ];
+    let bin = redrive_binary()?;
+    let cli: [(&str, &[&str]); 2] = [
+        ("redrive status (reference for the overview)", &["status"]),
+        (
+            "redrive replay --dry-run --topic small (reference for a filter)",
+            &["replay", "--dry-run", "--topic", "small"],
+        ),
+    ];
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()?;
+    let mut secs: Vec<Vec<f64>> = vec![vec![]; pages.len() + cli.len()];
+    for round in 1..=runs {
+        for (i, (label, path)) in pages.iter().enumerate() {
+            let started = Instant::now();
+            let r = tokio::time::timeout(DEADLINE, http.get(format!("{base}{path}")).send())
+                .await
+                .map_err(|_| anyhow::anyhow!("GET {path} ran past {DEADLINE:?}"))??;
+            anyhow::ensure!(r.status().is_success(), "GET {path}: {}", r.status());
+            r.bytes().await?;
+            let took = started.elapsed().as_secs_f64();
+            eprintln!("round {round}/{runs}: console: {label}: {took:.3} s");
+            secs[i].push(took);
+        }
+        for (i, (label, args)) in cli.iter().enumerate() {
+            let started = Instant::now();
+            redrive(&bin, &url, args).await?;
+            secs[pages.len() + i].push(started.elapsed().as_secs_f64());
+            eprintln!("round {round}/{runs}: console: {label}");
+        }
+    }
+    stop.cancel();
+    println!(
+        "\nThe console at {dead} dead and {} pending rows (plus {SMALL} dead rows of topic \
+         small):\n\n| page | seconds, median [range] of {runs} |\n|---|---|",
+        dead / 10
+    );
+    let labels = pages
+        .iter()
+        .map(|(l, _)| l.as_str())
+        .chain(cli.iter().map(|(l, _)| *l));
+    for (label, got) in labels.zip(&secs) {
+        let (lo, mid, hi) = spread(got);
+        println!("| {label} | {mid:.3} [{lo:.3}–{hi:.3}] |");
+    }
+    Ok(())
+}

@@ -162,6 +162,10 @@ async fn css() -> impl IntoResponse {
 /// only, and everyone is the operating-system user who started it, as an operator.
 async fn sign_in(State(console): State<Shared>, mut request: Request, next: Next) -> Response {
     let who = if console.config.users.is_empty() {
+        if let Err(why) = loopback_host(request.headers()) {
+            tracing::warn!("console: refused a request: {why}");
+            return (StatusCode::FORBIDDEN, format!("refused: {why}\n")).into_response();
+        }
         Some(Who {
             name: whoami::username().unwrap_or_else(|_| "console".into()),
             role: Role::Operator,
@@ -188,6 +192,30 @@ async fn sign_in(State(console): State<Shared>, mut request: Request, next: Next
     }
     request.extensions_mut().insert(who);
     next.run(request).await
+}
+
+/// Without sign-in, a request must name the console by a loopback address or `localhost`: a page
+/// of another site whose name was made to resolve to 127.0.0.1 (DNS rebinding) is refused.
+fn loopback_host(headers: &HeaderMap) -> Result<(), String> {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    let loopback = name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if loopback {
+        Ok(())
+    } else {
+        Err(format!(
+            "the console without sign-in answers only to a loopback address or localhost, not to {host:?}"
+        ))
+    }
 }
 
 /// The user whose password or token the request carries.
@@ -370,6 +398,19 @@ mod tests {
         assert!(!csrf_ok(&[8; 32], "ann", &token));
         assert!(!csrf_ok(&[7; 32], "ann", ""));
         assert!(!csrf_ok(&[7; 32], "ann", "zz"));
+    }
+
+    #[test]
+    fn without_sign_in_only_a_loopback_host_is_served() {
+        let host = |h: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::HOST, h.parse().unwrap());
+            loopback_host(&m).is_ok()
+        };
+        assert!(host("127.0.0.1:8089") && host("localhost:8089") && host("[::1]:8089"));
+        assert!(host("127.0.0.2") && host("LOCALHOST"));
+        assert!(!host("evil.example:8089") && !host("10.0.0.5:8089") && !host("[2001:db8::1]:80"));
+        assert!(loopback_host(&HeaderMap::new()).is_err());
     }
 
     #[test]
