@@ -97,9 +97,20 @@ async fn run_until_logged(
     needle: &str,
     times: usize,
 ) -> (String, std::process::ExitStatus, Duration) {
+    run_until_logged_with(config, needle, times, &[]).await
+}
+
+/// [`run_until_logged`] with these environment variables set.
+async fn run_until_logged_with(
+    config: &str,
+    needle: &str,
+    times: usize,
+    envs: &[(&str, &str)],
+) -> (String, std::process::ExitStatus, Duration) {
     let file = write_config(config);
     let mut child = tokio::process::Command::new(redrive_bin())
         .args(["--config", file.0.to_str().unwrap(), "run"])
+        .envs(envs.iter().copied())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -148,6 +159,43 @@ fn closed_port() -> u16 {
 fn unreachable_broker(db_url: &str) -> (String, String) {
     let broker = format!("127.0.0.1:{}", closed_port());
     (base_config(db_url).replace(&kafka(), &broker), broker)
+}
+
+/// `REDRIVE_LOG_FORMAT=json`: every line of the log is one JSON object with a level and fields,
+/// the retry line among them, and the password is in none of them.
+#[tokio::test]
+async fn json_logs_parse_line_by_line_and_never_hold_the_password() {
+    let closed = closed_port();
+    let url = format!("postgres://redrive:{PASSWORD}@127.0.0.1:{closed}/redrive");
+    let (log, status, _) = run_until_logged_with(
+        &base_config(&url),
+        "postgres is unreachable, retrying",
+        2,
+        &[("REDRIVE_LOG_FORMAT", "json"), ("REDRIVE_LOG", "info")],
+    )
+    .await;
+    assert!(!log.contains(PASSWORD), "the password leaked: {log}");
+    let events: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(events
+        .iter()
+        .all(|e| e["level"].is_string() && e["timestamp"].is_string()));
+    let retry = events
+        .iter()
+        .find(|e| {
+            e["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("postgres is unreachable, retrying"))
+        })
+        .expect("the retry line");
+    assert_eq!(retry["level"], "WARN");
+    assert!(
+        retry.to_string().contains("redrive:***@127.0.0.1"),
+        "{retry}"
+    );
+    assert_eq!(status.code(), Some(0), "{log}");
 }
 
 #[tokio::test]
