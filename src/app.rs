@@ -35,6 +35,8 @@ pub async fn run<H: Handler>(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     check_connection_budget(&config, &parts)?;
+    // The recorder first: metric handles taken before it is installed would record nothing.
+    crate::telemetry::metrics();
     let store = match Store::connect(&config.postgres, &shutdown).await {
         Ok(store) => store,
         // A stop asked for while Postgres was still away is a clean exit, not a failure.
@@ -130,6 +132,17 @@ pub async fn run<H: Handler>(
             let result = consumer.run(token, drain).await;
             finish("capturer", capturing, drain).await; // every capture handle is gone
             ("consumer", result)
+        });
+    }
+    if !config.telemetry.sample_every.is_zero() {
+        let (store, every, token) = (
+            store.clone(),
+            config.telemetry.sample_every,
+            shutdown.clone(),
+        );
+        services.spawn(async move {
+            crate::sampler::run(store, every, token).await;
+            ("row gauges", Ok(()))
         });
     }
     if !parts.no_http {
@@ -286,7 +299,7 @@ async fn subscribe(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<Arc<KafkaConsumer>>> {
     let consumer: KafkaConsumer = kafka::consumer_config(&config.kafka.properties)?
-        .create_with_context(GroupContext::default())
+        .create_with_context(GroupContext::new(config.kafka.group_id()))
         .context("creating the Kafka consumer (check the [kafka] properties)")?;
     let consumer = Arc::new(consumer);
     let (c, topics) = (consumer.clone(), config.kafka.topics.clone());

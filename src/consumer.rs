@@ -199,6 +199,11 @@ impl<H: Handler> Consumer<H> {
             commit_within: self.commit_within,
         };
         let guard = tokio::spawn(guard.run(shutdown.clone()));
+        let counting = tokio::spawn(count_in_flight(
+            slots.clone(),
+            self.max_in_flight,
+            self.shared.group.clone(),
+        ));
         let mut failure = None;
         let mut stalled = Stalled::default();
         let mut breakers = self.shared.breakers.watch();
@@ -275,6 +280,7 @@ impl<H: Handler> Consumer<H> {
         }
         ramping.inspect(|r| r.abort());
         guard.abort();
+        counting.abort();
         self.drain(tasks, drain).await;
         failure.map_or(Ok(()), Err)
     }
@@ -968,6 +974,18 @@ impl<H: Handler> Shared<H> {
 }
 
 /// Adds a message's slot, if it has one, to a batch's.
+/// Sets `redrive_in_flight_messages{group}` each second: the messages handed to the handler, or
+/// waiting on their key, and not yet finished. Read from the slots, so the hot path pays nothing;
+/// the one slot the loop holds for the record it waits for is not a message.
+async fn count_in_flight(slots: Arc<Semaphore>, max: usize, group: String) {
+    let gauge = metrics::gauge!("redrive_in_flight_messages", "group" => group);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        gauge.set(max.saturating_sub(slots.available_permits() + 1) as f64);
+    }
+}
+
 fn merge(slots: &mut Option<OwnedSemaphorePermit>, slot: Option<OwnedSemaphorePermit>) {
     match (slots.as_mut(), slot) {
         (Some(s), Some(slot)) => s.merge(slot),

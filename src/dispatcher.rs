@@ -138,11 +138,14 @@ impl<H: Handler> Dispatcher<H> {
         let mut due = true;
         let mut look_at = tokio::time::Instant::now();
         let mut breakers = self.breakers.watch();
+        let in_flight =
+            metrics::gauge!("redrive_in_flight_attempts", "group" => self.group.to_string());
         while !shutdown.is_cancelled() {
             // Finished attempts still sit in the set until joined; reap them so the count is true.
             while let Some(done) = running.0.try_join_next_with_id() {
                 forget(&mut running.1, done);
             }
+            in_flight.set(running.0.len() as f64);
             // While a breaker is not closed, only probes are claimed; wake when it may let one go.
             let mut reopen = None;
             while due && (claims.is_empty() || backlog && claims.len() < CLAIMS_IN_FLIGHT) {

@@ -88,7 +88,9 @@ pub fn consumer_config(props: &BTreeMap<String, String>) -> anyhow::Result<Clien
         .set("queued.min.messages", "10000")
         .set("queued.max.messages.kbytes", "8192")
         .set("fetch.max.bytes", "8388608")
-        .set("fetch.queue.backoff.ms", "10");
+        .set("fetch.queue.backoff.ms", "10")
+        // Statistics feed the consumer-lag gauges (GroupContext::stats).
+        .set("statistics.interval.ms", "15000");
     for (k, v) in props {
         c.set(k, v);
     }
@@ -234,6 +236,10 @@ pub struct GroupContext {
     pub tracker: Arc<Mutex<OffsetTracker>>,
     /// The consumer's key lines (I12), which a revoke ends for the revoked partitions.
     pub lines: Arc<Mutex<crate::lines::Lines>>,
+    /// The consumer group, the label of the lag gauges.
+    pub group: String,
+    /// The partitions whose lag was last exported.
+    lagging: Mutex<std::collections::HashSet<(String, i32)>>,
 }
 
 impl GroupContext {
@@ -243,7 +249,48 @@ impl GroupContext {
     }
 }
 
-impl ClientContext for GroupContext {}
+impl GroupContext {
+    /// A context for a consumer of `group`.
+    pub fn new(group: &str) -> Self {
+        Self {
+            group: group.to_string(),
+            ..Self::default()
+        }
+    }
+}
+
+impl ClientContext for GroupContext {
+    /// librdkafka's statistics (every `statistics.interval.ms`): each assigned partition's lag,
+    /// `redrive_consumer_lag_messages{group, topic, partition}`: the messages between the
+    /// consumer's position and the partition's end. A partition this member no longer reads is
+    /// set to 0.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let mut now = std::collections::HashSet::new();
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                if *partition < 0 || p.consumer_lag < 0 {
+                    continue;
+                }
+                lag_gauge(&self.group, topic, *partition).set(p.consumer_lag as f64);
+                now.insert((topic.clone(), *partition));
+            }
+        }
+        let mut last = self.lagging.lock().unwrap_or_else(|e| e.into_inner());
+        for (topic, partition) in last.difference(&now) {
+            lag_gauge(&self.group, topic, *partition).set(0.0);
+        }
+        *last = now;
+    }
+}
+
+fn lag_gauge(group: &str, topic: &str, partition: i32) -> metrics::Gauge {
+    metrics::gauge!(
+        "redrive_consumer_lag_messages",
+        "group" => group.to_string(),
+        "topic" => topic.to_string(),
+        "partition" => partition.to_string()
+    )
+}
 
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {

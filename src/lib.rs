@@ -55,6 +55,7 @@ pub mod lines;
 pub mod message;
 pub mod offsets;
 pub mod ops;
+pub mod sampler;
 pub mod shutdown;
 pub mod store;
 #[doc(hidden)]

@@ -17,8 +17,18 @@ use std::time::Duration;
 
 /// The top-level sections; environment variables outside them (`REDRIVE_LOG`…) are not config.
 const SECTIONS: &[&str] = &[
-    "postgres", "kafka", "consumer", "workers", "retry", "breaker", "handler", "dlq", "http",
-    "shutdown", "console",
+    "postgres",
+    "kafka",
+    "consumer",
+    "workers",
+    "retry",
+    "breaker",
+    "handler",
+    "dlq",
+    "http",
+    "shutdown",
+    "console",
+    "telemetry",
 ];
 
 /// A configuration error, with the field it is about.
@@ -65,6 +75,8 @@ pub struct Config {
     pub http: HttpConfig,
     /// Graceful shutdown.
     pub shutdown: ShutdownConfig,
+    /// The gauges read from the table.
+    pub telemetry: TelemetryConfig,
 }
 
 /// `[postgres]`
@@ -163,6 +175,25 @@ pub struct DlqConfig {
 pub struct HttpConfig {
     /// Address of the `/metrics`, `/healthz` and `/readyz` listener.
     pub listen: SocketAddr,
+}
+
+/// `[telemetry]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// How often the row gauges (`redrive_rows`, `redrive_oldest_due_age_seconds`, the DLQ
+    /// backlog, paused topics) are read from the table. One process of the database reads them at
+    /// a time; `0s` turns them off in this process.
+    #[serde(with = "humantime_serde")]
+    pub sample_every: Duration,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            sample_every: Duration::from_secs(15),
+        }
+    }
 }
 
 /// `[shutdown]`
@@ -294,6 +325,7 @@ impl Config {
             dlq: partial.dlq,
             http: partial.http,
             shutdown: partial.shutdown,
+            telemetry: partial.telemetry,
         };
         config.validate()?;
         Ok(config)
@@ -406,6 +438,8 @@ struct Partial {
     http: HttpConfig,
     #[serde(default)]
     shutdown: ShutdownConfig,
+    #[serde(default)]
+    telemetry: TelemetryConfig,
 }
 
 /// The file (if any), then the environment over it.

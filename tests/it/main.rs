@@ -9,6 +9,7 @@ mod e2e;
 mod hardening;
 mod helpers;
 mod key_order;
+mod metrics;
 mod operators;
 mod ordering;
 mod rebalance;

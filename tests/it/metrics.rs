@@ -1,0 +1,171 @@
+//! The gauges of `/metrics`, on the `redrive` binary after a known scenario: rows by group, topic
+//! and state, how late the oldest due row is, the DLQ backlog, paused topics, messages and
+//! attempts in flight and the consumer's lag; and one sampler per database.
+
+use crate::helpers::*;
+use std::time::Duration;
+
+/// A free loopback port.
+fn port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn run_config(db: &TestDb, topic: &str, group: &str, port: u16) -> String {
+    format!(
+        "[postgres]\nurl = \"{}\"\n[kafka]\ntopics = [\"{topic}\"]\n\"group.id\" = \"{group}\"\n\
+         \"bootstrap.servers\" = \"{}\"\n\"statistics.interval.ms\" = 500\n\
+         [handler]\nurl = \"http://127.0.0.1:9/\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
+         [telemetry]\nsample_every = \"200ms\"\n",
+        db.url,
+        kafka()
+    )
+}
+
+/// The value of the sample of `/metrics` that starts with `series` (a name and its labels, as
+/// rendered), or `None` when there is none.
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+async fn scrape(port: u16) -> Option<String> {
+    reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()
+}
+
+/// Inserts `n` rows of `topic` in group `group` in `state`, due (or dead) `ago` seconds ago.
+async fn rows(db: &TestDb, group: &str, topic: &str, state: &str, n: i64, ago: i64) {
+    let dead = state == "dead";
+    sqlx::query(
+        r#"INSERT INTO redrive.retry_messages (id, consumer_group, topic, "partition",
+               kafka_offset, payload, state, attempts, max_attempts, next_attempt_at,
+               last_error, error_kind, dead_at)
+           SELECT gen_random_uuid(), $1, $2, 0, 1000 * $6::int + i, '\x00', $3, 1, 5,
+                  now() - make_interval(secs => $5), 'boom', 'retryable',
+                  CASE WHEN $4 THEN now() - make_interval(secs => $5) END
+           FROM generate_series(1, $7) AS i"#,
+    )
+    .bind(group)
+    .bind(topic)
+    .bind(state)
+    .bind(dead)
+    .bind(ago as f64)
+    .bind(state.len() as i32)
+    .bind(n)
+    .execute(db.pool())
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn the_gauges_show_the_table_and_one_process_reads_them() {
+    let db = TestDb::new().await;
+    let (topic, group) = (unique("gauged"), unique("g"));
+    create_topic(&topic, 2).await;
+    rows(&db, &group, &topic, "pending", 3, 3600).await;
+    rows(&db, &group, &topic, "dead", 2, 60).await;
+    rows(&db, "other", "elsewhere", "paused", 4, 0).await;
+    sqlx::query("SELECT redrive.pause('elsewhere', 'other', 'maintenance')")
+        .execute(db.pool())
+        .await
+        .unwrap();
+
+    // No workers and no DLQ publisher: the due rows stay due and the dead ones unpublished.
+    let (a_port, b_port) = (port(), port());
+    let a_config = write_config(&run_config(&db, &topic, &group, a_port));
+    let mut a = spawn_redrive(&a_config.0, &["--no-workers", "--no-dlq"]);
+    let g = format!("group=\"{group}\"");
+    let m = wait_for("the row gauges", Duration::from_secs(60), || async {
+        let m = scrape(a_port).await?;
+        let series = format!("redrive_rows{{{g},topic=\"{topic}\",state=\"dead\"}}");
+        (sample(&m, &series) == Some(2.0)).then_some(m)
+    })
+    .await;
+    let value =
+        |series: String| sample(&m, &series).unwrap_or_else(|| panic!("no {series} in\n{m}"));
+    assert_eq!(
+        value(format!(
+            "redrive_rows{{{g},topic=\"{topic}\",state=\"pending\"}}"
+        )),
+        3.0
+    );
+    assert_eq!(
+        value(format!(
+            "redrive_rows{{{g},topic=\"{topic}\",state=\"waiting\"}}"
+        )),
+        0.0
+    );
+    assert_eq!(
+        value("redrive_rows{group=\"other\",topic=\"elsewhere\",state=\"paused\"}".into()),
+        4.0
+    );
+    assert_eq!(value(format!("redrive_due_rows{{{g}}}")), 3.0);
+    let late = value(format!("redrive_oldest_due_age_seconds{{{g}}}"));
+    assert!((3600.0..3700.0).contains(&late), "oldest due age {late}");
+    assert_eq!(value(format!("redrive_dlq_backlog_rows{{{g}}}")), 2.0);
+    let unpublished = value(format!("redrive_dlq_oldest_unpublished_age_seconds{{{g}}}"));
+    assert!(
+        (60.0..160.0).contains(&unpublished),
+        "oldest unpublished age {unpublished}"
+    );
+    assert_eq!(
+        value("redrive_topic_paused{group=\"other\",topic=\"elsewhere\"}".into()),
+        1.0
+    );
+    assert_eq!(value("redrive_rows_sampler".into()), 1.0);
+    assert_eq!(value(format!("redrive_in_flight_messages{{{g}}}")), 0.0);
+
+    // The consumer's lag, from librdkafka's statistics: both partitions, caught up once each has
+    // a record to read (the handler refuses them all; they become rows).
+    let p = producer(&kafka());
+    for partition in [0, 1] {
+        p.send(
+            rdkafka::producer::FutureRecord::<(), _>::to(&topic)
+                .partition(partition)
+                .payload("x"),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    }
+    wait_for("the lag gauges", Duration::from_secs(60), || async {
+        let m = scrape(a_port).await?;
+        let lag = |p: i32| {
+            sample(
+                &m,
+                &format!(
+                    "redrive_consumer_lag_messages{{{g},topic=\"{topic}\",partition=\"{p}\"}}"
+                ),
+            )
+        };
+        (lag(0) == Some(0.0) && lag(1) == Some(0.0)).then_some(())
+    })
+    .await;
+
+    // A second process of the same database does not read the table: it says so.
+    let b_config = write_config(&run_config(&db, &topic, &group, b_port));
+    let mut b = spawn_redrive(&b_config.0, &["--no-consumer", "--no-dlq"]);
+    let m = wait_for(
+        "the second process's metrics",
+        Duration::from_secs(60),
+        || async {
+            let m = scrape(b_port).await?;
+            m.contains("redrive_in_flight_attempts").then_some(m)
+        },
+    )
+    .await;
+    assert_eq!(sample(&m, "redrive_rows_sampler"), Some(0.0), "{m}");
+    assert!(!m.contains("redrive_rows{"), "{m}");
+    terminate(&mut b).await;
+    terminate(&mut a).await;
+}
