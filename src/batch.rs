@@ -89,8 +89,33 @@ where
 /// A transient failure (Postgres away) is retried with backoff, like [`until_written`]. A batch
 /// refused for any other reason is split in halves, and the halves written in order, until the
 /// refused item stands alone; `safe` then writes that item in a form Postgres accepts, given the
-/// database's error text, retried until it is written. Returns the sum of what the writes returned.
+/// database's error text, retried until it is written. Returns the sum of what the writes returned,
+/// and records the batch's size and time (`redrive_batch_rows`, `redrive_batch_duration_seconds`,
+/// labelled `what` and `group`).
 pub async fn write_isolating<'a, T, R, W, WFut, S, SFut>(
+    what: &str,
+    group: &str,
+    items: &'a [T],
+    mut write: W,
+    mut safe: S,
+) -> R
+where
+    R: Default + std::ops::AddAssign,
+    W: FnMut(&'a [T]) -> WFut,
+    WFut: Future<Output = Result<R, StoreError>>,
+    S: FnMut(&'a T, String) -> SFut,
+    SFut: Future<Output = Result<R, StoreError>>,
+{
+    let started = std::time::Instant::now();
+    let total = write_isolating_untimed(what, group, items, &mut write, &mut safe).await;
+    let labels = [("what", what.to_string()), ("group", group.to_string())];
+    metrics::histogram!("redrive_batch_rows", &labels).record(items.len() as f64);
+    metrics::histogram!("redrive_batch_duration_seconds", &labels)
+        .record(started.elapsed().as_secs_f64());
+    total
+}
+
+async fn write_isolating_untimed<'a, T, R, W, WFut, S, SFut>(
     what: &str,
     group: &str,
     items: &'a [T],

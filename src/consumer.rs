@@ -143,6 +143,8 @@ struct Shared<H> {
     continuations: TaskTracker,
     /// The handler's breakers, shared with the workers (I13).
     breakers: Arc<Breakers>,
+    /// `redrive_handler_duration_seconds{path="first", outcome="succeeded"}`, taken once.
+    first_succeeded: Arc<crate::telemetry::Durations>,
 }
 
 /// Consumes and dispatches first deliveries.
@@ -180,6 +182,11 @@ impl<H: Handler> Consumer<H> {
                     .then(|| consumer.context().lines.clone()),
                 continuations: TaskTracker::new(),
                 breakers,
+                first_succeeded: crate::telemetry::handler_durations(
+                    config.kafka.group_id(),
+                    "first",
+                    "succeeded",
+                ),
             }),
         }
     }
@@ -777,6 +784,8 @@ impl<H: Handler> Shared<H> {
         let mut tally = Tally::new(&self.breakers);
         let line = |i: usize| lines.get(i).copied().flatten();
         let (messages, stamps): (Vec<Message>, Vec<u64>) = messages.into_iter().unzip();
+        // The batch's calls start together: each one's duration is counted from here.
+        let started = std::time::Instant::now();
         let mut calls: FuturesUnordered<_> = messages
             .iter()
             .enumerate()
@@ -813,7 +822,10 @@ impl<H: Handler> Shared<H> {
             tokio::select! {
                 biased;
                 Some(first) = calls.next(), if !calls.is_empty() => {
-                    // Every call ready now is taken, so they are marked done together.
+                    // Every call ready now is taken, so they are marked done together, and
+                    // counted as taking the same time: one clock read for them all.
+                    let took = started.elapsed();
+                    let mut ok = 0;
                     let mut next = Some(first);
                     while let Some((i, result)) = next {
                         answered[i] = true;
@@ -824,6 +836,7 @@ impl<H: Handler> Shared<H> {
                         }
                         match result {
                             Ok(()) => {
+                                ok += 1;
                                 succeeded += 1;
                                 free += 1;
                                 done.push(i);
@@ -831,10 +844,16 @@ impl<H: Handler> Shared<H> {
                                     finished.push((i, Outcome::Delivered));
                                 }
                             }
-                            Err(error) => failed.push((i, error)),
+                            Err(error) => {
+                                crate::telemetry::handler_durations(&self.group, "first",
+                                    error.kind.as_str())
+                                .record(took);
+                                failed.push((i, error));
+                            }
                         }
                         next = calls.next().now_or_never().flatten();
                     }
+                    self.first_succeeded.record_many(took, ok);
                 }
                 Some(first) = captures.next(), if !captures.is_empty() => {
                     let mut next = Some(first);
@@ -854,6 +873,8 @@ impl<H: Handler> Shared<H> {
                     let error = timeout_error(self.timeout);
                     failed.extend(answered.iter().enumerate().filter(|(_, a)| !**a)
                         .map(|(i, _)| (i, error.clone())));
+                    crate::telemetry::handler_durations(&self.group, "first", "timeout")
+                        .record_many(self.timeout, failed.len() as u64);
                     for (i, error) in &failed {
                         let result = Err(error.clone());
                         match &probe {

@@ -282,7 +282,9 @@ impl<H: Handler> Dispatcher<H> {
             let breaker = self.breakers.for_topic(&row.message.topic).clone();
             // A probe is made only by a row of the breaker that let it go.
             let probing = probe.take_if(|p| Arc::ptr_eq(p, &breaker)).is_some();
-            let task = self.attempt(row, due, breaker, probing).instrument(span);
+            let task = self
+                .attempt(row, received, due, breaker, probing)
+                .instrument(span);
             let handle = running.0.spawn(task);
             running.1.insert(handle.id(), claim);
         }
@@ -336,6 +338,7 @@ impl<H: Handler> Dispatcher<H> {
     fn attempt(
         &self,
         row: Claimed,
+        received: tokio::time::Instant,
         due: Option<tokio::time::Instant>,
         breaker: Arc<Breaker>,
         probe: bool,
@@ -361,7 +364,14 @@ impl<H: Handler> Dispatcher<H> {
                 attempt,
                 group: &group,
             };
+            // How late the attempt starts: late at the claim, plus the time since, less what a
+            // row claimed ahead had to wait.
+            let late = row.late + received.elapsed().saturating_sub(row.wait);
+            metrics::histogram!("redrive_retry_lateness_seconds", "group" => group.to_string())
+                .record(late.as_secs_f64());
+            let started = std::time::Instant::now();
             let result = call_with_timeout(handler.as_ref(), delivery, timeout).await;
+            let took = started.elapsed();
             // Only a probe's outcome counts: retries do not open the breaker (see crate::breaker).
             if probe {
                 breaker.record(&result, true);
@@ -398,6 +408,7 @@ impl<H: Handler> Dispatcher<H> {
                 Outcome::Dead { .. } => "dead",
             };
             metrics::counter!("redrive_attempts_total", "outcome" => label).increment(1);
+            crate::telemetry::handler_durations(&group, "retry", label).record(took);
             // A success, or a death, takes the row out of its key line, if it is in one: the next
             // row of the line waits for that to be written.
             let ordered = retry.for_topic(&row.message.topic).ordered().is_some()

@@ -32,6 +32,9 @@ impl Guard {
     /// Runs until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
         let (mut stalls, mut lags) = (Vec::new(), Vec::new());
+        // Exported from the start, not from the first check.
+        metrics::gauge!("redrive_stalled_partitions").set(0.0);
+        metrics::gauge!("redrive_uncommitted_partitions").set(0.0);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,

@@ -20,9 +20,9 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
-    let metrics = crate::telemetry::metrics();
+    crate::telemetry::metrics();
     let app = Router::new()
-        .route("/metrics", get(move || async move { metrics.render() }))
+        .route("/metrics", get(|| async { crate::telemetry::render() }))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .with_state((store, breakers));

@@ -48,6 +48,8 @@ pub struct Claimed {
     /// How long, by the database's clock when it was claimed, until the row is due: zero unless it
     /// was claimed ahead ([`Store::claim_ahead`]). Its handler is not called before this has passed.
     pub wait: Duration,
+    /// How late the row already was when it was claimed: zero unless it was due before.
+    pub late: Duration,
 }
 
 /// A claimed row whose stored message cannot be read back: the worker completes it as dead with
@@ -132,7 +134,9 @@ impl Store {
         for r in rows {
             let (id, attempt, token) = (r.id, r.attempts, r.claim_token);
             let (max_attempts, first_failed_at) = (r.max_attempts, r.first_failed_at);
+            // Signed (schema V14): positive until a row claimed ahead is due, negative when late.
             let wait = Duration::try_from_secs_f64(r.wait).unwrap_or_default();
+            let late = Duration::try_from_secs_f64(-r.wait).unwrap_or_default();
             match stored_message!(r) {
                 Ok(message) => claim.rows.push(Claimed {
                     id,
@@ -141,6 +145,7 @@ impl Store {
                     max_attempts,
                     first_failed_at,
                     wait,
+                    late,
                     message,
                 }),
                 Err(e) => claim.unreadable.push(Unreadable {

@@ -4,6 +4,7 @@
 mod breaker;
 mod console;
 mod consumer;
+mod deploy;
 mod dlq;
 mod e2e;
 mod hardening;

@@ -152,9 +152,24 @@ async fn the_gauges_show_the_table_and_one_process_reads_them() {
     })
     .await;
 
+    // The two refused first deliveries: their calls' durations, and the capture batch.
+    wait_for("the first deliveries' histograms", Duration::from_secs(60), || async {
+        let m = scrape(a_port).await?;
+        let calls = sample(
+            &m,
+            &format!("redrive_handler_duration_seconds_count{{{g},path=\"first\",outcome=\"retryable\"}}"),
+        )?;
+        let batches = sample(&m, &format!("redrive_batch_rows_count{{what=\"capture\",{g}}}"))?;
+        let rows = sample(&m, &format!("redrive_batch_rows_sum{{what=\"capture\",{g}}}"))?;
+        (calls == 2.0 && batches >= 1.0 && rows == 2.0).then_some(())
+    })
+    .await;
+
     // A second process of the same database does not read the table: it says so.
+    // It retries the due rows and publishes the dead ones to the DLQ topic.
+    create_topic(&format!("{topic}.dlq"), 1).await;
     let b_config = write_config(&run_config(&db, &topic, &group, b_port));
-    let mut b = spawn_redrive(&b_config.0, &["--no-consumer", "--no-dlq"]);
+    let mut b = spawn_redrive(&b_config.0, &["--no-consumer"]);
     let m = wait_for(
         "the second process's metrics",
         Duration::from_secs(60),
@@ -166,6 +181,89 @@ async fn the_gauges_show_the_table_and_one_process_reads_them() {
     .await;
     assert_eq!(sample(&m, "redrive_rows_sampler"), Some(0.0), "{m}");
     assert!(!m.contains("redrive_rows{"), "{m}");
+
+    // Its workers retry the three rows due an hour ago: each attempt is an hour late.
+    let m = wait_for(
+        "the retries' histograms",
+        Duration::from_secs(60),
+        || async {
+            let m = scrape(b_port).await?;
+            let late = sample(&m, &format!("redrive_retry_lateness_seconds_count{{{g}}}"))?;
+            (late >= 3.0).then_some(m)
+        },
+    )
+    .await;
+    let within = |le: &str| {
+        sample(
+            &m,
+            &format!("redrive_retry_lateness_seconds_bucket{{{g},le=\"{le}\"}}"),
+        )
+        .unwrap()
+    };
+    // The rows due an hour ago are over 300 s late (rows captured just now are not).
+    assert!(within("+Inf") - within("300") >= 3.0, "{m}");
+    let sum = sample(&m, &format!("redrive_retry_lateness_seconds_sum{{{g}}}")).unwrap();
+    assert!(sum >= 3.0 * 3600.0, "{m}");
+    assert!(
+        m.contains(&format!(
+            "redrive_handler_duration_seconds_count{{{g},path=\"retry\",outcome=\"retry\"}}"
+        )),
+        "{m}"
+    );
+
+    // Every metric the shipped dashboard and alert rules use is exported by these two processes
+    // (the last ones once the retries' completions and the DLQ records are written).
+    let used = used_by_deploy();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let exported = format!(
+            "{}\n{}",
+            scrape(a_port).await.unwrap_or_default(),
+            scrape(b_port).await.unwrap_or_default()
+        );
+        let missing: Vec<&String> = used
+            .iter()
+            .filter(|name| !exported.contains(&format!("# TYPE {name} ")))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "used in deploy/ but not exported within 30 s: {missing:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     terminate(&mut b).await;
     terminate(&mut a).await;
+}
+
+/// The metric names the Grafana dashboard and the Prometheus rules under deploy/ use, a
+/// histogram's `_bucket`, `_sum` and `_count` series named by the histogram.
+fn used_by_deploy() -> std::collections::BTreeSet<String> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let mut text = String::new();
+    for file in [
+        "grafana/redrive-dashboard.json",
+        "prometheus/redrive-alerts.yml",
+    ] {
+        text.push_str(&std::fs::read_to_string(root.join(file)).unwrap());
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for (at, _) in text.match_indices("redrive_") {
+        let name: String = text[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+            .collect();
+        let name = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| {
+                name.strip_suffix(s)
+                    .filter(|n| n.ends_with("_seconds") || n.ends_with("_rows"))
+            })
+            .map_or(name.clone(), str::to_string);
+        names.insert(name);
+    }
+    assert!(names.len() > 10, "{names:?}");
+    names
 }
