@@ -145,6 +145,8 @@ struct Shared<H> {
     breakers: Arc<Breakers>,
     /// `redrive_handler_duration_seconds{path="first", outcome="succeeded"}`, taken once.
     first_succeeded: Arc<crate::telemetry::Durations>,
+    /// `redrive_end_to_end_seconds{path="first"}`, taken once.
+    first_end_to_end: Arc<crate::telemetry::Durations>,
 }
 
 /// Consumes and dispatches first deliveries.
@@ -187,6 +189,7 @@ impl<H: Handler> Consumer<H> {
                     "first",
                     "succeeded",
                 ),
+                first_end_to_end: crate::telemetry::end_to_end(config.kafka.group_id(), "first"),
             }),
         }
     }
@@ -825,6 +828,8 @@ impl<H: Handler> Shared<H> {
                     // Every call ready now is taken, so they are marked done together, and
                     // counted as taking the same time: one clock read for them all.
                     let took = started.elapsed();
+                    let now = chrono::Utc::now();
+                    let mut since_record = crate::telemetry::Tally::default();
                     let mut ok = 0;
                     let mut next = Some(first);
                     while let Some((i, result)) = next {
@@ -837,6 +842,12 @@ impl<H: Handler> Shared<H> {
                         match result {
                             Ok(()) => {
                                 ok += 1;
+                                if let Some(d) = crate::telemetry::since_record(
+                                    messages[i].timestamp,
+                                    now,
+                                ) {
+                                    since_record.add(d);
+                                }
                                 succeeded += 1;
                                 free += 1;
                                 done.push(i);
@@ -854,6 +865,7 @@ impl<H: Handler> Shared<H> {
                         next = calls.next().now_or_never().flatten();
                     }
                     self.first_succeeded.record_many(took, ok);
+                    self.first_end_to_end.add(&since_record);
                 }
                 Some(first) = captures.next(), if !captures.is_empty() => {
                     let mut next = Some(first);

@@ -409,6 +409,13 @@ impl<H: Handler> Dispatcher<H> {
             };
             metrics::counter!("redrive_attempts_total", "outcome" => label).increment(1);
             crate::telemetry::handler_durations(&group, "retry", label).record(took);
+            if matches!(outcome, Outcome::Succeeded) {
+                let since =
+                    crate::telemetry::since_record(row.message.timestamp, chrono::Utc::now());
+                if let Some(d) = since {
+                    crate::telemetry::end_to_end(&group, "retry").record(d);
+                }
+            }
             // A success, or a death, takes the row out of its key line, if it is in one: the next
             // row of the line waits for that to be written.
             let ordered = retry.for_topic(&row.message.topic).ordered().is_some()

@@ -77,16 +77,39 @@ pub fn metrics() -> &'static PrometheusHandle {
     })
 }
 
-/// `redrive_handler_duration_seconds{group, path, outcome}`, counted here in
-/// [`SECONDS_BUCKETS`] rather than by the `metrics` recorder, which keeps every value until its
-/// upkeep: on the happy path a batch's calls that finish together are one bucket lookup and three
-/// atomic additions, not one push per message (8 % of the in-process happy path, measured).
+/// A histogram in [`SECONDS_BUCKETS`] counted here rather than by the `metrics` recorder, which
+/// keeps every value until its upkeep: on the happy path a batch's messages that finish together
+/// cost one bucket lookup each and a few atomic additions in all, not one push per message (the
+/// recorder's way cost the in-process happy path 8 %, BENCHMARKS.md). Two families use it:
+/// `redrive_handler_duration_seconds{group, path, outcome}` and
+/// `redrive_end_to_end_seconds{group, path}` (from the record's timestamp to its success).
 pub struct Durations {
-    /// `group="…",path="…",outcome="…"`, escaped.
+    family: &'static str,
+    /// `group="…",…`, escaped.
     labels: String,
     /// Per bucket, not cumulative; the last is `+Inf`.
     counts: [std::sync::atomic::AtomicU64; SECONDS_BUCKETS.len() + 1],
     sum_nanos: std::sync::atomic::AtomicU64,
+}
+
+/// Values gathered by one task, added to a [`Durations`] at once.
+#[derive(Debug, Default)]
+pub struct Tally {
+    counts: [u64; SECONDS_BUCKETS.len() + 1],
+    sum_nanos: u64,
+}
+
+impl Tally {
+    pub fn add(&mut self, took: std::time::Duration) {
+        self.counts[bucket(took)] += 1;
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_nanos = self.sum_nanos.saturating_add(nanos);
+    }
+}
+
+fn bucket(took: std::time::Duration) -> usize {
+    let secs = took.as_secs_f64();
+    SECONDS_BUCKETS.partition_point(|le| *le < secs)
 }
 
 fn durations() -> &'static std::sync::Mutex<Vec<std::sync::Arc<Durations>>> {
@@ -94,24 +117,26 @@ fn durations() -> &'static std::sync::Mutex<Vec<std::sync::Arc<Durations>>> {
     ALL.get_or_init(Default::default)
 }
 
-/// The handler-duration histogram of one label set; take it once where calls are many.
-pub fn handler_durations(group: &str, path: &str, outcome: &str) -> std::sync::Arc<Durations> {
+fn histogram(family: &'static str, labels: &[(&str, &str)]) -> std::sync::Arc<Durations> {
     let escape = |v: &str| {
         v.replace('\\', "\\\\")
             .replace('"', "\\\"")
             .replace('\n', "\\n")
     };
-    let labels = format!(
-        "group=\"{}\",path=\"{}\",outcome=\"{}\"",
-        escape(group),
-        escape(path),
-        escape(outcome)
-    );
+    let labels = labels
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+        .collect::<Vec<_>>()
+        .join(",");
     let mut all = durations().lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(d) = all.iter().find(|d| d.labels == labels) {
+    if let Some(d) = all
+        .iter()
+        .find(|d| d.family == family && d.labels == labels)
+    {
         return d.clone();
     }
     let d = std::sync::Arc::new(Durations {
+        family,
         labels,
         counts: Default::default(),
         sum_nanos: Default::default(),
@@ -120,16 +145,40 @@ pub fn handler_durations(group: &str, path: &str, outcome: &str) -> std::sync::A
     d
 }
 
+/// The handler-duration histogram of one label set; take it once where calls are many.
+pub fn handler_durations(group: &str, path: &str, outcome: &str) -> std::sync::Arc<Durations> {
+    histogram(
+        "redrive_handler_duration_seconds",
+        &[("group", group), ("path", path), ("outcome", outcome)],
+    )
+}
+
+/// The end-to-end histogram of one group and path (`first` or `retry`): from the Kafka record's
+/// timestamp to the handler's success.
+pub fn end_to_end(group: &str, path: &str) -> std::sync::Arc<Durations> {
+    histogram(
+        "redrive_end_to_end_seconds",
+        &[("group", group), ("path", path)],
+    )
+}
+
+/// The time from a record's timestamp to `now`, or `None` without a timestamp; a timestamp in the
+/// future (a producer's clock ahead) counts as no time.
+pub fn since_record(
+    timestamp: Option<chrono::DateTime<chrono::Utc>>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Option<std::time::Duration> {
+    Some((now - timestamp?).to_std().unwrap_or_default())
+}
+
 impl Durations {
-    /// Counts `n` calls that each took `took`.
+    /// Counts `n` values that each took `took`.
     pub fn record_many(&self, took: std::time::Duration, n: u64) {
         use std::sync::atomic::Ordering::Relaxed;
         if n == 0 {
             return;
         }
-        let secs = took.as_secs_f64();
-        let bucket = SECONDS_BUCKETS.partition_point(|le| *le < secs);
-        self.counts[bucket].fetch_add(n, Relaxed);
+        self.counts[bucket(took)].fetch_add(n, Relaxed);
         let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
         self.sum_nanos.fetch_add(nanos.saturating_mul(n), Relaxed);
     }
@@ -137,33 +186,46 @@ impl Durations {
     pub fn record(&self, took: std::time::Duration) {
         self.record_many(took, 1);
     }
+
+    /// Adds what a task gathered.
+    pub fn add(&self, tally: &Tally) {
+        use std::sync::atomic::Ordering::Relaxed;
+        for (count, n) in self.counts.iter().zip(tally.counts) {
+            if n > 0 {
+                count.fetch_add(n, Relaxed);
+            }
+        }
+        self.sum_nanos.fetch_add(tally.sum_nanos, Relaxed);
+    }
 }
 
-/// What `/metrics` serves: the recorder's metrics, then the handler-duration histograms.
+/// What `/metrics` serves: the recorder's metrics, then the histograms counted here.
 pub fn render() -> String {
     use std::fmt::Write;
     use std::sync::atomic::Ordering::Relaxed;
     let mut out = metrics().render();
-    let all = durations()
+    let mut all = durations()
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
-    if all.is_empty() {
-        return out;
-    }
-    out.push_str("# TYPE redrive_handler_duration_seconds histogram\n");
+    all.sort_by_key(|d| d.family);
+    let mut family = "";
     for d in all {
+        let name = d.family;
+        if name != family {
+            let _ = writeln!(out, "# TYPE {name} histogram");
+            family = name;
+        }
         let mut cumulative = 0;
         for (i, le) in SECONDS_BUCKETS.iter().enumerate() {
             cumulative += d.counts[i].load(Relaxed);
             let _ = writeln!(
                 out,
-                "redrive_handler_duration_seconds_bucket{{{},le=\"{le}\"}} {cumulative}",
+                "{name}_bucket{{{},le=\"{le}\"}} {cumulative}",
                 d.labels
             );
         }
         cumulative += d.counts[SECONDS_BUCKETS.len()].load(Relaxed);
-        let name = "redrive_handler_duration_seconds";
         let _ = writeln!(
             out,
             "{name}_bucket{{{},le=\"+Inf\"}} {cumulative}",
@@ -173,7 +235,6 @@ pub fn render() -> String {
         let _ = writeln!(out, "{name}_sum{{{}}} {sum}", d.labels);
         let _ = writeln!(out, "{name}_count{{{}}} {cumulative}", d.labels);
     }
-    out.push('\n');
     out
 }
 

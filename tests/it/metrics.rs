@@ -14,11 +14,11 @@ fn port() -> u16 {
         .port()
 }
 
-fn run_config(db: &TestDb, topic: &str, group: &str, port: u16) -> String {
+fn run_config(db: &TestDb, topic: &str, group: &str, port: u16, handler: &str) -> String {
     format!(
         "[postgres]\nurl = \"{}\"\n[kafka]\ntopics = [\"{topic}\"]\n\"group.id\" = \"{group}\"\n\
          \"bootstrap.servers\" = \"{}\"\n\"statistics.interval.ms\" = 500\n\
-         [handler]\nurl = \"http://127.0.0.1:9/\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
+         [handler]\nurl = \"{handler}\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
          [telemetry]\nsample_every = \"200ms\"\n",
         db.url,
         kafka()
@@ -80,9 +80,12 @@ async fn the_gauges_show_the_table_and_one_process_reads_them() {
         .await
         .unwrap();
 
+    // The handler takes a message "ok" and refuses the rest.
+    let stub = Stub::start(|r| (if &r.body[..] == b"ok" { 200 } else { 503 }, vec![])).await;
+    let handler = format!("http://{}/", stub.addr);
     // No workers and no DLQ publisher: the due rows stay due and the dead ones unpublished.
     let (a_port, b_port) = (port(), port());
-    let a_config = write_config(&run_config(&db, &topic, &group, a_port));
+    let a_config = write_config(&run_config(&db, &topic, &group, a_port, &handler));
     let mut a = spawn_redrive(&a_config.0, &["--no-workers", "--no-dlq"]);
     let g = format!("group=\"{group}\"");
     let m = wait_for("the row gauges", Duration::from_secs(60), || async {
@@ -152,6 +155,33 @@ async fn the_gauges_show_the_table_and_one_process_reads_them() {
     })
     .await;
 
+    // One that succeeds: its time from the record's timestamp.
+    p.send(
+        rdkafka::producer::FutureRecord::<(), _>::to(&topic)
+            .partition(0)
+            .payload("ok"),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    wait_for(
+        "the end-to-end histogram",
+        Duration::from_secs(60),
+        || async {
+            let m = scrape(a_port).await?;
+            let n = sample(
+                &m,
+                &format!("redrive_end_to_end_seconds_count{{{g},path=\"first\"}}"),
+            )?;
+            let sum = sample(
+                &m,
+                &format!("redrive_end_to_end_seconds_sum{{{g},path=\"first\"}}"),
+            )?;
+            (n == 1.0 && sum > 0.0 && sum < 60.0).then_some(())
+        },
+    )
+    .await;
+
     // The two refused first deliveries: their calls' durations, and the capture batch.
     wait_for("the first deliveries' histograms", Duration::from_secs(60), || async {
         let m = scrape(a_port).await?;
@@ -168,7 +198,7 @@ async fn the_gauges_show_the_table_and_one_process_reads_them() {
     // A second process of the same database does not read the table: it says so.
     // It retries the due rows and publishes the dead ones to the DLQ topic.
     create_topic(&format!("{topic}.dlq"), 1).await;
-    let b_config = write_config(&run_config(&db, &topic, &group, b_port));
+    let b_config = write_config(&run_config(&db, &topic, &group, b_port, &handler));
     let mut b = spawn_redrive(&b_config.0, &["--no-consumer"]);
     let m = wait_for(
         "the second process's metrics",
