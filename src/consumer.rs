@@ -799,12 +799,8 @@ impl<H: Handler> Shared<H> {
                     group: &self.group,
                 };
                 let call = AssertUnwindSafe(self.handler.handle(delivery)).catch_unwind();
-                let span = if tracing::enabled!(tracing::Level::DEBUG) {
-                    tracing::debug_span!("message", topic = %message.topic,
-                        partition = message.partition, offset = message.offset)
-                } else {
-                    tracing::Span::none()
-                };
+                // A span only when traces are exported or debug logs read it.
+                let span = crate::telemetry::process_span(message, &self.group, 1, "first");
                 call.map(move |r| (i, r)).instrument(span)
             })
             .collect();

@@ -269,14 +269,10 @@ impl<H: Handler> Dispatcher<H> {
         }
         for row in claimed.rows {
             let claim = (row.id, row.token);
-            // A span per attempt only when someone reads it.
-            let span = if tracing::enabled!(tracing::Level::DEBUG) {
-                tracing::debug_span!("attempt", id = %row.id, attempt = row.attempt,
-                    topic = %row.message.topic, partition = row.message.partition,
-                    offset = row.message.offset)
-            } else {
-                tracing::Span::none()
-            };
+            // A span per attempt only when someone reads it: a child of the record's own
+            // trace context, so a message's retries are in the trace of its first delivery.
+            let attempt = u32::try_from(row.attempt).unwrap_or(u32::MAX);
+            let span = crate::telemetry::process_span(&row.message, &self.group, attempt, "retry");
             // A row due already needs no timer.
             let due = (!row.wait.is_zero()).then(|| received + row.wait);
             let breaker = self.breakers.for_topic(&row.message.topic).clone();

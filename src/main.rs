@@ -23,12 +23,18 @@ static NO_THP: extern "C" fn() = redrive::support::no_transparent_huge_pages;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    redrive::telemetry::init_tracing();
     let path = cli.config.as_deref();
+    // `run` reads its configuration first: `[telemetry]` may ask for traces.
+    let run_config = matches!(cli.command, Command::Run(_)).then(|| Config::load(path));
+    let telemetry = run_config
+        .as_ref()
+        .and_then(|c| c.as_ref().ok())
+        .map(|c| &c.telemetry);
+    let traces = redrive::telemetry::init_tracing_with(telemetry);
     // `run` logs its fatal error too, for log collectors; the other commands only print it.
     let logs = matches!(cli.command, Command::Run(_));
     let result = match cli.command {
-        Command::Run(parts) => match Config::load(path) {
+        Command::Run(parts) => match run_config.expect("loaded above") {
             Ok(config) => run(config, parts).await,
             Err(e) => Err(e.into()),
         },
@@ -49,6 +55,9 @@ async fn main() -> ExitCode {
         },
         Command::Console(args) => redrive::console::run(path, &args).await,
     };
+    if let Some(traces) = traces {
+        traces.shutdown();
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is::<Interrupted>() => ExitCode::from(redrive::ops::INTERRUPTED),

@@ -16,26 +16,183 @@ pub const DEFAULT_FILTER: &str =
 /// (the message and the event's fields) and `spans` (the fields of the spans it is in). Any other
 /// value than `json` or `text` is reported on stderr, and text is used.
 pub fn init_tracing() {
+    let _ = init_tracing_with(None);
+}
+
+/// [`init_tracing`], and when `telemetry.otlp_endpoint` is set, traces exported over OTLP/HTTP:
+/// a span per first delivery and per retry attempt (see [`process_span`]). Returns what must be
+/// shut down to flush them; an exporter that cannot be built is reported and left out.
+pub fn init_tracing_with(telemetry: Option<&crate::config::TelemetryConfig>) -> Option<Traces> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
     let filter = std::env::var("REDRIVE_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| DEFAULT_FILTER.to_string());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::new(filter))
+    let format = std::env::var("REDRIVE_LOG_FORMAT").unwrap_or_default();
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false);
-    let format = std::env::var("REDRIVE_LOG_FORMAT").unwrap_or_default();
-    let _ = match format.as_str() {
-        "json" => builder
+    let logs: Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync> = match format.as_str() {
+        "json" => fmt
             .json()
             .with_current_span(false)
             .with_span_list(true)
-            .try_init(),
-        "" | "text" => builder.try_init(),
+            .with_filter(EnvFilter::new(&filter))
+            .boxed(),
+        "" | "text" => fmt.with_filter(EnvFilter::new(&filter)).boxed(),
         other => {
             eprintln!("REDRIVE_LOG_FORMAT={other:?} is not `json` or `text`: logging as text");
-            builder.try_init()
+            fmt.with_filter(EnvFilter::new(&filter)).boxed()
         }
     };
+    let traces = telemetry
+        .and_then(|t| Some((t.otlp_endpoint.as_deref()?, t.service_name.as_str())))
+        .and_then(|(endpoint, service)| match Traces::new(endpoint, service) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!(
+                    "traces are off: the OTLP exporter to {endpoint} could not be built: {e}"
+                );
+                None
+            }
+        });
+    let otel = traces.as_ref().map(|t| {
+        use opentelemetry::trace::TracerProvider as _;
+        tracing_opentelemetry::layer()
+            .with_tracer(t.provider.tracer("redrive"))
+            .with_filter(tracing_subscriber::filter::filter_fn(|m| {
+                m.is_span() && m.name() == "process"
+            }))
+    });
+    let installed = tracing_subscriber::registry()
+        .with(logs)
+        .with(otel)
+        .try_init()
+        .is_ok();
+    if installed && traces.is_some() {
+        TRACES.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    traces.filter(|_| installed)
+}
+
+static TRACES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether spans are exported: when not, [`process_span`] makes none, and the happy path pays for
+/// nothing.
+pub fn traces_on() -> bool {
+    TRACES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The trace exporter; [`Traces::shutdown`] sends what is still queued.
+pub struct Traces {
+    provider: opentelemetry_sdk::trace::SdkTracerProvider,
+}
+
+impl Traces {
+    fn new(endpoint: &str, service: &str) -> anyhow::Result<Traces> {
+        use opentelemetry_otlp::{Protocol, WithExportConfig};
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(Protocol::HttpJson)
+            .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
+            .build()?;
+        let resource = opentelemetry_sdk::Resource::builder()
+            .with_service_name(service.to_string())
+            .build();
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(resource)
+            .build();
+        opentelemetry::global::set_text_map_propagator(
+            opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+        );
+        Ok(Traces { provider })
+    }
+
+    /// Sends the spans still queued; call before the process exits.
+    pub fn shutdown(self) {
+        if let Err(e) = self.provider.shutdown() {
+            eprintln!("sending the last traces failed: {e}");
+        }
+    }
+}
+
+/// The span of one delivery of `message` to the handler, following the OpenTelemetry messaging
+/// conventions, a child of the record's `traceparent` when it has one; `Span::none()` when traces
+/// are off (a debug span when `REDRIVE_LOG` asks for debug).
+pub fn process_span(
+    message: &crate::message::Message,
+    group: &str,
+    attempt: u32,
+    path: &'static str,
+) -> tracing::Span {
+    if !traces_on() {
+        return if tracing::enabled!(tracing::Level::DEBUG) {
+            tracing::debug_span!("message", topic = %message.topic,
+                partition = message.partition, offset = message.offset, attempt, path)
+        } else {
+            tracing::Span::none()
+        };
+    }
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let span = tracing::info_span!("process",
+        otel.name = %format!("{} process", message.topic),
+        otel.kind = "consumer",
+        messaging.system = "kafka",
+        messaging.operation.type = "process",
+        messaging.destination.name = %message.topic,
+        messaging.consumer.group.name = %group,
+        messaging.destination.partition.id = %message.partition,
+        messaging.kafka.offset = message.offset,
+        redrive.attempt = attempt,
+        redrive.path = path);
+    if let Some(parent) = record_context(message) {
+        let _ = span.set_parent(parent);
+    }
+    span
+}
+
+/// The trace context a record carries in its `traceparent` (and `tracestate`) headers.
+fn record_context(message: &crate::message::Message) -> Option<opentelemetry::Context> {
+    use opentelemetry::propagation::TextMapPropagator;
+    use opentelemetry::trace::TraceContextExt;
+    let text = |name: &str| {
+        let value = message.header(name)?.value.clone()?;
+        String::from_utf8(value).ok()
+    };
+    let mut carrier = std::collections::HashMap::new();
+    carrier.insert("traceparent".to_string(), text("traceparent")?);
+    if let Some(state) = text("tracestate") {
+        carrier.insert("tracestate".to_string(), state);
+    }
+    let cx = opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(&carrier);
+    cx.span().span_context().is_valid().then_some(cx)
+}
+
+/// The current span's context as W3C headers, for the HTTP handler: `traceparent` and
+/// `tracestate`, and the same as the CloudEvents extension `ce-traceparent`/`ce-tracestate`.
+/// Empty when traces are off.
+pub fn outgoing_context() -> Vec<(&'static str, String)> {
+    if !traces_on() {
+        return Vec::new();
+    }
+    use opentelemetry::propagation::TextMapPropagator;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let cx = tracing::Span::current().context();
+    let mut carrier = std::collections::HashMap::new();
+    opentelemetry_sdk::propagation::TraceContextPropagator::new().inject_context(&cx, &mut carrier);
+    let mut out = Vec::new();
+    for (name, ce) in [
+        ("traceparent", "ce-traceparent"),
+        ("tracestate", "ce-tracestate"),
+    ] {
+        if let Some(v) = carrier.get(name).filter(|v| !v.is_empty()) {
+            out.push((name, v.clone()));
+            out.push((ce, v.clone()));
+        }
+    }
+    out
 }
 
 /// The buckets of every `…_seconds` histogram: 1 ms to 5 minutes.

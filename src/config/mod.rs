@@ -186,12 +186,19 @@ pub struct TelemetryConfig {
     /// a time; `0s` turns them off in this process.
     #[serde(with = "humantime_serde")]
     pub sample_every: Duration,
+    /// Where to send traces, over OTLP/HTTP (`http://collector:4318`; `/v1/traces` is added).
+    /// Unset (the default): no trace is made.
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` of the traces.
+    pub service_name: String,
 }
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
         Self {
             sample_every: Duration::from_secs(15),
+            otlp_endpoint: None,
+            service_name: "redrive".into(),
         }
     }
 }
@@ -333,6 +340,16 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         self.postgres.validate()?;
+        if let Some(endpoint) = &self.telemetry.otlp_endpoint {
+            let url = url::Url::parse(endpoint)
+                .map_err(|e| invalid("telemetry.otlp_endpoint", format!("is not a URL: {e}")))?;
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(invalid(
+                    "telemetry.otlp_endpoint",
+                    "must start with http:// or https:// (OTLP over HTTP)",
+                ));
+            }
+        }
         let positive = [
             ("consumer.max_in_flight", self.consumer.max_in_flight),
             (

@@ -142,6 +142,10 @@ impl HttpHandler {
             "content-type",
             content_type.unwrap_or_else(|| "application/octet-stream".into()),
         );
+        // The delivery's span (when traces are exported), as W3C and CloudEvents trace context.
+        for (name, value) in crate::telemetry::outgoing_context() {
+            put(name, value);
+        }
         for header in &m.headers {
             let name = format!("ce-kafkaheader{}", extension_name(&header.key));
             let Some(value) = &header.value else { continue };

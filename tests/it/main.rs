@@ -17,4 +17,5 @@ mod rebalance;
 mod startup;
 mod status;
 mod store;
+mod traces;
 mod workers;
