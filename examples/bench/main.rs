@@ -162,7 +162,34 @@ static NO_THP: extern "C" fn() = redrive::support::no_transparent_huge_pages;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    redrive::telemetry::init_tracing();
+    // BENCH_TRACES=1: every case with traces exported, to a sink in this process that reads and
+    // drops each OTLP request, so the cost measured is redrive's spans and their export.
+    let traces = match std::env::var("BENCH_TRACES").as_deref() {
+        Ok("1") => {
+            let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let endpoint = format!("http://{}", sink.local_addr()?);
+            let app = axum::Router::new().route(
+                "/v1/traces",
+                axum::routing::post(|_: axum::body::Bytes| async { "{}" }),
+            );
+            tokio::spawn(async move { axum::serve(sink, app).await });
+            let telemetry = redrive::config::TelemetryConfig {
+                otlp_endpoint: Some(endpoint),
+                ..Default::default()
+            };
+            eprintln!("bench: traces exported");
+            redrive::telemetry::init_tracing_with(Some(&telemetry))
+        }
+        _ => redrive::telemetry::init_tracing_with(None),
+    };
+    let result = run_cases().await;
+    if let Some(t) = traces {
+        t.shutdown();
+    }
+    result
+}
+
+async fn run_cases() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let which = args.get(1).map(String::as_str).unwrap_or("all");
     // The consumer cases are short at 100,000 messages: the group's join would weigh in. They end
