@@ -358,10 +358,24 @@ async fn produce(
     Ok(out)
 }
 
+/// Produces one message, sending it again when librdkafka gives it up: its idempotent producer
+/// can time out the messages in flight when the broker restarts under it, long before
+/// `message.timeout.ms`. A copy the broker did take is then a second record of the message, which
+/// the verification tolerates: it knows each message by the position this returns, and counts
+/// the other copy's handling as a duplicate.
 async fn produce_one(p: &FutureProducer, m: &redrive::Message) -> anyhow::Result<(i32, i64)> {
-    redrive::kafka::produce(p, &m.topic, m, &[])
-        .await
-        .context("producing")
+    let mut tries = 0;
+    loop {
+        match redrive::kafka::produce(p, &m.topic, m, &[]).await {
+            Ok(position) => return Ok(position),
+            Err(e) if tries < 10 => {
+                tries += 1;
+                tracing::warn!("chaos: producing a message failed ({e}); sending it again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e).context("producing, 10 times"),
+        }
+    }
 }
 
 fn worker_config(
