@@ -107,28 +107,6 @@ where
     SFut: Future<Output = Result<R, StoreError>>,
 {
     let started = std::time::Instant::now();
-    let total = write_isolating_untimed(what, group, items, &mut write, &mut safe).await;
-    let labels = [("what", what.to_string()), ("group", group.to_string())];
-    metrics::histogram!("redrive_batch_rows", &labels).record(items.len() as f64);
-    metrics::histogram!("redrive_batch_duration_seconds", &labels)
-        .record(started.elapsed().as_secs_f64());
-    total
-}
-
-async fn write_isolating_untimed<'a, T, R, W, WFut, S, SFut>(
-    what: &str,
-    group: &str,
-    items: &'a [T],
-    mut write: W,
-    mut safe: S,
-) -> R
-where
-    R: Default + std::ops::AddAssign,
-    W: FnMut(&'a [T]) -> WFut,
-    WFut: Future<Output = Result<R, StoreError>>,
-    S: FnMut(&'a T, String) -> SFut,
-    SFut: Future<Output = Result<R, StoreError>>,
-{
     let mut total = R::default();
     // Slices still to write, the next one last.
     let mut todo = vec![items];
@@ -164,6 +142,10 @@ where
             todo.push(first);
         }
     }
+    let labels = [("what", what.to_string()), ("group", group.to_string())];
+    metrics::histogram!("redrive_batch_rows", &labels).record(items.len() as f64);
+    metrics::histogram!("redrive_batch_duration_seconds", &labels)
+        .record(started.elapsed().as_secs_f64());
     total
 }
 

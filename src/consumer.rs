@@ -33,7 +33,7 @@ use crate::breaker::{Breakers, Shared as Breaker, State, Tally};
 use crate::capturer::CaptureHandle;
 use crate::config::{Config, RetryConfig};
 use crate::guard::Guard;
-use crate::handler::{caught, timeout_error, Delivery, Handler, HandlerError};
+use crate::handler::{caught, timeout_error, Delivery, ErrorKind, Handler, HandlerError};
 use crate::kafka::{self, GroupContext};
 use crate::lines::{Item, KeyHash, Lines, Ordered, Outcome, Work};
 use crate::message::Message;
@@ -143,8 +143,8 @@ struct Shared<H> {
     continuations: TaskTracker,
     /// The handler's breakers, shared with the workers (I13).
     breakers: Arc<Breakers>,
-    /// `redrive_handler_duration_seconds{path="first", outcome="succeeded"}`, taken once.
-    first_succeeded: Arc<crate::telemetry::Durations>,
+    /// `redrive_handler_duration_seconds{path="first"}` by outcome, taken once.
+    first_durations: FirstDurations,
     /// `redrive_end_to_end_seconds{path="first"}`, taken once.
     first_end_to_end: Arc<crate::telemetry::Durations>,
 }
@@ -184,11 +184,7 @@ impl<H: Handler> Consumer<H> {
                     .then(|| consumer.context().lines.clone()),
                 continuations: TaskTracker::new(),
                 breakers,
-                first_succeeded: crate::telemetry::handler_durations(
-                    config.kafka.group_id(),
-                    "first",
-                    "succeeded",
-                ),
+                first_durations: FirstDurations::new(config.kafka.group_id()),
                 first_end_to_end: crate::telemetry::end_to_end(config.kafka.group_id(), "first"),
             }),
         }
@@ -800,7 +796,7 @@ impl<H: Handler> Shared<H> {
                 };
                 let call = AssertUnwindSafe(self.handler.handle(delivery)).catch_unwind();
                 // A span only when traces are exported or debug logs read it.
-                let span = crate::telemetry::process_span(message, &self.group, 1, "first");
+                let span = crate::telemetry::process_span(message, &self.group, 1, None);
                 call.map(move |r| (i, r)).instrument(span)
             })
             .collect();
@@ -852,15 +848,13 @@ impl<H: Handler> Shared<H> {
                                 }
                             }
                             Err(error) => {
-                                crate::telemetry::handler_durations(&self.group, "first",
-                                    error.kind.as_str())
-                                .record(took);
+                                self.first_durations.failed(error.kind).record(took);
                                 failed.push((i, error));
                             }
                         }
                         next = calls.next().now_or_never().flatten();
                     }
-                    self.first_succeeded.record_many(took, ok);
+                    self.first_durations.succeeded.record_many(took, ok);
                     self.first_end_to_end.add(&since_record);
                 }
                 Some(first) = captures.next(), if !captures.is_empty() => {
@@ -881,7 +875,8 @@ impl<H: Handler> Shared<H> {
                     let error = timeout_error(self.timeout);
                     failed.extend(answered.iter().enumerate().filter(|(_, a)| !**a)
                         .map(|(i, _)| (i, error.clone())));
-                    crate::telemetry::handler_durations(&self.group, "first", "timeout")
+                    self.first_durations
+                        .failed(ErrorKind::Timeout)
                         .record_many(self.timeout, failed.len() as u64);
                     for (i, error) in &failed {
                         let result = Err(error.clone());
@@ -1002,7 +997,34 @@ impl<H: Handler> Shared<H> {
     }
 }
 
-/// Adds a message's slot, if it has one, to a batch's.
+/// The first deliveries' handler-duration histograms, one per outcome.
+struct FirstDurations {
+    succeeded: Arc<crate::telemetry::Durations>,
+    retryable: Arc<crate::telemetry::Durations>,
+    permanent: Arc<crate::telemetry::Durations>,
+    timeout: Arc<crate::telemetry::Durations>,
+}
+
+impl FirstDurations {
+    fn new(group: &str) -> Self {
+        let of = |outcome| crate::telemetry::handler_durations(group, "first", outcome);
+        Self {
+            succeeded: of("succeeded"),
+            retryable: of(ErrorKind::Retryable.as_str()),
+            permanent: of(ErrorKind::Permanent.as_str()),
+            timeout: of(ErrorKind::Timeout.as_str()),
+        }
+    }
+
+    fn failed(&self, kind: ErrorKind) -> &crate::telemetry::Durations {
+        match kind {
+            ErrorKind::Retryable => &self.retryable,
+            ErrorKind::Permanent => &self.permanent,
+            ErrorKind::Timeout => &self.timeout,
+        }
+    }
+}
+
 /// Sets `redrive_in_flight_messages{group}` each second: the messages handed to the handler, or
 /// waiting on their key, and not yet finished. Read from the slots, so the hot path pays nothing;
 /// the one slot the loop holds for the record it waits for is not a message.
@@ -1015,6 +1037,7 @@ async fn count_in_flight(slots: Arc<Semaphore>, max: usize, group: String) {
     }
 }
 
+/// Adds a message's slot, if it has one, to a batch's.
 fn merge(slots: &mut Option<OwnedSemaphorePermit>, slot: Option<OwnedSemaphorePermit>) {
     match (slots.as_mut(), slot) {
         (Some(s), Some(slot)) => s.merge(slot),

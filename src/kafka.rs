@@ -243,19 +243,17 @@ pub struct GroupContext {
 }
 
 impl GroupContext {
-    /// The tracker, whatever a panic elsewhere left in its lock (its counters stay usable).
-    pub fn lock_tracker(&self) -> MutexGuard<'_, OffsetTracker> {
-        self.tracker.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-impl GroupContext {
     /// A context for a consumer of `group`.
     pub fn new(group: &str) -> Self {
         Self {
             group: group.to_string(),
             ..Self::default()
         }
+    }
+
+    /// The tracker, whatever a panic elsewhere left in its lock (its counters stay usable).
+    pub fn lock_tracker(&self) -> MutexGuard<'_, OffsetTracker> {
+        self.tracker.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 

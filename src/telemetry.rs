@@ -118,19 +118,21 @@ impl Traces {
     }
 }
 
-/// The span of one delivery of `message` to the handler, following the OpenTelemetry messaging
-/// conventions, a child of the record's `traceparent` when it has one; `Span::none()` when traces
-/// are off (a debug span when `REDRIVE_LOG` asks for debug).
+/// The span of one delivery of `message` to the handler (a first delivery, or the retry of `row`),
+/// following the OpenTelemetry messaging conventions, a child of the record's `traceparent` when it
+/// has one; `Span::none()` when traces are off (a debug span when `REDRIVE_LOG` asks for debug).
 pub fn process_span(
     message: &crate::message::Message,
     group: &str,
     attempt: u32,
-    path: &'static str,
+    row: Option<uuid::Uuid>,
 ) -> tracing::Span {
+    let path = if row.is_some() { "retry" } else { "first" };
     if !traces_on() {
         return if tracing::enabled!(tracing::Level::DEBUG) {
             tracing::debug_span!("message", topic = %message.topic,
-                partition = message.partition, offset = message.offset, attempt, path)
+                partition = message.partition, offset = message.offset, attempt, path,
+                id = row.map(tracing::field::display))
         } else {
             tracing::Span::none()
         };

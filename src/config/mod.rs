@@ -75,7 +75,7 @@ pub struct Config {
     pub http: HttpConfig,
     /// Graceful shutdown.
     pub shutdown: ShutdownConfig,
-    /// The gauges read from the table.
+    /// The table's gauges, and traces.
     pub telemetry: TelemetryConfig,
 }
 

@@ -106,7 +106,10 @@ async fn a_records_trace_runs_through_delivery_handler_retry_and_dlq() {
         "the DLQ record keeps the trace"
     );
     // The spans are sent in batches; a stop sends the rest.
-    assert!(terminate(&mut run).await.success(), "redrive exits cleanly with traces on");
+    assert!(
+        terminate(&mut run).await.success(),
+        "redrive exits cleanly with traces on"
+    );
     let spans = wait_for("the spans", Duration::from_secs(30), || async {
         let s = spans(&got);
         (s.iter().filter(|(t, ..)| t == TRACE).count() >= 2).then_some(s)
