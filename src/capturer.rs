@@ -131,6 +131,7 @@ impl Capture {
             retry_in: delay,
             error,
             line: None,
+            trace: None,
         }
     }
 }
@@ -147,6 +148,7 @@ impl Capture {
             retry_in: Duration::ZERO,
             error: HandlerError::retryable("parked behind an earlier message of its key"),
             line: Some(line),
+            trace: None,
         }
     }
 
@@ -193,6 +195,7 @@ impl Capture {
             },
             // A row kept dead in its safe form still holds its line, as any dead row does.
             line: self.line,
+            trace: self.trace.clone(),
         }
     }
 }

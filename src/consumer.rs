@@ -785,6 +785,10 @@ impl<H: Handler> Shared<H> {
         let (messages, stamps): (Vec<Message>, Vec<u64>) = messages.into_iter().unzip();
         // The batch's calls start together: each one's duration is counted from here.
         let started = std::time::Instant::now();
+        // The calls' spans, kept when traces are exported: a failure's row keeps its context, and
+        // its capture is its child. A success's goes when its call ends.
+        let traced = crate::telemetry::traces_on();
+        let mut spans: Vec<tracing::Span> = Vec::new();
         let mut calls: FuturesUnordered<_> = messages
             .iter()
             .enumerate()
@@ -796,7 +800,10 @@ impl<H: Handler> Shared<H> {
                 };
                 let call = AssertUnwindSafe(self.handler.handle(delivery)).catch_unwind();
                 // A span only when traces are exported or debug logs read it.
-                let span = crate::telemetry::process_span(message, &self.group, 1, None);
+                let span = crate::telemetry::process_span(message, &self.group, 1, None, None);
+                if traced {
+                    spans.push(span.clone());
+                }
                 call.map(move |r| (i, r)).instrument(span)
             })
             .collect();
@@ -834,6 +841,9 @@ impl<H: Handler> Shared<H> {
                         match result {
                             Ok(()) => {
                                 ok += 1;
+                                if let Some(span) = spans.get_mut(i) {
+                                    *span = tracing::Span::none();
+                                }
                                 if let Some(d) = crate::telemetry::since_record(
                                     messages[i].timestamp,
                                     now,
@@ -892,20 +902,28 @@ impl<H: Handler> Shared<H> {
                 let message = messages[i].clone();
                 let slot = held_slots.as_mut().and_then(|s| s.split(1));
                 let order = line(i);
-                let capture = self.failure(message, error, order);
+                let mut capture = self.failure(message, error, order);
+                let process = spans.get_mut(i).map_or_else(tracing::Span::none, |s| {
+                    std::mem::replace(s, tracing::Span::none())
+                });
+                capture.trace = crate::telemetry::context_text(&process);
+                let capture_span = crate::telemetry::capture_span(&process, capture.state.as_str());
                 // Whether the row holds its key's line: all but a dead one with the skip policy.
                 let blocks = !(capture.state == InitialState::Dead
                     && order.is_some_and(|o| o.on_dead == OnDead::Skip));
                 let capture = self.capture.hand_over(capture);
-                captures.push(async move {
-                    // A failure the capturer could not take (it stopped) is never done: its offset
-                    // is not stored.
-                    let Some(pending) = capture.await else {
-                        return (i, false, blocks);
-                    };
-                    drop(slot);
-                    (i, pending.durable().await, blocks)
-                });
+                captures.push(
+                    async move {
+                        // A failure the capturer could not take (it stopped) is never done: its offset
+                        // is not stored.
+                        let Some(pending) = capture.await else {
+                            return (i, false, blocks);
+                        };
+                        drop(slot);
+                        (i, pending.durable().await, blocks)
+                    }
+                    .instrument(capture_span),
+                );
             }
             if !done.is_empty() || !finished.is_empty() {
                 self.settle(&messages, &stamps, &lines, &mut done, &mut finished);

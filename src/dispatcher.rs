@@ -269,11 +269,16 @@ impl<H: Handler> Dispatcher<H> {
         }
         for row in claimed.rows {
             let claim = (row.id, row.token);
-            // A span per attempt only when someone reads it: a child of the record's own
-            // trace context, so a message's retries are in the trace of its first delivery.
+            // A span per attempt only when someone reads it: a child of the first delivery's
+            // span, which the row keeps, or of the record's own trace context.
             let attempt = u32::try_from(row.attempt).unwrap_or(u32::MAX);
-            let span =
-                crate::telemetry::process_span(&row.message, &self.group, attempt, Some(row.id));
+            let span = crate::telemetry::process_span(
+                &row.message,
+                &self.group,
+                attempt,
+                Some(row.id),
+                row.trace.as_deref(),
+            );
             // A row due already needs no timer.
             let due = (!row.wait.is_zero()).then(|| received + row.wait);
             let breaker = self.breakers.for_topic(&row.message.topic).clone();

@@ -172,9 +172,27 @@ impl DlqPublisher {
         })
     }
 
+    /// Produces one dead row, in a `publish` span when traces are exported. A record that carried
+    /// no `traceparent` of its own gets one: the publish's, or else the one its row keeps, so
+    /// whoever reads the DLQ topic goes on in the message's trace.
     async fn send(&self, row: &DeadRow) -> Result<(), KafkaError> {
+        use tracing::Instrument;
         let topic = self.topic_for(&row.message.topic);
-        crate::kafka::produce(&self.producer, &topic, &row.message, &origin_headers(row))
+        let trace = row.trace.as_deref();
+        let span = crate::telemetry::publish_span(&row.message, &topic, &self.group, trace);
+        let mut headers = origin_headers(row).to_vec();
+        if row.message.header("traceparent").is_none() {
+            match crate::telemetry::context_text(&span) {
+                Some(own) => headers.extend(crate::telemetry::stored_headers(&own)),
+                None => headers.extend(
+                    trace
+                        .map(crate::telemetry::stored_headers)
+                        .unwrap_or_default(),
+                ),
+            }
+        }
+        crate::kafka::produce(&self.producer, &topic, &row.message, &headers)
+            .instrument(span)
             .await
             .map(|_| ())
     }

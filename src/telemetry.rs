@@ -62,7 +62,7 @@ pub fn init_tracing_with(telemetry: Option<&crate::config::TelemetryConfig>) -> 
         tracing_opentelemetry::layer()
             .with_tracer(t.provider.tracer("redrive"))
             .with_filter(tracing_subscriber::filter::filter_fn(|m| {
-                m.is_span() && m.name() == "process"
+                m.is_span() && EXPORTED.contains(&m.name())
             }))
     });
     let installed = tracing_subscriber::registry()
@@ -75,6 +75,9 @@ pub fn init_tracing_with(telemetry: Option<&crate::config::TelemetryConfig>) -> 
     }
     traces.filter(|_| installed)
 }
+
+/// The spans exported: [`process_span`], [`capture_span`] and [`publish_span`].
+const EXPORTED: [&str; 3] = ["process", "capture", "publish"];
 
 static TRACES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -119,13 +122,16 @@ impl Traces {
 }
 
 /// The span of one delivery of `message` to the handler (a first delivery, or the retry of `row`),
-/// following the OpenTelemetry messaging conventions, a child of the record's `traceparent` when it
-/// has one; `Span::none()` when traces are off (a debug span when `REDRIVE_LOG` asks for debug).
+/// following the OpenTelemetry messaging conventions. A retry's span is a child of the first
+/// delivery's (`trace`, the context its row keeps); a first delivery's, of the record's
+/// `traceparent` when it has one. `Span::none()` when traces are off (a debug span when
+/// `REDRIVE_LOG` asks for debug).
 pub fn process_span(
     message: &crate::message::Message,
     group: &str,
     attempt: u32,
     row: Option<uuid::Uuid>,
+    trace: Option<&str>,
 ) -> tracing::Span {
     let path = if row.is_some() { "retry" } else { "first" };
     if !traces_on() {
@@ -149,10 +155,109 @@ pub fn process_span(
         messaging.kafka.offset = message.offset,
         redrive.attempt = attempt,
         redrive.path = path);
-    if let Some(parent) = record_context(message) {
+    if let Some(parent) = trace
+        .and_then(stored_context)
+        .or_else(|| record_context(message))
+    {
         let _ = span.set_parent(parent);
     }
     span
+}
+
+/// The span of making a failed first delivery durable: from handing it to the capturer until its
+/// row is committed, a child of the delivery's `process` span. `Span::none()` when traces are off.
+pub fn capture_span(process: &tracing::Span, state: &'static str) -> tracing::Span {
+    if !traces_on() || process.is_none() {
+        return tracing::Span::none();
+    }
+    tracing::info_span!(parent: process, "capture",
+        otel.name = "redrive capture",
+        otel.kind = "internal",
+        redrive.state = state)
+}
+
+/// The span of producing a dead row to its DLQ topic, a child of its first delivery's span
+/// (`trace`, the context its row keeps) or else of the record's `traceparent`. `Span::none()` when
+/// traces are off.
+pub fn publish_span(
+    message: &crate::message::Message,
+    dlq_topic: &str,
+    group: &str,
+    trace: Option<&str>,
+) -> tracing::Span {
+    if !traces_on() {
+        return tracing::Span::none();
+    }
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let span = tracing::info_span!("publish",
+        otel.name = %format!("{dlq_topic} publish"),
+        otel.kind = "producer",
+        messaging.system = "kafka",
+        messaging.operation.type = "send",
+        messaging.destination.name = %dlq_topic,
+        messaging.consumer.group.name = %group,
+        redrive.origin.topic = %message.topic,
+        redrive.origin.partition = message.partition,
+        redrive.origin.offset = message.offset);
+    if let Some(parent) = trace
+        .and_then(stored_context)
+        .or_else(|| record_context(message))
+    {
+        let _ = span.set_parent(parent);
+    }
+    span
+}
+
+/// `span`'s context as a row keeps it: the `traceparent`, then the `tracestate` after a newline
+/// when there is one. `None` when traces are off or the span is not exported.
+pub fn context_text(span: &tracing::Span) -> Option<String> {
+    if !traces_on() || span.is_none() {
+        return None;
+    }
+    let headers = span_headers(span);
+    let parent = headers.iter().find(|(n, _)| *n == "traceparent")?;
+    Some(match headers.iter().find(|(n, _)| *n == "tracestate") {
+        Some((_, state)) => format!("{}\n{state}", parent.1),
+        None => parent.1.clone(),
+    })
+}
+
+/// A context a row keeps ([`context_text`]) as W3C headers.
+pub fn stored_headers(text: &str) -> Vec<(&'static str, String)> {
+    let mut lines = text.splitn(2, '\n');
+    let mut out = Vec::with_capacity(2);
+    if let Some(parent) = lines.next().filter(|p| !p.is_empty()) {
+        out.push(("traceparent", parent.to_string()));
+        if let Some(state) = lines.next().filter(|s| !s.is_empty()) {
+            out.push(("tracestate", state.to_string()));
+        }
+    }
+    out
+}
+
+/// A context a row keeps, when it is a valid one.
+fn stored_context(text: &str) -> Option<opentelemetry::Context> {
+    use opentelemetry::propagation::TextMapPropagator;
+    use opentelemetry::trace::TraceContextExt;
+    let carrier: std::collections::HashMap<String, String> = stored_headers(text)
+        .into_iter()
+        .map(|(n, v)| (n.to_string(), v))
+        .collect();
+    let cx = opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(&carrier);
+    cx.span().span_context().is_valid().then_some(cx)
+}
+
+/// A span's context as W3C headers (`traceparent`, and `tracestate` when not empty).
+fn span_headers(span: &tracing::Span) -> Vec<(&'static str, String)> {
+    use opentelemetry::propagation::TextMapPropagator;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let mut carrier = std::collections::HashMap::new();
+    opentelemetry_sdk::propagation::TraceContextPropagator::new()
+        .inject_context(&span.context(), &mut carrier);
+    ["traceparent", "tracestate"]
+        .into_iter()
+        .filter_map(|name| Some((name, carrier.remove(name).filter(|v| !v.is_empty())?)))
+        .collect()
 }
 
 /// The trace context a record carries in its `traceparent` (and `tracestate`) headers.
@@ -179,20 +284,15 @@ pub fn outgoing_context() -> Vec<(&'static str, String)> {
     if !traces_on() {
         return Vec::new();
     }
-    use opentelemetry::propagation::TextMapPropagator;
-    use tracing_opentelemetry::OpenTelemetrySpanExt;
-    let cx = tracing::Span::current().context();
-    let mut carrier = std::collections::HashMap::new();
-    opentelemetry_sdk::propagation::TraceContextPropagator::new().inject_context(&cx, &mut carrier);
-    let mut out = Vec::new();
-    for (name, ce) in [
-        ("traceparent", "ce-traceparent"),
-        ("tracestate", "ce-tracestate"),
-    ] {
-        if let Some(v) = carrier.get(name).filter(|v| !v.is_empty()) {
-            out.push((name, v.clone()));
-            out.push((ce, v.clone()));
-        }
+    let mut out = Vec::with_capacity(4);
+    for (name, value) in span_headers(&tracing::Span::current()) {
+        let ce = if name == "traceparent" {
+            "ce-traceparent"
+        } else {
+            "ce-tracestate"
+        };
+        out.push((name, value.clone()));
+        out.push((ce, value));
     }
     out
 }

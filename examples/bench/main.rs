@@ -743,6 +743,7 @@ fn row(
         retry_in: Duration::ZERO,
         error: HandlerError::retryable("seeded"),
         line,
+        trace: None,
     }
 }
 

@@ -115,6 +115,10 @@ pub struct Capture {
     pub error: HandlerError,
     /// The key's line, for a topic that keeps key order and a message with a key.
     pub line: Option<Line>,
+    /// The trace context of the span that handled the first delivery, when traces are exported:
+    /// its `traceparent`, and its `tracestate` after a newline when there is one. Each retry's span
+    /// and the DLQ publish are its children (schema V15).
+    pub trace: Option<String>,
 }
 
 impl Store {
@@ -164,17 +168,17 @@ impl Store {
             INSERT INTO redrive.retry_messages (
                 id, consumer_group, topic, "partition", kafka_offset, kafka_timestamp, key, payload,
                 headers, state, attempts, max_attempts, next_attempt_at, last_error, error_kind,
-                error_history, first_failed_at, updated_at, dead_at)
+                error_history, first_failed_at, updated_at, dead_at, trace_context)
             SELECT t.id, $1, t.topic, t.part, t.off, t.ts, t.key, t.payload,
                    t.headers, t.state, 1, t.max_attempts, now() + make_interval(secs => t.retry_in),
                    t.err, t.kind,
                    to_jsonb(ARRAY[ROW(now(), 1, t.kind, t.err)::redrive.history_entry]),
-                   now(), now(), CASE WHEN t.state = 'dead' THEN now() END
+                   now(), now(), CASE WHEN t.state = 'dead' THEN now() END, t.trace
             FROM UNNEST($2::uuid[], $3::text[], $4::int4[], $5::int8[], $6::timestamptz[],
                         $7::bytea[], $8::bytea[], $9::jsonb[], $10::text[], $11::int4[],
-                        $12::float8[], $13::text[], $14::text[])
+                        $12::float8[], $13::text[], $14::text[], $15::text[])
                  AS t(id, topic, part, off, ts, key, payload, headers, state, max_attempts,
-                      retry_in, err, kind)
+                      retry_in, err, kind, trace)
             ON CONFLICT (consumer_group, topic, "partition", kafka_offset, incarnation) DO NOTHING
             RETURNING id
             "#,
@@ -193,6 +197,7 @@ impl Store {
             &c.retry_in,
             &c.errors,
             &c.kinds as &[&str],
+            &c.traces as &[Option<&str>],
         )
         .fetch_all(self.pool())
         .await?;
@@ -263,15 +268,16 @@ impl Store {
                        ) AS behind
                 FROM UNNEST($2::uuid[], $3::text[], $4::int4[], $5::int8[], $6::timestamptz[],
                             $7::bytea[], $8::bytea[], $9::jsonb[], $10::text[], $11::int4[],
-                            $12::float8[], $13::text[], $14::text[], $15::bytea[], $16::text[])
+                            $12::float8[], $13::text[], $14::text[], $15::bytea[], $16::text[],
+                            $17::text[])
                      AS u(id, topic, part, off, ts, key, payload, headers, state, max_attempts,
-                          retry_in, err, kind, line, on_dead)
+                          retry_in, err, kind, line, on_dead, trace)
             ), stored AS (
                 INSERT INTO redrive.retry_messages (
                     id, consumer_group, topic, "partition", kafka_offset, kafka_timestamp, key,
                     payload, headers, state, attempts, max_attempts, next_attempt_at, last_error,
                     error_kind, error_history, first_failed_at, updated_at, dead_at, order_key,
-                    order_on_dead)
+                    order_on_dead, trace_context)
                 SELECT t.id, $1, t.topic, t.part, t.off, t.ts, t.key, t.payload, t.headers,
                        -- A dead row keeps its place in its line dead: a permanent error, or a
                        -- row kept in its safe form, which must never be attempted (I10).
@@ -281,7 +287,8 @@ impl Store {
                        CASE WHEN NOT t.parked THEN t.err END, CASE WHEN NOT t.parked THEN t.kind END,
                        CASE WHEN t.parked THEN '[]'::jsonb
                             ELSE to_jsonb(ARRAY[ROW(now(), 1, t.kind, t.err)::redrive.history_entry]) END,
-                       now(), now(), CASE WHEN t.state = 'dead' THEN now() END, t.line, t.on_dead
+                       now(), now(), CASE WHEN t.state = 'dead' THEN now() END, t.line, t.on_dead,
+                       t.trace
                 FROM t
                 WHERE t.behind OR NOT t.parked
                 ON CONFLICT (consumer_group, topic, "partition", kafka_offset, incarnation) DO NOTHING
@@ -307,6 +314,7 @@ impl Store {
             &c.kinds as &[&str],
             &lines as &[Option<&[u8]>],
             &on_dead as &[Option<&str>],
+            &c.traces as &[Option<&str>],
         )
         .fetch_all(&mut *tx)
         .await?;
@@ -394,17 +402,17 @@ impl Store {
             INSERT INTO redrive.retry_messages (
                 id, consumer_group, topic, "partition", kafka_offset, kafka_timestamp, key, payload,
                 headers, state, attempts, max_attempts, next_attempt_at, last_error, error_kind,
-                error_history, first_failed_at, updated_at, dead_at)
+                error_history, first_failed_at, updated_at, dead_at, trace_context)
             SELECT t.id, $1, t.topic, t.part, t.off, t.ts, t.key, t.payload,
                    t.headers, t.state, 1, t.max_attempts, now() + make_interval(secs => t.retry_in),
                    t.err, t.kind,
                    to_jsonb(ARRAY[ROW(now(), 1, t.kind, t.err)::redrive.history_entry]),
-                   now(), now(), CASE WHEN t.state = 'dead' THEN now() END
+                   now(), now(), CASE WHEN t.state = 'dead' THEN now() END, t.trace
             FROM UNNEST($2::uuid[], $3::text[], $4::int4[], $5::int8[], $6::timestamptz[],
                         $7::bytea[], $8::bytea[], $9::jsonb[], $10::text[], $11::int4[],
-                        $12::float8[], $13::text[], $14::text[])
+                        $12::float8[], $13::text[], $14::text[], $15::text[])
                  AS t(id, topic, part, off, ts, key, payload, headers, state, max_attempts,
-                      retry_in, err, kind)
+                      retry_in, err, kind, trace)
             "#,
             group,
             &c.ids,
@@ -420,6 +428,7 @@ impl Store {
             &c.retry_in,
             &c.errors,
             &c.kinds as &[&str],
+            &c.traces as &[Option<&str>],
         )
         .execute(self.pool())
         .await?;
@@ -436,17 +445,17 @@ impl Store {
             INSERT INTO redrive.retry_messages (
                 id, consumer_group, topic, "partition", kafka_offset, incarnation, kafka_timestamp,
                 key, payload, headers, state, attempts, max_attempts, next_attempt_at, last_error,
-                error_kind, error_history, first_failed_at, updated_at, dead_at)
+                error_kind, error_history, first_failed_at, updated_at, dead_at, trace_context)
             SELECT t.id, $1, t.topic, t.part, t.off, prior.next, t.ts, t.key, t.payload,
                    t.headers, t.state, 1, t.max_attempts, now() + make_interval(secs => t.retry_in),
                    t.err, t.kind,
                    to_jsonb(ARRAY[ROW(now(), 1, t.kind, t.err)::redrive.history_entry]),
-                   now(), now(), CASE WHEN t.state = 'dead' THEN now() END
+                   now(), now(), CASE WHEN t.state = 'dead' THEN now() END, t.trace
             FROM UNNEST($2::uuid[], $3::text[], $4::int4[], $5::int8[], $6::timestamptz[],
                         $7::bytea[], $8::bytea[], $9::jsonb[], $10::text[], $11::int4[],
-                        $12::float8[], $13::text[], $14::text[])
+                        $12::float8[], $13::text[], $14::text[], $15::text[])
                  AS t(id, topic, part, off, ts, key, payload, headers, state, max_attempts,
-                      retry_in, err, kind)
+                      retry_in, err, kind, trace)
             CROSS JOIN LATERAL (
                 SELECT coalesce(max(r.incarnation), -1) + 1 AS next,
                        bool_or(r.kafka_timestamp IS NOT DISTINCT FROM t.ts
@@ -472,6 +481,7 @@ impl Store {
             &c.retry_in,
             &c.errors,
             &c.kinds as &[&str],
+            &c.traces as &[Option<&str>],
         )
         .fetch_all(self.pool())
         .await?;
@@ -507,6 +517,7 @@ struct Columns<'a> {
     retry_in: Vec<f64>,
     errors: Vec<String>,
     kinds: Vec<&'static str>,
+    traces: Vec<Option<&'a str>>,
 }
 
 impl<'a> Columns<'a> {
@@ -528,6 +539,7 @@ impl<'a> Columns<'a> {
                 .map(|c| super::safe::error_text(&c.error.message))
                 .collect(),
             kinds: batch.iter().map(|c| c.error.kind.as_str()).collect(),
+            traces: batch.iter().map(|c| c.trace.as_deref()).collect(),
         }
     }
 }

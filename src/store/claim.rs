@@ -50,6 +50,8 @@ pub struct Claimed {
     pub wait: Duration,
     /// How late the row already was when it was claimed: zero unless it was due before.
     pub late: Duration,
+    /// The trace context of its first delivery, when traces were exported then (schema V15).
+    pub trace: Option<String>,
 }
 
 /// A claimed row whose stored message cannot be read back: the worker completes it as dead with
@@ -119,7 +121,8 @@ impl Store {
             SELECT id AS "id!", attempts AS "attempts!", claim_token AS "claim_token!",
                    max_attempts AS "max_attempts!", topic AS "topic!", "partition" AS "partition!",
                    kafka_offset AS "kafka_offset!", kafka_timestamp, key, payload,
-                   headers AS "headers!", first_failed_at AS "first_failed_at!", wait AS "wait!"
+                   headers AS "headers!", first_failed_at AS "first_failed_at!", wait AS "wait!",
+                   trace_context
             FROM redrive.claim($1, $2, $3, $4, $5)
             "#,
             group,
@@ -131,12 +134,13 @@ impl Store {
         .fetch_all(self.pool())
         .await?;
         let mut claim = Claim::default();
-        for r in rows {
+        for mut r in rows {
             let (id, attempt, token) = (r.id, r.attempts, r.claim_token);
             let (max_attempts, first_failed_at) = (r.max_attempts, r.first_failed_at);
             // Signed (schema V14): positive until a row claimed ahead is due, negative when late.
             let wait = Duration::try_from_secs_f64(r.wait).unwrap_or_default();
             let late = Duration::try_from_secs_f64(-r.wait).unwrap_or_default();
+            let trace = r.trace_context.take();
             match stored_message!(r) {
                 Ok(message) => claim.rows.push(Claimed {
                     id,
@@ -147,6 +151,7 @@ impl Store {
                     wait,
                     late,
                     message,
+                    trace,
                 }),
                 Err(e) => claim.unreadable.push(Unreadable {
                     id,

@@ -31,6 +31,8 @@ pub struct DeadRow {
     pub last_error: Option<String>,
     /// `retryable`, `permanent` or `timeout`.
     pub error_kind: Option<String>,
+    /// The trace context of its first delivery, when traces were exported then (schema V15).
+    pub trace: Option<String>,
 }
 
 /// A locked batch of unpublished dead rows; dropping it without [`OutboxBatch::finish`] unlocks
@@ -50,7 +52,7 @@ impl Store {
         let records = sqlx::query!(
             r#"
             SELECT id, consumer_group, topic, "partition", kafka_offset, kafka_timestamp, key, payload,
-                   headers, attempts, first_failed_at, last_error, error_kind
+                   headers, attempts, first_failed_at, last_error, error_kind, trace_context
             FROM redrive.retry_messages
             WHERE consumer_group = $1 AND state = 'dead' AND dlq_published_at IS NULL
               AND dlq_refused_at IS NULL
@@ -64,10 +66,11 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         let (mut rows, mut unreadable) = (Vec::with_capacity(records.len()), Vec::new());
-        for r in records {
+        for mut r in records {
             let (id, consumer_group, attempts) = (r.id, r.consumer_group, r.attempts);
             let (first_failed_at, last_error, error_kind) =
                 (r.first_failed_at, r.last_error, r.error_kind);
+            let trace = r.trace_context.take();
             match stored_message!(r) {
                 Ok(message) => rows.push(DeadRow {
                     id,
@@ -77,6 +80,7 @@ impl Store {
                     last_error,
                     error_kind,
                     message,
+                    trace,
                 }),
                 Err(e) => unreadable.push((id, e.to_string())),
             }

@@ -302,6 +302,7 @@ async fn an_operators_hold_is_taken_by_running_processes() {
         retry_in: Duration::ZERO,
         error: redrive::HandlerError::retryable("HTTP 503"),
         line: None,
+        trace: None,
     };
     store.capture(&group, &[due]).await.unwrap();
     produce_values(&topic, 20).await;

@@ -20,6 +20,7 @@ fn dead(topic: &str, offset: i64) -> Capture {
         retry_in: Duration::ZERO,
         error: HandlerError::permanent("400 bad request"),
         line: None,
+        trace: None,
     }
 }
 

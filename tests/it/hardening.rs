@@ -134,6 +134,7 @@ async fn a_burst_of_large_failures_is_captured_in_statements_postgres_accepts() 
                 retry_in: Duration::ZERO,
                 error: HandlerError::retryable("500"),
                 line: None,
+                trace: None,
             };
             let handle = handle.clone();
             tokio::spawn(async move { handle.capture(row).await })

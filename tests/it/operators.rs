@@ -1102,6 +1102,7 @@ async fn each_role_can_do_its_job_and_nothing_more() {
         retry_in: Duration::ZERO,
         error: redrive::HandlerError::retryable("HTTP 503"),
         line: None,
+        trace: None,
     };
     let captured = store
         .capture(

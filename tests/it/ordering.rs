@@ -35,6 +35,7 @@ fn first(topic: &str, key: &str, offset: i64, state: InitialState, on_dead: OnDe
             HandlerError::retryable("HTTP 503")
         },
         line: Some(Line::of(key.as_bytes(), on_dead)),
+        trace: None,
     }
 }
 

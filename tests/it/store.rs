@@ -29,6 +29,7 @@ pub fn pending(topic: &str, offset: i64, due_in: Duration, max_attempts: i32) ->
         retry_in: due_in,
         error: HandlerError::retryable("first delivery failed"),
         line: None,
+        trace: None,
     }
 }
 

@@ -1,6 +1,7 @@
-//! Traces over OTLP/HTTP, on the `redrive` binary, with a receiver in the test: a record carrying
-//! a `traceparent` is processed in a span of that trace, the handler receives the trace context,
-//! and the retry of the failed first delivery is in the same trace, as is its DLQ record.
+//! Traces over OTLP/HTTP, on the `redrive` binary, with a receiver in the test: a message's first
+//! delivery, the capture of its failure, its retry and its DLQ publish are spans of one trace (the
+//! record's own when it carries a `traceparent`, else one its first delivery starts), the handler
+//! receives the trace context, and so does the DLQ record.
 
 use crate::helpers::*;
 use axum::routing::post;
@@ -31,18 +32,31 @@ async fn receiver() -> (u16, Arc<Mutex<Vec<serde_json::Value>>>) {
     (port, got)
 }
 
-/// The spans received: (trace id, name, attributes as text).
-fn spans(got: &Mutex<Vec<serde_json::Value>>) -> Vec<(String, String, String)> {
+/// One span received.
+#[derive(Debug, Clone)]
+struct Span {
+    trace: String,
+    id: String,
+    parent: String,
+    name: String,
+    attributes: String,
+}
+
+/// The spans received.
+fn spans(got: &Mutex<Vec<serde_json::Value>>) -> Vec<Span> {
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or("").to_lowercase();
     let mut out = Vec::new();
     for body in got.lock().unwrap().iter() {
         for rs in body["resourceSpans"].as_array().into_iter().flatten() {
             for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
                 for s in ss["spans"].as_array().into_iter().flatten() {
-                    out.push((
-                        s["traceId"].as_str().unwrap_or("").to_lowercase(),
-                        s["name"].as_str().unwrap_or("").to_string(),
-                        s["attributes"].to_string(),
-                    ));
+                    out.push(Span {
+                        trace: text(&s["traceId"]),
+                        id: text(&s["spanId"]),
+                        parent: text(&s["parentSpanId"]),
+                        name: s["name"].as_str().unwrap_or("").to_string(),
+                        attributes: s["attributes"].to_string(),
+                    });
                 }
             }
         }
@@ -50,13 +64,25 @@ fn spans(got: &Mutex<Vec<serde_json::Value>>) -> Vec<(String, String, String)> {
     out
 }
 
-#[tokio::test]
-async fn a_records_trace_runs_through_delivery_handler_retry_and_dlq() {
+/// What one traced message left: the handler's calls, the DLQ record, the spans received, and the
+/// trace context its row kept.
+struct Traced {
+    topic: String,
+    calls: Vec<Received>,
+    dlq: redrive::Message,
+    spans: Vec<Span>,
+    row_trace: Option<String>,
+    resource: String,
+}
+
+/// Runs `redrive run` with traces exported to a receiver in the test, produces one record with
+/// `headers`, whose first delivery fails and whose retry fails for good, and stops redrive once
+/// the record reached the DLQ topic.
+async fn one_message_dies(headers: &[(&str, Option<&[u8]>)]) -> Traced {
     let db = TestDb::new().await;
     let (topic, group) = (unique("traced"), unique("g"));
     create_topic(&topic, 1).await;
     create_topic(&format!("{topic}.dlq"), 1).await;
-    // The first delivery fails, its retry fails for good: the message dies.
     let stub = Stub::start(|r| (if r.attempt() == 1 { 503 } else { 400 }, vec![])).await;
     let (port, got) = receiver().await;
     let text = format!(
@@ -70,72 +96,162 @@ async fn a_records_trace_runs_through_delivery_handler_retry_and_dlq() {
     );
     let config = write_config(&text);
     let mut run = spawn_redrive(&config.0, &[]);
-    let parent = format!("00-{TRACE}-00f067aa0ba902b7-01");
     produce(
         &producer(&kafka()),
         &topic,
         Some(b"k"),
         Some(b"{}"),
-        &[("traceparent", Some(parent.as_bytes()))],
+        headers,
     )
     .await;
-    wait_for("two handler calls", Duration::from_secs(60), || async {
-        (stub.count() == 2).then_some(())
-    })
-    .await;
-    for call in stub.all() {
-        let tp = call
-            .header("traceparent")
-            .expect("the handler gets a traceparent");
-        assert!(tp.starts_with(&format!("00-{TRACE}-")), "{tp}");
-        assert_ne!(
-            tp, parent,
-            "the handler's parent is redrive's span, not the producer's"
-        );
-        assert_eq!(call.header("ce-traceparent").as_deref(), Some(tp.as_str()));
-    }
     let dlq = read_topic_raw(&format!("{topic}.dlq"), 1, Duration::from_secs(60)).await;
-    let carried = dlq[0]
-        .headers
-        .iter()
-        .find(|h| h.key == b"traceparent")
-        .and_then(|h| h.value.clone());
-    assert_eq!(
-        carried.as_deref(),
-        Some(parent.as_bytes()),
-        "the DLQ record keeps the trace"
-    );
+    let row_trace: Option<String> =
+        sqlx::query_scalar("SELECT trace_context FROM redrive.retry_messages WHERE topic = $1")
+            .bind(&topic)
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
     // The spans are sent in batches; a stop sends the rest.
     assert!(
         terminate(&mut run).await.success(),
         "redrive exits cleanly with traces on"
     );
+    // Two process spans, the capture and the publish.
     let spans = wait_for("the spans", Duration::from_secs(30), || async {
         let s = spans(&got);
-        (s.iter().filter(|(t, ..)| t == TRACE).count() >= 2).then_some(s)
+        (s.len() >= 4).then_some(s)
     })
     .await;
-    let ours: Vec<_> = spans.iter().filter(|(t, ..)| t == TRACE).collect();
-    assert_eq!(ours.len(), 2, "{spans:?}");
-    assert!(
-        ours.iter()
-            .all(|(_, name, _)| name == &format!("{topic} process")),
-        "{ours:?}"
-    );
-    let attrs: String = ours.iter().map(|(_, _, a)| a.as_str()).collect();
-    for needle in [
-        "messaging.system",
-        "kafka",
-        "messaging.consumer.group.name",
-        "redrive.path",
-        "first",
-        "retry",
-    ] {
-        assert!(attrs.contains(needle), "{needle} in {attrs}");
+    let resource = got.lock().unwrap().iter().map(|b| b.to_string()).collect();
+    Traced {
+        topic,
+        calls: stub.all(),
+        dlq: dlq.into_iter().next().unwrap(),
+        spans,
+        row_trace,
+        resource,
     }
-    assert!(got
-        .lock()
-        .unwrap()
+}
+
+impl Traced {
+    /// The spans of one message's life, all in `trace`: the first delivery's process span, its
+    /// capture, the retry's process span and the DLQ publish, each of the last three a child of the
+    /// first. Returns the first delivery's span.
+    fn assert_one_trace(&self, trace: &str) -> &Span {
+        let named =
+            |name: String| -> Vec<&Span> { self.spans.iter().filter(|s| s.name == name).collect() };
+        assert_eq!(self.spans.len(), 4, "{:#?}", self.spans);
+        assert!(
+            self.spans.iter().all(|s| s.trace == trace),
+            "{:#?}",
+            self.spans
+        );
+        let process = named(format!("{} process", self.topic));
+        assert_eq!(process.len(), 2, "{:#?}", self.spans);
+        let first = process
+            .iter()
+            .find(|s| s.attributes.contains("first"))
+            .expect("the first delivery's span");
+        let retry = process
+            .iter()
+            .find(|s| s.attributes.contains("retry"))
+            .expect("the retry's span");
+        let capture = named("redrive capture".to_string());
+        let publish = named(format!("{}.dlq publish", self.topic));
+        assert_eq!((capture.len(), publish.len()), (1, 1), "{:#?}", self.spans);
+        for child in [retry, capture[0], publish[0]] {
+            assert_eq!(
+                child.parent, first.id,
+                "{} under the first delivery",
+                child.name
+            );
+        }
+        for needle in [
+            "messaging.system",
+            "kafka",
+            "messaging.consumer.group.name",
+            "messaging.destination.partition.id",
+            "messaging.kafka.offset",
+            "redrive.attempt",
+        ] {
+            assert!(first.attributes.contains(needle), "{needle} in {first:?}");
+        }
+        assert!(
+            capture[0].attributes.contains("pending"),
+            "{:?}",
+            capture[0]
+        );
+        assert!(publish[0].attributes.contains("send"), "{:?}", publish[0]);
+        assert!(self.resource.contains("orders-redrive"));
+        first
+    }
+
+    /// Every handler call got a `traceparent` of `trace` (also as `ce-traceparent`), whose parent
+    /// is redrive's own span.
+    fn assert_handler_in(&self, trace: &str) {
+        assert_eq!(self.calls.len(), 2);
+        for call in &self.calls {
+            let tp = call
+                .header("traceparent")
+                .expect("the handler gets a traceparent");
+            assert!(tp.starts_with(&format!("00-{trace}-")), "{tp}");
+            let own = self.spans.iter().any(|s| tp.contains(&s.id));
+            assert!(own, "the handler's parent is one of redrive's spans: {tp}");
+            assert_eq!(call.header("ce-traceparent").as_deref(), Some(tp.as_str()));
+        }
+    }
+
+    /// The DLQ record's `traceparent`.
+    fn dlq_traceparent(&self) -> String {
+        let tp = self.dlq.header("traceparent").and_then(|h| h.value.clone());
+        String::from_utf8(tp.expect("the DLQ record has a traceparent")).unwrap()
+    }
+}
+
+#[tokio::test]
+async fn a_records_trace_runs_through_delivery_handler_retry_and_dlq() {
+    // The producer's span.
+    let parent = format!("00-{TRACE}-00f067aa0ba902b7-01");
+    let traced = one_message_dies(&[("traceparent", Some(parent.as_bytes()))]).await;
+    let first = traced.assert_one_trace(TRACE);
+    assert_eq!(
+        first.parent, "00f067aa0ba902b7",
+        "the producer's span is the parent"
+    );
+    traced.assert_handler_in(TRACE);
+    assert_eq!(
+        traced.dlq_traceparent(),
+        parent,
+        "the DLQ record keeps the record's own traceparent"
+    );
+    assert!(
+        traced
+            .row_trace
+            .as_deref()
+            .unwrap_or("")
+            .contains(&first.id),
+        "the row keeps the first delivery's context: {:?}",
+        traced.row_trace
+    );
+}
+
+#[tokio::test]
+async fn a_record_without_a_trace_starts_one_that_its_retries_and_dlq_record_stay_in() {
+    let traced = one_message_dies(&[]).await;
+    let root = traced
+        .spans
         .iter()
-        .any(|b| b.to_string().contains("orders-redrive")));
+        .find(|s| s.parent.is_empty())
+        .expect("the first delivery starts a trace");
+    let trace = root.trace.clone();
+    let first = traced.assert_one_trace(&trace);
+    assert!(first.parent.is_empty(), "{first:?}");
+    traced.assert_handler_in(&trace);
+    let row = traced.row_trace.clone().expect("the row keeps the context");
+    assert_eq!(row, format!("00-{trace}-{}-01", first.id));
+    let tp = traced.dlq_traceparent();
+    assert!(
+        tp.starts_with(&format!("00-{trace}-")),
+        "the DLQ record goes on in the message's trace: {tp}"
+    );
 }
