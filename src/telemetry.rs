@@ -47,16 +47,18 @@ pub fn init_tracing_with(telemetry: Option<&crate::config::TelemetryConfig>) -> 
         }
     };
     let traces = telemetry
-        .and_then(|t| Some((t.otlp_endpoint.as_deref()?, t.service_name.as_str())))
-        .and_then(|(endpoint, service)| match Traces::new(endpoint, service) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                eprintln!(
-                    "traces are off: the OTLP exporter to {endpoint} could not be built: {e}"
-                );
-                None
-            }
-        });
+        .and_then(|t| Some((t.otlp_endpoint.as_deref()?, t)))
+        .and_then(
+            |(endpoint, t)| match Traces::new(endpoint, &t.service_name, t.trace_ratio) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    eprintln!(
+                        "traces are off: the OTLP exporter to {endpoint} could not be built: {e}"
+                    );
+                    None
+                }
+            },
+        );
     let otel = traces.as_ref().map(|t| {
         use opentelemetry::trace::TracerProvider as _;
         tracing_opentelemetry::layer()
@@ -93,8 +95,9 @@ pub struct Traces {
 }
 
 impl Traces {
-    fn new(endpoint: &str, service: &str) -> anyhow::Result<Traces> {
+    fn new(endpoint: &str, service: &str, ratio: f64) -> anyhow::Result<Traces> {
         use opentelemetry_otlp::{Protocol, WithExportConfig};
+        use opentelemetry_sdk::trace::Sampler;
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .with_protocol(Protocol::HttpJson)
@@ -106,6 +109,10 @@ impl Traces {
         let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
             .with_batch_exporter(exporter)
             .with_resource(resource)
+            // A trace started elsewhere is followed as its parent says.
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                ratio,
+            ))))
             .build();
         opentelemetry::global::set_text_map_propagator(
             opentelemetry_sdk::propagation::TraceContextPropagator::new(),

@@ -191,6 +191,10 @@ pub struct TelemetryConfig {
     pub otlp_endpoint: Option<String>,
     /// The `service.name` of the traces.
     pub service_name: String,
+    /// The share of the traces redrive starts that are exported, from 0 to 1 (the default, all).
+    /// A record whose `traceparent` says sampled or not is followed as it says, and so are its
+    /// retries and its DLQ publish.
+    pub trace_ratio: f64,
 }
 
 impl Default for TelemetryConfig {
@@ -199,6 +203,7 @@ impl Default for TelemetryConfig {
             sample_every: Duration::from_secs(15),
             otlp_endpoint: None,
             service_name: "redrive".into(),
+            trace_ratio: 1.0,
         }
     }
 }
@@ -349,6 +354,12 @@ impl Config {
                     "must start with http:// or https:// (OTLP over HTTP)",
                 ));
             }
+        }
+        if !(0.0..=1.0).contains(&self.telemetry.trace_ratio) {
+            return Err(invalid(
+                "telemetry.trace_ratio",
+                format!("is {}: it must be from 0 to 1", self.telemetry.trace_ratio),
+            ));
         }
         let positive = [
             ("consumer.max_in_flight", self.consumer.max_in_flight),

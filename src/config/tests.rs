@@ -98,6 +98,13 @@ fn bad_values_name_their_field() {
     assert!(e.contains("handler.retryable_statuses"), "{e}");
     let e = error_of("[workers]\nconcurrency = 0");
     assert!(e.contains("workers.concurrency"), "{e}");
+    let e = error_of("[telemetry]\ntrace_ratio = 1.5");
+    assert!(
+        e.contains("telemetry.trace_ratio") && e.contains("from 0 to 1"),
+        "{e}"
+    );
+    let e = error_of("[telemetry]\notlp_endpoint = \"collector:4318\"");
+    assert!(e.contains("telemetry.otlp_endpoint"), "{e}");
 }
 
 #[test]

@@ -148,7 +148,7 @@ impl ToTopic {
         for (_, m) in &chunk.rows {
             self.ensure_topic(self.topic_for(m))?;
         }
-        let sends = chunk.rows.iter().map(|(id, m)| self.send(*id, m));
+        let sends = (chunk.rows.iter().zip(&chunk.traces)).map(|((id, m), t)| self.send(*id, m, t));
         let results = futures::future::join_all(sends).await;
         let mut produced = Vec::new();
         let mut failures = Vec::new();
@@ -191,8 +191,21 @@ impl ToTopic {
         Ok(())
     }
 
-    async fn send(&self, id: Uuid, m: &Message) -> Result<(), rdkafka::error::KafkaError> {
-        let extra = [(REPLAY_OF_HEADER, id.to_string())];
+    /// Produces a dead row's record again. One that carried no `traceparent` of its own gets the
+    /// context its row keeps, so the replay goes on in the message's trace.
+    async fn send(
+        &self,
+        id: Uuid,
+        m: &Message,
+        trace: &Option<String>,
+    ) -> Result<(), rdkafka::error::KafkaError> {
+        let mut extra = vec![(REPLAY_OF_HEADER, id.to_string())];
+        if let Some(trace) = trace
+            .as_deref()
+            .filter(|_| m.header("traceparent").is_none())
+        {
+            extra.extend(crate::telemetry::stored_headers(trace));
+        }
         kafka::produce(&self.producer, self.topic_for(m), m, &extra)
             .await
             .map(|_| ())

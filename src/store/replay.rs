@@ -25,6 +25,8 @@ pub struct ToTopicChunk {
     tx: Transaction<'static, Postgres>,
     /// The locked rows, oldest death first.
     pub rows: Vec<(Uuid, Message)>,
+    /// The trace context each row keeps of its first delivery (schema V15), in the same order.
+    pub traces: Vec<Option<String>>,
 }
 
 impl Store {
@@ -73,7 +75,8 @@ impl Store {
             .await?;
         let records = sqlx::query!(
             r#"
-            SELECT id, topic, "partition", kafka_offset, kafka_timestamp, key, payload, headers
+            SELECT id, topic, "partition", kafka_offset, kafka_timestamp, key, payload, headers,
+                   trace_context
             FROM redrive.retry_messages
             WHERE id = ANY ($1) AND state = 'dead'
             ORDER BY dead_at, id
@@ -84,10 +87,12 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         let mut rows = Vec::with_capacity(records.len());
-        for r in records {
+        let mut traces = Vec::with_capacity(records.len());
+        for mut r in records {
+            traces.push(r.trace_context.take());
             rows.push((r.id, stored_message!(r)?));
         }
-        Ok(ToTopicChunk { tx, rows })
+        Ok(ToTopicChunk { tx, rows, traces })
     }
 }
 

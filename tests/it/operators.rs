@@ -2044,13 +2044,34 @@ async fn replay_to_topic_produces_the_original_records_and_marks_the_rows() {
         )
     );
 
-    // To a named topic; the pending row is not touched.
+    // To a named topic; the pending row is not touched. A record without a traceparent of its
+    // own gets the trace context its row keeps (schema V15).
+    let (parent, state) = (
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "k=v",
+    );
+    sqlx::query("UPDATE redrive.retry_messages SET trace_context = $2 WHERE id = $1")
+        .bind(b)
+        .bind(format!("{parent}\n{state}"))
+        .execute(db.pool())
+        .await
+        .unwrap();
     let out = redrive(&up.0, &["replay", "--topic", &source, "--to-topic", &other])
         .await
         .ok();
     assert!(out.stdout.contains("replayed 1 row(s)"), "{}", out.stdout);
     let got = read_topic(&kafka(), &other, 1, Duration::from_secs(30)).await;
     assert_eq!(got[0].key(), None);
+    let header = |name: &str| {
+        got[0]
+            .headers()
+            .unwrap()
+            .iter()
+            .find(|h| h.key == name)
+            .and_then(|h| h.value.map(<[u8]>::to_vec))
+    };
+    assert_eq!(header("traceparent"), Some(parent.as_bytes().to_vec()));
+    assert_eq!(header("tracestate"), Some(state.as_bytes().to_vec()));
     assert_eq!(
         sqlx::query_scalar::<_, Option<String>>(
             "SELECT replayed_to_topic FROM redrive.retry_messages WHERE id = $1"

@@ -255,3 +255,49 @@ async fn a_record_without_a_trace_starts_one_that_its_retries_and_dlq_record_sta
         "the DLQ record goes on in the message's trace: {tp}"
     );
 }
+
+#[tokio::test]
+async fn trace_ratio_samples_the_traces_redrive_starts_and_follows_a_records_own() {
+    let db = TestDb::new().await;
+    let (topic, group) = (unique("sampled"), unique("g"));
+    create_topic(&topic, 1).await;
+    create_topic(&format!("{topic}.dlq"), 1).await;
+    let stub = Stub::start(|_| (200, vec![])).await;
+    let (port, got) = receiver().await;
+    let text = format!(
+        "[postgres]\nurl = \"{}\"\n[kafka]\ntopics = [\"{topic}\"]\n\"group.id\" = \"{group}\"\n\
+         \"bootstrap.servers\" = \"{}\"\n[handler]\nurl = \"http://{}/\"\n[http]\n\
+         listen = \"127.0.0.1:0\"\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:{port}\"\n\
+         trace_ratio = 0.0\n",
+        db.url,
+        kafka(),
+        stub.addr
+    );
+    let config = write_config(&text);
+    let mut run = spawn_redrive(&config.0, &[]);
+    let producer = producer(&kafka());
+    // Ten records of no trace (none of them is exported at a ratio of 0), and one whose producer
+    // sampled its trace (followed).
+    for i in 0..10u8 {
+        produce(&producer, &topic, Some(&[i]), Some(b"{}"), &[]).await;
+    }
+    let parent = format!("00-{TRACE}-00f067aa0ba902b7-01");
+    produce(
+        &producer,
+        &topic,
+        Some(b"k"),
+        Some(b"{}"),
+        &[("traceparent", Some(parent.as_bytes()))],
+    )
+    .await;
+    wait_for("eleven handler calls", Duration::from_secs(60), || async {
+        (stub.count() == 11).then_some(())
+    })
+    .await;
+    // The exporter sends what it holds before redrive exits.
+    assert!(terminate(&mut run).await.success());
+    let spans = spans(&got);
+    assert_eq!(spans.len(), 1, "{spans:#?}");
+    assert_eq!(spans[0].trace, TRACE);
+    assert_eq!(spans[0].parent, "00f067aa0ba902b7");
+}
