@@ -388,7 +388,9 @@ impl<H: Handler> Dispatcher<H> {
                 Err(error)
                     if error.kind == ErrorKind::Permanent || row.attempt >= row.max_attempts =>
                 {
-                    tracing::info!("attempt failed, row is dead: {error}");
+                    tracing::info!(id = %row.id, topic = %row.message.topic,
+                        partition = row.message.partition, offset = row.message.offset,
+                        attempt = row.attempt, "attempt failed, row is dead: {error}");
                     Outcome::Dead { error }
                 }
                 Err(error) => {

@@ -38,12 +38,12 @@ pub fn init_tracing_with(telemetry: Option<&crate::config::TelemetryConfig>) -> 
             .json()
             .with_current_span(false)
             .with_span_list(true)
-            .with_filter(EnvFilter::new(&filter))
+            .with_filter(Fresh(EnvFilter::new(&filter)))
             .boxed(),
-        "" | "text" => fmt.with_filter(EnvFilter::new(&filter)).boxed(),
+        "" | "text" => fmt.with_filter(Fresh(EnvFilter::new(&filter))).boxed(),
         other => {
             eprintln!("REDRIVE_LOG_FORMAT={other:?} is not `json` or `text`: logging as text");
-            fmt.with_filter(EnvFilter::new(&filter)).boxed()
+            fmt.with_filter(Fresh(EnvFilter::new(&filter))).boxed()
         }
     };
     let traces = telemetry
@@ -63,9 +63,9 @@ pub fn init_tracing_with(telemetry: Option<&crate::config::TelemetryConfig>) -> 
         use opentelemetry::trace::TracerProvider as _;
         tracing_opentelemetry::layer()
             .with_tracer(t.provider.tracer("redrive"))
-            .with_filter(tracing_subscriber::filter::filter_fn(|m| {
+            .with_filter(Fresh(tracing_subscriber::filter::filter_fn(|m| {
                 m.is_span() && EXPORTED.contains(&m.name())
-            }))
+            })))
     });
     let installed = tracing_subscriber::registry()
         .with(logs)
@@ -76,6 +76,80 @@ pub fn init_tracing_with(telemetry: Option<&crate::config::TelemetryConfig>) -> 
         TRACES.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     traces.filter(|_| installed)
+}
+
+/// A per-layer filter whose callsites are never cached as always enabled, so its `enabled` runs
+/// on every span and event it lets through. tracing-subscriber hands each filter's decision from
+/// `enabled` to the span or event through a thread-local; a callsite cached as always enabled
+/// skips `enabled`, and reads what the last check left there. sqlx checks `log_enabled!` after
+/// every statement, which leaves "disabled" behind: the next span of an always-enabled callsite
+/// was dropped from every layer (a retry's span, made right after its claim, never reached the
+/// exporter or the log). Callsites a filter disables stay cached as never: what is not logged
+/// costs what it did.
+struct Fresh<F>(F);
+
+impl<S, F: tracing_subscriber::layer::Filter<S>> tracing_subscriber::layer::Filter<S> for Fresh<F> {
+    fn enabled(
+        &self,
+        meta: &tracing::Metadata<'_>,
+        cx: &tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        self.0.enabled(meta, cx)
+    }
+
+    fn callsite_enabled(
+        &self,
+        meta: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        let interest = self.0.callsite_enabled(meta);
+        if interest.is_always() {
+            tracing::subscriber::Interest::sometimes()
+        } else {
+            interest
+        }
+    }
+
+    fn event_enabled(
+        &self,
+        event: &tracing::Event<'_>,
+        cx: &tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        self.0.event_enabled(event, cx)
+    }
+
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        self.0.max_level_hint()
+    }
+
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        cx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        self.0.on_new_span(attrs, id, cx)
+    }
+
+    fn on_record(
+        &self,
+        id: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        cx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        self.0.on_record(id, values, cx)
+    }
+
+    fn on_enter(&self, id: &tracing::span::Id, cx: tracing_subscriber::layer::Context<'_, S>) {
+        self.0.on_enter(id, cx)
+    }
+
+    fn on_exit(&self, id: &tracing::span::Id, cx: tracing_subscriber::layer::Context<'_, S>) {
+        self.0.on_exit(id, cx)
+    }
+
+    fn on_close(&self, id: tracing::span::Id, cx: tracing_subscriber::layer::Context<'_, S>) {
+        self.0.on_close(id, cx)
+    }
 }
 
 /// The spans exported: [`process_span`], [`capture_span`] and [`publish_span`].

@@ -73,6 +73,8 @@ struct Traced {
     spans: Vec<Span>,
     row_trace: Option<String>,
     resource: String,
+    /// Its log, `REDRIVE_LOG_FORMAT=json` at info.
+    log: String,
 }
 
 /// Runs `redrive run` with traces exported to a receiver in the test, produces one record with
@@ -95,7 +97,17 @@ async fn one_message_dies(headers: &[(&str, Option<&[u8]>)]) -> Traced {
         stub.addr
     );
     let config = write_config(&text);
-    let mut run = spawn_redrive(&config.0, &[]);
+    let log_path = std::env::temp_dir().join(format!("{topic}.log"));
+    let mut run = tokio::process::Command::new(redrive_bin())
+        .args(["--config", config.0.to_str().unwrap(), "run"])
+        // The default filter, which logs redrive at info: a retry's span used to be lost there.
+        .env_remove("REDRIVE_LOG")
+        .env_remove("RUST_LOG")
+        .env("REDRIVE_LOG_FORMAT", "json")
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
     produce(
         &producer(&kafka()),
         &topic,
@@ -123,6 +135,8 @@ async fn one_message_dies(headers: &[(&str, Option<&[u8]>)]) -> Traced {
     })
     .await;
     let resource = got.lock().unwrap().iter().map(|b| b.to_string()).collect();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let _ = std::fs::remove_file(&log_path);
     Traced {
         topic,
         calls: stub.all(),
@@ -130,6 +144,7 @@ async fn one_message_dies(headers: &[(&str, Option<&[u8]>)]) -> Traced {
         spans,
         row_trace,
         resource,
+        log,
     }
 }
 
@@ -201,6 +216,42 @@ impl Traced {
         }
     }
 
+    /// The JSON log line of the row's death names the row, as the retry's span does, and lists
+    /// that span with its fields.
+    fn assert_death_logged(&self) {
+        let events: Vec<serde_json::Value> = (self.log.lines())
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        let dead = events
+            .iter()
+            .find(|e| {
+                let message = e["fields"]["message"].as_str().unwrap_or("");
+                message.contains("row is dead")
+            })
+            .unwrap_or_else(|| panic!("the death is logged: {}", self.log));
+        let fields = &dead["fields"];
+        assert_eq!(fields["topic"], self.topic.as_str(), "{dead}");
+        assert_eq!(
+            (fields["partition"].as_i64(), fields["offset"].as_i64()),
+            (Some(0), Some(0))
+        );
+        assert_eq!(fields["attempt"].as_i64(), Some(2), "{dead}");
+        assert!(
+            fields["id"].as_str().is_some_and(|id| id.len() == 36),
+            "{dead}"
+        );
+        let span = dead["spans"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["name"] == "process"))
+            .unwrap_or_else(|| panic!("the process span is listed: {dead}"));
+        assert_eq!(
+            span["messaging.destination.name"],
+            self.topic.as_str(),
+            "{span}"
+        );
+        assert_eq!(span["redrive.path"], "retry", "{span}");
+    }
+
     /// The DLQ record's `traceparent`.
     fn dlq_traceparent(&self) -> String {
         let tp = self.dlq.header("traceparent").and_then(|h| h.value.clone());
@@ -219,6 +270,7 @@ async fn a_records_trace_runs_through_delivery_handler_retry_and_dlq() {
         "the producer's span is the parent"
     );
     traced.assert_handler_in(TRACE);
+    traced.assert_death_logged();
     assert_eq!(
         traced.dlq_traceparent(),
         parent,
@@ -247,6 +299,7 @@ async fn a_record_without_a_trace_starts_one_that_its_retries_and_dlq_record_sta
     let first = traced.assert_one_trace(&trace);
     assert!(first.parent.is_empty(), "{first:?}");
     traced.assert_handler_in(&trace);
+    traced.assert_death_logged();
     let row = traced.row_trace.clone().expect("the row keeps the context");
     assert_eq!(row, format!("00-{trace}-{}-01", first.id));
     let tp = traced.dlq_traceparent();
