@@ -31,6 +31,9 @@ async fn main() -> ExitCode {
         .and_then(|c| c.as_ref().ok())
         .map(|c| &c.telemetry);
     let traces = redrive::telemetry::init_tracing_with(telemetry);
+    if let Some(Ok(config)) = &run_config {
+        redrive::telemetry::label_metrics_with_group(config.kafka.group_id());
+    }
     // `run` logs its fatal error too, for log collectors; the other commands only print it.
     let logs = matches!(cli.command, Command::Run(_));
     let result = match cli.command {

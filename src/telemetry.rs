@@ -388,6 +388,16 @@ pub const ROWS_BUCKETS: [f64; 10] = [
     1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0, 10000.0,
 ];
 
+/// The consumer group of this process, a label of every metric that has none of its own.
+static PROCESS_GROUP: OnceLock<String> = OnceLock::new();
+
+/// Labels every metric of this process that has no `group` of its own with `group` (the `redrive
+/// run` of one configuration: one group). Call it before [`metrics`] is first used; later, or a
+/// second time, it does nothing. The row gauges keep the group of each of their rows.
+pub fn label_metrics_with_group(group: &str) {
+    let _ = PROCESS_GROUP.set(group.to_string());
+}
+
 /// The process-wide Prometheus recorder, installed on first use. Histograms are rendered as
 /// Prometheus histograms with [`SECONDS_BUCKETS`] or [`ROWS_BUCKETS`]; a thread folds recorded
 /// values into them every 5 seconds, so memory stays bounded however rarely `/metrics` is read.
@@ -395,7 +405,11 @@ pub fn metrics() -> &'static PrometheusHandle {
     use metrics_exporter_prometheus::Matcher;
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new()
+        let mut builder = PrometheusBuilder::new();
+        if let Some(group) = PROCESS_GROUP.get() {
+            builder = builder.add_global_label("group", group);
+        }
+        let recorder = builder
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS_BUCKETS)
             .and_then(|b| {
                 b.set_buckets_for_metric(Matcher::Full("redrive_batch_rows".into()), &ROWS_BUCKETS)

@@ -125,7 +125,9 @@ async fn the_gauges_show_the_table_and_one_process_reads_them() {
         value("redrive_topic_paused{group=\"other\",topic=\"elsewhere\"}".into()),
         1.0
     );
-    assert_eq!(value("redrive_rows_sampler".into()), 1.0);
+    // A metric without a group of its own has the process's.
+    assert_eq!(value(format!("redrive_rows_sampler{{{g}}}")), 1.0);
+    assert_eq!(value(format!("redrive_stalled_partitions{{{g}}}")), 0.0);
     assert_eq!(value(format!("redrive_in_flight_messages{{{g}}}")), 0.0);
 
     // The consumer's lag, from librdkafka's statistics: both partitions, caught up once each has
@@ -189,9 +191,13 @@ async fn the_gauges_show_the_table_and_one_process_reads_them() {
             &m,
             &format!("redrive_handler_duration_seconds_count{{{g},path=\"first\",outcome=\"retryable\"}}"),
         )?;
-        let batches = sample(&m, &format!("redrive_batch_rows_count{{what=\"capture\",{g}}}"))?;
-        let rows = sample(&m, &format!("redrive_batch_rows_sum{{what=\"capture\",{g}}}"))?;
-        (calls == 2.0 && batches >= 1.0 && rows == 2.0).then_some(())
+        let batches = sample(&m, &format!("redrive_batch_rows_count{{{g},what=\"capture\"}}"))?;
+        let rows = sample(&m, &format!("redrive_batch_rows_sum{{{g},what=\"capture\"}}"))?;
+        // The counters have the process's group.
+        let refused = sample(&m, &format!("redrive_deliveries_total{{{g},outcome=\"retryable\"}}"))?;
+        let captured = sample(&m, &format!("redrive_captured_total{{{g},state=\"pending\"}}"))?;
+        (calls == 2.0 && batches >= 1.0 && rows == 2.0 && refused == 2.0 && captured == 2.0)
+            .then_some(())
     })
     .await;
 
@@ -209,7 +215,11 @@ async fn the_gauges_show_the_table_and_one_process_reads_them() {
         },
     )
     .await;
-    assert_eq!(sample(&m, "redrive_rows_sampler"), Some(0.0), "{m}");
+    assert_eq!(
+        sample(&m, &format!("redrive_rows_sampler{{{g}}}")),
+        Some(0.0),
+        "{m}"
+    );
     assert!(!m.contains("redrive_rows{"), "{m}");
 
     // Its workers retry the three rows due an hour ago: each attempt is an hour late.
