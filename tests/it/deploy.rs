@@ -1,5 +1,6 @@
-//! What deploy/ ships: the Prometheus rules pass `promtool check rules` (Debian's prometheus
-//! package; `scripts/promtool.sh install`, which `make test` runs), the dashboard's panels all
+//! What deploy/ ships: the Prometheus rules pass `promtool check rules` and their unit tests
+//! (Debian's prometheus package; `scripts/promtool.sh install`, which `make test` runs), the
+//! dashboard's panels all
 //! query something, and the Kubernetes manifests agree with the configuration they carry. That
 //! every metric they use is exported is checked on running processes in `metrics.rs`.
 
@@ -30,6 +31,24 @@ fn the_alert_rules_pass_promtool() {
     );
     assert!(out.status.success(), "{text}");
     assert!(text.contains("SUCCESS: 6 rules found"), "{text}");
+}
+
+/// The rules' unit tests (`deploy/prometheus/redrive-alerts.test.yml`): each alert fires for the
+/// group whose series call for it, and not for the group beside it.
+#[test]
+fn the_alert_rules_fire_for_the_group_in_trouble() {
+    let out = std::process::Command::new("promtool")
+        .args(["test", "rules", "redrive-alerts.test.yml"])
+        .current_dir(deploy("prometheus"))
+        .output()
+        .expect("promtool is installed: run scripts/promtool.sh install (make test does)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("SUCCESS"), "{text}");
 }
 
 #[test]
