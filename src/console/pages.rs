@@ -645,7 +645,7 @@ pub async fn detail(
     let opt = |s: &Option<String>| esc(s.as_deref().unwrap_or("-"));
     let _ = write!(
         b,
-        r#"<dl class="kv"><dt>id</dt><dd class="mono">{id}</dd><dt>consumer group</dt><dd>{group}</dd><dt>topic</dt><dd>{topic}</dd><dt>partition / offset</dt><dd>{p} / {o}</dd><dt>record time</dt><dd>{ts}</dd><dt>state</dt><dd class="state-{state}">{state}{order}</dd><dt>attempts</dt><dd>{a} of {m}</dd><dt>next attempt</dt><dd>{next}</dd><dt>first failed</dt><dd>{first}</dd><dt>updated</dt><dd>{updated}</dd><dt>died</dt><dd>{dead}</dd><dt>last error</dt><dd class="err">{kind}{error}</dd></dl>"#,
+        r#"<dl class="kv"><dt>id</dt><dd class="mono">{id}</dd><dt>consumer group</dt><dd>{group}</dd><dt>topic</dt><dd>{topic}</dd><dt>partition / offset</dt><dd>{p} / {o}</dd><dt>record time</dt><dd>{ts}</dd><dt>state</dt><dd class="state-{state}">{state}{order}</dd><dt>attempts</dt><dd>{a} of {m}</dd><dt>next attempt</dt><dd>{next}</dd><dt>first failed</dt><dd>{first}</dd><dt>updated</dt><dd>{updated}</dd><dt>died</dt><dd>{dead}</dd><dt>last error</dt><dd class="err">{kind}{error}</dd><dt>trace</dt><dd class="mono">{trace}</dd></dl>"#,
         id = row.id,
         group = esc(&row.consumer_group),
         topic = esc(&row.topic),
@@ -681,6 +681,10 @@ pub async fn detail(
             .map(|k| format!("[{}] ", esc(k)))
             .unwrap_or_default(),
         error = opt(&row.last_error),
+        // The trace id of the first delivery's `traceparent`, to look the message up by.
+        trace = esc((row.trace_context.as_deref())
+            .and_then(|t| t.split('-').nth(1))
+            .unwrap_or("-")),
     );
     if let Some(lease) = row.lease_expires_at {
         let _ = write!(

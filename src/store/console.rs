@@ -64,6 +64,8 @@ pub struct Whole {
     pub order_on_dead: Option<String>,
     pub lease_expires_at: Option<DateTime<Utc>>,
     pub locked_by: Option<String>,
+    /// The first delivery's trace context, when traces were exported (schema V15).
+    pub trace_context: Option<String>,
 }
 
 /// Rows that first failed, and rows that died, in one bucket of time.
@@ -140,7 +142,8 @@ impl Store {
                    r.dead_at, r.dlq_topic, r.dlq_published_at, r.dlq_error, r.dlq_refused_at,
                    r.replay_count, r.last_replayed_at, r.last_replayed_by, r.last_replay_reason,
                    r.replayed_to_topic, r.order_on_dead,
-                   q.lease_expires_at AS "lease_expires_at?", q.locked_by AS "locked_by?"
+                   q.lease_expires_at AS "lease_expires_at?", q.locked_by AS "locked_by?",
+                   r.trace_context
             FROM redrive.retry_messages r
             LEFT JOIN redrive.queue q ON q.id = r.id
             WHERE r.id = $1

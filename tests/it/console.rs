@@ -355,7 +355,14 @@ async fn an_operator_filters_inspects_replays_purges_and_pauses_in_the_browser()
         ]
     );
 
-    // A binary message: the payload as hex, the key and a header that are not UTF-8 in base64.
+    // A binary message: the payload as hex, the key and a header that are not UTF-8 in base64,
+    // and the trace id of its first delivery.
+    sqlx::query("UPDATE redrive.retry_messages SET trace_context = $2 WHERE id = $1")
+        .bind(binary)
+        .bind("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        .execute(db.pool())
+        .await
+        .unwrap();
     b.open(addr, ANN, &format!("/messages/{binary}")).await;
     let hex = b.text("pre.hex").await;
     assert!(hex.contains("00 ff fe 10 3c 61"), "{hex}");
@@ -368,6 +375,10 @@ async fn an_operator_filters_inspects_replays_purges_and_pauses_in_the_browser()
     assert!(headers.contains("empty (null)"), "{headers}");
     let body = b.text("main").await;
     assert!(body.contains("not UTF-8: base64\n/wBB"), "{body}");
+    assert!(
+        body.contains("trace\n4bf92f3577b34da6a3ce929d0e0e4736"),
+        "{body}"
+    );
 
     // Purge two selected rows of payments, after a preview.
     b.open(addr, ANN, "/messages?topic=payments").await;
