@@ -11,7 +11,7 @@ export REDRIVE_TEST_DATABASE_URL ?= postgres://redrive:redrive@127.0.0.1:5432/re
 export REDRIVE_TEST_KAFKA ?= 127.0.0.1:9092
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: all build build-deps browser promtool console-demo screenshots test chaos demo bench bench-peers bench-schema services services-stop prepare prepare-check lint clean-test-dbs
+.PHONY: all build build-deps browser promtool k8s-check console-demo screenshots test chaos demo bench bench-peers bench-schema services services-stop prepare prepare-check lint clean-test-dbs
 
 all: build
 
@@ -33,6 +33,11 @@ services:
 browser:
 	@scripts/browser.sh install
 
+## The offline check of the Kubernetes manifests (deploy/kubernetes/check, Go), built once so the
+## test that runs it finds it compiled; the Go module proxy serves its modules.
+k8s-check:
+	cd deploy/kubernetes/check && go build -o /dev/null .
+
 ## promtool, which checks the shipped alert rules (idempotent).
 promtool:
 	@scripts/promtool.sh install
@@ -45,7 +50,7 @@ services-stop:
 ## The whole suite: two short fault-injection runs (the second keeping key order) on services of
 ## their own, then unit and integration tests on the real Postgres and Kafka broker, the console's
 ## in headless Chromium.
-test: build-deps services browser promtool clean-test-dbs
+test: build-deps services browser promtool k8s-check clean-test-dbs
 	$(CARGO) build --bins --tests
 	scripts/chaos.sh short
 	scripts/chaos.sh short --key-order

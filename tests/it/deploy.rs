@@ -51,6 +51,29 @@ fn the_alert_rules_fire_for_the_group_in_trouble() {
     assert!(text.contains("SUCCESS"), "{text}");
 }
 
+/// The manifests decode strictly into their Kubernetes API types and agree with each other
+/// (`deploy/kubernetes/check`, Go and k8s.io/api: no cluster needed).
+#[test]
+fn the_manifests_are_valid_kubernetes_objects() {
+    let out = std::process::Command::new("go")
+        .args(["run", ".", ".."])
+        .current_dir(deploy("kubernetes/check"))
+        .output()
+        .expect("go is installed");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(
+            "ok: 1 deployment(s), 1 job(s), 1 service(s), 1 configmap(s), 1 secret(s), 1 pdb(s)"
+        ),
+        "{text}"
+    );
+}
+
 #[test]
 fn every_dashboard_panel_queries_a_redrive_metric() {
     let dashboard: serde_json::Value =
