@@ -17,19 +17,28 @@ fn read(file: &str) -> String {
     std::fs::read_to_string(deploy(file)).unwrap()
 }
 
-#[test]
-fn the_alert_rules_pass_promtool() {
-    let out = std::process::Command::new("promtool")
-        .args(["check", "rules"])
-        .arg(deploy("prometheus/redrive-alerts.yml"))
+/// Runs `program` with `args` in `dir`, asserts that it succeeds, and returns what it printed.
+fn passes(program: &str, args: &[&str], dir: &str, missing: &str) -> String {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .current_dir(deploy(dir))
         .output()
-        .expect("promtool is installed: run scripts/promtool.sh install (make test does)");
+        .expect(missing);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "{text}");
+    assert!(out.status.success(), "{program} {args:?}: {text}");
+    text
+}
+
+const NO_PROMTOOL: &str = "promtool is installed: run scripts/promtool.sh install (make test does)";
+
+#[test]
+fn the_alert_rules_pass_promtool() {
+    let args = ["check", "rules", "redrive-alerts.yml"];
+    let text = passes("promtool", &args, "prometheus", NO_PROMTOOL);
     assert!(text.contains("SUCCESS: 6 rules found"), "{text}");
 }
 
@@ -37,17 +46,8 @@ fn the_alert_rules_pass_promtool() {
 /// group whose series call for it, and not for the group beside it.
 #[test]
 fn the_alert_rules_fire_for_the_group_in_trouble() {
-    let out = std::process::Command::new("promtool")
-        .args(["test", "rules", "redrive-alerts.test.yml"])
-        .current_dir(deploy("prometheus"))
-        .output()
-        .expect("promtool is installed: run scripts/promtool.sh install (make test does)");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}");
+    let args = ["test", "rules", "redrive-alerts.test.yml"];
+    let text = passes("promtool", &args, "prometheus", NO_PROMTOOL);
     assert!(text.contains("SUCCESS"), "{text}");
 }
 
@@ -55,17 +55,12 @@ fn the_alert_rules_fire_for_the_group_in_trouble() {
 /// (`deploy/kubernetes/check`, Go and k8s.io/api: no cluster needed).
 #[test]
 fn the_manifests_are_valid_kubernetes_objects() {
-    let out = std::process::Command::new("go")
-        .args(["run", ".", ".."])
-        .current_dir(deploy("kubernetes/check"))
-        .output()
-        .expect("go is installed");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let text = passes(
+        "go",
+        &["run", ".", ".."],
+        "kubernetes/check",
+        "go is installed",
     );
-    assert!(out.status.success(), "{text}");
     assert!(
         text.contains(
             "ok: 1 deployment(s), 1 job(s), 1 service(s), 1 configmap(s), 1 secret(s), 1 pdb(s)"
