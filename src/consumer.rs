@@ -914,8 +914,8 @@ impl<H: Handler> Shared<H> {
                 let capture = self.capture.hand_over(capture);
                 captures.push(
                     async move {
-                        // A failure the capturer could not take (it stopped) is never done: its offset
-                        // is not stored.
+                        // A failure the capturer could not take (it stopped) is never done: its
+                        // offset is not stored.
                         let Some(pending) = capture.await else {
                             return (i, false, blocks);
                         };

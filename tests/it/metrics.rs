@@ -194,7 +194,8 @@ async fn the_gauges_show_the_table_and_one_process_reads_them() {
         let batches = sample(&m, &format!("redrive_batch_rows_count{{{g},what=\"capture\"}}"))?;
         let rows = sample(&m, &format!("redrive_batch_rows_sum{{{g},what=\"capture\"}}"))?;
         // The counters have the process's group.
-        let refused = sample(&m, &format!("redrive_deliveries_total{{{g},outcome=\"retryable\"}}"))?;
+        let refused = format!("redrive_deliveries_total{{{g},outcome=\"retryable\"}}");
+        let refused = sample(&m, &refused)?;
         let captured = sample(&m, &format!("redrive_captured_total{{{g},state=\"pending\"}}"))?;
         (calls == 2.0 && batches >= 1.0 && rows == 2.0 && refused == 2.0 && captured == 2.0)
             .then_some(())
