@@ -163,6 +163,70 @@ pub fn traces_on() -> bool {
     TRACES.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// The OTLP exporter's HTTP client: redrive's own (rustls, trusting the system's roots and
+/// Mozilla's, so `https://` endpoints work, and `SSL_CERT_FILE` names a private CA). The SDK's
+/// batch processor exports from a thread of its own, outside any runtime: each request runs on
+/// the process's runtime, and the thread waits for it.
+/// A failed export is logged at most once a minute, with how many failed since.
+#[derive(Debug)]
+struct OtlpClient {
+    client: reqwest::Client,
+    runtime: tokio::runtime::Handle,
+    endpoint: String,
+    failures: std::sync::Mutex<(u64, Option<std::time::Instant>)>,
+}
+
+impl OtlpClient {
+    fn failed(&self, why: &dyn std::fmt::Display) {
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        failures.0 += 1;
+        if failures
+            .1
+            .is_some_and(|at| at.elapsed() < std::time::Duration::from_secs(60))
+        {
+            return;
+        }
+        tracing::warn!(
+            failures = failures.0,
+            "exporting traces to {} failed, and their spans are dropped: {why}",
+            self.endpoint
+        );
+        *failures = (0, Some(std::time::Instant::now()));
+    }
+}
+
+#[async_trait::async_trait]
+impl opentelemetry_http::HttpClient for OtlpClient {
+    async fn send_bytes(
+        &self,
+        request: opentelemetry_http::Request<opentelemetry_http::Bytes>,
+    ) -> Result<
+        opentelemetry_http::Response<opentelemetry_http::Bytes>,
+        opentelemetry_http::HttpError,
+    > {
+        let client = self.client.clone();
+        let request = reqwest::Request::try_from(request)?;
+        let sent = self.runtime.spawn(async move {
+            let response = client.execute(request).await?;
+            let (status, headers) = (response.status(), response.headers().clone());
+            let mut out = opentelemetry_http::Response::new(response.bytes().await?);
+            *out.status_mut() = status;
+            *out.headers_mut() = headers;
+            Ok::<_, opentelemetry_http::HttpError>(out)
+        });
+        let answer = sent.await.map_err(Into::into).and_then(|r| r);
+        match &answer {
+            // The whole chain: reqwest's own text ends at "client error (Connect)".
+            Err(e) => self.failed(&crate::handler::http::error_chain(e.as_ref())),
+            Ok(r) if !r.status().is_success() => {
+                self.failed(&format!("the collector answered {}", r.status()))
+            }
+            Ok(_) => {}
+        }
+        answer
+    }
+}
+
 /// The trace exporter; [`Traces::shutdown`] sends what is still queued.
 pub struct Traces {
     provider: opentelemetry_sdk::trace::SdkTracerProvider,
@@ -170,12 +234,24 @@ pub struct Traces {
 
 impl Traces {
     fn new(endpoint: &str, service: &str, ratio: f64) -> anyhow::Result<Traces> {
-        use opentelemetry_otlp::{Protocol, WithExportConfig};
+        use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
         use opentelemetry_sdk::trace::Sampler;
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| anyhow::anyhow!("traces are exported from a tokio runtime; none runs"))?;
+        let endpoint = format!("{}/v1/traces", endpoint.trim_end_matches('/'));
+        let client = OtlpClient {
+            client: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(10))
+                .build()?,
+            runtime,
+            endpoint: endpoint.clone(),
+            failures: Default::default(),
+        };
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
+            .with_http_client(client)
             .with_protocol(Protocol::HttpJson)
-            .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
+            .with_endpoint(endpoint)
             .build()?;
         let resource = opentelemetry_sdk::Resource::builder()
             .with_service_name(service.to_string())

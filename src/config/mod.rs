@@ -186,8 +186,8 @@ pub struct TelemetryConfig {
     /// a time; `0s` turns them off in this process.
     #[serde(with = "humantime_serde")]
     pub sample_every: Duration,
-    /// Where to send traces, over OTLP/HTTP without TLS (`http://collector:4318`; `/v1/traces`
-    /// is added). Unset (the default): no trace is made.
+    /// Where to send traces, over OTLP/HTTP (`http://collector:4318`, or `https://` with TLS;
+    /// `/v1/traces` is added). Unset (the default): no trace is made.
     pub otlp_endpoint: Option<String>,
     /// The `service.name` of the traces.
     pub service_name: String,
@@ -348,12 +348,10 @@ impl Config {
         if let Some(endpoint) = &self.telemetry.otlp_endpoint {
             let url = url::Url::parse(endpoint)
                 .map_err(|e| invalid("telemetry.otlp_endpoint", format!("is not a URL: {e}")))?;
-            if url.scheme() != "http" {
+            if !matches!(url.scheme(), "http" | "https") {
                 return Err(invalid(
                     "telemetry.otlp_endpoint",
-                    "must start with http://: traces are sent over plain OTLP/HTTP, to a \
-                     collector beside redrive (on the pod or the node) that forwards them, over \
-                     TLS if need be",
+                    "must start with http:// or https:// (OTLP over HTTP)",
                 ));
             }
         }

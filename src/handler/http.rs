@@ -227,7 +227,7 @@ impl Handler for HttpHandler {
 }
 
 /// The error and its sources on one line: reqwest's own message rarely names the cause.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

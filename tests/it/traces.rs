@@ -10,9 +10,76 @@ use std::time::Duration;
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 
+type Bodies = Arc<Mutex<Vec<serde_json::Value>>>;
+
 /// An OTLP/HTTP receiver: every JSON body POSTed to /v1/traces.
-async fn receiver() -> (u16, Arc<Mutex<Vec<serde_json::Value>>>) {
-    let got: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+async fn receiver() -> (u16, Bodies) {
+    let (app, got) = collector();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (port, got)
+}
+
+/// The receiver over TLS, with a certificate for `localhost` signed by a CA of its own, which also
+/// answers a handler's POSTs to `/` with 200. Returns its port, what it received, how many
+/// handler calls it answered, and the CA's certificate (PEM).
+async fn tls_receiver() -> (u16, Bodies, Arc<std::sync::atomic::AtomicUsize>, String) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio_rustls::rustls;
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let (app, got) = collector();
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = calls.clone();
+    let app = app.route(
+        "/",
+        post(move || {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async { "" }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                // A client that does not trust the certificate ends here.
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper_util::service::TowerToHyperService::new(app);
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (port, got, calls, ca.pem())
+}
+
+/// The collector's routes: every JSON body POSTed to /v1/traces is kept.
+fn collector() -> (axum::Router, Bodies) {
+    let got: Bodies = Arc::default();
     let sink = got.clone();
     let app = axum::Router::new().route(
         "/v1/traces",
@@ -26,10 +93,7 @@ async fn receiver() -> (u16, Arc<Mutex<Vec<serde_json::Value>>>) {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (port, got)
+    (app, got)
 }
 
 /// One span received.
@@ -353,4 +417,78 @@ async fn trace_ratio_samples_the_traces_redrive_starts_and_follows_a_records_own
     assert_eq!(spans.len(), 1, "{spans:#?}");
     assert_eq!(spans[0].trace, TRACE);
     assert_eq!(spans[0].parent, "00f067aa0ba902b7");
+}
+
+/// `https://` endpoints, for the handler and the collector: the handler is called and spans reach
+/// the collector when their CA is trusted (`SSL_CERT_FILE` names it, as the system's roots
+/// would); when it is not, the handler's failure and the failed export both name the certificate.
+#[tokio::test]
+async fn an_https_handler_and_collector_work_when_their_certificate_is_trusted() {
+    let db = TestDb::new().await;
+    let (port, got, calls, ca) = tls_receiver().await;
+    let ca_file = write_config(&ca);
+    for trusted in [true, false] {
+        let (topic, group) = (unique("tls"), unique("g"));
+        create_topic(&topic, 1).await;
+        create_topic(&format!("{topic}.dlq"), 1).await;
+        let text = format!(
+            "[postgres]\nurl = \"{}\"\n[kafka]\ntopics = [\"{topic}\"]\n\"group.id\" = \"{group}\"\n\
+             \"bootstrap.servers\" = \"{}\"\n[handler]\nurl = \"https://localhost:{port}/\"\n\
+             [http]\nlisten = \"127.0.0.1:0\"\n\
+             [telemetry]\notlp_endpoint = \"https://localhost:{port}\"\n",
+            db.url,
+            kafka(),
+        );
+        let config = write_config(&text);
+        let log_path = std::env::temp_dir().join(format!("{topic}.log"));
+        let mut command = tokio::process::Command::new(redrive_bin());
+        command
+            .args(["--config", config.0.to_str().unwrap(), "run"])
+            .env("REDRIVE_LOG", "warn")
+            .env_remove("SSL_CERT_DIR")
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .kill_on_drop(true);
+        if trusted {
+            command.env("SSL_CERT_FILE", &ca_file.0);
+        } else {
+            command.env_remove("SSL_CERT_FILE");
+        }
+        let mut run = command.spawn().unwrap();
+        produce(&producer(&kafka()), &topic, Some(b"k"), Some(b"{}"), &[]).await;
+        if trusted {
+            wait_for("the handler's call", Duration::from_secs(60), || async {
+                (calls.load(std::sync::atomic::Ordering::SeqCst) == 1).then_some(())
+            })
+            .await;
+        } else {
+            let error = wait_for("the failure's row", Duration::from_secs(60), || async {
+                sqlx::query_scalar::<_, Option<String>>(
+                    "SELECT last_error FROM redrive.retry_messages WHERE topic = $1",
+                )
+                .bind(&topic)
+                .fetch_optional(db.pool())
+                .await
+                .unwrap()
+                .flatten()
+            })
+            .await;
+            assert!(error.to_lowercase().contains("certificate"), "{error}");
+            assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        }
+        // The exporter sends what it holds, or fails to, before redrive exits.
+        assert!(terminate(&mut run).await.success());
+        let ours = spans(&got)
+            .into_iter()
+            .filter(|s| s.name == format!("{topic} process"))
+            .count();
+        assert_eq!(ours, usize::from(trusted), "trusted: {trusted}");
+        // An export that fails says why.
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        let _ = std::fs::remove_file(&log_path);
+        let failed = format!("exporting traces to https://localhost:{port}/v1/traces failed");
+        assert_eq!(log.contains(&failed), !trusted, "{log}");
+        if !trusted {
+            assert!(log.to_lowercase().contains("certificate"), "{log}");
+        }
+    }
 }
