@@ -182,14 +182,13 @@ impl DlqPublisher {
         let span = crate::telemetry::publish_span(&row.message, &topic, &self.group, trace);
         let mut headers = origin_headers(row).to_vec();
         if row.message.header("traceparent").is_none() {
-            match crate::telemetry::context_text(&span) {
-                Some(own) => headers.extend(crate::telemetry::stored_headers(&own)),
-                None => headers.extend(
-                    trace
-                        .map(crate::telemetry::stored_headers)
-                        .unwrap_or_default(),
-                ),
+            let mut context = crate::telemetry::exported_headers(&span);
+            if context.is_empty() {
+                context = trace
+                    .map(crate::telemetry::stored_headers)
+                    .unwrap_or_default();
             }
+            headers.extend(context);
         }
         crate::kafka::produce(&self.producer, &topic, &row.message, &headers)
             .instrument(span)

@@ -368,15 +368,21 @@ pub fn publish_span(
 /// `span`'s context as a row keeps it: the `traceparent`, then the `tracestate` after a newline
 /// when there is one. `None` when traces are off or the span is not exported.
 pub fn context_text(span: &tracing::Span) -> Option<String> {
-    if !traces_on() || span.is_none() {
-        return None;
-    }
-    let headers = span_headers(span);
+    let headers = exported_headers(span);
     let parent = headers.iter().find(|(n, _)| *n == "traceparent")?;
     Some(match headers.iter().find(|(n, _)| *n == "tracestate") {
         Some((_, state)) => format!("{}\n{state}", parent.1),
         None => parent.1.clone(),
     })
+}
+
+/// An exported span's context as W3C headers (`traceparent`, and `tracestate` when not empty);
+/// none when traces are off or the span is not exported.
+pub fn exported_headers(span: &tracing::Span) -> Vec<(&'static str, String)> {
+    if !traces_on() || span.is_none() {
+        return Vec::new();
+    }
+    span_headers(span)
 }
 
 /// A context a row keeps ([`context_text`]) as W3C headers.

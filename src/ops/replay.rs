@@ -148,7 +148,8 @@ impl ToTopic {
         for (_, m) in &chunk.rows {
             self.ensure_topic(self.topic_for(m))?;
         }
-        let sends = (chunk.rows.iter().zip(&chunk.traces)).map(|((id, m), t)| self.send(*id, m, t));
+        let sends = (chunk.rows.iter().zip(&chunk.traces))
+            .map(|((id, m), t)| self.send(*id, m, t.as_deref()));
         let results = futures::future::join_all(sends).await;
         let mut produced = Vec::new();
         let mut failures = Vec::new();
@@ -197,13 +198,10 @@ impl ToTopic {
         &self,
         id: Uuid,
         m: &Message,
-        trace: &Option<String>,
+        trace: Option<&str>,
     ) -> Result<(), rdkafka::error::KafkaError> {
         let mut extra = vec![(REPLAY_OF_HEADER, id.to_string())];
-        if let Some(trace) = trace
-            .as_deref()
-            .filter(|_| m.header("traceparent").is_none())
-        {
+        if let Some(trace) = trace.filter(|_| m.header("traceparent").is_none()) {
             extra.extend(crate::telemetry::stored_headers(trace));
         }
         kafka::produce(&self.producer, self.topic_for(m), m, &extra)

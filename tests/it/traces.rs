@@ -96,6 +96,38 @@ fn collector() -> (axum::Router, Bodies) {
     (app, got)
 }
 
+/// A `redrive run` configuration of one topic, sending traces to `endpoint`; `extra` follows,
+/// inside `[telemetry]` until it opens a table of its own.
+fn traced_config(
+    db: &TestDb,
+    (topic, group): (&str, &str),
+    handler: &str,
+    endpoint: &str,
+    extra: &str,
+) -> tempfile_path::TempPath {
+    write_config(&format!(
+        "[postgres]\nurl = \"{}\"\n[kafka]\ntopics = [\"{topic}\"]\n\"group.id\" = \"{group}\"\n\
+         \"bootstrap.servers\" = \"{}\"\n[handler]\nurl = \"{handler}\"\n[http]\n\
+         listen = \"127.0.0.1:0\"\n[telemetry]\notlp_endpoint = \"{endpoint}\"\n{extra}\n",
+        db.url,
+        kafka(),
+    ))
+}
+
+/// `redrive run` with `config`, its log written to a file named after `topic` (returned).
+fn logged_run(
+    config: &tempfile_path::TempPath,
+    topic: &str,
+) -> (tokio::process::Command, std::path::PathBuf) {
+    let log_path = std::env::temp_dir().join(format!("{topic}.log"));
+    let mut command = tokio::process::Command::new(redrive_bin());
+    command
+        .args(["--config", config.0.to_str().unwrap(), "run"])
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .kill_on_drop(true);
+    (command, log_path)
+}
+
 /// One span received.
 #[derive(Debug, Clone)]
 struct Span {
@@ -151,25 +183,19 @@ async fn one_message_dies(headers: &[(&str, Option<&[u8]>)]) -> Traced {
     create_topic(&format!("{topic}.dlq"), 1).await;
     let stub = Stub::start(|r| (if r.attempt() == 1 { 503 } else { 400 }, vec![])).await;
     let (port, got) = receiver().await;
-    let text = format!(
-        "[postgres]\nurl = \"{}\"\n[kafka]\ntopics = [\"{topic}\"]\n\"group.id\" = \"{group}\"\n\
-         \"bootstrap.servers\" = \"{}\"\n[handler]\nurl = \"http://{}/\"\n\
-         [retry]\ninitial_delay = \"100ms\"\njitter = 0.0\n[http]\nlisten = \"127.0.0.1:0\"\n\
-         [telemetry]\notlp_endpoint = \"http://127.0.0.1:{port}\"\nservice_name = \"orders-redrive\"\n",
-        db.url,
-        kafka(),
-        stub.addr
+    let config = traced_config(
+        &db,
+        (&topic, &group),
+        &format!("http://{}/", stub.addr),
+        &format!("http://127.0.0.1:{port}"),
+        "service_name = \"orders-redrive\"\n[retry]\ninitial_delay = \"100ms\"\njitter = 0.0",
     );
-    let config = write_config(&text);
-    let log_path = std::env::temp_dir().join(format!("{topic}.log"));
-    let mut run = tokio::process::Command::new(redrive_bin())
-        .args(["--config", config.0.to_str().unwrap(), "run"])
+    let (mut command, log_path) = logged_run(&config, &topic);
+    let mut run = command
         // The default filter, which logs redrive at info: a retry's span used to be lost there.
         .env_remove("REDRIVE_LOG")
         .env_remove("RUST_LOG")
         .env("REDRIVE_LOG_FORMAT", "json")
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     produce(
@@ -381,16 +407,13 @@ async fn trace_ratio_samples_the_traces_redrive_starts_and_follows_a_records_own
     create_topic(&format!("{topic}.dlq"), 1).await;
     let stub = Stub::start(|_| (200, vec![])).await;
     let (port, got) = receiver().await;
-    let text = format!(
-        "[postgres]\nurl = \"{}\"\n[kafka]\ntopics = [\"{topic}\"]\n\"group.id\" = \"{group}\"\n\
-         \"bootstrap.servers\" = \"{}\"\n[handler]\nurl = \"http://{}/\"\n[http]\n\
-         listen = \"127.0.0.1:0\"\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:{port}\"\n\
-         trace_ratio = 0.0\n",
-        db.url,
-        kafka(),
-        stub.addr
+    let config = traced_config(
+        &db,
+        (&topic, &group),
+        &format!("http://{}/", stub.addr),
+        &format!("http://127.0.0.1:{port}"),
+        "trace_ratio = 0.0",
     );
-    let config = write_config(&text);
     let mut run = spawn_redrive(&config.0, &[]);
     let producer = producer(&kafka());
     // Ten records of no trace (none of them is exported at a ratio of 0), and one whose producer
@@ -431,23 +454,12 @@ async fn an_https_handler_and_collector_work_when_their_certificate_is_trusted()
         let (topic, group) = (unique("tls"), unique("g"));
         create_topic(&topic, 1).await;
         create_topic(&format!("{topic}.dlq"), 1).await;
-        let text = format!(
-            "[postgres]\nurl = \"{}\"\n[kafka]\ntopics = [\"{topic}\"]\n\"group.id\" = \"{group}\"\n\
-             \"bootstrap.servers\" = \"{}\"\n[handler]\nurl = \"https://localhost:{port}/\"\n\
-             [http]\nlisten = \"127.0.0.1:0\"\n\
-             [telemetry]\notlp_endpoint = \"https://localhost:{port}\"\n",
-            db.url,
-            kafka(),
-        );
-        let config = write_config(&text);
-        let log_path = std::env::temp_dir().join(format!("{topic}.log"));
-        let mut command = tokio::process::Command::new(redrive_bin());
+        let url = format!("https://localhost:{port}");
+        let config = traced_config(&db, (&topic, &group), &format!("{url}/"), &url, "");
+        let (mut command, log_path) = logged_run(&config, &topic);
         command
-            .args(["--config", config.0.to_str().unwrap(), "run"])
             .env("REDRIVE_LOG", "warn")
-            .env_remove("SSL_CERT_DIR")
-            .stderr(std::fs::File::create(&log_path).unwrap())
-            .kill_on_drop(true);
+            .env_remove("SSL_CERT_DIR");
         if trusted {
             command.env("SSL_CERT_FILE", &ca_file.0);
         } else {
