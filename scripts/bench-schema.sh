@@ -13,6 +13,9 @@
 #   no-source-key  without its unique source key (which the dedupe of I2 needs: a bound)
 #   no-triggers    with the wake-up and pause triggers disabled (which redrive needs: a bound);
 #                  the triggers that keep the queue in step stay
+#   row-alone      capture only: the message table with its primary key and nothing else (no
+#                  queue row, no source key, no other index, check or trigger): what writing the
+#                  message row alone costs, the bound of any layout that stores it
 #   floor          the floors of `scripts/bench.sh insert-floor` and `claim-floor`
 # BENCHMARKS.md has the figures of layouts measured before V8 (a HOT claim; the queue split, which
 # V8 built).
@@ -76,6 +79,19 @@ run() {
         alter+="ALTER TABLE redrive.retry_messages DISABLE TRIGGER retry_messages_$t;"
       done
       ;;
+    row-alone)
+      alter="ALTER TABLE redrive.retry_messages DISABLE TRIGGER USER;
+        DO \$\$ DECLARE o record; BEGIN
+          FOR o IN SELECT conname FROM pg_constraint
+                   WHERE conrelid = 'redrive.retry_messages'::regclass AND contype IN ('c', 'u') LOOP
+            EXECUTE format('ALTER TABLE redrive.retry_messages DROP CONSTRAINT %I', o.conname);
+          END LOOP;
+          FOR o IN SELECT indexrelid::regclass AS i FROM pg_index
+                   WHERE indrelid = 'redrive.retry_messages'::regclass AND NOT indisprimary LOOP
+            EXECUTE format('DROP INDEX %s', o.i);
+          END LOOP;
+        END \$\$"
+      ;;
     floor) seed=floor-seed.sql capture=floor-capture.sql script=floor.sql table=floor_claim ;;
   esac
   local deadline=$((SECONDS + 60))
@@ -94,6 +110,13 @@ run() {
   seed 0 0 # the tables, empty
   local captured
   captured=$(timed "$N" -c 1 -t $((N / 500)) -f "$SQL/$capture")
+  if [[ "$layout" == row-alone ]]; then
+    local rows
+    rows=$(psql -Atq "$URL" -c "SELECT count(*) FROM redrive.retry_messages")
+    ((rows == N)) || { echo "bench-schema: $layout: $rows of $N rows were stored" >&2; exit 1; }
+    echo "$captured - -" # nothing to dispatch: no queue
+    return
+  fi
   [[ "$seed" == seed.sql ]] && psql -q "$URL" -v ON_ERROR_STOP=1 \
     -c "TRUNCATE redrive.retry_messages, redrive.queue" >/dev/null
   seed "$N" "$INFLIGHT"
@@ -107,7 +130,7 @@ run() {
   echo "$captured $dispatched"
 }
 
-layouts=(${LAYOUTS:-redrive no-source-key no-triggers floor})
+layouts=(${LAYOUTS:-redrive no-source-key no-triggers row-alone floor})
 declare -A results
 for round in $(seq 1 "$RUNS"); do
   for layout in "${layouts[@]}"; do
@@ -130,6 +153,7 @@ for path in capture dispatch; do
   echo "| $path, layout | rows/s, median [range] of $RUNS | Postgres µs per row | / floor |"
   echo "|---|---|---|---|"
   for layout in "${layouts[@]}"; do
+    [[ "$(stat "$layout" $k mid)" == - ]] && continue # row-alone has no dispatch
     ratio=$(awk -v a="$(stat "$layout" $k mid)" -v b="$(stat floor $k mid)" 'BEGIN { printf "%.2f", a / b }')
     echo "| $layout | $(stat "$layout" $k) | $(stat "$layout" $((k + 1))) | $ratio |"
   done
