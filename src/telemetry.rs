@@ -6,9 +6,12 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
 use tracing_subscriber::EnvFilter;
 
-/// Default log filter: redrive at info, noisy dependencies at warn.
+/// Default log filter: redrive at info, noisy dependencies at warn. The migration library's lines
+/// and the notices Postgres sends during a migration are left out: `redrive migrate` reports each
+/// migration it applies itself.
 pub const DEFAULT_FILTER: &str =
-    "info,sqlx=warn,rdkafka=warn,librdkafka=warn,hyper=warn,reqwest=warn";
+    "info,sqlx=warn,rdkafka=warn,librdkafka=warn,hyper=warn,reqwest=warn,\
+     refinery_core=warn,tokio_postgres=warn";
 
 /// Installs the global tracing subscriber. Safe to call more than once (later calls do nothing).
 ///
