@@ -395,8 +395,11 @@ impl Store {
 
     /// Inserts every row of the batch, or none: fails on the source key when any row exists.
     /// The error history's first entry is `to_jsonb` of a `redrive.history_entry` (schema V10):
-    /// `jsonb_build_object` looked up the type of each of its arguments on every row.
+    /// `jsonb_build_object` looked up the type of each of its arguments on every row. It is made
+    /// once per distinct error of the batch, in an init plan, and each row takes its own by its
+    /// place (see [`Entries`]): made for every row, it cost a tenth of the statement.
     async fn insert_new(&self, group: &str, c: &Columns<'_>) -> Result<u64, StoreError> {
+        let e = Entries::of(c);
         let inserted = sqlx::query!(
             r#"
             INSERT INTO redrive.retry_messages (
@@ -406,13 +409,15 @@ impl Store {
             SELECT t.id, $1, t.topic, t.part, t.off, t.ts, t.key, t.payload,
                    t.headers, t.state, 1, t.max_attempts, now() + make_interval(secs => t.retry_in),
                    t.err, t.kind,
-                   to_jsonb(ARRAY[ROW(now(), 1, t.kind, t.err)::redrive.history_entry]),
+                   (SELECT array_agg(to_jsonb(ARRAY[ROW(now(), 1, e.kind, e.err)::redrive.history_entry])
+                                     ORDER BY e.n)
+                    FROM UNNEST($16::text[], $17::text[]) WITH ORDINALITY AS e(kind, err, n))[t.entry],
                    now(), now(), CASE WHEN t.state = 'dead' THEN now() END, t.trace
             FROM UNNEST($2::uuid[], $3::text[], $4::int4[], $5::int8[], $6::timestamptz[],
                         $7::bytea[], $8::bytea[], $9::jsonb[], $10::text[], $11::int4[],
-                        $12::float8[], $13::text[], $14::text[], $15::text[])
+                        $12::float8[], $13::text[], $14::text[], $15::text[], $18::int4[])
                  AS t(id, topic, part, off, ts, key, payload, headers, state, max_attempts,
-                      retry_in, err, kind, trace)
+                      retry_in, err, kind, trace, entry)
             "#,
             group,
             &c.ids,
@@ -429,6 +434,9 @@ impl Store {
             &c.errors,
             &c.kinds as &[&str],
             &c.traces as &[Option<&str>],
+            &e.kinds as &[&str],
+            &e.errors as &[&str],
+            &e.of_row,
         )
         .execute(self.pool())
         .await?;
@@ -518,6 +526,34 @@ struct Columns<'a> {
     errors: Vec<String>,
     kinds: Vec<&'static str>,
     traces: Vec<Option<&'a str>>,
+}
+
+/// The distinct errors of a batch, each a (kind, text) pair, in the order first seen, and each
+/// row's place among them, from 1 (Postgres arrays count from 1).
+struct Entries<'c> {
+    kinds: Vec<&'static str>,
+    errors: Vec<&'c str>,
+    of_row: Vec<i32>,
+}
+
+impl<'c> Entries<'c> {
+    fn of(c: &'c Columns<'_>) -> Self {
+        let mut seen = std::collections::HashMap::new();
+        let mut e = Entries {
+            kinds: Vec::new(),
+            errors: Vec::new(),
+            of_row: Vec::with_capacity(c.kinds.len()),
+        };
+        for (&kind, error) in c.kinds.iter().zip(&c.errors) {
+            let place = *seen.entry((kind, error.as_str())).or_insert_with(|| {
+                e.kinds.push(kind);
+                e.errors.push(error);
+                e.kinds.len() as i32
+            });
+            e.of_row.push(place);
+        }
+        e
+    }
 }
 
 impl<'a> Columns<'a> {
