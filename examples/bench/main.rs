@@ -30,7 +30,7 @@
 //!   `redrive replay --dry-run` on the same table (see `operators.rs`).
 //!
 //! The handler is an in-process `Handler` (redrive's own cost), and for `happy-http` the HTTP
-//! handler against a local endpoint. `happy-http` and `capture` run with redrive's default of 256
+//! handler against a local endpoint. `happy-http` and `capture` run with redrive's default of 128
 //! messages in flight (the other consumer cases allow 2,000; `BENCH_MAX_IN_FLIGHT` overrides both, and
 //! `BENCH_CAPTURE_IN_FLIGHT` the capture batches written at once). Usage:
 //! `bench [CASE[,CASE…]|all] [N]`; `BENCH_RUNS` rounds (3 unless set) run the cases interleaved,

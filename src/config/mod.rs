@@ -99,6 +99,8 @@ pub struct PostgresConfig {
 pub struct ConsumerConfig {
     /// Messages handled at once; when all are busy the consumer waits. A failed message gives its
     /// slot back once the capturer has taken it, so this bounds handler calls, not rows being written.
+    /// Through the HTTP handler each one holds a connection, about 45 KiB of memory: the default,
+    /// 128, carries 12,800 messages/s to an endpoint that answers in 10 ms.
     pub max_in_flight: usize,
     /// Most failed messages written in one INSERT. The capturer holds at most
     /// `capture_in_flight` + 1 batches of failures that are not yet durable.
@@ -230,7 +232,7 @@ mod defaults {
 impl Default for ConsumerConfig {
     fn default() -> Self {
         Self {
-            max_in_flight: 256,
+            max_in_flight: 128,
             capture_batch_size: 500,
             capture_batch_bytes: 16 << 20,
             capture_linger: Duration::from_millis(5),
