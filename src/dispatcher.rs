@@ -28,7 +28,7 @@ use crate::store::{Store, StoreError};
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::task::{Id, JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -66,6 +66,57 @@ pub struct Dispatcher<H> {
     config: WorkersConfig,
     timeout: Duration,
     breakers: Arc<Breakers>,
+    meters: Arc<Meters>,
+}
+
+/// The metrics every attempt records, looked up once per group rather than once per attempt: a
+/// look-up formats and hashes the labels, which costs more than the recording. Each is registered
+/// on its first use, so a series appears only once something is recorded in it.
+struct Meters {
+    group: Arc<str>,
+    lateness: OnceLock<metrics::Histogram>,
+    end_to_end: OnceLock<Arc<crate::telemetry::Durations>>,
+    /// By outcome: succeeded, retry, dead.
+    attempts: [OnceLock<metrics::Counter>; 3],
+    durations: [OnceLock<Arc<crate::telemetry::Durations>>; 3],
+}
+
+impl Meters {
+    fn new(group: Arc<str>) -> Self {
+        Self {
+            group,
+            lateness: OnceLock::new(),
+            end_to_end: OnceLock::new(),
+            attempts: Default::default(),
+            durations: Default::default(),
+        }
+    }
+
+    fn lateness(&self) -> &metrics::Histogram {
+        self.lateness.get_or_init(|| {
+            metrics::histogram!("redrive_retry_lateness_seconds", "group" => self.group.to_string())
+        })
+    }
+
+    fn end_to_end(&self) -> &crate::telemetry::Durations {
+        self.end_to_end
+            .get_or_init(|| crate::telemetry::end_to_end(&self.group, "retry"))
+    }
+
+    /// The attempt's outcome counted, and its handler call's duration recorded.
+    fn attempted(&self, outcome: &Outcome, took: Duration) {
+        let (at, label) = match outcome {
+            Outcome::Succeeded => (0, "succeeded"),
+            Outcome::Retry { .. } => (1, "retry"),
+            Outcome::Dead { .. } => (2, "dead"),
+        };
+        self.attempts[at]
+            .get_or_init(|| metrics::counter!("redrive_attempts_total", "outcome" => label))
+            .increment(1);
+        self.durations[at]
+            .get_or_init(|| crate::telemetry::handler_durations(&self.group, "retry", label))
+            .record(took);
+    }
 }
 
 /// When to claim again, judged from what the last claim took.
@@ -105,11 +156,13 @@ impl<H: Handler> Dispatcher<H> {
         timeout: Duration,
         breakers: Arc<Breakers>,
     ) -> Self {
+        let group: Arc<str> = group.into();
         Self {
             store,
             handler,
             complete,
-            group: group.into(),
+            meters: Arc::new(Meters::new(group.clone())),
+            group,
             worker: worker_id(),
             retry: Arc::new(retry),
             config,
@@ -345,12 +398,13 @@ impl<H: Handler> Dispatcher<H> {
         breaker: Arc<Breaker>,
         probe: bool,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let (handler, complete, retry, group, store) = (
+        let (handler, complete, retry, group, store, meters) = (
             self.handler.clone(),
             self.complete.clone(),
             self.retry.clone(),
             self.group.clone(),
             self.store.clone(),
+            self.meters.clone(),
         );
         let timeout = self.timeout;
         async move {
@@ -369,8 +423,7 @@ impl<H: Handler> Dispatcher<H> {
             // How late the attempt starts: late at the claim, plus the time since, less what a
             // row claimed ahead had to wait.
             let late = row.late + received.elapsed().saturating_sub(row.wait);
-            metrics::histogram!("redrive_retry_lateness_seconds", "group" => group.to_string())
-                .record(late.as_secs_f64());
+            meters.lateness().record(late.as_secs_f64());
             let started = std::time::Instant::now();
             let result = call_with_timeout(handler.as_ref(), delivery, timeout).await;
             let took = started.elapsed();
@@ -406,18 +459,12 @@ impl<H: Handler> Dispatcher<H> {
                     }
                 }
             };
-            let label = match &outcome {
-                Outcome::Succeeded => "succeeded",
-                Outcome::Retry { .. } => "retry",
-                Outcome::Dead { .. } => "dead",
-            };
-            metrics::counter!("redrive_attempts_total", "outcome" => label).increment(1);
-            crate::telemetry::handler_durations(&group, "retry", label).record(took);
+            meters.attempted(&outcome, took);
             if matches!(outcome, Outcome::Succeeded) {
                 let since =
                     crate::telemetry::since_record(row.message.timestamp, chrono::Utc::now());
                 if let Some(d) = since {
-                    crate::telemetry::end_to_end(&group, "retry").record(d);
+                    meters.end_to_end().record(d);
                 }
             }
             // A success, or a death, takes the row out of its key line, if it is in one: the next
