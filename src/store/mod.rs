@@ -59,6 +59,10 @@ use std::str::FromStr;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+/// A pooled connection idle this long is pinged before a statement uses it; one used more recently
+/// was pinged as it came back to the pool.
+pub const RECHECK_IDLE: Duration = Duration::from_secs(1);
+
 /// Errors from the store. Connection trouble is transient; the rest is not.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -115,6 +119,18 @@ impl Store {
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(config.connect_timeout)
+            // The pool pings each connection as it comes back. Pinging it again as it is taken out
+            // cost every statement a second round trip; only a connection idle for a while (which
+            // a restarted server or a proxy may have closed meanwhile) is pinged again.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for < RECHECK_IDLE {
+                        return Ok(true);
+                    }
+                    Ok(sqlx::Connection::ping(conn).await.is_ok())
+                })
+            })
             .connect_lazy_with(options);
         let mut delay = Duration::from_millis(250);
         let mut attempt: u32 = 0;

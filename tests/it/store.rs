@@ -646,3 +646,56 @@ async fn a_deadlock_is_transient() {
     assert_eq!(code.as_deref(), Some("40P01"));
     assert!(redrive::store::StoreError::Sql(e).is_transient());
 }
+
+/// A pooled connection that the server closed while it sat idle (a restart, a proxy's idle
+/// timeout) is not handed to a statement: it is pinged first, and the statement gets a new one.
+#[tokio::test]
+async fn a_connection_closed_while_idle_is_replaced_before_a_statement_uses_it() {
+    let db = TestDb::empty().await;
+    let config = redrive::config::PostgresConfig {
+        url: db.url.clone().into(),
+        max_connections: 1,
+        connect_timeout: Duration::from_secs(5),
+    };
+    let store =
+        redrive::store::Store::connect(&config, &tokio_util::sync::CancellationToken::new())
+            .await
+            .unwrap();
+    let pid = |pool: &sqlx::PgPool| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()")
+                .fetch_one(&pool)
+                .await
+        }
+    };
+    let first = pid(store.pool()).await.unwrap();
+    let idle_since = tokio::time::Instant::now();
+    let ended: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(first)
+        .fetch_one(db.store.pool())
+        .await
+        .unwrap();
+    assert!(ended, "backend {first} was terminated");
+    wait_for(
+        "the backend to be gone",
+        Duration::from_secs(30),
+        || async {
+            let left: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = $1")
+                    .bind(first)
+                    .fetch_one(db.store.pool())
+                    .await
+                    .ok()?;
+            (left == 0).then_some(())
+        },
+    )
+    .await;
+    // The pool's one connection is now closed at the server's end and has been idle for as long
+    // as the pool lets a connection go unchecked.
+    tokio::time::sleep_until(idle_since + redrive::store::RECHECK_IDLE).await;
+    let second = pid(store.pool())
+        .await
+        .expect("the statement ran on a new connection");
+    assert_ne!(first, second);
+}
