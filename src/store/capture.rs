@@ -227,6 +227,7 @@ impl Store {
     ) -> Result<Captured, StoreError> {
         let rows: Vec<&Capture> = batch.iter().collect();
         let c = Columns::of(&rows);
+        let e = Entries::of(&c);
         let lines: Vec<Option<&[u8]>> = rows
             .iter()
             .map(|r| r.line.as_ref().map(|l| &l.key[..]))
@@ -269,9 +270,9 @@ impl Store {
                 FROM UNNEST($2::uuid[], $3::text[], $4::int4[], $5::int8[], $6::timestamptz[],
                             $7::bytea[], $8::bytea[], $9::jsonb[], $10::text[], $11::int4[],
                             $12::float8[], $13::text[], $14::text[], $15::bytea[], $16::text[],
-                            $17::text[])
+                            $17::text[], $20::int4[])
                      AS u(id, topic, part, off, ts, key, payload, headers, state, max_attempts,
-                          retry_in, err, kind, line, on_dead, trace)
+                          retry_in, err, kind, line, on_dead, trace, entry)
             ), stored AS (
                 INSERT INTO redrive.retry_messages (
                     id, consumer_group, topic, "partition", kafka_offset, kafka_timestamp, key,
@@ -285,8 +286,12 @@ impl Store {
                        CASE WHEN t.parked THEN 0 ELSE 1 END, t.max_attempts,
                        CASE WHEN t.parked THEN now() ELSE now() + make_interval(secs => t.retry_in) END,
                        CASE WHEN NOT t.parked THEN t.err END, CASE WHEN NOT t.parked THEN t.kind END,
+                       -- The first history entry as in Store::insert_new: once per distinct error.
                        CASE WHEN t.parked THEN '[]'::jsonb
-                            ELSE to_jsonb(ARRAY[ROW(now(), 1, t.kind, t.err)::redrive.history_entry]) END,
+                            ELSE (SELECT array_agg(to_jsonb(ARRAY[ROW(now(), 1, e.kind, e.err)::redrive.history_entry])
+                                                   ORDER BY e.n)
+                                  FROM UNNEST($18::text[], $19::text[]) WITH ORDINALITY AS e(kind, err, n))[t.entry]
+                       END,
                        now(), now(), CASE WHEN t.state = 'dead' THEN now() END, t.line, t.on_dead,
                        t.trace
                 FROM t
@@ -315,6 +320,9 @@ impl Store {
             &lines as &[Option<&[u8]>],
             &on_dead as &[Option<&str>],
             &c.traces as &[Option<&str>],
+            &e.kinds as &[&str],
+            &e.errors as &[&str],
+            &e.of_row,
         )
         .fetch_all(&mut *tx)
         .await?;

@@ -75,49 +75,64 @@ async fn assert_first_errors_recorded(db: &TestDb, rows: i64) {
 }
 
 /// A batch's rows with different errors each get their own first entry, though the statement
-/// makes one entry per distinct (kind, text) pair: two texts, and one text under two kinds.
+/// makes one entry per distinct (kind, text) pair: two texts, and one text under two kinds. The
+/// same holds for the statement of rows in key lines.
 #[tokio::test]
 async fn each_row_of_a_batch_gets_the_history_entry_of_its_own_error() {
     let db = TestDb::new().await;
-    let failed = |offset, error: HandlerError| {
-        let mut c = pending("orders", offset, Duration::ZERO, 3);
-        if error.kind == redrive::handler::ErrorKind::Permanent {
-            c.state = InitialState::Dead;
-        }
-        c.error = error;
-        c
-    };
-    let batch = [
-        failed(1, HandlerError::retryable("timed out")),
-        failed(2, HandlerError::retryable("503 Service Unavailable")),
-        failed(3, HandlerError::retryable("timed out")),
-        failed(4, HandlerError::permanent("timed out")),
-        failed(5, HandlerError::retryable("503 Service Unavailable")),
-    ];
-    assert_eq!(db.store.capture("g", &batch).await.unwrap(), 5);
-    let rows: Vec<(i64, String, String)> = sqlx::query_as(
-        "SELECT kafka_offset, error_kind, last_error FROM redrive.retry_messages \
-         WHERE error_history = jsonb_build_array(jsonb_build_object('at', first_failed_at, \
-             'attempt', 1, 'kind', error_kind, 'error', last_error)) ORDER BY kafka_offset",
-    )
-    .fetch_all(db.pool())
-    .await
-    .unwrap();
-    let got: Vec<(i64, &str, &str)> = rows
-        .iter()
-        .map(|(o, k, e)| (*o, k.as_str(), e.as_str()))
-        .collect();
-    assert_eq!(
-        got,
-        [
-            (1, "retryable", "timed out"),
-            (2, "retryable", "503 Service Unavailable"),
-            (3, "retryable", "timed out"),
-            (4, "permanent", "timed out"),
-            (5, "retryable", "503 Service Unavailable"),
-        ],
-        "every row's one history entry is its own first failure"
-    );
+    for (topic, lined) in [("orders", false), ("lined", true)] {
+        let failed = |offset: i64, error: HandlerError| {
+            let mut c = pending(topic, offset, Duration::ZERO, 3);
+            if error.kind == redrive::handler::ErrorKind::Permanent {
+                c.state = InitialState::Dead;
+            }
+            if lined {
+                // A line of its own, so the row heads it and keeps its state.
+                let key = format!("k{offset}");
+                c.line = Some(redrive::store::capture::Line::of(
+                    key.as_bytes(),
+                    redrive::store::capture::OnDead::Block,
+                ));
+            }
+            c.error = error;
+            c
+        };
+        let batch = [
+            failed(1, HandlerError::retryable("timed out")),
+            failed(2, HandlerError::retryable("503 Service Unavailable")),
+            failed(3, HandlerError::retryable("timed out")),
+            failed(4, HandlerError::permanent("timed out")),
+            failed(5, HandlerError::retryable("503 Service Unavailable")),
+        ];
+        assert_eq!(db.store.capture("g", &batch).await.unwrap(), 5);
+        let rows: Vec<(i64, String, String)> = sqlx::query_as(
+            "SELECT kafka_offset, error_kind, last_error FROM redrive.retry_messages \
+             WHERE topic = $1 AND (order_key IS NOT NULL) = $2 \
+               AND error_history = jsonb_build_array(jsonb_build_object('at', first_failed_at, \
+                   'attempt', 1, 'kind', error_kind, 'error', last_error)) \
+             ORDER BY kafka_offset",
+        )
+        .bind(topic)
+        .bind(lined)
+        .fetch_all(db.pool())
+        .await
+        .unwrap();
+        let got: Vec<(i64, &str, &str)> = rows
+            .iter()
+            .map(|(o, k, e)| (*o, k.as_str(), e.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (1, "retryable", "timed out"),
+                (2, "retryable", "503 Service Unavailable"),
+                (3, "retryable", "timed out"),
+                (4, "permanent", "timed out"),
+                (5, "retryable", "503 Service Unavailable"),
+            ],
+            "{topic}: every row's one history entry is its own first failure"
+        );
+    }
 }
 
 #[tokio::test]
