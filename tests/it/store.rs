@@ -685,6 +685,14 @@ async fn a_connection_closed_while_idle_is_replaced_before_a_statement_uses_it()
         }
     };
     let first = pid(store.pool()).await.unwrap();
+    // The pool pings a connection as it comes back, in a task of its own; its idle time counts
+    // from when it is back.
+    wait_for(
+        "the connection to be back in the pool",
+        Duration::from_secs(30),
+        || async { (store.pool().num_idle() == 1).then_some(()) },
+    )
+    .await;
     let idle_since = tokio::time::Instant::now();
     let ended: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
         .bind(first)
