@@ -32,7 +32,8 @@
 //! The handler is an in-process `Handler` (redrive's own cost), and for `happy-http` the HTTP
 //! handler against a local endpoint. `happy-http` and `capture` run with redrive's default of 128
 //! messages in flight (the other consumer cases allow 2,000; `BENCH_MAX_IN_FLIGHT` overrides both, and
-//! `BENCH_CAPTURE_IN_FLIGHT` the capture batches written at once). Usage:
+//! `BENCH_CAPTURE_IN_FLIGHT` the capture batches written at once, `BENCH_RETRY_JITTER` the retry
+//! policy's jitter). Usage:
 //! `bench [CASE[,CASE…]|all] [N]`; `BENCH_RUNS` rounds (3 unless set) run the cases interleaved,
 //! and the median and range of each are printed, with each case's ratio to its reference. Every
 //! wait has a deadline; the benchmark counts handler calls in memory, so its own polling does not
@@ -673,6 +674,11 @@ async fn consume(case: &str, db: &str, kafka: &str, n: usize) -> anyhow::Result<
     config.consumer.capture_in_flight = env(
         "BENCH_CAPTURE_IN_FLIGHT",
         &config.consumer.capture_in_flight.to_string(),
+    )
+    .parse()?;
+    config.retry.default.jitter = env(
+        "BENCH_RETRY_JITTER",
+        &config.retry.default.jitter.to_string(),
     )
     .parse()?;
     let parts = RunArgs {
