@@ -27,7 +27,8 @@ pub struct RetryPolicy {
     /// Cap on the delay.
     #[serde(with = "humantime_serde")]
     pub max_delay: Duration,
-    /// Fraction in [0, 1] by which a delay is shortened at random, to spread retries out.
+    /// Fraction in [0, 1] by which a delay is shortened at random, to spread retries out; in
+    /// [`crate::backoff::JITTER_STEPS`] equal steps.
     pub jitter: f64,
     /// Cap on a handler's `Retry-After`.
     #[serde(with = "humantime_serde")]
