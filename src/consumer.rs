@@ -67,6 +67,11 @@ pub const STALL_GRACE: Duration = Duration::from_secs(60);
 /// guard counts the partition's commit as lost.
 const COMMIT_GRACE: Duration = Duration::from_secs(10);
 
+/// How long shutdown waits for the final offset commit and the consumer's leave of its group. A
+/// broker that answers takes milliseconds; one that is down or stalled would hold librdkafka's
+/// blocking calls for minutes.
+pub const CLOSE_WITHIN: Duration = Duration::from_secs(5);
+
 /// The librdkafka consumer type redrive uses.
 pub type KafkaConsumer = StreamConsumer<GroupContext>;
 
@@ -287,6 +292,7 @@ impl<H: Handler> Consumer<H> {
         ramping.inspect(|r| r.abort());
         guard.abort();
         counting.abort();
+        let _ = guard.await; // its copy of the consumer goes with it
         self.drain(tasks, drain).await;
         failure.map_or(Ok(()), Err)
     }
@@ -604,14 +610,59 @@ impl<H: Handler> Consumer<H> {
                 "drain timeout: unfinished messages will be redelivered"
             );
             tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
         }
-        match self.shared.consumer.commit_consumer_state(CommitMode::Sync) {
-            Ok(()) => tracing::info!("committed stored offsets"),
-            Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::NoOffset) => {}
-            Err(e) => {
-                tracing::warn!("final offset commit failed (the messages will be redelivered): {e}")
-            }
+        let consumer = self.shared.consumer.clone();
+        drop(self);
+        close(consumer, CLOSE_WITHIN).await;
+    }
+}
+
+/// Commits the stored offsets and leaves the group, on a thread of its own: librdkafka blocks in
+/// both until the broker answers, which a broker that is down or stalled makes minutes, and a
+/// blocked runtime thread would keep the process from stopping. Waits up to `within`, then goes on
+/// without them: what was not committed is redelivered (I1), and the group gives the partitions to
+/// another member after its session timeout.
+async fn close(consumer: Arc<KafkaConsumer>, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    // The consumer leaves its group when its last holder drops it: let that be the thread below.
+    // A task that outlived the drain still holds it; the wait for it is bounded too.
+    while Arc::strong_count(&consumer) > 1 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let closing = std::thread::Builder::new()
+        .name("kafka-close".into())
+        .spawn(move || {
+            let _ = tx.send(consumer.commit_consumer_state(CommitMode::Sync));
+            drop(consumer);
+            drop(tx);
+        });
+    if let Err(e) = closing {
+        tracing::warn!("could not start the thread that closes the Kafka consumer: {e}");
+        return;
+    }
+    match tokio::time::timeout_at(deadline, rx.recv()).await {
+        Ok(Some(Ok(()))) => tracing::info!("committed stored offsets"),
+        Ok(Some(Err(e))) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::NoOffset) => {}
+        Ok(Some(Err(e))) => {
+            tracing::warn!("final offset commit failed (the messages will be redelivered): {e}")
         }
+        Ok(None) => {}
+        Err(_) => {
+            tracing::warn!(
+                "the final offset commit had no answer from the broker within {within:?}: stopping \
+                 without it (the messages since the last commit will be redelivered)"
+            );
+            return;
+        }
+    }
+    // The channel closes once the thread has dropped the consumer.
+    if tokio::time::timeout_at(deadline, rx.recv()).await.is_err() {
+        tracing::warn!(
+            "the consumer did not leave its group within {within:?}: stopping without it (the \
+             group gives its partitions to another member after its session timeout)"
+        );
     }
 }
 

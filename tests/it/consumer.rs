@@ -1,5 +1,6 @@
 //! The consumer on the real broker: offsets are committed only past durable outcomes (I1), also
-//! while Postgres is away, and a crash before the commit redelivers without a second row (I2).
+//! while Postgres is away, and a crash before the commit redelivers without a second row (I2). On
+//! librdkafka's mock cluster: a broker that stops answering does not hold shutdown up.
 
 use crate::helpers::*;
 use redrive::cli::RunArgs;
@@ -519,4 +520,53 @@ async fn failures_the_capturer_holds_are_bounded_in_bytes() {
          whose hand-over waits for room, and no more",
     )
     .await;
+}
+
+/// A broker that stops answering (each request now takes two minutes) does not hold shutdown up:
+/// the final commit and the leave of the group get `CLOSE_WITHIN`, on a thread of their own, and
+/// the captured row stays. On librdkafka's mock cluster, whose round trip can be set.
+#[tokio::test]
+async fn shutdown_does_not_wait_on_a_broker_that_stopped_answering() {
+    let db = TestDb::new().await;
+    let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let (topic, group) = (unique("stalled-broker"), unique("g"));
+    mock.create_topic(&topic, 1, 1).unwrap();
+    let stub = fail_stub().await;
+    let mut config = config(&db.url, &[&topic], &group, Some(stub.addr), "");
+    config
+        .kafka
+        .properties
+        .insert("bootstrap.servers".into(), mock.bootstrap_servers());
+    let drain = config.shutdown.timeout;
+    // On a runtime of its own, so that a shutdown blocked in librdkafka fails this test at its
+    // deadline instead of blocking the test's runtime with it.
+    let stop = CancellationToken::new();
+    let (done, stopped) = std::sync::mpsc::channel();
+    let token = stop.clone();
+    std::thread::spawn(move || {
+        let handler = redrive::handler::http::HttpHandler::new(&config.handler).unwrap();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let result = runtime.block_on(redrive::app::run(config, handler, consumer_only(), token));
+        let _ = done.send(result.map_err(|e| format!("{e:#}")));
+    });
+    let p = producer(&mock.bootstrap_servers());
+    for body in ["ok-0", "fail-1", "ok-2"] {
+        produce(&p, &topic, None, Some(body.as_bytes()), &[]).await;
+    }
+    wait_for(
+        "the messages to be handled and the failure captured",
+        Duration::from_secs(60),
+        || async { (stub.count() == 3 && db.count("true").await == 1).then_some(()) },
+    )
+    .await;
+    mock.broker_round_trip_time(1, Duration::from_secs(120))
+        .unwrap();
+    stop.cancel();
+    let limit = drain + redrive::consumer::CLOSE_WITHIN + Duration::from_secs(10);
+    tokio::task::spawn_blocking(move || stopped.recv_timeout(limit))
+        .await
+        .unwrap()
+        .unwrap_or_else(|_| panic!("shutdown did not finish within {limit:?}"))
+        .unwrap();
+    assert_eq!(db.count("true").await, 1, "the captured row stays");
 }
