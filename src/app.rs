@@ -258,14 +258,9 @@ async fn until_kafka_answers(
     let (mut delay, mut attempt) = (Duration::from_secs(1), 0u64);
     loop {
         attempt += 1;
-        // The metadata request blocks for up to its timeout: on a thread of its own, which a stop
-        // does not wait for (the runtime would wait for a `spawn_blocking` task before exiting).
-        let (c, (tx, rx)) = (check.clone(), tokio::sync::oneshot::channel());
-        std::thread::Builder::new()
-            .name("kafka-check".into())
-            .spawn(move || {
-                let _ = tx.send(c());
-            })
+        // The metadata request blocks for up to its timeout.
+        let c = check.clone();
+        let rx = kafka::on_own_thread("kafka-check", move || c())
             .context("starting the Kafka topic check")?;
         let result = tokio::select! {
             r = rx => r.context("the Kafka topic check stopped without an answer")?,

@@ -338,6 +338,24 @@ impl ConsumerContext for GroupContext {
     }
 }
 
+/// Starts a blocking librdkafka call on a thread of its own; its answer comes on the receiver.
+/// Such calls block until the broker answers, which a broker that is down or stalled makes
+/// minutes. A stop does not wait for this thread, where the runtime would wait for a
+/// `spawn_blocking` task before the process could exit; and should the call hold the last handle
+/// of a consumer, its drop (the leave of the group, blocked just as long) happens there too.
+pub fn on_own_thread<T: Send + 'static>(
+    name: &str,
+    call: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<tokio::sync::oneshot::Receiver<T>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let _ = tx.send(call());
+        })?;
+    Ok(rx)
+}
+
 fn list(tpl: &TopicPartitionList) -> String {
     tpl.elements()
         .iter()
