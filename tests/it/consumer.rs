@@ -522,6 +522,35 @@ async fn failures_the_capturer_holds_are_bounded_in_bytes() {
     .await;
 }
 
+/// Runs `redrive::app::run` on a runtime of its own, on a thread of its own, so that a shutdown
+/// blocked in librdkafka fails a test at its deadline instead of blocking the test's runtime with
+/// it. The receiver gets the result once the runtime is dropped too, as the binary's is when its
+/// `main` returns: that waits for any `spawn_blocking` task still running.
+fn run_apart(
+    config: redrive::Config,
+    parts: RunArgs,
+    stop: CancellationToken,
+) -> std::sync::mpsc::Receiver<Result<(), String>> {
+    let (done, stopped) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let handler = redrive::handler::http::HttpHandler::new(&config.handler).unwrap();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let result = runtime.block_on(redrive::app::run(config, handler, parts, stop));
+        drop(runtime);
+        let _ = done.send(result.map_err(|e| format!("{e:#}")));
+    });
+    stopped
+}
+
+/// Waits, without blocking the test's runtime, for [`run_apart`]'s result, at most `limit`.
+async fn stopped_within(stopped: std::sync::mpsc::Receiver<Result<(), String>>, limit: Duration) {
+    tokio::task::spawn_blocking(move || stopped.recv_timeout(limit))
+        .await
+        .unwrap()
+        .unwrap_or_else(|_| panic!("shutdown did not finish within {limit:?}"))
+        .unwrap();
+}
+
 /// A broker that stops answering (each request now takes two minutes) does not hold shutdown up:
 /// the final commit and the leave of the group get `CLOSE_WITHIN`, on a thread of their own, and
 /// the captured row stays. On librdkafka's mock cluster, whose round trip can be set.
@@ -538,17 +567,8 @@ async fn shutdown_does_not_wait_on_a_broker_that_stopped_answering() {
         .properties
         .insert("bootstrap.servers".into(), mock.bootstrap_servers());
     let drain = config.shutdown.timeout;
-    // On a runtime of its own, so that a shutdown blocked in librdkafka fails this test at its
-    // deadline instead of blocking the test's runtime with it.
     let stop = CancellationToken::new();
-    let (done, stopped) = std::sync::mpsc::channel();
-    let token = stop.clone();
-    std::thread::spawn(move || {
-        let handler = redrive::handler::http::HttpHandler::new(&config.handler).unwrap();
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        let result = runtime.block_on(redrive::app::run(config, handler, consumer_only(), token));
-        let _ = done.send(result.map_err(|e| format!("{e:#}")));
-    });
+    let stopped = run_apart(config, consumer_only(), stop.clone());
     let p = producer(&mock.bootstrap_servers());
     for body in ["ok-0", "fail-1", "ok-2"] {
         produce(&p, &topic, None, Some(body.as_bytes()), &[]).await;
@@ -563,10 +583,73 @@ async fn shutdown_does_not_wait_on_a_broker_that_stopped_answering() {
         .unwrap();
     stop.cancel();
     let limit = drain + redrive::consumer::CLOSE_WITHIN + Duration::from_secs(10);
-    tokio::task::spawn_blocking(move || stopped.recv_timeout(limit))
-        .await
-        .unwrap()
-        .unwrap_or_else(|_| panic!("shutdown did not finish within {limit:?}"))
-        .unwrap();
+    stopped_within(stopped, limit).await;
     assert_eq!(db.count("true").await, 1, "the captured row stays");
+}
+
+/// The same with every part running, while the DLQ publisher waits on the stalled broker for a
+/// dead row it is sending: the round ends at the supervisor's grace at the latest, the producer
+/// is dropped without waiting for the broker, and the row stays in the outbox, dead and
+/// unpublished, for a later round.
+#[tokio::test]
+async fn shutdown_does_not_wait_on_a_dlq_send_to_a_broker_that_stopped_answering() {
+    let db = TestDb::new().await;
+    let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let (topic, group) = (unique("stalled-dlq"), unique("g"));
+    mock.create_topic(&topic, 1, 1).unwrap();
+    mock.create_topic(&format!("{topic}.dlq"), 1, 1).unwrap();
+    let stub = fail_stub().await;
+    // The send would wait out the stall: only the stop can end it.
+    let extra = "[retry]\nmax_attempts = 2\ninitial_delay = \"1s\"\njitter = 0.0\n\
+                 [dlq]\npublish_timeout = \"300s\"\n";
+    let mut config = config(&db.url, &[&topic], &group, Some(stub.addr), extra);
+    config
+        .kafka
+        .properties
+        .insert("bootstrap.servers".into(), mock.bootstrap_servers());
+    let drain = config.shutdown.timeout;
+    let stop = CancellationToken::new();
+    let all = RunArgs {
+        no_http: true,
+        ..Default::default()
+    };
+    let stopped = run_apart(config, all, stop.clone());
+    let p = producer(&mock.bootstrap_servers());
+    for body in ["ok-0", "fail-1"] {
+        produce(&p, &topic, None, Some(body.as_bytes()), &[]).await;
+    }
+    wait_for(
+        "the failure to be captured",
+        Duration::from_secs(60),
+        || async { (db.count("state = 'pending'").await == 1).then_some(()) },
+    )
+    .await;
+    // The retry fails as well, and the row is dead: its publishing round finds the broker stalled.
+    mock.broker_round_trip_time(1, Duration::from_secs(120))
+        .unwrap();
+    wait_for(
+        "the DLQ publisher to hold the dead row while it sends it",
+        Duration::from_secs(60),
+        || async {
+            let free: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM (SELECT 1 FROM redrive.retry_messages WHERE state = 'dead' \
+                 FOR UPDATE SKIP LOCKED) free",
+            )
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+            (db.count("state = 'dead'").await == 1 && free == 0).then_some(())
+        },
+    )
+    .await;
+    stop.cancel();
+    // The supervisor's grace (the drain and 10 s), then the consumer's close.
+    let limit = drain * 2 + redrive::consumer::CLOSE_WITHIN + Duration::from_secs(20);
+    stopped_within(stopped, limit).await;
+    assert_eq!(
+        db.count("state = 'dead' AND dlq_published_at IS NULL")
+            .await,
+        1,
+        "the dead row stays in the outbox"
+    );
 }
