@@ -551,21 +551,37 @@ async fn stopped_within(stopped: std::sync::mpsc::Receiver<Result<(), String>>, 
         .unwrap();
 }
 
+/// A topic of one partition (named after `name`) on a mock cluster of its own, the fail stub, and
+/// the config of a `run` of a group of its own that consumes the topic and calls the stub.
+async fn on_mock(
+    db: &TestDb,
+    name: &str,
+    extra: &str,
+) -> (
+    rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    String,
+    Stub,
+    redrive::Config,
+) {
+    let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let (topic, group) = (unique(name), unique("g"));
+    mock.create_topic(&topic, 1, 1).unwrap();
+    let stub = fail_stub().await;
+    let mut config = config(&db.url, &[&topic], &group, Some(stub.addr), extra);
+    config
+        .kafka
+        .properties
+        .insert("bootstrap.servers".into(), mock.bootstrap_servers());
+    (mock, topic, stub, config)
+}
+
 /// A broker that stops answering (each request now takes two minutes) does not hold shutdown up:
 /// the final commit and the leave of the group get `CLOSE_WITHIN`, on a thread of their own, and
 /// the captured row stays. On librdkafka's mock cluster, whose round trip can be set.
 #[tokio::test]
 async fn shutdown_does_not_wait_on_a_broker_that_stopped_answering() {
     let db = TestDb::new().await;
-    let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
-    let (topic, group) = (unique("stalled-broker"), unique("g"));
-    mock.create_topic(&topic, 1, 1).unwrap();
-    let stub = fail_stub().await;
-    let mut config = config(&db.url, &[&topic], &group, Some(stub.addr), "");
-    config
-        .kafka
-        .properties
-        .insert("bootstrap.servers".into(), mock.bootstrap_servers());
+    let (mock, topic, stub, config) = on_mock(&db, "stalled-broker", "").await;
     let drain = config.shutdown.timeout;
     let stop = CancellationToken::new();
     let stopped = run_apart(config, consumer_only(), stop.clone());
@@ -594,19 +610,11 @@ async fn shutdown_does_not_wait_on_a_broker_that_stopped_answering() {
 #[tokio::test]
 async fn shutdown_does_not_wait_on_a_dlq_send_to_a_broker_that_stopped_answering() {
     let db = TestDb::new().await;
-    let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
-    let (topic, group) = (unique("stalled-dlq"), unique("g"));
-    mock.create_topic(&topic, 1, 1).unwrap();
-    mock.create_topic(&format!("{topic}.dlq"), 1, 1).unwrap();
-    let stub = fail_stub().await;
     // The send would wait out the stall: only the stop can end it.
     let extra = "[retry]\nmax_attempts = 2\ninitial_delay = \"1s\"\njitter = 0.0\n\
                  [dlq]\npublish_timeout = \"300s\"\n";
-    let mut config = config(&db.url, &[&topic], &group, Some(stub.addr), extra);
-    config
-        .kafka
-        .properties
-        .insert("bootstrap.servers".into(), mock.bootstrap_servers());
+    let (mock, topic, _stub, config) = on_mock(&db, "stalled-dlq", extra).await;
+    mock.create_topic(&format!("{topic}.dlq"), 1, 1).unwrap();
     let drain = config.shutdown.timeout;
     let stop = CancellationToken::new();
     let all = RunArgs {
