@@ -66,9 +66,14 @@ pub const RECHECK_IDLE: Duration = Duration::from_secs(1);
 /// Errors from the store. Connection trouble is transient; the rest is not.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// A query failed.
-    #[error("postgres: {0}")]
-    Sql(#[from] sqlx::Error),
+    /// A query failed. Shown as the error itself, without the chain of its sources, each of
+    /// which says it again.
+    #[error("postgres: {}", cause(.0))]
+    Sql(sqlx::Error),
+    /// Postgres refused the connection for a reason that waiting does not change: wrong
+    /// credentials, a database that does not exist.
+    #[error("connecting to postgres at {at}: {cause}")]
+    Refused { at: String, cause: String },
     /// The schema is missing or older than this build needs.
     #[error("{0}")]
     Schema(String),
@@ -86,8 +91,40 @@ impl StoreError {
         match self {
             StoreError::Sql(e) => is_transient(e),
             StoreError::Cancelled(_) => true,
-            StoreError::Schema(_) | StoreError::BadRow { .. } => false,
+            StoreError::Schema(_) | StoreError::BadRow { .. } | StoreError::Refused { .. } => false,
         }
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError::Sql(e)
+    }
+}
+
+/// What went wrong, once: a database error's own message (sqlx's text adds "error returned from
+/// database" before it, and its source says it again).
+pub fn cause(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(db) => db.message().to_string(),
+        e => e.to_string(),
+    }
+}
+
+/// Opens one connection and closes it again, within `within`: the cause of a failure, which a
+/// pool hides behind its own timeout (a refused connection, an unknown host, wrong credentials).
+async fn probe(options: &PgConnectOptions, within: Duration) -> Result<(), sqlx::Error> {
+    use sqlx::Connection;
+    match tokio::time::timeout(within, sqlx::PgConnection::connect_with(options)).await {
+        Ok(Ok(connection)) => {
+            let _ = connection.close().await;
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer within {}", humantime::format_duration(within)),
+        ))),
     }
 }
 
@@ -131,15 +168,18 @@ impl Store {
                     Ok(sqlx::Connection::ping(conn).await.is_ok())
                 })
             })
-            .connect_lazy_with(options);
+            .connect_lazy_with(options.clone());
         let mut delay = Duration::from_millis(250);
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
-            let error = match sqlx::query("SELECT 1").execute(&pool).await {
-                Ok(_) => return Ok(Self { pool }),
-                Err(e) if !is_transient(&e) => return Err(e.into()),
-                Err(e) => e,
+            let error = match probe(&options, config.connect_timeout).await {
+                Ok(()) => return Ok(Self { pool }),
+                Err(e) if !is_transient(&e) => {
+                    let cause = cause(&e);
+                    return Err(StoreError::Refused { at: shown, cause });
+                }
+                Err(e) => cause(&e),
             };
             tracing::warn!(
                 postgres = %shown, attempt, retry_in = %humantime::format_duration(delay),
@@ -156,19 +196,15 @@ impl Store {
     /// Connects once, for a short-lived command: an unreachable server is an error at once, naming
     /// the server with its password redacted.
     pub async fn connect_once(config: &PostgresConfig) -> anyhow::Result<Self> {
-        use anyhow::Context;
         let options = PgConnectOptions::from_str(config.url.expose_secret())?;
+        if let Err(e) = probe(&options, config.connect_timeout).await {
+            let at = redact_url(config.url.expose_secret());
+            anyhow::bail!("connecting to postgres at {at}: {}", cause(&e));
+        }
         let pool = PgPoolOptions::new()
             .max_connections(2)
             .acquire_timeout(config.connect_timeout)
-            .connect_with(options)
-            .await
-            .with_context(|| {
-                format!(
-                    "connecting to postgres at {}",
-                    redact_url(config.url.expose_secret())
-                )
-            })?;
+            .connect_lazy_with(options);
         Ok(Self { pool })
     }
 

@@ -193,6 +193,36 @@ async fn json_logs_parse_line_by_line_and_never_hold_the_password() {
     assert_eq!(status.code(), Some(0), "{log}");
 }
 
+/// Wrong credentials are not retried: `run` and an operator command fail at once, naming the
+/// server (password hidden) and the cause, once. Postgres refused to connect at all with a closed
+/// port: the operator command names that, not the pool's timeout.
+#[tokio::test]
+async fn wrong_credentials_fail_at_once_naming_the_server_and_the_cause_once() {
+    let url = format!("postgres://redrive:{PASSWORD}@{}/redrive", postgres_addr());
+    let config = base_config(&url);
+    for args in [&["run"][..], &["status"]] {
+        let out = run_binary(&config, args).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        let error = stderr.lines().last().unwrap_or_default();
+        assert!(
+            error.starts_with("error: connecting to postgres at postgres://redrive:***@"),
+            "{args:?}: {stderr}"
+        );
+        let cause = "password authentication failed for user \"redrive\"";
+        assert_eq!(error.matches(cause).count(), 1, "{args:?}: {stderr}");
+        assert!(!stderr.contains(PASSWORD), "the password leaked: {stderr}");
+    }
+    let closed = format!(
+        "postgres://redrive:redrive@127.0.0.1:{}/redrive",
+        closed_port()
+    );
+    let out = run_binary(&base_config(&closed), &["status"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("Connection refused"), "{stderr}");
+}
+
 #[tokio::test]
 async fn an_unreachable_postgres_is_retried_with_a_clear_log_line_and_no_password() {
     let closed = closed_port();
@@ -203,6 +233,10 @@ async fn an_unreachable_postgres_is_retried_with_a_clear_log_line_and_no_passwor
     assert!(
         log.contains("redrive:***@127.0.0.1"),
         "the log names the server: {log}"
+    );
+    assert!(
+        log.contains("Connection refused"),
+        "the log names the cause, not the pool's timeout: {log}"
     );
     assert!(!log.contains("panicked"), "{log}");
     assert_eq!(
