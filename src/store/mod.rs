@@ -70,8 +70,8 @@ pub enum StoreError {
     /// which says it again.
     #[error("postgres: {}", cause(.0))]
     Sql(sqlx::Error),
-    /// Postgres refused the connection for a reason that waiting does not change: wrong
-    /// credentials, a database that does not exist.
+    /// Connecting failed for a reason that waiting does not change: wrong credentials, a
+    /// database that does not exist, a setting in the URL that cannot work.
     #[error("connecting to postgres at {at}: {cause}")]
     Refused { at: String, cause: String },
     /// The schema is missing or older than this build needs.
