@@ -111,8 +111,13 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
-## Drop the per-test databases earlier runs left behind.
+## Drop the per-test databases and login roles earlier runs left behind (the roles test's logins
+## were named login_<32 hex digits> before they had the prefix).
 clean-test-dbs:
 	@psql -qtA "$(REDRIVE_TEST_DATABASE_URL)" -c \
 	  "SELECT datname FROM pg_database WHERE datname LIKE 'redrive_test_%'" | \
 	  while read -r db; do psql -q "$(REDRIVE_TEST_DATABASE_URL)" -c "DROP DATABASE IF EXISTS \"$$db\"" >/dev/null; done
+	@psql -qtA "$(REDRIVE_TEST_DATABASE_URL)" -c \
+	  "SELECT rolname FROM pg_roles WHERE rolname LIKE 'redrive\_test\_login\_%' OR rolname ~ '^login_[0-9a-f]{32}$$'" | \
+	  while read -r role; do psql -q "$(REDRIVE_TEST_DATABASE_URL)" -c "DROP ROLE IF EXISTS \"$$role\"" >/dev/null \
+	    || echo "could not drop the test role $$role" >&2; done

@@ -1042,7 +1042,8 @@ async fn apply_roles(db: &TestDb) {
 
 /// A login role in `group`, and the database URL that logs in as it.
 async fn login_role(db: &TestDb, group: &str) -> (String, String) {
-    let name = unique("login").replace('-', "_");
+    // `make clean-test-dbs` drops what a failed run leaves behind, by this prefix.
+    let name = unique("redrive_test_login").replace('-', "_");
     let password = format!("pw-{}", Uuid::now_v7().simple());
     sqlx::query(&format!(
         "CREATE ROLE {name} LOGIN PASSWORD '{password}' IN ROLE {group}"
