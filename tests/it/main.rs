@@ -18,4 +18,5 @@ mod startup;
 mod status;
 mod store;
 mod traces;
+mod upgrade;
 mod workers;
