@@ -102,7 +102,10 @@ impl Store {
         Ok(version)
     }
 
-    /// Refuses a schema older than this build needs, with the command that fixes it.
+    /// Refuses a schema older than this build needs, with the command that fixes it. A newer one
+    /// is allowed, with a warning: a newer build migrated it, and this one may be the build a
+    /// rolling deploy has not replaced yet, or one rolled back to. Its statements work as long as
+    /// the newer migrations only added to what it uses.
     pub async fn check_schema(&self) -> Result<(), StoreError> {
         let required = required_version();
         match self.schema_version().await? {
@@ -112,6 +115,16 @@ impl Store {
             Some(v) if v < required => Err(StoreError::Schema(format!(
                 "the redrive schema is at version {v}, older than the version {required} this redrive needs: run `redrive migrate`"
             ))),
+            Some(v) if v > required => {
+                tracing::warn!(
+                    schema = v,
+                    this_build = required,
+                    "the redrive schema is at version {v}, newer than this build of redrive knows \
+                     ({required}): a newer build migrated it. If statements fail here, replace \
+                     this process with that build (see Upgrading in the README)"
+                );
+                Ok(())
+            }
             Some(_) => Ok(()),
         }
     }

@@ -394,6 +394,37 @@ async fn run_refuses_a_database_without_the_schema_and_says_to_migrate() {
         .is_empty());
 }
 
+/// A newer build migrated the database: this one still runs (a rolling deploy has old processes,
+/// and a rollback goes back to one), and says so, naming both versions.
+#[tokio::test]
+async fn a_schema_newer_than_this_build_is_used_with_a_warning_naming_both_versions() {
+    let db = TestDb::new().await;
+    let ours = redrive::store::migrate::required_version();
+    sqlx::query(
+        "INSERT INTO redrive.refinery_schema_history (version, name, applied_on, checksum) \
+         VALUES ($1, 'from_a_newer_build', now()::text, '0')",
+    )
+    .bind(ours + 1)
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let warning = format!(
+        "the redrive schema is at version {}, newer than this build of redrive knows ({ours})",
+        ours + 1
+    );
+
+    let config = base_config(&db.url);
+    let flags = ["--no-dlq", "--no-consumer", "--no-workers", "--no-http"];
+    let (log, status, _) = run_until_logged_with(&config, "starting", 1, &[], &flags).await;
+    assert!(log.contains(&warning), "{log}");
+    assert_eq!(status.code(), Some(0), "{log}");
+
+    let out = run_binary(&config, &["status"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains(&warning), "{stderr}");
+}
+
 #[tokio::test]
 async fn migrate_needs_only_the_postgres_section_and_is_idempotent() {
     let db = TestDb::empty().await;
