@@ -425,6 +425,24 @@ async fn a_schema_newer_than_this_build_is_used_with_a_warning_naming_both_versi
     assert!(stderr.contains(&warning), "{stderr}");
 }
 
+/// Several `migrate` at once (every replica's init step, a Job run twice): each migration is
+/// applied once, by one of them, and every one of them succeeds.
+#[tokio::test]
+async fn migrations_run_from_several_places_at_once_are_each_applied_once() {
+    let db = TestDb::empty().await;
+    let url: secrecy::SecretString = db.url.clone().into();
+    let runs = futures::future::join_all((0..4).map(|_| redrive::store::migrate::run(&url))).await;
+    let mut applied: Vec<i32> = runs
+        .into_iter()
+        .flat_map(|r| r.expect("every migrate succeeds"))
+        .map(|m| m.version)
+        .collect();
+    applied.sort();
+    let all: Vec<i32> = (1..=redrive::store::migrate::required_version()).collect();
+    assert_eq!(applied, all, "each migration applied once, in all");
+    db.store.check_schema().await.unwrap();
+}
+
 #[tokio::test]
 async fn migrate_needs_only_the_postgres_section_and_is_idempotent() {
     let db = TestDb::empty().await;
