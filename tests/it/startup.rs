@@ -1,6 +1,7 @@
-//! Startup and bad input: bad configuration names its field, an unreachable Postgres is retried
-//! with a clear log line, a missing topic or an old schema is refused clearly, and the database
-//! password never appears in logs or errors (I8, I9).
+//! Startup, signals and bad input: bad configuration names its field, an unreachable Postgres is
+//! retried with a clear log line, a missing topic or an old schema is refused clearly, the database
+//! password never appears in logs or errors (I8, I9), and a second signal exits at once without
+//! losing the message in flight (I1).
 
 use crate::helpers::*;
 use redrive::cli::RunArgs;
@@ -138,6 +139,118 @@ async fn run_until_logged_with(
     let took = stopped.elapsed();
     log.extend(rest.await.unwrap());
     (log.join("\n"), status, took)
+}
+
+/// A stop waits for the messages in flight; a second signal exits at once (status 130), and the
+/// message that was in flight, whose outcome was never stored, is delivered again by the next run.
+#[tokio::test]
+async fn a_second_signal_exits_at_once_and_the_message_in_flight_comes_again() {
+    let db = TestDb::new().await;
+    let (topic, group) = (unique("second-signal"), unique("g"));
+    create_topic(&topic, 1).await;
+    // A handler that takes the request and never answers.
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hung_at = hung.local_addr().unwrap();
+    let (called, mut was_called) = tokio::sync::mpsc::channel::<()>(1);
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut conn, _)) = hung.accept().await {
+            let mut buf = [0u8; 1024];
+            if tokio::io::AsyncReadExt::read(&mut conn, &mut buf)
+                .await
+                .unwrap_or(0)
+                > 0
+            {
+                let _ = called.try_send(());
+            }
+            held.push(conn);
+        }
+    });
+    let text = |handler: std::net::SocketAddr| {
+        format!(
+            "[postgres]\nurl = \"{}\"\n[kafka]\ntopics = [\"{topic}\"]\n\"group.id\" = \"{group}\"\n\
+             \"bootstrap.servers\" = \"{}\"\n\"session.timeout.ms\" = 6000\n[handler]\nurl = \"http://{handler}/\"\ntimeout = \"300s\"\n\
+             [workers]\nlease = \"600s\"\n[shutdown]\ntimeout = \"300s\"\n",
+            db.url,
+            kafka()
+        )
+    };
+    let file = write_config(&text(hung_at));
+    let mut child = tokio::process::Command::new(redrive_bin())
+        .args([
+            "--config",
+            file.0.to_str().unwrap(),
+            "run",
+            "--no-dlq",
+            "--no-http",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (saw_stop, mut stop_logged) = tokio::sync::mpsc::channel::<()>(1);
+    let sink = log.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("shutdown requested") {
+                let _ = saw_stop.try_send(());
+            }
+            sink.lock().unwrap().push(line);
+        }
+    });
+    produce(&producer(&kafka()), &topic, None, Some(b"in flight"), &[]).await;
+    tokio::time::timeout(Duration::from_secs(60), was_called.recv())
+        .await
+        .unwrap_or_else(|_| panic!("the handler is called: {:?}", log.lock().unwrap()));
+
+    let pid = child.id().unwrap().to_string();
+    let signal = || async {
+        tokio::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await
+            .unwrap()
+    };
+    signal().await;
+    tokio::time::timeout(Duration::from_secs(30), stop_logged.recv())
+        .await
+        .unwrap_or_else(|_| panic!("the stop is logged: {:?}", log.lock().unwrap()));
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), child.wait())
+            .await
+            .is_err(),
+        "the first signal waits for the message in flight"
+    );
+    signal().await;
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the second signal ends the process")
+        .unwrap();
+    assert_eq!(status.code(), Some(130), "{:?}", log.lock().unwrap());
+    assert!(
+        log.lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("second signal: exiting without finishing")),
+        "{:?}",
+        log.lock().unwrap()
+    );
+
+    // The next run gets the message again: its offset was never stored.
+    let stub = Stub::start(|_| (200, vec![])).await;
+    let file = write_config(&text(stub.addr));
+    let mut next = spawn_redrive(&file.0, &["--no-dlq", "--no-http"]);
+    wait_for(
+        "the message delivered again",
+        Duration::from_secs(60),
+        || async { (stub.count() > 0).then_some(()) },
+    )
+    .await;
+    terminate(&mut next).await;
+    assert_eq!(stub.all()[0].body.as_ref(), b"in flight");
+    assert_eq!(db.count("true").await, 0, "it succeeded: no row");
 }
 
 /// A local port where nothing listens: bound, then released.
