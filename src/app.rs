@@ -134,6 +134,13 @@ pub async fn run<H: Handler>(
             ("consumer", result)
         });
     }
+    {
+        let (store, group, token) = (store.clone(), group.clone(), shutdown.clone());
+        services.spawn(async move {
+            crate::lockwatch::run(store, group, token).await;
+            ("lock watch", Ok(()))
+        });
+    }
     if !config.telemetry.sample_every.is_zero() {
         let (store, every, token) = (
             store.clone(),

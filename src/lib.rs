@@ -52,6 +52,7 @@ pub mod handler;
 pub mod http_server;
 pub mod kafka;
 pub mod lines;
+pub mod lockwatch;
 pub mod message;
 pub mod offsets;
 pub mod ops;

@@ -152,7 +152,17 @@ impl Store {
         shutdown: &CancellationToken,
     ) -> Result<Self, StoreError> {
         let shown = redact_url(config.url.expose_secret());
-        let options = PgConnectOptions::from_str(config.url.expose_secret())?;
+        let mut options = PgConnectOptions::from_str(config.url.expose_secret())?;
+        // Named, so a DBA sees whose sessions these are and the lock watch finds its own; a name
+        // in the URL (or PGAPPNAME) is kept.
+        if options.get_application_name().is_none() {
+            // Postgres keeps 63 bytes of it.
+            let name: String = format!("redrive {}", crate::dispatcher::worker_id())
+                .chars()
+                .take(60)
+                .collect();
+            options = options.application_name(&name);
+        }
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(config.connect_timeout)

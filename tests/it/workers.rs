@@ -1,5 +1,6 @@
 //! The retry workers: never early, prompt when due (I7), Retry-After capped (I6), unfinished claims
-//! released at shutdown, and no row attempted twice across processes (SKIP LOCKED).
+//! released at shutdown, no row attempted twice across processes (SKIP LOCKED), and a row that
+//! another session holds locked named in the log with the session that holds it.
 
 use crate::helpers::*;
 use crate::store::pending;
@@ -241,4 +242,81 @@ async fn two_processes_with_four_workers_each_attempt_every_row_exactly_once() {
     assert_eq!(seen.len() as i64, ROWS, "every row was attempted");
     let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "rows attempted more than once: {twice:?}");
+}
+
+/// An operator's transaction left open on a row holds up the completion of its attempt (and the
+/// completions after it). The lock watch names that session in the log, with how to end it; once
+/// it ends, the completion goes through.
+#[tokio::test]
+async fn a_row_held_locked_by_another_session_is_named_in_the_log_with_that_session() {
+    use sqlx::Connection;
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let db = TestDb::new().await;
+    db.seed(&[pending("orders", 1, Duration::ZERO, 3)]).await;
+    let mut operator = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let mut open = operator.begin().await.unwrap();
+    // A row lock on the message alone: the claim (which locks the queue's row) takes the row, and
+    // the completion, which deletes the message, waits.
+    sqlx::query("SELECT id FROM redrive.retry_messages FOR UPDATE")
+        .execute(&mut *open)
+        .await
+        .unwrap();
+    let holder: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *open)
+        .await
+        .unwrap();
+
+    let stub = Stub::start(|_| (200, vec![])).await;
+    let config = write_config(&format!(
+        "[postgres]\nurl = \"{}\"\n[kafka]\ntopics = [\"orders\"]\n\"group.id\" = \"g\"\n\
+         \"bootstrap.servers\" = \"{}\"\n[handler]\nurl = \"http://{}/\"\n",
+        db.url,
+        kafka(),
+        stub.addr
+    ));
+    let mut child = tokio::process::Command::new(redrive_bin())
+        .args(["--config", config.0.to_str().unwrap(), "run"])
+        .args(["--no-consumer", "--no-dlq", "--no-http"])
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let named = format!("another session holds: postgres pid {holder},");
+    let mut log = Vec::new();
+    let found = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            log.push(line.clone());
+            if line.contains(&named) {
+                return Some(line);
+            }
+        }
+        None
+    })
+    .await;
+    let Ok(Some(line)) = found else {
+        panic!("no log line naming pid {holder}: {log:#?}")
+    };
+    assert!(
+        line.contains(&format!("pg_terminate_backend({holder})")),
+        "{line}"
+    );
+    assert_eq!(
+        stub.count(),
+        1,
+        "the attempt was made; its completion waits"
+    );
+    assert_eq!(db.count("true").await, 1);
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+
+    open.rollback().await.unwrap();
+    wait_for(
+        "the completion once the lock is gone",
+        Duration::from_secs(30),
+        || async { (db.count("true").await == 0).then_some(()) },
+    )
+    .await;
+    assert_eq!(stub.count(), 1, "attempted once");
+    terminate(&mut child).await;
 }
