@@ -6,6 +6,7 @@ use crate::batch;
 use crate::config::WorkersConfig;
 use crate::store::complete::Completion;
 use crate::store::Store;
+use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// Sends finished attempts to the completer. Cheap to clone.
@@ -77,30 +78,87 @@ impl Completer {
             let Some(batch) = collected.await else { break };
             let batch: Vec<Completion> = batch.into_iter().map(|(c, _)| c).collect();
             let store = &self.store;
-            let done = batch::write_isolating(
+            let finished = batch::write_isolating(
                 "completion",
                 &self.group,
                 &batch,
-                |chunk| store.complete(chunk),
+                |chunk| store.complete_around_held(chunk),
                 |c, error| {
                     let safe = c.safe_form(&error);
-                    async move { store.complete(std::slice::from_ref(&safe)).await }
+                    async move {
+                        store
+                            .complete_around_held(std::slice::from_ref(&safe))
+                            .await
+                    }
                 },
             )
             .await;
-            metrics::counter!("redrive_completions_total", "result" => "deleted")
-                .increment(done.deleted);
-            metrics::counter!("redrive_completions_total", "result" => "rescheduled")
-                .increment(done.rescheduled);
-            metrics::counter!("redrive_completions_total", "result" => "dead").increment(done.dead);
-            metrics::counter!("redrive_completions_total", "result" => "rejected")
-                .increment(done.rejected);
-            if done.rejected > 0 {
-                tracing::warn!(
-                    rejected = done.rejected,
-                    "late completions refused: their leases had been taken over"
-                );
+            count(finished.done);
+            if !finished.held.is_empty() {
+                held(&finished.held);
+                // Tried again on the side, so the completions after them go on meanwhile.
+                tokio::spawn(complete_held(self.store.clone(), finished.held));
             }
         }
+    }
+}
+
+/// How often completions whose rows another session holds locked are tried again.
+pub const HELD_RETRY: Duration = Duration::from_secs(5);
+
+/// Tries `held` again every [`HELD_RETRY`], without waiting for any lock, until every one is
+/// written. Should the process stop first, their leases run out and the rows are attempted again.
+async fn complete_held(store: Store, mut held: Vec<Completion>) {
+    while !held.is_empty() {
+        tokio::time::sleep(HELD_RETRY).await;
+        match store.complete_unheld(&held).await {
+            Ok(finished) => {
+                count(finished.done);
+                if finished.held.len() < held.len() {
+                    tracing::info!(
+                        written = held.len() - finished.held.len(),
+                        still_held = finished.held.len(),
+                        "completions whose rows another session held are written"
+                    );
+                }
+                held = finished.held;
+            }
+            Err(e) if e.is_transient() || crate::store::complete::is_lock_timeout(&e) => {
+                tracing::warn!("completions held by another session's lock: trying again: {e}");
+            }
+            Err(e) => {
+                // Only the fence and the lease are left to finish these rows: attempted again.
+                tracing::error!(
+                    rows = held.len(),
+                    "completions held by another session's lock could not be written; their rows are attempted again once their leases run out: {e}"
+                );
+                return;
+            }
+        }
+    }
+}
+
+fn held(held: &[Completion]) {
+    let ids: Vec<String> = held.iter().map(|c| c.id.to_string()).collect();
+    tracing::warn!(
+        rows = ?ids,
+        "completions wait for rows that another session holds locked (a transaction left open?); \
+         the other completions go on, and these are tried again every {}s until that \
+         transaction ends",
+        HELD_RETRY.as_secs()
+    );
+}
+
+fn count(done: crate::store::complete::Completed) {
+    metrics::counter!("redrive_completions_total", "result" => "deleted").increment(done.deleted);
+    metrics::counter!("redrive_completions_total", "result" => "rescheduled")
+        .increment(done.rescheduled);
+    metrics::counter!("redrive_completions_total", "result" => "dead").increment(done.dead);
+    metrics::counter!("redrive_completions_total", "result" => "rejected").increment(done.rejected);
+    if done.rejected > 0 {
+        tracing::warn!(
+            rejected = done.rejected,
+            "late completions refused: their leases had been taken over"
+        );
     }
 }

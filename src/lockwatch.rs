@@ -1,12 +1,12 @@
 //! The lock watch: names the session that holds up a statement of this process.
 //!
-//! A row that another session holds locked (an operator's UPDATE in a transaction left open, say)
-//! holds up every statement of redrive that needs it: the completion of an attempt on it, and with
-//! it every completion after it; a claim that rescues it; a DLQ mark. Postgres waits without a
-//! limit, so the process looks idle while it waits. Every [`EVERY`] this looks for statements of
-//! this process (its connections' `application_name`) that have waited on a lock for longer than
-//! [`AFTER`], and logs who holds them up and how to end it, again every [`REPEAT`] while it lasts.
-//! `redrive_lock_waits{group}` is how many wait now.
+//! A transaction left open (an operator's UPDATE in `psql`, say) keeps what it locked until it ends,
+//! and Postgres makes every statement that needs it wait, without a limit. redrive goes around the
+//! rows held for its completions and claims (schema V16, `store::complete`), but other statements
+//! still wait: a capture behind a key line's lock that such a transaction holds, say. Every
+//! [`EVERY`] this looks for statements of this process (its connections' `application_name`) that
+//! have waited on a lock for longer than [`AFTER`], and logs who holds them up and how to end it,
+//! again every [`REPEAT`] while it lasts. `redrive_lock_waits{group}` is how many wait now.
 //!
 //! It has a connection of its own, so a pool whose every connection waits does not hide the cause.
 //! In the normal case its statement reads `pg_stat_activity` and finds nothing;
@@ -169,9 +169,8 @@ fn log(w: &Wait) {
         holder_address = %seen(&w.holder_address),
         holder_state = %seen(&w.holder_state),
         "a statement of this process has waited {} for a lock that another session holds: \
-         postgres pid {}, its transaction open for {open_for}. What needs the locked rows waits \
-         until that transaction ends (the completions of attempts wait in order, so this \
-         process's retries stop): end it with COMMIT or ROLLBACK, or SELECT pg_terminate_backend({})",
+         postgres pid {}, its transaction open for {open_for}. The statement waits until that \
+         transaction ends: end it with COMMIT or ROLLBACK, or SELECT pg_terminate_backend({})",
         humantime::format_duration(Duration::from_secs(w.waited as u64)),
         w.holder,
         w.holder,

@@ -83,45 +83,132 @@ impl std::ops::AddAssign for Completed {
     }
 }
 
+/// How long a completion waits for a row that another session holds locked (an operator's UPDATE
+/// in a transaction left open) before it goes around it; schema V16 gives
+/// `redrive.delete_succeeded` the same.
+const LOCK_WAIT: &str = "5s";
+
+/// Whether a statement gave up waiting for a lock (`lock_timeout`, SQLSTATE 55P03).
+pub fn is_lock_timeout(e: &StoreError) -> bool {
+    match e {
+        StoreError::Sql(sqlx::Error::Database(db)) => db.code().as_deref() == Some("55P03"),
+        _ => false,
+    }
+}
+
+/// What [`Store::complete_around_held`] did, and the completions it could not write yet because
+/// another session holds their rows locked.
+#[derive(Debug, Default)]
+pub struct Finished {
+    /// What was written.
+    pub done: Completed,
+    /// Not written yet: try them again with [`Store::complete_unheld`].
+    pub held: Vec<Completion>,
+}
+
+impl std::ops::AddAssign for Finished {
+    fn add_assign(&mut self, o: Finished) {
+        self.done += o.done;
+        self.held.extend(o.held);
+    }
+}
+
 impl Store {
     /// Applies a batch of completions: one fenced delete of the successes
     /// (`redrive.delete_succeeded`) and one UPDATE of the failures, in one transaction when the
-    /// batch has both.
+    /// batch has failures. A row that another session holds locked makes it fail after
+    /// [`LOCK_WAIT`] (SQLSTATE 55P03) rather than wait for as long as that session likes.
     pub async fn complete(&self, batch: &[Completion]) -> Result<Completed, StoreError> {
-        let (mut ok_ids, mut ok_tokens) = (Vec::new(), Vec::new());
-        let mut failed = Failures::default();
-        for c in batch {
-            match &c.outcome {
-                Outcome::Succeeded => {
-                    ok_ids.push(c.id);
-                    ok_tokens.push(c.token);
-                }
-                Outcome::Retry { retry_in, error } => failed.push(c, "pending", *retry_in, error),
-                Outcome::Dead { error } => failed.push(c, "dead", Duration::ZERO, error),
-            }
-        }
-        let (deleted, updated) = match (ok_ids.is_empty(), failed.ids.is_empty()) {
+        let split = Split::of(batch);
+        let (deleted, updated) = match (split.ok_ids.is_empty(), split.failed.ids.is_empty()) {
             (true, true) => (0, Vec::new()),
-            // One statement needs no transaction around it to open and close.
-            (true, false) => (0, failed.write(self.pool()).await?),
+            // One statement needs no transaction around it to open and close; the function has
+            // its own lock timeout.
             (false, true) => {
-                let deleted = delete_succeeded(self.pool(), &ok_ids, &ok_tokens).await?;
+                let deleted =
+                    delete_succeeded(self.pool(), &split.ok_ids, &split.ok_tokens).await?;
                 (deleted, Vec::new())
             }
-            (false, false) => {
+            _ => {
                 let mut tx = self.pool().begin().await?;
-                let deleted = delete_succeeded(&mut *tx, &ok_ids, &ok_tokens).await?;
-                let updated = failed.write(&mut *tx).await?;
+                sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+                    .bind(LOCK_WAIT)
+                    .execute(&mut *tx)
+                    .await?;
+                let done = split.apply(&mut tx).await?;
                 tx.commit().await?;
-                (deleted, updated)
+                done
             }
         };
-        let dead = updated.iter().filter(|s| s.as_str() == "dead").count() as u64;
-        Ok(Completed {
-            deleted,
-            rescheduled: updated.len() as u64 - dead,
-            dead,
-            rejected: batch.len() as u64 - deleted - updated.len() as u64,
+        Ok(split.counted(batch.len(), deleted, &updated))
+    }
+
+    /// [`Store::complete`], going around the rows that another session holds locked: when the
+    /// batch gave up waiting for one, the rows nobody else holds are completed at once, and the
+    /// others are returned in [`Finished::held`], to be tried again.
+    pub async fn complete_around_held(&self, batch: &[Completion]) -> Result<Finished, StoreError> {
+        match self.complete(batch).await {
+            Ok(done) => Ok(Finished {
+                done,
+                held: Vec::new(),
+            }),
+            Err(e) if is_lock_timeout(&e) => match self.complete_unheld(batch).await {
+                // A trigger of one of them waited on a row held elsewhere: all wait their turn.
+                Err(e) if is_lock_timeout(&e) => Ok(Finished {
+                    done: Completed::default(),
+                    held: batch.to_vec(),
+                }),
+                other => other,
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Completes, without waiting for any lock of another session, the completions of `batch`
+    /// whose rows no other session holds locked; returns the others in [`Finished::held`]. The
+    /// rows it completes are locked first with `SKIP LOCKED`, the message's and then the queue's;
+    /// a row already gone (its lease taken over and finished elsewhere) is left to the fence.
+    pub async fn complete_unheld(&self, batch: &[Completion]) -> Result<Finished, StoreError> {
+        let ids: Vec<Uuid> = batch.iter().map(|c| c.id).collect();
+        let mut tx = self.pool().begin().await?;
+        // A trigger of a completed row may still need a row held elsewhere (the next row of its
+        // key line): that waits no longer than a completion does.
+        sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+            .bind(LOCK_WAIT)
+            .execute(&mut *tx)
+            .await?;
+        let rows = sqlx::query_scalar!(
+            r#"SELECT id AS "id!" FROM redrive.retry_messages WHERE id = ANY($1) FOR UPDATE SKIP LOCKED"#,
+            &ids,
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let queued = sqlx::query_scalar!(
+            r#"SELECT id AS "id!" FROM redrive.queue WHERE id = ANY($1) FOR UPDATE SKIP LOCKED"#,
+            &rows,
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let held = sqlx::query_scalar!(
+            r#"
+            SELECT w.id AS "id!" FROM unnest($1::uuid[]) AS w(id)
+            WHERE EXISTS (SELECT 1 FROM redrive.retry_messages r WHERE r.id = w.id AND r.id <> ALL($2))
+               OR EXISTS (SELECT 1 FROM redrive.queue q WHERE q.id = w.id AND q.id <> ALL($3))
+            "#,
+            &ids,
+            &rows,
+            &queued,
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let (held, free): (Vec<Completion>, Vec<Completion>) =
+            batch.iter().cloned().partition(|c| held.contains(&c.id));
+        let split = Split::of(&free);
+        let (deleted, updated) = split.apply(&mut tx).await?;
+        tx.commit().await?;
+        Ok(Finished {
+            done: split.counted(free.len(), deleted, &updated),
+            held,
         })
     }
 
@@ -169,6 +256,61 @@ async fn delete_succeeded<'e>(
     .fetch_one(db)
     .await?;
     Ok(deleted as u64)
+}
+
+/// A batch of completions, split into the successes (deleted) and the failures (updated).
+struct Split {
+    ok_ids: Vec<Uuid>,
+    ok_tokens: Vec<Uuid>,
+    failed: Failures,
+}
+
+impl Split {
+    fn of(batch: &[Completion]) -> Self {
+        let mut split = Split {
+            ok_ids: Vec::new(),
+            ok_tokens: Vec::new(),
+            failed: Failures::default(),
+        };
+        for c in batch {
+            match &c.outcome {
+                Outcome::Succeeded => {
+                    split.ok_ids.push(c.id);
+                    split.ok_tokens.push(c.token);
+                }
+                Outcome::Retry { retry_in, error } => {
+                    split.failed.push(c, "pending", *retry_in, error)
+                }
+                Outcome::Dead { error } => split.failed.push(c, "dead", Duration::ZERO, error),
+            }
+        }
+        split
+    }
+
+    /// Both statements, in the caller's transaction; returns how many rows were deleted, and the
+    /// new state of each row updated.
+    async fn apply(&self, tx: &mut sqlx::PgConnection) -> Result<(u64, Vec<String>), StoreError> {
+        let deleted = match self.ok_ids.is_empty() {
+            true => 0,
+            false => delete_succeeded(&mut *tx, &self.ok_ids, &self.ok_tokens).await?,
+        };
+        let updated = match self.failed.ids.is_empty() {
+            true => Vec::new(),
+            false => self.failed.write(&mut *tx).await?,
+        };
+        Ok((deleted, updated))
+    }
+
+    /// What `total` completions did, `deleted` and `updated` of them written.
+    fn counted(&self, total: usize, deleted: u64, updated: &[String]) -> Completed {
+        let dead = updated.iter().filter(|s| s.as_str() == "dead").count() as u64;
+        Completed {
+            deleted,
+            rescheduled: updated.len() as u64 - dead,
+            dead,
+            rejected: total as u64 - deleted - updated.len() as u64,
+        }
+    }
 }
 
 /// The failed attempts of a batch, one array per column of their UPDATE.

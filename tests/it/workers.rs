@@ -1,6 +1,8 @@
 //! The retry workers: never early, prompt when due (I7), Retry-After capped (I6), unfinished claims
 //! released at shutdown, no row attempted twice across processes (SKIP LOCKED), and a row that
-//! another session holds locked named in the log with the session that holds it.
+//! another session holds locked holds up nothing but itself: its completion and the rescue of its
+//! lease go around it, and a statement still waiting on a lock is named in the log with the
+//! session that holds it.
 
 use crate::helpers::*;
 use crate::store::pending;
@@ -14,6 +16,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 /// Offsets attempted and when.
 type Calls = Arc<Mutex<Vec<(i64, DateTime<Utc>)>>>;
@@ -244,35 +247,176 @@ async fn two_processes_with_four_workers_each_attempt_every_row_exactly_once() {
     assert!(twice.is_empty(), "rows attempted more than once: {twice:?}");
 }
 
-/// An operator's transaction left open on a row holds up the completion of its attempt (and the
-/// completions after it). The lock watch names that session in the log, with how to end it; once
-/// it ends, the completion goes through.
-#[tokio::test]
-async fn a_row_held_locked_by_another_session_is_named_in_the_log_with_that_session() {
-    use sqlx::Connection;
-    use tokio::io::{AsyncBufReadExt, BufReader};
-    let db = TestDb::new().await;
-    db.seed(&[pending("orders", 1, Duration::ZERO, 3)]).await;
-    let mut operator = sqlx::PgConnection::connect(&db.url).await.unwrap();
-    let mut open = operator.begin().await.unwrap();
-    // A row lock on the message alone: the claim (which locks the queue's row) takes the row, and
-    // the completion, which deletes the message, waits.
-    sqlx::query("SELECT id FROM redrive.retry_messages FOR UPDATE")
+/// Three claimed rows; an operator's transaction holds the second one's message row locked (a
+/// `SELECT … FOR UPDATE` left open), as an UPDATE would.
+async fn three_claimed_and_one_held(
+    db: &TestDb,
+) -> (
+    Vec<redrive::store::claim::Claimed>,
+    sqlx::Transaction<'static, sqlx::Postgres>,
+) {
+    db.seed(&[
+        pending("orders", 1, Duration::ZERO, 3),
+        pending("orders", 2, Duration::ZERO, 3),
+        pending("orders", 3, Duration::ZERO, 3),
+    ])
+    .await;
+    let mut claimed = db.claim(Duration::from_secs(60)).await;
+    claimed.sort_by_key(|c| c.message.offset);
+    assert_eq!(claimed.len(), 3);
+    let mut open = db.pool().begin().await.unwrap();
+    sqlx::query("SELECT id FROM redrive.retry_messages WHERE kafka_offset = 2 FOR UPDATE")
         .execute(&mut *open)
         .await
         .unwrap();
-    let holder: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(&mut *open)
+    (claimed, open)
+}
+
+fn succeeded(c: &redrive::store::claim::Claimed) -> redrive::store::complete::Completion {
+    redrive::store::complete::Completion {
+        id: c.id,
+        attempt: c.attempt,
+        token: c.token,
+        outcome: redrive::store::complete::Outcome::Succeeded,
+    }
+}
+
+/// A completion batch with a row that another session holds gives up waiting for it: the other
+/// rows are completed, the held one is handed back, and completing it again does not wait. Once
+/// the transaction ends, it goes through. (A success, and two failures: the batch's statements in
+/// one transaction.)
+#[tokio::test]
+async fn completions_go_around_a_row_another_session_holds_locked() {
+    use redrive::store::complete::Outcome;
+    let db = TestDb::new().await;
+    let (claimed, open) = three_claimed_and_one_held(&db).await;
+    let mut batch: Vec<_> = claimed.iter().map(succeeded).collect();
+    batch[1].outcome = Outcome::Retry {
+        retry_in: Duration::from_secs(60),
+        error: HandlerError::retryable("503"),
+    };
+    batch[2].outcome = Outcome::Dead {
+        error: HandlerError::permanent("400"),
+    };
+    let finished = tokio::time::timeout(
+        Duration::from_secs(60),
+        db.store.complete_around_held(&batch),
+    )
+    .await
+    .expect("the batch does not wait for the held row")
+    .unwrap();
+    assert_eq!((finished.done.deleted, finished.done.dead), (1, 1));
+    let held: Vec<Uuid> = finished.held.iter().map(|c| c.id).collect();
+    assert_eq!(held, [claimed[1].id]);
+    assert_eq!(db.count("state = 'running'").await, 1);
+
+    let again = tokio::time::timeout(
+        Duration::from_secs(60),
+        db.store.complete_unheld(&finished.held),
+    )
+    .await
+    .expect("trying the held row again does not wait")
+    .unwrap();
+    assert_eq!((again.done.rescheduled, again.held.len()), (0, 1));
+
+    open.rollback().await.unwrap();
+    let done = db.store.complete_unheld(&again.held).await.unwrap();
+    assert_eq!((done.done.rescheduled, done.held.len()), (1, 0));
+    assert_eq!(db.count("state = 'pending'").await, 1);
+    assert_eq!(db.count("state = 'dead'").await, 1);
+}
+
+/// The same through the completer: the completions behind the held row are written while it is
+/// held, and the held one is written by itself once the transaction ends.
+#[tokio::test]
+async fn the_completer_writes_the_others_and_the_held_row_once_it_is_free() {
+    let db = TestDb::new().await;
+    let (claimed, open) = three_claimed_and_one_held(&db).await;
+    let (completer, complete) = completer(db.store.clone(), "g", &WorkersConfig::default());
+    let running = tokio::spawn(completer.run());
+    for c in &claimed {
+        assert!(complete.send(succeeded(c)).await);
+    }
+    let offsets = || async {
+        sqlx::query_scalar::<_, i64>("SELECT kafka_offset FROM redrive.retry_messages")
+            .fetch_all(db.pool())
+            .await
+            .unwrap()
+    };
+    wait_for(
+        "the rows nobody holds completed",
+        Duration::from_secs(60),
+        || async { (offsets().await == [2]).then_some(()) },
+    )
+    .await;
+    // Later completions are not held up either.
+    db.seed(&[pending("orders", 4, Duration::ZERO, 3)]).await;
+    let fourth = db.claim(Duration::from_secs(60)).await;
+    assert!(complete.send(succeeded(&fourth[0])).await);
+    wait_for(
+        "a later completion written",
+        Duration::from_secs(60),
+        || async { (offsets().await == [2]).then_some(()) },
+    )
+    .await;
+
+    open.rollback().await.unwrap();
+    wait_for(
+        "the held row completed once free",
+        Duration::from_secs(60),
+        || async { offsets().await.is_empty().then_some(()) },
+    )
+    .await;
+    drop(complete);
+    running.await.unwrap();
+}
+
+/// A claim takes back an expired lease only where no other session holds the row, and does not
+/// wait for the one that does; it takes that one back once the transaction ends.
+#[tokio::test]
+async fn a_claim_does_not_wait_for_an_expired_row_that_another_session_holds() {
+    let db = TestDb::new().await;
+    db.seed(&[pending("orders", 1, Duration::ZERO, 3)]).await;
+    let expired = db.claim(Duration::ZERO).await;
+    assert_eq!(expired.len(), 1);
+    let mut open = db.pool().begin().await.unwrap();
+    sqlx::query("SELECT id FROM redrive.retry_messages WHERE kafka_offset = 1 FOR UPDATE")
+        .execute(&mut *open)
         .await
         .unwrap();
+    db.seed(&[pending("orders", 2, Duration::ZERO, 3)]).await;
+    let claimed = tokio::time::timeout(Duration::from_secs(60), db.claim(Duration::from_secs(60)))
+        .await
+        .expect("the claim does not wait for the held row");
+    let offsets: Vec<i64> = claimed.iter().map(|c| c.message.offset).collect();
+    assert_eq!(offsets, [2], "the held row is left as it is");
 
-    let stub = Stub::start(|_| (200, vec![])).await;
+    open.rollback().await.unwrap();
+    let claimed = db.claim(Duration::from_secs(60)).await;
+    let offsets: Vec<i64> = claimed.iter().map(|c| c.message.offset).collect();
+    assert_eq!(offsets, [1], "taken back once free");
+    assert_eq!(
+        claimed[0].attempt, 3,
+        "the attempt whose lease ran out counts"
+    );
+}
+
+/// A statement of a `redrive run` that waits on a lock for more than 5 s is named in its log, with
+/// the session that holds the lock and how to end it. (redrive's own statements go around held
+/// rows; this waiter is a session under the process's `application_name`.)
+#[tokio::test]
+async fn a_statement_waiting_on_another_sessions_lock_is_named_in_the_log() {
+    use sqlx::{ConnectOptions, Connection};
+    use std::str::FromStr;
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let db = TestDb::new().await;
+    db.seed(&[pending("orders", 1, Duration::from_secs(3600), 3)])
+        .await;
     let config = write_config(&format!(
         "[postgres]\nurl = \"{}\"\n[kafka]\ntopics = [\"orders\"]\n\"group.id\" = \"g\"\n\
-         \"bootstrap.servers\" = \"{}\"\n[handler]\nurl = \"http://{}/\"\n",
+         \"bootstrap.servers\" = \"{}\"\n[handler]\nurl = \"http://127.0.0.1:9/\"\n",
         db.url,
         kafka(),
-        stub.addr
     ));
     let mut child = tokio::process::Command::new(redrive_bin())
         .args(["--config", config.0.to_str().unwrap(), "run"])
@@ -282,6 +426,32 @@ async fn a_row_held_locked_by_another_session_is_named_in_the_log_with_that_sess
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let name = format!("redrive {}-{}", host.trim(), child.id().unwrap());
+
+    let mut holding = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let mut open = holding.begin().await.unwrap();
+    sqlx::query("SELECT id FROM redrive.retry_messages FOR UPDATE")
+        .execute(&mut *open)
+        .await
+        .unwrap();
+    let holder: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *open)
+        .await
+        .unwrap();
+    let mut waiter = sqlx::postgres::PgConnectOptions::from_str(&db.url)
+        .unwrap()
+        .application_name(&name)
+        .connect()
+        .await
+        .unwrap();
+    let waiting = tokio::spawn(async move {
+        sqlx::query("UPDATE redrive.retry_messages SET last_error = 'x'")
+            .execute(&mut waiter)
+            .await
+            .map(|_| ())
+    });
+
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let named = format!("another session holds: postgres pid {holder},");
     let mut log = Vec::new();
@@ -302,21 +472,10 @@ async fn a_row_held_locked_by_another_session_is_named_in_the_log_with_that_sess
         line.contains(&format!("pg_terminate_backend({holder})")),
         "{line}"
     );
-    assert_eq!(
-        stub.count(),
-        1,
-        "the attempt was made; its completion waits"
-    );
-    assert_eq!(db.count("true").await, 1);
+    assert!(line.contains("idle in transaction"), "{line}");
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
 
     open.rollback().await.unwrap();
-    wait_for(
-        "the completion once the lock is gone",
-        Duration::from_secs(30),
-        || async { (db.count("true").await == 0).then_some(()) },
-    )
-    .await;
-    assert_eq!(stub.count(), 1, "attempted once");
+    waiting.await.unwrap().unwrap();
     terminate(&mut child).await;
 }
