@@ -68,6 +68,9 @@ impl CompleteHandle {
 impl Completer {
     /// Writes batches until every handle is dropped and the queue is empty.
     pub async fn run(mut self) {
+        // Until when the batches skip rows held elsewhere without waiting first: a transaction
+        // that holds one row of a batch often holds many (an UPDATE of a whole topic's rows).
+        let mut around_until: Option<std::time::Instant> = None;
         loop {
             let collected = batch::collect_until(
                 &mut self.rx,
@@ -78,16 +81,17 @@ impl Completer {
             let Some(batch) = collected.await else { break };
             let batch: Vec<Completion> = batch.into_iter().map(|(c, _)| c).collect();
             let store = &self.store;
+            let wait = around_until.is_none_or(|until| std::time::Instant::now() >= until);
             let finished = batch::write_isolating(
                 "completion",
                 &self.group,
                 &batch,
-                |chunk| store.complete_around_held(chunk),
+                |chunk| store.complete_around_held(chunk, wait),
                 |c, error| {
                     let safe = c.safe_form(&error);
                     async move {
                         store
-                            .complete_around_held(std::slice::from_ref(&safe))
+                            .complete_around_held(std::slice::from_ref(&safe), wait)
                             .await
                     }
                 },
@@ -95,6 +99,7 @@ impl Completer {
             .await;
             count(finished.done);
             if !finished.held.is_empty() {
+                around_until = Some(std::time::Instant::now() + GO_AROUND_FOR);
                 held(&finished.held);
                 // Tried again on the side, so the completions after them go on meanwhile.
                 tokio::spawn(complete_held(self.store.clone(), finished.held));
@@ -102,6 +107,10 @@ impl Completer {
         }
     }
 }
+
+/// How long, after a batch found a row that another session holds, the batches go around held rows
+/// at once (`SKIP LOCKED` first, a few statements more) instead of waiting for one first.
+pub const GO_AROUND_FOR: Duration = Duration::from_secs(60);
 
 /// How often completions whose rows another session holds locked are tried again.
 pub const HELD_RETRY: Duration = Duration::from_secs(5);

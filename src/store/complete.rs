@@ -144,23 +144,32 @@ impl Store {
     }
 
     /// [`Store::complete`], going around the rows that another session holds locked: when the
-    /// batch gave up waiting for one, the rows nobody else holds are completed at once, and the
-    /// others are returned in [`Finished::held`], to be tried again.
-    pub async fn complete_around_held(&self, batch: &[Completion]) -> Result<Finished, StoreError> {
-        match self.complete(batch).await {
-            Ok(done) => Ok(Finished {
-                done,
-                held: Vec::new(),
+    /// batch gave up waiting for one (or at once, without `wait`), the rows nobody else holds are
+    /// completed, and the others are returned in [`Finished::held`], to be tried again.
+    pub async fn complete_around_held(
+        &self,
+        batch: &[Completion],
+        wait: bool,
+    ) -> Result<Finished, StoreError> {
+        if wait {
+            match self.complete(batch).await {
+                Ok(done) => {
+                    return Ok(Finished {
+                        done,
+                        held: Vec::new(),
+                    })
+                }
+                Err(e) if is_lock_timeout(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        match self.complete_unheld(batch).await {
+            // A trigger of one of them waited on a row held elsewhere: all wait their turn.
+            Err(e) if is_lock_timeout(&e) => Ok(Finished {
+                done: Completed::default(),
+                held: batch.to_vec(),
             }),
-            Err(e) if is_lock_timeout(&e) => match self.complete_unheld(batch).await {
-                // A trigger of one of them waited on a row held elsewhere: all wait their turn.
-                Err(e) if is_lock_timeout(&e) => Ok(Finished {
-                    done: Completed::default(),
-                    held: batch.to_vec(),
-                }),
-                other => other,
-            },
-            Err(e) => Err(e),
+            other => other,
         }
     }
 
