@@ -71,6 +71,9 @@ impl Completer {
         // Until when the batches skip rows held elsewhere without waiting first: a transaction
         // that holds one row of a batch often holds many (an UPDATE of a whole topic's rows).
         let mut around_until: Option<std::time::Instant> = None;
+        // The completions left to the side, tried again by one task.
+        let (to_side, side) = mpsc::unbounded_channel();
+        let on_the_side = tokio::spawn(complete_held(self.store.clone(), side));
         loop {
             let collected = batch::collect_until(
                 &mut self.rx,
@@ -102,9 +105,12 @@ impl Completer {
                 around_until = Some(std::time::Instant::now() + GO_AROUND_FOR);
                 held(&finished.held);
                 // Tried again on the side, so the completions after them go on meanwhile.
-                tokio::spawn(complete_held(self.store.clone(), finished.held));
+                let _ = to_side.send(finished.held);
             }
         }
+        // One last try for what is still held; past it, their leases run out.
+        drop(to_side);
+        let _ = on_the_side.await;
     }
 }
 
@@ -115,11 +121,29 @@ pub const GO_AROUND_FOR: Duration = Duration::from_secs(60);
 /// How often completions whose rows another session holds locked are tried again.
 pub const HELD_RETRY: Duration = Duration::from_secs(5);
 
-/// Tries `held` again every [`HELD_RETRY`], without waiting for any lock, until every one is
-/// written. Should the process stop first, their leases run out and the rows are attempted again.
-async fn complete_held(store: Store, mut held: Vec<Completion>) {
-    while !held.is_empty() {
-        tokio::time::sleep(HELD_RETRY).await;
+/// Tries the completions it is sent again every [`HELD_RETRY`], without waiting for any lock,
+/// until each is written; once the completer stops, tries once more and ends. What is still held
+/// then is left to the fence: the rows are attempted again once their leases run out.
+async fn complete_held(store: Store, mut incoming: mpsc::UnboundedReceiver<Vec<Completion>>) {
+    let mut held: Vec<Completion> = Vec::new();
+    let mut open = true;
+    loop {
+        if held.is_empty() {
+            match incoming.recv().await {
+                Some(more) => held = more,
+                None => return,
+            }
+        }
+        let next = tokio::time::Instant::now() + HELD_RETRY;
+        while open {
+            tokio::select! {
+                more = incoming.recv() => match more {
+                    Some(more) => held.extend(more),
+                    None => open = false,
+                },
+                _ = tokio::time::sleep_until(next) => break,
+            }
+        }
         match store.complete_unheld(&held).await {
             Ok(finished) => {
                 count(finished.done);
@@ -136,13 +160,21 @@ async fn complete_held(store: Store, mut held: Vec<Completion>) {
                 tracing::warn!("completions held by another session's lock: trying again: {e}");
             }
             Err(e) => {
-                // Only the fence and the lease are left to finish these rows: attempted again.
                 tracing::error!(
                     rows = held.len(),
                     "completions held by another session's lock could not be written; their rows are attempted again once their leases run out: {e}"
                 );
-                return;
+                held.clear();
             }
+        }
+        if !open {
+            if !held.is_empty() {
+                tracing::warn!(
+                    rows = held.len(),
+                    "stopping with completions still held by another session's lock: their rows are attempted again once their leases run out"
+                );
+            }
+            return;
         }
     }
 }
