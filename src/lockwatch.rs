@@ -119,15 +119,30 @@ pub async fn run(store: Store, group: String, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(EVERY) => {}
         }
-        if conn.is_none() {
-            // An unreachable Postgres is reported by the parts that need it; the watch tries again.
-            conn = sqlx::PgConnection::connect_with(&options).await.ok();
-        }
-        let Some(c) = conn.as_mut() else { continue };
-        let found = match waits(c, &application, AFTER).await {
-            Ok(found) => found,
-            Err(e) => {
+        // A look, bounded, and given up at a stop: a Postgres that does not answer must not hold
+        // the exit up. An unreachable one is reported by the parts that need it.
+        let look = async {
+            if conn.is_none() {
+                conn = Some(sqlx::PgConnection::connect_with(&options).await?);
+            }
+            match conn.as_mut() {
+                Some(c) => waits(c, &application, AFTER).await,
+                None => Ok(Vec::new()),
+            }
+        };
+        let looked = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            looked = tokio::time::timeout(EVERY, look) => looked,
+        };
+        let found = match looked {
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) => {
                 tracing::debug!("the lock watch could not look: {e}");
+                conn = None;
+                continue;
+            }
+            Err(_) => {
+                tracing::debug!("the lock watch got no answer within {EVERY:?}");
                 conn = None;
                 continue;
             }
@@ -145,8 +160,9 @@ pub async fn run(store: Store, group: String, shutdown: CancellationToken) {
             log(w);
         }
     }
+    // Closed for a clean end on the server, but not waited for long: it may not answer.
     if let Some(c) = conn {
-        let _ = c.close().await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), c.close()).await;
     }
 }
 
