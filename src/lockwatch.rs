@@ -27,7 +27,7 @@ pub const AFTER: Duration = Duration::from_secs(5);
 const REPEAT: Duration = Duration::from_secs(60);
 
 /// One statement of this process waiting on a session that holds what it needs.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct Wait {
     /// The waiting backend.
     pub waiter: i32,
@@ -53,25 +53,14 @@ pub async fn waits(
     application: &str,
     after: Duration,
 ) -> Result<Vec<Wait>, sqlx::Error> {
-    let rows = sqlx::query_as::<
-        _,
-        (
-            i32,
-            f64,
-            String,
-            i32,
-            Option<String>,
-            Option<String>,
-            Option<String>,
-            Option<String>,
-            Option<f64>,
-        ),
-    >(
+    sqlx::query_as::<_, Wait>(
         r#"
-        SELECT w.pid, extract(epoch FROM now() - w.query_start)::float8,
-               left(regexp_replace(coalesce(w.query, ''), '\s+', ' ', 'g'), 120),
-               b.pid, b.usename::text, b.application_name, host(b.client_addr),
-               b.state, extract(epoch FROM now() - b.xact_start)::float8
+        SELECT w.pid AS waiter, extract(epoch FROM now() - w.query_start)::float8 AS waited,
+               left(regexp_replace(coalesce(w.query, ''), '\s+', ' ', 'g'), 120) AS statement,
+               b.pid AS holder, b.usename::text AS holder_user,
+               b.application_name AS holder_application, host(b.client_addr) AS holder_address,
+               b.state AS holder_state,
+               extract(epoch FROM now() - b.xact_start)::float8 AS holder_open_for
         FROM pg_stat_activity w
         CROSS JOIN LATERAL unnest(pg_blocking_pids(w.pid)) AS blocking(pid)
         JOIN pg_stat_activity b ON b.pid = blocking.pid
@@ -83,21 +72,7 @@ pub async fn waits(
     .bind(application)
     .bind(after.as_secs_f64())
     .fetch_all(conn)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| Wait {
-            waiter: r.0,
-            waited: r.1,
-            statement: r.2,
-            holder: r.3,
-            holder_user: r.4,
-            holder_application: r.5,
-            holder_address: r.6,
-            holder_state: r.7,
-            holder_open_for: r.8,
-        })
-        .collect())
+    .await
 }
 
 /// Watches until `shutdown`, logging each wait when first seen and every [`REPEAT`] after; the

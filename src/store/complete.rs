@@ -130,17 +130,25 @@ impl Store {
                 (deleted, Vec::new())
             }
             _ => {
-                let mut tx = self.pool().begin().await?;
-                sqlx::query("SELECT set_config('lock_timeout', $1, true)")
-                    .bind(LOCK_WAIT)
-                    .execute(&mut *tx)
-                    .await?;
+                let mut tx = self.begin_waiting_at_most_lock_wait().await?;
                 let done = split.apply(&mut tx).await?;
                 tx.commit().await?;
                 done
             }
         };
         Ok(split.counted(batch.len(), deleted, &updated))
+    }
+
+    /// A transaction whose statements give up waiting for a lock after [`LOCK_WAIT`].
+    async fn begin_waiting_at_most_lock_wait(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError> {
+        let mut tx = self.pool().begin().await?;
+        sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+            .bind(LOCK_WAIT)
+            .execute(&mut *tx)
+            .await?;
+        Ok(tx)
     }
 
     /// [`Store::complete`], going around the rows that another session holds locked: when the
@@ -179,13 +187,9 @@ impl Store {
     /// a row already gone (its lease taken over and finished elsewhere) is left to the fence.
     pub async fn complete_unheld(&self, batch: &[Completion]) -> Result<Finished, StoreError> {
         let ids: Vec<Uuid> = batch.iter().map(|c| c.id).collect();
-        let mut tx = self.pool().begin().await?;
         // A trigger of a completed row may still need a row held elsewhere (the next row of its
         // key line): that waits no longer than a completion does.
-        sqlx::query("SELECT set_config('lock_timeout', $1, true)")
-            .bind(LOCK_WAIT)
-            .execute(&mut *tx)
-            .await?;
+        let mut tx = self.begin_waiting_at_most_lock_wait().await?;
         let rows = sqlx::query_scalar!(
             r#"SELECT id AS "id!" FROM redrive.retry_messages WHERE id = ANY($1) FOR UPDATE SKIP LOCKED"#,
             &ids,
