@@ -253,9 +253,15 @@ async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
     }
 }
 
+/// How long `run` keeps checking for a topic the cluster says does not exist before it stops on
+/// that error: a topic created just before redrive starts (by the same deploy) may take a moment
+/// to reach the metadata of the broker that answers, longer on a broker that has just restarted.
+pub const MISSING_TOPIC_GRACE: Duration = Duration::from_secs(10);
+
 /// Runs a topic check until the Kafka cluster answers it. A cluster that does not answer (down,
-/// unreachable) is retried with backoff and a log line, as an unreachable Postgres is; any other
-/// failure (a missing topic) is an error at once. `false` when shutdown came first.
+/// unreachable) is retried with backoff and a log line, as an unreachable Postgres is. A missing
+/// topic is checked again every second for [`MISSING_TOPIC_GRACE`], with a log line, and is then
+/// an error; any other failure is an error at once. `false` when shutdown came first.
 async fn until_kafka_answers(
     bootstrap: &str,
     check: impl Fn() -> anyhow::Result<()> + Send + Sync + 'static,
@@ -263,6 +269,7 @@ async fn until_kafka_answers(
 ) -> anyhow::Result<bool> {
     let check = Arc::new(check);
     let (mut delay, mut attempt) = (Duration::from_secs(1), 0u64);
+    let mut missing_since: Option<tokio::time::Instant> = None;
     loop {
         attempt += 1;
         // The metadata request blocks for up to its timeout.
@@ -279,7 +286,25 @@ async fn until_kafka_answers(
                 tracing::warn!(kafka = bootstrap, attempt, retry_in = %humantime::format_duration(delay),
                     "kafka is unreachable, retrying: {e:#}");
             }
-            Err(e) => return Err(e),
+            Err(e) => match e.downcast_ref::<kafka::Missing>() {
+                Some(missing)
+                    if missing_since.is_none_or(|t| t.elapsed() < MISSING_TOPIC_GRACE) =>
+                {
+                    if missing_since.is_none() {
+                        tracing::info!(kafka = bootstrap, topic = %missing.topic,
+                            "topic not in the cluster's metadata; checking again every second for up to {} in case it was just created",
+                            humantime::format_duration(MISSING_TOPIC_GRACE));
+                        missing_since = Some(tokio::time::Instant::now());
+                    }
+                    tracing::debug!(topic = %missing.topic, attempt, "topic still missing");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(false),
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                    continue;
+                }
+                _ => return Err(e),
+            },
         }
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(false),

@@ -144,8 +144,19 @@ pub struct Unreachable {
     source: KafkaError,
 }
 
-/// Fails with a clear error unless every topic exists on the cluster; an [`Unreachable`] error
-/// when the cluster does not answer.
+/// The cluster answered that a topic does not exist. A topic created a moment ago may not be in
+/// every broker's metadata yet (the controller has it; the broker that answered applies it a
+/// little later), so `run` checks again for a short while before it stops on this error.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} topic {topic:?} does not exist on the Kafka cluster; create it first (redrive never creates topics)")]
+pub struct Missing {
+    what: String,
+    /// The topic.
+    pub topic: String,
+}
+
+/// Fails with a clear error unless every topic exists on the cluster: [`Missing`] for a topic the
+/// cluster does not know, [`Unreachable`] when the cluster does not answer.
 pub fn ensure_topics<C: ClientContext>(
     client: &rdkafka::client::Client<C>,
     topics: &[String],
@@ -164,9 +175,18 @@ pub fn ensure_topics<C: ClientContext>(
         match known.and_then(|t| t.error()) {
             None if known.is_some_and(|t| !t.partitions().is_empty()) => {}
             Some(e) if RDKafkaErrorCode::from(e) != RDKafkaErrorCode::UnknownTopicOrPartition => {
-                bail!("{what} topic {topic:?} is not usable: {}", RDKafkaErrorCode::from(e))
+                bail!(
+                    "{what} topic {topic:?} is not usable: {}",
+                    RDKafkaErrorCode::from(e)
+                )
             }
-            _ => bail!("{what} topic {topic:?} does not exist on the Kafka cluster; create it first (redrive never creates topics)"),
+            _ => {
+                return Err(Missing {
+                    what: what.to_string(),
+                    topic: topic.clone(),
+                }
+                .into())
+            }
         }
     }
     Ok(())

@@ -491,6 +491,57 @@ async fn an_unknown_topic_is_a_clear_startup_error() {
     );
 }
 
+/// A source topic created a moment after `run` starts (by the same deploy, or on a broker that has
+/// just restarted and is still loading its metadata) is waited for, with a log line, instead of
+/// stopping the process on the first answer that it does not exist.
+#[tokio::test]
+async fn a_topic_created_just_after_run_starts_is_waited_for() {
+    let captured = Captured::default();
+    let sink = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || sink.clone())
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let db = TestDb::new().await;
+    let (topic, group) = (unique("late"), unique("g"));
+    let stub = Stub::start(|_| (500, vec![])).await;
+    let parts = RunArgs {
+        no_workers: true,
+        no_dlq: true,
+        no_http: true,
+        ..Default::default()
+    };
+    let (stop, app) = spawn_app(
+        config(&db.url, &[&topic], &group, Some(stub.addr), ""),
+        parts,
+    );
+    // The topic comes after the third check (two seconds in), not before the second.
+    wait_for(
+        "the third check for the topic",
+        Duration::from_secs(30),
+        || async {
+            let logs = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
+            let said = logs.contains("topic not in the cluster's metadata");
+            (said && logs.contains("topic still missing") && logs.contains("attempt=3"))
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(!app.is_finished(), "run stopped on the missing topic");
+    create_topic(&topic, 1).await;
+    produce(&producer(&kafka()), &topic, None, Some(b"late"), &[]).await;
+    wait_for(
+        "the message to be captured",
+        Duration::from_secs(60),
+        || async { (db.count("true").await == 1).then_some(()) },
+    )
+    .await;
+    stop.cancel();
+    app.await.unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn run_refuses_a_database_without_the_schema_and_says_to_migrate() {
     let db = TestDb::empty().await;
