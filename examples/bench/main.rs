@@ -15,6 +15,8 @@
 //! - claim-floor: the reference for dispatch: claim (UPDATE … SKIP LOCKED, 100 rows) and delete
 //!   (one statement per batch), 4 clients.
 //! - dispatch: due rows in the table, the handler succeeds; rows/s until the table is empty.
+//! - retry:    due rows in the table, the handler fails every attempt: each is rescheduled an hour
+//!   on; rows/s until every row is rescheduled (a retry storm, the failure completions' path).
 //! - dispatch-lines: the same rows in 16 key lines (`ordering = "key"`): each line's first row due,
 //!   the others waiting behind it, so each line goes one row at a time; rows/s until the table is
 //!   empty.
@@ -112,7 +114,7 @@ fn env(name: &str, default: &str) -> String {
 }
 
 /// Every case, in the order a round runs them.
-const CASES: [&str; 13] = [
+const CASES: [&str; 14] = [
     "bare",
     "happy",
     "happy-keys",
@@ -123,6 +125,7 @@ const CASES: [&str; 13] = [
     "capture-parked",
     "claim-floor",
     "dispatch",
+    "retry",
     "dispatch-lines",
     "replay",
     "purge",
@@ -135,7 +138,7 @@ const CASES: [&str; 13] = [
 const OWN_TABLES: [&str; 5] = ["timing", "footprint", "operators", "outage", "console"];
 
 /// Each case against its reference: (case, reference, what the reference is).
-const RATIOS: [(&str, &str); 9] = [
+const RATIOS: [(&str, &str); 11] = [
     ("happy", "bare"),
     ("happy-keys", "bare"),
     ("happy-keys", "happy"),
@@ -144,6 +147,8 @@ const RATIOS: [(&str, &str); 9] = [
     ("capture", "insert-floor"),
     ("capture-parked", "insert-floor"),
     ("dispatch", "claim-floor"),
+    ("retry", "claim-floor"),
+    ("retry", "dispatch"),
     ("dispatch-lines", "dispatch"),
 ];
 
@@ -239,6 +244,7 @@ async fn run_cases() -> anyhow::Result<()> {
                 "insert-floor" => insert_floor(&db, n).await?,
                 "claim-floor" => claim_floor(&db, n).await?,
                 "dispatch" => dispatch(&db, n, None).await?,
+                "retry" => retry(&db, n).await?,
                 "dispatch-lines" => dispatch(&db, n, Some(LINES)).await?,
                 "replay" | "purge" => operate(case, &db, n).await?,
                 _ => consume(case, &db, &kafka, n).await?,
@@ -814,6 +820,53 @@ async fn dispatch(db: &str, n: usize, lines: Option<usize>) -> anyhow::Result<Ru
     let run = started.finish(n);
     stop.cancel();
     task.await??;
+    Ok(run)
+}
+
+/// Fills the table with `n` due rows, then times the retry workers failing each once: every
+/// attempt is rescheduled an hour on, so none comes due again during the run.
+async fn retry(db: &str, n: usize) -> anyhow::Result<Run> {
+    let store = Store::from_pool(sqlx::PgPool::connect(db).await?);
+    seed(&store, n, InitialState::Pending).await?;
+    sqlx::query("VACUUM ANALYZE redrive.retry_messages, redrive.queue")
+        .execute(store.pool())
+        .await?;
+    let (mut config, parts) = workers_only(db)?;
+    config.retry.default.initial_delay = Duration::from_secs(3600);
+    config.retry.default.max_delay = Duration::from_secs(3600);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let handler = Fixed::new(false);
+    let calls = handler.calls.clone();
+    let started = Start::now();
+    let task = tokio::spawn(redrive::app::run(config, handler, parts, stop.clone()));
+    wait_calls("retry", &calls, n, &task).await?;
+    // Every row has been attempted; what is left is the completer writing the last batches.
+    wait_for(
+        "retry: waiting for every attempt to be written",
+        Duration::from_millis(20),
+        || async {
+            let left: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM redrive.queue WHERE state = 'running' OR attempts < 2",
+            )
+            .fetch_one(store.pool())
+            .await?;
+            Ok(left == 0)
+        },
+    )
+    .await?;
+    let run = started.finish(n);
+    stop.cancel();
+    task.await??;
+    let rescheduled: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM redrive.retry_messages WHERE state = 'pending' AND attempts = 2 \
+         AND next_attempt_at > now() + interval '30 minutes'",
+    )
+    .fetch_one(store.pool())
+    .await?;
+    anyhow::ensure!(
+        rescheduled == n as i64,
+        "retry: {rescheduled} of {n} rows were rescheduled an hour on"
+    );
     Ok(run)
 }
 
