@@ -377,13 +377,23 @@ impl Failures {
                 last_error = f.err, error_kind = f.kind, updated_at = now(),
                 dead_at = CASE WHEN f.state = 'dead' THEN now() END,
                 dlq_published_at = NULL, dlq_topic = NULL, dlq_error = NULL, dlq_refused_at = NULL,
-                error_history = (
-                    SELECT jsonb_agg(e ORDER BY n) FROM (
-                        SELECT e, n FROM jsonb_array_elements(r.error_history || jsonb_build_array(
-                            jsonb_build_object('at', now(), 'attempt', f.attempt,
-                                               'kind', f.kind, 'error', f.err)))
-                            WITH ORDINALITY AS h(e, n)
-                        ORDER BY n DESC LIMIT 10) AS recent)
+                -- A history of fewer than 10 entries takes the new one on its end; only a full
+                -- one (or one an operator rewrote into something else) is taken apart and cut to
+                -- its last 10, which cost a fifth of this statement when done for every row.
+                error_history = CASE
+                    WHEN (CASE WHEN jsonb_typeof(r.error_history) = 'array'
+                               THEN jsonb_array_length(r.error_history) END) < 10
+                    THEN r.error_history || jsonb_build_array(
+                        jsonb_build_object('at', now(), 'attempt', f.attempt,
+                                           'kind', f.kind, 'error', f.err))
+                    ELSE (
+                        SELECT jsonb_agg(e ORDER BY n) FROM (
+                            SELECT e, n FROM jsonb_array_elements(r.error_history || jsonb_build_array(
+                                jsonb_build_object('at', now(), 'attempt', f.attempt,
+                                                   'kind', f.kind, 'error', f.err)))
+                                WITH ORDINALITY AS h(e, n)
+                            ORDER BY n DESC LIMIT 10) AS recent)
+                END
             FROM ended q JOIN f ON f.id = q.id
             WHERE r.id = q.id
             RETURNING r.state

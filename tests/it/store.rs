@@ -353,14 +353,46 @@ async fn failures_reschedule_or_kill_and_keep_a_bounded_error_history() {
             .unwrap();
         assert_eq!(done.rescheduled, 1);
     }
-    let (history_len, last): (i32, String) = sqlx::query_as(
-        "SELECT jsonb_array_length(error_history), error_history->-1->>'error' FROM redrive.retry_messages",
+    let (history, attempts): (Vec<String>, Vec<i32>) = sqlx::query_as(
+        "SELECT array_agg(e->>'error' ORDER BY n), array_agg((e->>'attempt')::int ORDER BY n) \
+         FROM redrive.retry_messages, jsonb_array_elements(error_history) WITH ORDINALITY AS h(e, n)",
     )
     .fetch_one(db.pool())
     .await
     .unwrap();
-    assert_eq!(history_len, 10);
-    assert_eq!(last, "boom 11");
+    // The capture's entry and 12 failures: the last 10, oldest first.
+    let expected: Vec<String> = (2..12).map(|n| format!("boom {n}")).collect();
+    assert_eq!(history, expected);
+    assert_eq!(attempts, (4..14).collect::<Vec<i32>>());
+
+    // A history an operator rewrote into something that is not a list still gets the entry.
+    sqlx::query("UPDATE redrive.retry_messages SET error_history = '{\"note\": \"cleared\"}'")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let c = db.claim(Duration::from_secs(30)).await.remove(0);
+    let outcome = Outcome::Retry {
+        retry_in: Duration::ZERO,
+        error: HandlerError::retryable("boom 12"),
+    };
+    let done = db
+        .store
+        .complete(&[Completion {
+            id: c.id,
+            attempt: c.attempt,
+            token: c.token,
+            outcome,
+        }])
+        .await
+        .unwrap();
+    assert_eq!(done.rescheduled, 1);
+    let history: serde_json::Value =
+        sqlx::query_scalar("SELECT error_history FROM redrive.retry_messages")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(history[0]["note"], "cleared", "{history}");
+    assert_eq!(history[1]["error"], "boom 12", "{history}");
 
     let c = db.claim(Duration::from_secs(30)).await.remove(0);
     let outcome = Outcome::Dead {
