@@ -799,20 +799,33 @@ async fn dispatch(db: &str, n: usize, lines: Option<usize>) -> anyhow::Result<Ru
     if lines.is_some() {
         config.retry.default.ordering = redrive::config::OrderingMode::Key;
     }
+    // Every row has been attempted; what is left is the completer deleting the last batches.
+    let left = "SELECT count(*) FROM redrive.retry_messages";
+    time_workers("dispatch", &store, config, parts, true, n, left).await
+}
+
+/// Starts the retry workers with a handler that always succeeds or always fails, and times them
+/// until it has been called `n` times and then `left` (a count of rows not finished yet) is 0.
+async fn time_workers(
+    case: &str,
+    store: &Store,
+    config: Config,
+    parts: RunArgs,
+    ok: bool,
+    n: usize,
+    left: &str,
+) -> anyhow::Result<Run> {
     let stop = tokio_util::sync::CancellationToken::new();
-    let handler = Fixed::new(true);
+    let handler = Fixed::new(ok);
     let calls = handler.calls.clone();
     let started = Start::now();
     let task = tokio::spawn(redrive::app::run(config, handler, parts, stop.clone()));
-    wait_calls("dispatch", &calls, n, &task).await?;
-    // Every row has been attempted; what is left is the completer deleting the last batches.
+    wait_calls(case, &calls, n, &task).await?;
     wait_for(
-        "dispatch: waiting for the table to empty",
+        &format!("{case}: waiting for the last completions"),
         Duration::from_millis(20),
         || async {
-            let left: i64 = sqlx::query_scalar("SELECT count(*) FROM redrive.retry_messages")
-                .fetch_one(store.pool())
-                .await?;
+            let left: i64 = sqlx::query_scalar(left).fetch_one(store.pool()).await?;
             Ok(left == 0)
         },
     )
@@ -834,29 +847,9 @@ async fn retry(db: &str, n: usize) -> anyhow::Result<Run> {
     let (mut config, parts) = workers_only(db)?;
     config.retry.default.initial_delay = Duration::from_secs(3600);
     config.retry.default.max_delay = Duration::from_secs(3600);
-    let stop = tokio_util::sync::CancellationToken::new();
-    let handler = Fixed::new(false);
-    let calls = handler.calls.clone();
-    let started = Start::now();
-    let task = tokio::spawn(redrive::app::run(config, handler, parts, stop.clone()));
-    wait_calls("retry", &calls, n, &task).await?;
     // Every row has been attempted; what is left is the completer writing the last batches.
-    wait_for(
-        "retry: waiting for every attempt to be written",
-        Duration::from_millis(20),
-        || async {
-            let left: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM redrive.queue WHERE state = 'running' OR attempts < 2",
-            )
-            .fetch_one(store.pool())
-            .await?;
-            Ok(left == 0)
-        },
-    )
-    .await?;
-    let run = started.finish(n);
-    stop.cancel();
-    task.await??;
+    let left = "SELECT count(*) FROM redrive.queue WHERE state = 'running' OR attempts < 2";
+    let run = time_workers("retry", &store, config, parts, false, n, left).await?;
     let rescheduled: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM redrive.retry_messages WHERE state = 'pending' AND attempts = 2 \
          AND next_attempt_at > now() + interval '30 minutes'",

@@ -407,15 +407,28 @@ impl Write for Captured {
     }
 }
 
+impl Captured {
+    /// Captures this thread's log at DEBUG, without colours, until the guard is dropped.
+    fn start() -> (Self, tracing::subscriber::DefaultGuard) {
+        let captured = Captured::default();
+        let sink = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || sink.clone())
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .finish();
+        (captured, tracing::subscriber::set_default(subscriber))
+    }
+
+    /// What was logged so far.
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
 #[tokio::test]
 async fn the_password_stays_out_of_logs_and_errors() {
-    let captured = Captured::default();
-    let sink = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || sink.clone())
-        .with_max_level(tracing::Level::DEBUG)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = Captured::start();
 
     let mut wrong = url::Url::parse(&admin_url()).unwrap();
     wrong.set_password(Some(PASSWORD)).unwrap();
@@ -439,14 +452,14 @@ async fn the_password_stays_out_of_logs_and_errors() {
         async move { Store::connect(&config, &stop).await }
     });
     wait_for("a retry to be logged", Duration::from_secs(30), || async {
-        let logs = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
+        let logs = captured.text();
         logs.contains("postgres is unreachable").then_some(())
     })
     .await;
     stop.cancel();
     let gave_up = connecting.await.unwrap().unwrap_err();
 
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     assert!(
         logs.contains("postgres is unreachable"),
         "the retries were logged: {logs}"
@@ -496,14 +509,7 @@ async fn an_unknown_topic_is_a_clear_startup_error() {
 /// stopping the process on the first answer that it does not exist.
 #[tokio::test]
 async fn a_topic_created_just_after_run_starts_is_waited_for() {
-    let captured = Captured::default();
-    let sink = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || sink.clone())
-        .with_max_level(tracing::Level::DEBUG)
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = Captured::start();
     let db = TestDb::new().await;
     let (topic, group) = (unique("late"), unique("g"));
     let stub = Stub::start(|_| (500, vec![])).await;
@@ -522,7 +528,7 @@ async fn a_topic_created_just_after_run_starts_is_waited_for() {
         "the third check for the topic",
         Duration::from_secs(30),
         || async {
-            let logs = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
+            let logs = captured.text();
             let said = logs.contains("topic not in the cluster's metadata");
             (said && logs.contains("topic still missing") && logs.contains("attempt=3"))
                 .then_some(())

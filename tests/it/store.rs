@@ -331,27 +331,32 @@ async fn a_lease_that_expires_on_the_last_attempt_makes_the_row_dead() {
     .await;
 }
 
+/// Claims the one due row and fails its attempt with `error`, to be retried at once.
+async fn fail_once(db: &TestDb, error: &str) {
+    let c = db.claim(Duration::from_secs(30)).await.remove(0);
+    let outcome = Outcome::Retry {
+        retry_in: Duration::ZERO,
+        error: HandlerError::retryable(error),
+    };
+    let done = db
+        .store
+        .complete(&[Completion {
+            id: c.id,
+            attempt: c.attempt,
+            token: c.token,
+            outcome,
+        }])
+        .await
+        .unwrap();
+    assert_eq!(done.rescheduled, 1);
+}
+
 #[tokio::test]
 async fn failures_reschedule_or_kill_and_keep_a_bounded_error_history() {
     let db = TestDb::new().await;
     db.seed(&[pending("orders", 1, Duration::ZERO, 30)]).await;
     for n in 0..12 {
-        let c = db.claim(Duration::from_secs(30)).await.remove(0);
-        let outcome = Outcome::Retry {
-            retry_in: Duration::ZERO,
-            error: HandlerError::retryable(format!("boom {n}")),
-        };
-        let done = db
-            .store
-            .complete(&[Completion {
-                id: c.id,
-                attempt: c.attempt,
-                token: c.token,
-                outcome,
-            }])
-            .await
-            .unwrap();
-        assert_eq!(done.rescheduled, 1);
+        fail_once(&db, &format!("boom {n}")).await;
     }
     let (history, attempts): (Vec<String>, Vec<i32>) = sqlx::query_as(
         "SELECT array_agg(e->>'error' ORDER BY n), array_agg((e->>'attempt')::int ORDER BY n) \
@@ -370,22 +375,7 @@ async fn failures_reschedule_or_kill_and_keep_a_bounded_error_history() {
         .execute(db.pool())
         .await
         .unwrap();
-    let c = db.claim(Duration::from_secs(30)).await.remove(0);
-    let outcome = Outcome::Retry {
-        retry_in: Duration::ZERO,
-        error: HandlerError::retryable("boom 12"),
-    };
-    let done = db
-        .store
-        .complete(&[Completion {
-            id: c.id,
-            attempt: c.attempt,
-            token: c.token,
-            outcome,
-        }])
-        .await
-        .unwrap();
-    assert_eq!(done.rescheduled, 1);
+    fail_once(&db, "boom 12").await;
     let history: serde_json::Value =
         sqlx::query_scalar("SELECT error_history FROM redrive.retry_messages")
             .fetch_one(db.pool())
