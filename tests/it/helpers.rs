@@ -539,6 +539,60 @@ pub fn spawn_redrive(config: &std::path::Path, run_flags: &[&str]) -> tokio::pro
         .unwrap()
 }
 
+/// A child's piped stderr, read a line at a time, keeping every line read.
+pub struct ChildLog {
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
+    /// Every line read so far.
+    pub read: Vec<String>,
+}
+
+impl ChildLog {
+    /// Takes the child's stderr, which must be piped.
+    pub fn of(child: &mut tokio::process::Child) -> Self {
+        use tokio::io::AsyncBufReadExt;
+        let stderr = child.stderr.take().expect("stderr is piped");
+        ChildLog {
+            lines: tokio::io::BufReader::new(stderr).lines(),
+            read: Vec::new(),
+        }
+    }
+
+    /// Reads until a line for which `found` is true and returns it, or `None` when the child
+    /// closed its stderr first. Panics at `deadline`, naming `what` and the lines read.
+    pub async fn until(
+        &mut self,
+        deadline: tokio::time::Instant,
+        what: &str,
+        mut found: impl FnMut(&str) -> bool,
+    ) -> Option<String> {
+        let (lines, read) = (&mut self.lines, &mut self.read);
+        let reading = async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                read.push(line.clone());
+                if found(&line) {
+                    return Some(line);
+                }
+            }
+            None
+        };
+        match tokio::time::timeout_at(deadline, reading).await {
+            Ok(line) => line,
+            Err(_) => panic!("timed out waiting for {what} in the log: {:#?}", self.read),
+        }
+    }
+
+    /// Reads the rest on a task of its own, so a full pipe never blocks the child's logging (and
+    /// so its exit); the task returns every line, those read before included.
+    pub fn rest(mut self) -> tokio::task::JoinHandle<Vec<String>> {
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = self.lines.next_line().await {
+                self.read.push(line);
+            }
+            self.read
+        })
+    }
+}
+
 /// Sends SIGTERM, as an orchestrator would, and waits (bounded) for the exit.
 pub async fn terminate(child: &mut tokio::process::Child) -> std::process::ExitStatus {
     let pid = child

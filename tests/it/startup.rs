@@ -112,33 +112,27 @@ async fn run_until_logged_with(
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut log = Vec::new();
-    let mut seen = 0;
-    tokio::time::timeout(Duration::from_secs(90), async {
-        while seen < times {
-            let Some(line) = lines.next_line().await.unwrap() else {
-                panic!("redrive exited before logging {needle:?} {times} times: {log:?}")
-            };
-            seen += usize::from(line.contains(needle));
-            log.push(line);
+    let mut log = ChildLog::of(&mut child);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    for _ in 0..times {
+        let what = format!("{times} lines with {needle:?}");
+        if log
+            .until(deadline, &what, |line| line.contains(needle))
+            .await
+            .is_none()
+        {
+            panic!(
+                "redrive exited before logging {needle:?} {times} times: {:?}",
+                log.read
+            )
         }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("{times} log lines with {needle:?}: {log:?}"));
+    }
     // Read the rest while it stops: a pipe left full would block its logging, and so its exit.
-    let rest = tokio::spawn(async move {
-        let mut rest = Vec::new();
-        while let Ok(Some(line)) = lines.next_line().await {
-            rest.push(line);
-        }
-        rest
-    });
+    let rest = log.rest();
     let stopped = std::time::Instant::now();
     let status = terminate(&mut child).await;
     let took = stopped.elapsed();
-    log.extend(rest.await.unwrap());
-    (log.join("\n"), status, took)
+    (rest.await.unwrap().join("\n"), status, took)
 }
 
 /// A stop waits for the messages in flight; a second signal exits at once (status 130), and the

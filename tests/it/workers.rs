@@ -409,7 +409,6 @@ async fn a_claim_does_not_wait_for_an_expired_row_that_another_session_holds() {
 async fn a_statement_waiting_on_another_sessions_lock_is_named_in_the_log() {
     use sqlx::{ConnectOptions, Connection};
     use std::str::FromStr;
-    use tokio::io::{AsyncBufReadExt, BufReader};
     let db = TestDb::new().await;
     db.seed(&[pending("orders", 1, Duration::from_secs(3600), 3)])
         .await;
@@ -453,28 +452,22 @@ async fn a_statement_waiting_on_another_sessions_lock_is_named_in_the_log() {
             .map(|_| ())
     });
 
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let named = format!("another session holds: postgres pid {holder},");
-    let mut log = Vec::new();
-    let found = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            log.push(line.clone());
-            if line.contains(&named) {
-                return Some(line);
-            }
-        }
-        None
-    })
-    .await;
-    let Ok(Some(line)) = found else {
-        panic!("no log line naming pid {holder}: {log:#?}")
+    let mut log = ChildLog::of(&mut child);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let what = format!("a line naming pid {holder}");
+    let Some(line) = log
+        .until(deadline, &what, |line| line.contains(&named))
+        .await
+    else {
+        panic!("redrive exited before naming pid {holder}: {:#?}", log.read)
     };
     assert!(
         line.contains(&format!("pg_terminate_backend({holder})")),
         "{line}"
     );
     assert!(line.contains("idle in transaction"), "{line}");
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    drop(log.rest());
 
     open.rollback().await.unwrap();
     waiting.await.unwrap().unwrap();
