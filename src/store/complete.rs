@@ -83,10 +83,10 @@ impl std::ops::AddAssign for Completed {
     }
 }
 
-/// How long a completion waits for a row that another session holds locked (an operator's UPDATE
-/// in a transaction left open) before it goes around it; schema V16 gives
-/// `redrive.delete_succeeded` the same.
-const LOCK_WAIT: &str = "5s";
+/// Opens a transaction, in one round trip, whose statements wait at most 5 s for a row that another
+/// session holds locked (an operator's UPDATE in a transaction left open) before a completion goes
+/// around it; schema V16 gives `redrive.delete_succeeded` the same.
+const BEGIN_WAITING_AT_MOST_LOCK_WAIT: &str = "BEGIN; SET LOCAL lock_timeout = '5s'";
 
 /// Whether a statement gave up waiting for a lock (`lock_timeout`, SQLSTATE 55P03).
 pub fn is_lock_timeout(e: &StoreError) -> bool {
@@ -117,7 +117,8 @@ impl Store {
     /// Applies a batch of completions: one fenced delete of the successes
     /// (`redrive.delete_succeeded`) and one UPDATE of the failures, in one transaction when the
     /// batch has failures. A row that another session holds locked makes it fail after
-    /// [`LOCK_WAIT`] (SQLSTATE 55P03) rather than wait for as long as that session likes.
+    /// 5 s ([`BEGIN_WAITING_AT_MOST_LOCK_WAIT`], SQLSTATE 55P03) rather than wait for as long as
+    /// that session likes.
     pub async fn complete(&self, batch: &[Completion]) -> Result<Completed, StoreError> {
         let split = Split::of(batch);
         let (deleted, updated) = match (split.ok_ids.is_empty(), split.failed.ids.is_empty()) {
@@ -139,16 +140,14 @@ impl Store {
         Ok(split.counted(batch.len(), deleted, &updated))
     }
 
-    /// A transaction whose statements give up waiting for a lock after [`LOCK_WAIT`].
+    /// A transaction whose statements give up waiting for a lock after 5 s.
     async fn begin_waiting_at_most_lock_wait(
         &self,
     ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError> {
-        let mut tx = self.pool().begin().await?;
-        sqlx::query("SELECT set_config('lock_timeout', $1, true)")
-            .bind(LOCK_WAIT)
-            .execute(&mut *tx)
-            .await?;
-        Ok(tx)
+        Ok(self
+            .pool()
+            .begin_with(BEGIN_WAITING_AT_MOST_LOCK_WAIT)
+            .await?)
     }
 
     /// [`Store::complete`], going around the rows that another session holds locked: when the
