@@ -13,23 +13,12 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 N="${1:-100000}"
 RUNS="${BENCH_RUNS:-3}"
-BASE="$(scripts/postgres.sh url)"
 CACHE="${REDRIVE_CACHE:-$HOME/.cache/redrive}"
 PEERS=bench/peers
 mkdir -p "$CACHE"
 
-# A new, empty database named $1; prints its URL. A drop that an autovacuum worker still connected
-# to the old one refuses (this role may not end it) is tried again, for up to 60 s.
-fresh() {
-  local deadline=$((SECONDS + 60))
-  until psql -q "$BASE" -v ON_ERROR_STOP=1 -c "SET client_min_messages = warning" \
-    -c "DROP DATABASE IF EXISTS $1 WITH (FORCE)" >/dev/null 2>&1; do
-    ((SECONDS < deadline)) || { echo "bench-peers: could not drop $1 within 60 s" >&2; exit 1; }
-    sleep 1
-  done
-  psql -q "$BASE" -v ON_ERROR_STOP=1 -c "CREATE DATABASE $1" >/dev/null
-  echo "${BASE%/*}/$1"
-}
+# A new, empty database named $1; prints its URL.
+fresh() { scripts/fresh-db.sh "$1"; }
 
 echo "bench-peers: building redrive's benchmark and the peers" >&2
 export SQLX_OFFLINE="${SQLX_OFFLINE:-true}" REDRIVE_LOG="${REDRIVE_LOG:-warn}"

@@ -94,13 +94,7 @@ run() {
       ;;
     floor) seed=floor-seed.sql capture=floor-capture.sql script=floor.sql table=floor_claim ;;
   esac
-  local deadline=$((SECONDS + 60))
-  until psql -q "$BASE" -v ON_ERROR_STOP=1 -c "SET client_min_messages = warning" \
-    -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1; do
-    ((SECONDS < deadline)) || { echo "bench-schema: could not drop $DB within 60 s" >&2; exit 1; }
-    sleep 1 # an autovacuum worker still connected, which this role may not terminate
-  done
-  psql -q "$BASE" -v ON_ERROR_STOP=1 -c "CREATE DATABASE $DB" >/dev/null
+  scripts/fresh-db.sh "$DB" >/dev/null
   REDRIVE_LOG=warn "$REDRIVE" --config "$CONFIG" migrate >/dev/null
   [[ -n "$alter" ]] && psql -q "$URL" -v ON_ERROR_STOP=1 -c "$alter" >/dev/null
   seed() {

@@ -65,21 +65,15 @@ sql() { psql -Atq "$URL" -v ON_ERROR_STOP=1 -c "$1"; }
 
 declare -A capture floor
 for round in $(seq 1 "$RUNS"); do
-  deadline=$((SECONDS + 60))
-  until psql -q "$BASE" -v ON_ERROR_STOP=1 -c "SET client_min_messages = warning" \
-    -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1; do
-    ((SECONDS < deadline)) || { echo "capture-parts: could not drop $DB within 60 s" >&2; exit 1; }
-    sleep 1 # an autovacuum worker still connected, which this role may not terminate
-  done
-  psql -q "$BASE" -v ON_ERROR_STOP=1 -c "CREATE DATABASE $DB" >/dev/null
+  scripts/fresh-db.sh "$DB" >/dev/null
   REDRIVE_LOG=warn "$REDRIVE" --config "$CONFIG" migrate >/dev/null
   psql -q "$URL" -v batches=$((N / 500)) -f bench/parts/capture.sql >/dev/null
   for step in "${steps[@]}"; do
     alter="$(take_away "$step")"
     [[ -n "$alter" ]] && sql "$alter" >/dev/null
     sql "TRUNCATE redrive.retry_messages, redrive.queue, floor_insert" >/dev/null
-    c=$(sql "SELECT parts_capture()")
-    f=$(sql "SELECT parts_floor()")
+    c=$(sql "SELECT parts_time('capture')")
+    f=$(sql "SELECT parts_time('floor')")
     rows=$(sql "SELECT (SELECT count(*) FROM redrive.retry_messages) + (SELECT count(*) FROM floor_insert)")
     ((rows == 2 * N)) || { echo "capture-parts: $step: $rows of $((2 * N)) rows were written" >&2; exit 1; }
     echo "round $round/$RUNS: $step: capture $c s, floor $f s" >&2

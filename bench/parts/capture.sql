@@ -27,8 +27,8 @@ FROM generate_series(1, 500) i;
 CREATE TABLE floor_insert (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     topic text, kafka_offset bigint, key bytea, payload bytea, headers jsonb, last_error text);
 
--- Seconds to capture every batch.
-CREATE FUNCTION parts_capture() RETURNS float8 LANGUAGE plpgsql AS $$
+-- Seconds to write every batch: capture's statement (`what` = capture), or the floor's.
+CREATE FUNCTION parts_time(what text) RETURNS float8 LANGUAGE plpgsql AS $$
 DECLARE
     c parts_columns;
     r record;
@@ -36,38 +36,27 @@ DECLARE
 BEGIN
     SELECT * INTO c FROM parts_columns;
     FOR r IN SELECT * FROM parts_batches ORDER BY b LOOP
-        INSERT INTO redrive.retry_messages (
-            id, consumer_group, topic, "partition", kafka_offset, kafka_timestamp, key, payload,
-            headers, state, attempts, max_attempts, next_attempt_at, last_error, error_kind,
-            error_history, first_failed_at, updated_at, dead_at, trace_context)
-        SELECT t.id, 'bench-group', t.topic, t.part, t.off, t.ts, t.key, t.payload,
-               t.headers, t.state, 1, t.max_attempts, now() + make_interval(secs => t.retry_in),
-               t.err, t.kind,
-               (SELECT array_agg(to_jsonb(ARRAY[ROW(now(), 1, e.kind, e.err)::redrive.history_entry])
-                                 ORDER BY e.n)
-                FROM UNNEST(ARRAY['retryable'], ARRAY['benchmark failure']) WITH ORDINALITY AS e(kind, err, n))[t.entry],
-               now(), now(), CASE WHEN t.state = 'dead' THEN now() END, t.trace
-        FROM UNNEST(r.ids, c.topics, c.parts, r.offs, c.ts, c.keys, c.payloads, c.headers, c.states,
-                    c.max_attempts, c.retry_in, c.errors, c.kinds, c.traces, c.entries)
-             AS t(id, topic, part, off, ts, key, payload, headers, state, max_attempts,
-                  retry_in, err, kind, trace, entry);
-    END LOOP;
-    RETURN extract(epoch FROM clock_timestamp() - started);
-END
-$$;
-
--- Seconds to insert as many rows into the floor's table.
-CREATE FUNCTION parts_floor() RETURNS float8 LANGUAGE plpgsql AS $$
-DECLARE
-    c parts_columns;
-    r record;
-    started timestamptz := clock_timestamp();
-BEGIN
-    SELECT * INTO c FROM parts_columns;
-    FOR r IN SELECT * FROM parts_batches ORDER BY b LOOP
-        INSERT INTO floor_insert (topic, kafka_offset, key, payload, headers, last_error)
-        SELECT 'bench', o, k, p, '[]'::jsonb, 'benchmark failure'
-        FROM unnest(r.offs, c.keys, c.payloads) AS u(o, k, p);
+        IF what = 'capture' THEN
+            INSERT INTO redrive.retry_messages (
+                id, consumer_group, topic, "partition", kafka_offset, kafka_timestamp, key, payload,
+                headers, state, attempts, max_attempts, next_attempt_at, last_error, error_kind,
+                error_history, first_failed_at, updated_at, dead_at, trace_context)
+            SELECT t.id, 'bench-group', t.topic, t.part, t.off, t.ts, t.key, t.payload,
+                   t.headers, t.state, 1, t.max_attempts, now() + make_interval(secs => t.retry_in),
+                   t.err, t.kind,
+                   (SELECT array_agg(to_jsonb(ARRAY[ROW(now(), 1, e.kind, e.err)::redrive.history_entry])
+                                     ORDER BY e.n)
+                    FROM UNNEST(ARRAY['retryable'], ARRAY['benchmark failure']) WITH ORDINALITY AS e(kind, err, n))[t.entry],
+                   now(), now(), CASE WHEN t.state = 'dead' THEN now() END, t.trace
+            FROM UNNEST(r.ids, c.topics, c.parts, r.offs, c.ts, c.keys, c.payloads, c.headers,
+                        c.states, c.max_attempts, c.retry_in, c.errors, c.kinds, c.traces, c.entries)
+                 AS t(id, topic, part, off, ts, key, payload, headers, state, max_attempts,
+                      retry_in, err, kind, trace, entry);
+        ELSE
+            INSERT INTO floor_insert (topic, kafka_offset, key, payload, headers, last_error)
+            SELECT 'bench', o, k, p, '[]'::jsonb, 'benchmark failure'
+            FROM unnest(r.offs, c.keys, c.payloads) AS u(o, k, p);
+        END IF;
     END LOOP;
     RETURN extract(epoch FROM clock_timestamp() - started);
 END
