@@ -79,15 +79,15 @@ screenshots: build-deps services browser
 	scripts/screenshots.sh
 
 ## Throughput figures for BENCHMARKS.md.
-bench: build-deps services
+bench: build-deps services clean-test-dbs
 	scripts/bench.sh
 
 ## redrive's dispatch beside its peers (River, graphile-worker, PgQueuer), in the same run.
-bench-peers: build-deps services
+bench-peers: build-deps services clean-test-dbs
 	scripts/bench-peers.sh
 
 ## Capture's and dispatch's SQL on other layouts of the table, beside their floors (pgbench).
-bench-schema: build-deps services
+bench-schema: build-deps services clean-test-dbs
 	scripts/bench-schema.sh
 
 ## Regenerate .sqlx/ (offline query data) from a database built from the migrations.
