@@ -134,8 +134,8 @@ pub struct WorkersConfig {
     pub complete_batch_size: usize,
     /// How long the completer waits for more completions before it writes a batch. A handler's
     /// slot is free as soon as its completion is handed over, so this costs no throughput; at
-    /// modest rates a longer wait means fewer statements (at 1,000 rows/s, 50 ms spent about an
-    /// eighth less of Postgres's CPU than 20 ms). Successes not yet written when a process dies
+    /// modest rates a longer wait means fewer statements (at 1,000 rows/s, 50 ms spent about a
+    /// tenth less of Postgres's CPU than 20 ms). Successes not yet written when a process dies
     /// are attempted again once their leases run out.
     #[serde(with = "humantime_serde")]
     pub complete_linger: Duration,
