@@ -280,11 +280,14 @@ async fn until_kafka_answers(
             r = rx => r.context("the Kafka topic check stopped without an answer")?,
             _ = shutdown.cancelled() => return Ok(false),
         };
-        match result {
+        let wait = match result {
             Ok(()) => return Ok(true),
             Err(e) if e.downcast_ref::<kafka::Unreachable>().is_some() => {
                 tracing::warn!(kafka = bootstrap, attempt, retry_in = %humantime::format_duration(delay),
                     "kafka is unreachable, retrying: {e:#}");
+                let wait = delay;
+                delay = (delay * 2).min(Duration::from_secs(30));
+                wait
             }
             Err(e) => match e.downcast_ref::<kafka::Missing>() {
                 Some(missing)
@@ -297,20 +300,15 @@ async fn until_kafka_answers(
                         missing_since = Some(tokio::time::Instant::now());
                     }
                     tracing::debug!(topic = %missing.topic, attempt, "topic still missing");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Ok(false),
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    }
-                    continue;
+                    Duration::from_secs(1)
                 }
                 _ => return Err(e),
             },
-        }
+        };
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(false),
-            _ = tokio::time::sleep(delay) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
-        delay = (delay * 2).min(Duration::from_secs(30));
     }
 }
 

@@ -385,18 +385,17 @@ impl Failures {
                 error_history = CASE
                     WHEN (CASE WHEN jsonb_typeof(r.error_history) = 'array'
                                THEN jsonb_array_length(r.error_history) END) < 10
-                    THEN r.error_history || jsonb_build_array(
-                        jsonb_build_object('at', now(), 'attempt', f.attempt,
-                                           'kind', f.kind, 'error', f.err))
+                    THEN r.error_history || h.entry
                     ELSE (
                         SELECT jsonb_agg(e ORDER BY n) FROM (
-                            SELECT e, n FROM jsonb_array_elements(r.error_history || jsonb_build_array(
-                                jsonb_build_object('at', now(), 'attempt', f.attempt,
-                                                   'kind', f.kind, 'error', f.err)))
-                                WITH ORDINALITY AS h(e, n)
+                            SELECT e, n FROM jsonb_array_elements(r.error_history || h.entry)
+                                WITH ORDINALITY AS all_of(e, n)
                             ORDER BY n DESC LIMIT 10) AS recent)
                 END
-            FROM ended f
+            FROM ended f,
+                 LATERAL (SELECT jsonb_build_array(jsonb_build_object(
+                              'at', now(), 'attempt', f.attempt, 'kind', f.kind, 'error', f.err))
+                          AS entry) h
             WHERE r.id = f.id
             RETURNING r.state
             "#,

@@ -114,8 +114,8 @@ async fn run_until_logged_with(
         .unwrap();
     let mut log = ChildLog::of(&mut child);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    let what = format!("{times} lines with {needle:?}");
     for _ in 0..times {
-        let what = format!("{times} lines with {needle:?}");
         if log
             .until(deadline, &what, |line| line.contains(needle))
             .await
