@@ -24,6 +24,7 @@
 //! - purge:    dead rows in the table; rows/s of `redrive purge` (chunks of 1,000).
 //! - timing:   rows coming due at 1,000/s; how late each is attempted, and the CPU per row of
 //!   redrive and Postgres (see `timing.rs`).
+//! - timing-defaults: timing with redrive's default workers (32 slots) and pool.
 //! - footprint: peak RSS of the `redrive run` binary, with its defaults, consuming 1M messages
 //!   through its HTTP handler (see `footprint.rs`).
 //! - operators: seconds of `redrive status` and `redrive replay --dry-run --topic small` at 10M dead
@@ -64,6 +65,7 @@ use sqlx::Connection as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use timing::Slots;
 
 const PARTITIONS: i32 = 4;
 
@@ -135,7 +137,14 @@ const CASES: [&str; 14] = [
 /// rates: `timing` (lateness, N rows: 10,000 unless set), `footprint` (peak RSS of `redrive run`,
 /// N messages: 1,000,000 unless set), `operators` (seconds per command), `outage` (the breaker on
 /// and off through a 60 s outage of the handler's service) and `console` (seconds per page).
-const OWN_TABLES: [&str; 5] = ["timing", "footprint", "operators", "outage", "console"];
+const OWN_TABLES: [&str; 6] = [
+    "timing",
+    "timing-defaults",
+    "footprint",
+    "operators",
+    "outage",
+    "console",
+];
 
 /// Each case against its reference: (case, reference, what the reference is).
 const RATIOS: [(&str, &str); 11] = [
@@ -301,7 +310,10 @@ async fn run_cases() -> anyhow::Result<()> {
     }
     for case in own {
         match case {
-            "timing" => timing::run(&admin_url, n.unwrap_or(10_000), runs).await?,
+            "timing" => timing::run(&admin_url, n.unwrap_or(10_000), runs, Slots::Bench).await?,
+            "timing-defaults" => {
+                timing::run(&admin_url, n.unwrap_or(10_000), runs, Slots::Defaults).await?
+            }
             "footprint" => footprint::run(&admin_url, &kafka, n.unwrap_or(1_000_000), runs).await?,
             "outage" => outage::run(&admin_url, &kafka, runs).await?,
             "console" => operators::console(&admin_url, runs).await?,

@@ -2,7 +2,9 @@
 //! (in-process, no-op handler) attempt each as it comes due. Each row carries its due time in its
 //! payload, so the handler records how late it was called, in memory. Printed: the percentiles of
 //! lateness, the worst (a stall shows there), the earliest (never below zero: a row is never
-//! attempted early), and the CPU that redrive and Postgres spent per row.
+//! attempted early), and the CPU that redrive and Postgres spent per row. `timing` runs the retry
+//! workers with the benchmark's 400 slots; `timing-defaults` with redrive's own defaults (32 slots,
+//! 10 connections), as a user who sets nothing runs them.
 
 use super::{cpu_seconds, fresh_db, postgres_cpu, spread, wait_for, workers_only, DEADLINE};
 use redrive::handler::{Delivery, Handler, HandlerError};
@@ -52,13 +54,32 @@ struct Figures {
     postgres_cpu: Option<f64>,
 }
 
+/// Which workers' configuration a run uses.
+#[derive(Clone, Copy)]
+pub enum Slots {
+    /// The benchmark's: 400 slots, 20 connections (`config` in main.rs).
+    Bench,
+    /// redrive's defaults for `[workers]` and the pool.
+    Defaults,
+}
+
+impl Slots {
+    fn case(self) -> &'static str {
+        match self {
+            Slots::Bench => "timing",
+            Slots::Defaults => "timing-defaults",
+        }
+    }
+}
+
 /// Runs the case `runs` times with `n` rows each and prints the medians and ranges.
-pub async fn run(admin_url: &str, n: usize, runs: usize) -> anyhow::Result<()> {
+pub async fn run(admin_url: &str, n: usize, runs: usize, slots: Slots) -> anyhow::Result<()> {
     let mut got = vec![];
+    let case = slots.case();
     for round in 1..=runs {
-        let f = once(admin_url, n).await?;
+        let f = once(admin_url, n, slots).await?;
         eprintln!(
-            "round {round}/{runs}: timing: lateness p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, \
+            "round {round}/{runs}: {case}: lateness p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, \
              worst {:.2} ms, earliest {:.2} ms; CPU per row: redrive {:.0} µs, Postgres {}",
             f.p50,
             f.p99,
@@ -72,7 +93,7 @@ pub async fn run(admin_url: &str, n: usize, runs: usize) -> anyhow::Result<()> {
         got.push(f);
     }
     println!(
-        "\nTiming: {n} rows coming due at {RATE}/s, median [range] of {runs}:\n\n\
+        "\nTiming ({case}): {n} rows coming due at {RATE}/s, median [range] of {runs}:\n\n\
          | measure | value | goal |\n|---|---|---|"
     );
     let row = |what: &str, unit: &str, goal: &str, pick: &dyn Fn(&Figures) -> Option<f64>| {
@@ -103,7 +124,7 @@ pub async fn run(admin_url: &str, n: usize, runs: usize) -> anyhow::Result<()> {
 }
 
 /// One run: `n` rows due one per millisecond from [`LEAD`] on, attempted by the workers.
-async fn once(admin_url: &str, n: usize) -> anyhow::Result<Figures> {
+async fn once(admin_url: &str, n: usize, slots: Slots) -> anyhow::Result<Figures> {
     let db = fresh_db(admin_url).await?;
     let pool = sqlx::PgPool::connect(&db).await?;
     // Each payload is the row's due time in µs since the epoch, as text.
@@ -127,7 +148,15 @@ async fn once(admin_url: &str, n: usize) -> anyhow::Result<Figures> {
     sqlx::query("VACUUM ANALYZE redrive.retry_messages, redrive.queue")
         .execute(&pool)
         .await?;
-    let (config, parts) = workers_only(&db)?;
+    let (mut config, parts) = workers_only(&db)?;
+    if let Slots::Defaults = slots {
+        let defaults = redrive::Config::from_toml(&format!(
+            "[postgres]\nurl = \"{db}\"\n[kafka]\ntopics = [\"bench\"]\n\
+             \"bootstrap.servers\" = \"127.0.0.1:1\"\n\"group.id\" = \"bench\"\n"
+        ))?;
+        config.workers = defaults.workers;
+        config.postgres.max_connections = defaults.postgres.max_connections;
+    }
     let stop = tokio_util::sync::CancellationToken::new();
     let handler = Lateness::default();
     let (cpu, pg) = (cpu_seconds(), postgres_cpu());
