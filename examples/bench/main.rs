@@ -134,9 +134,10 @@ const CASES: [&str; 14] = [
 ];
 
 /// Cases that measure something other than a rate, each printing a table of its own after the
-/// rates: `timing` (lateness, N rows: 10,000 unless set), `footprint` (peak RSS of `redrive run`,
-/// N messages: 1,000,000 unless set), `operators` (seconds per command), `outage` (the breaker on
-/// and off through a 60 s outage of the handler's service) and `console` (seconds per page).
+/// rates: `timing` and `timing-defaults` (lateness, N rows: 10,000 unless set), `footprint` (peak
+/// RSS of `redrive run`, N messages: 1,000,000 unless set), `operators` (seconds per command),
+/// `outage` (the breaker on and off through a 60 s outage of the handler's service) and `console`
+/// (seconds per page).
 const OWN_TABLES: [&str; 6] = [
     "timing",
     "timing-defaults",
