@@ -86,7 +86,7 @@ impl std::ops::AddAssign for Completed {
 /// Opens a transaction, in one round trip, whose statements wait at most 5 s for a row that another
 /// session holds locked (an operator's UPDATE in a transaction left open) before a completion goes
 /// around it; schema V16 gives `redrive.delete_succeeded` the same.
-const BEGIN_WAITING_AT_MOST_LOCK_WAIT: &str = "BEGIN; SET LOCAL lock_timeout = '5s'";
+const BEGIN_WITH_LOCK_TIMEOUT: &str = "BEGIN; SET LOCAL lock_timeout = '5s'";
 
 /// Whether a statement gave up waiting for a lock (`lock_timeout`, SQLSTATE 55P03).
 pub fn is_lock_timeout(e: &StoreError) -> bool {
@@ -117,7 +117,7 @@ impl Store {
     /// Applies a batch of completions: one fenced delete of the successes
     /// (`redrive.delete_succeeded`) and one UPDATE of the failures, in one transaction when the
     /// batch has failures. A row that another session holds locked makes it fail after
-    /// 5 s ([`BEGIN_WAITING_AT_MOST_LOCK_WAIT`], SQLSTATE 55P03) rather than wait for as long as
+    /// 5 s ([`BEGIN_WITH_LOCK_TIMEOUT`], SQLSTATE 55P03) rather than wait for as long as
     /// that session likes.
     pub async fn complete(&self, batch: &[Completion]) -> Result<Completed, StoreError> {
         let split = Split::of(batch);
@@ -131,7 +131,7 @@ impl Store {
                 (deleted, Vec::new())
             }
             _ => {
-                let mut tx = self.begin_waiting_at_most_lock_wait().await?;
+                let mut tx = self.begin_with_lock_timeout().await?;
                 let done = split.apply(&mut tx).await?;
                 tx.commit().await?;
                 done
@@ -141,13 +141,10 @@ impl Store {
     }
 
     /// A transaction whose statements give up waiting for a lock after 5 s.
-    async fn begin_waiting_at_most_lock_wait(
+    async fn begin_with_lock_timeout(
         &self,
     ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError> {
-        Ok(self
-            .pool()
-            .begin_with(BEGIN_WAITING_AT_MOST_LOCK_WAIT)
-            .await?)
+        Ok(self.pool().begin_with(BEGIN_WITH_LOCK_TIMEOUT).await?)
     }
 
     /// [`Store::complete`], going around the rows that another session holds locked: when the
@@ -188,7 +185,7 @@ impl Store {
         let ids: Vec<Uuid> = batch.iter().map(|c| c.id).collect();
         // A trigger of a completed row may still need a row held elsewhere (the next row of its
         // key line): that waits no longer than a completion does.
-        let mut tx = self.begin_waiting_at_most_lock_wait().await?;
+        let mut tx = self.begin_with_lock_timeout().await?;
         let rows = sqlx::query_scalar!(
             r#"SELECT id AS "id!" FROM redrive.retry_messages WHERE id = ANY($1) FOR UPDATE SKIP LOCKED"#,
             &ids,
