@@ -63,6 +63,7 @@ GRANT UPDATE (state, attempts, next_attempt_at, lease_expires_at, locked_by, cla
     ON redrive.queue TO redrive_worker;
 GRANT EXECUTE ON FUNCTION redrive.delete_succeeded(uuid[], uuid[]),
     redrive.claim(text, bigint, float8, text, float8),
+    redrive.next_wake(text, float8),
     redrive.lock_lines(text[], text[], integer[], bytea[])
     TO redrive_worker;
 

@@ -7,6 +7,7 @@ use redrive::handler::HandlerError;
 use redrive::message::Message;
 use redrive::store::capture::{Capture, InitialState};
 use redrive::store::complete::{Completion, Outcome};
+use sqlx::Connection;
 use std::time::Duration;
 
 pub fn message(topic: &str, offset: i64, payload: &[u8]) -> Message {
@@ -438,6 +439,68 @@ async fn rows_are_not_claimed_before_they_are_due() {
         early > Duration::from_secs(2990) && early <= Duration::from_secs(3000),
         "a worker that claims ahead wakes that much earlier: {early:?}"
     );
+}
+
+/// What a statement of this transaction read of the queue: rows read by sequential scans, and rows
+/// fetched through its indexes.
+async fn queue_reads(c: &mut sqlx::PgConnection) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT seq_tup_read, idx_tup_fetch FROM pg_stat_xact_user_tables \
+         WHERE relid = 'redrive.queue'::regclass",
+    )
+    .fetch_one(c)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_claim_and_the_wake_up_read_what_they_return_after_the_queue_outgrew_its_statistics() {
+    // `migrate` analyzes the queue while it is empty, and the claim and the wake-up are planned
+    // then, on this connection. The queue then grows by 20,000 rows that are not due, which no
+    // ANALYZE sees: a plan for an empty table would read every one of them on each call.
+    let db = TestDb::new().await;
+    let mut c = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let claim = "SELECT count(*) FROM redrive.claim('g', 100, 60, 'w', 0.04)";
+    let wake = "SELECT redrive.next_wake('g', 0.02)";
+    for _ in 0..6 {
+        let claimed: i64 = sqlx::query_scalar(claim).fetch_one(&mut c).await.unwrap();
+        assert_eq!(claimed, 0);
+        let wait: Option<f64> = sqlx::query_scalar(wake).fetch_one(&mut c).await.unwrap();
+        assert_eq!(wait, None, "nothing is waiting yet");
+    }
+    sqlx::query(
+        "INSERT INTO redrive.retry_messages (id, consumer_group, topic, \"partition\", \
+         kafka_offset, payload, state, attempts, max_attempts, next_attempt_at) \
+         SELECT gen_random_uuid(), 'g', 'orders', 0, i, '\\x00', 'pending', 1, 5, \
+                now() + interval '1 hour' + i * interval '1 ms' \
+         FROM generate_series(1, 20000) AS i",
+    )
+    .execute(&mut c)
+    .await
+    .unwrap();
+
+    let mut tx = c.begin().await.unwrap();
+    let claimed: i64 = sqlx::query_scalar(claim).fetch_one(&mut *tx).await.unwrap();
+    assert_eq!(claimed, 0, "no row is due");
+    let (seq, fetched) = queue_reads(&mut tx).await;
+    assert!(
+        seq == 0 && fetched < 10,
+        "a claim that takes nothing reads no rows: {seq} by sequential scans, {fetched} by index"
+    );
+    tx.rollback().await.unwrap();
+
+    let mut tx = c.begin().await.unwrap();
+    let wait: f64 = sqlx::query_scalar(wake).fetch_one(&mut *tx).await.unwrap();
+    assert!(
+        (3590.0..=3600.0).contains(&wait),
+        "the wake-up is the first row's due time, less its lead: {wait}"
+    );
+    let (seq, fetched) = queue_reads(&mut tx).await;
+    assert!(
+        seq == 0 && fetched < 10,
+        "the wake-up reads the first row of its index: {seq} rows by sequential scans, {fetched} by index"
+    );
+    tx.rollback().await.unwrap();
 }
 
 #[tokio::test]
