@@ -36,7 +36,8 @@
 //! handler against a local endpoint. `happy-http` and `capture` run with redrive's default of 128
 //! messages in flight (the other consumer cases allow 2,000; `BENCH_MAX_IN_FLIGHT` overrides both, and
 //! `BENCH_CAPTURE_IN_FLIGHT` the capture batches written at once, `BENCH_RETRY_JITTER` the retry
-//! policy's jitter). Usage:
+//! policy's jitter). The consumer cases run the consumer alone; with `BENCH_WITH_WORKERS=1` the
+//! retry workers run beside it, as in `redrive run`. Usage:
 //! `bench [CASE[,CASE…]|all] [N]`; `BENCH_RUNS` rounds (3 unless set) run the cases interleaved,
 //! and the median and range of each are printed, with each case's ratio to its reference. Every
 //! wait has a deadline; the benchmark counts handler calls in memory, so its own polling does not
@@ -725,8 +726,10 @@ async fn consume(case: &str, db: &str, kafka: &str, n: usize) -> anyhow::Result<
         &config.retry.default.jitter.to_string(),
     )
     .parse()?;
+    // The retry workers run only with BENCH_WITH_WORKERS, as in `redrive run`: each capture
+    // statement's NOTIFY then wakes them to claim.
     let parts = RunArgs {
-        no_workers: true,
+        no_workers: std::env::var_os("BENCH_WITH_WORKERS").is_none(),
         no_dlq: true,
         no_http: true,
         ..Default::default()
