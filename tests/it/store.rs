@@ -441,6 +441,34 @@ async fn rows_are_not_claimed_before_they_are_due() {
     );
 }
 
+#[tokio::test]
+async fn with_nothing_due_the_workers_wake_when_the_first_lease_expires() {
+    let db = TestDb::new().await;
+    db.seed(&[
+        pending("orders", 1, Duration::ZERO, 3),
+        pending("orders", 2, Duration::ZERO, 3),
+    ])
+    .await;
+    for lease in [120, 30] {
+        let claim = db
+            .store
+            .claim("g", 1, Duration::from_secs(lease), "w")
+            .await
+            .unwrap();
+        assert_eq!(claim.rows.len(), 1);
+    }
+    let wait = db
+        .store
+        .next_wake("g", Duration::ZERO)
+        .await
+        .unwrap()
+        .expect("two leases are running");
+    assert!(
+        wait > Duration::from_secs(20) && wait <= Duration::from_secs(30),
+        "the wake-up is the earlier of the two leases' expiry, by the database's clock: {wait:?}"
+    );
+}
+
 /// What a statement of this transaction read of the queue: rows read by sequential scans, and rows
 /// fetched through its indexes.
 async fn queue_reads(c: &mut sqlx::PgConnection) -> (i64, i64) {
