@@ -223,14 +223,18 @@ async fn the_gauges_show_the_table_and_one_process_reads_them() {
     );
     assert!(!m.contains("redrive_rows{"), "{m}");
 
-    // Its workers retry the three rows due an hour ago: each attempt is an hour late.
+    // Its workers retry the three rows due an hour ago: each attempt is an hour late. A retry's
+    // lateness is counted when it starts and its handler call's duration when the call ends, so
+    // the wait is for both.
+    let retried =
+        format!("redrive_handler_duration_seconds_count{{{g},path=\"retry\",outcome=\"retry\"}}");
     let m = wait_for(
         "the retries' histograms",
         Duration::from_secs(60),
         || async {
             let m = scrape(b_port).await?;
             let late = sample(&m, &format!("redrive_retry_lateness_seconds_count{{{g}}}"))?;
-            (late >= 3.0).then_some(m)
+            (late >= 3.0 && m.contains(&retried)).then_some(m)
         },
     )
     .await;
@@ -245,12 +249,7 @@ async fn the_gauges_show_the_table_and_one_process_reads_them() {
     assert!(within("+Inf") - within("300") >= 3.0, "{m}");
     let sum = sample(&m, &format!("redrive_retry_lateness_seconds_sum{{{g}}}")).unwrap();
     assert!(sum >= 3.0 * 3600.0, "{m}");
-    assert!(
-        m.contains(&format!(
-            "redrive_handler_duration_seconds_count{{{g},path=\"retry\",outcome=\"retry\"}}"
-        )),
-        "{m}"
-    );
+    assert!(m.contains(&retried), "{m}");
 
     // Every metric the shipped dashboard and alert rules use is exported by these two processes
     // (the last ones once the retries' completions and the DLQ records are written).
