@@ -828,7 +828,7 @@ async fn seed_lines(store: &Store, n: usize, lines: usize) -> anyhow::Result<()>
 /// Fills the table with `n` due rows, or with `n` rows in key lines, then times the retry workers
 /// emptying it.
 async fn dispatch(db: &str, n: usize, lines: Option<usize>) -> anyhow::Result<Run> {
-    let store = Store::from_pool(sqlx::PgPool::connect(db).await?);
+    let store = Store::from_pool(redrive::store::pool_options().connect(db).await?);
     match lines {
         Some(lines) => seed_lines(&store, n, lines).await?,
         None => seed(&store, n, InitialState::Pending).await?,
@@ -880,7 +880,7 @@ async fn time_workers(
 /// Fills the table with `n` due rows, then times the retry workers failing each once: every
 /// attempt is rescheduled an hour on, so none comes due again during the run.
 async fn retry(db: &str, n: usize) -> anyhow::Result<Run> {
-    let store = Store::from_pool(sqlx::PgPool::connect(db).await?);
+    let store = Store::from_pool(redrive::store::pool_options().connect(db).await?);
     seed(&store, n, InitialState::Pending).await?;
     sqlx::query("VACUUM ANALYZE redrive.retry_messages, redrive.queue")
         .execute(store.pool())
@@ -996,7 +996,7 @@ async fn claim_floor(db: &str, n: usize) -> anyhow::Result<Run> {
 
 /// Replays, or purges, `n` dead rows in chunks of 1,000, as the commands do.
 async fn operate(case: &str, db: &str, n: usize) -> anyhow::Result<Run> {
-    let store = Store::from_pool(sqlx::PgPool::connect(db).await?);
+    let store = Store::from_pool(redrive::store::pool_options().connect(db).await?);
     seed(&store, n, InitialState::Dead).await?;
     sqlx::query("VACUUM ANALYZE redrive.retry_messages, redrive.queue")
         .execute(store.pool())

@@ -243,7 +243,7 @@ pub async fn console(admin_url: &str, runs: usize) -> anyhow::Result<()> {
     let dead: i64 = env("BENCH_CONSOLE_DEAD", "1000000").parse()?;
     let url = load(admin_url, "redrive_bench_console", dead, dead / 10).await?;
     let store = redrive::Store::from_pool(
-        sqlx::postgres::PgPoolOptions::new()
+        redrive::store::pool_options()
             .max_connections(4)
             .connect(&url)
             .await?,

@@ -195,7 +195,7 @@ async fn run(kafka: &str, admin_url: &str, console: Option<SocketAddr>) -> anyho
         .await?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
     wait_for_deliveries(&log, 7 + 3 * 5, Duration::from_secs(30)).await;
-    let store = redrive::Store::from_pool(sqlx::PgPool::connect(&db_url).await?);
+    let store = redrive::Store::from_pool(redrive::store::pool_options().connect(&db_url).await?);
     let left = wait_for_empty_table(&store, Duration::from_secs(30)).await?;
     let replayed: Vec<Delivery> = log.lock().unwrap()[failed_phase.len()..].to_vec();
     for d in &replayed {

@@ -128,6 +128,22 @@ async fn probe(options: &PgConnectOptions, within: Duration) -> Result<(), sqlx:
     }
 }
 
+/// Options for a pool of redrive's own. Each of its connections plans every statement with the
+/// values it is given and the tables' sizes as they are (`plan_cache_mode = force_custom_plan`).
+/// Left to itself, Postgres keeps a statement's plan for good after five runs when, at that
+/// moment, that plan costs no more than planning anew: on tables still small, or analyzed while
+/// nearly empty, that is a plan that scans them whole, kept while they grow by thousands of rows
+/// a second until autovacuum analyzes them again (schema V18). The claim keeps its one plan per
+/// connection (its own setting, schema V7), whose index paths hold at any size (V17).
+pub fn pool_options() -> PgPoolOptions {
+    PgPoolOptions::new().after_connect(|conn, _| {
+        Box::pin(async move {
+            sqlx::Executor::execute(conn, "SET plan_cache_mode = force_custom_plan").await?;
+            Ok(())
+        })
+    })
+}
+
 /// The retry store: a connection pool to the database that holds the `redrive` schema.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -135,7 +151,8 @@ pub struct Store {
 }
 
 impl Store {
-    /// Wraps an existing pool (tests, and library users with a pool of their own).
+    /// Wraps an existing pool (tests, and library users with a pool of their own). Build it from
+    /// [`pool_options`], so its statements are planned for the tables as they are.
     pub fn from_pool(pool: PgPool) -> Self {
         Self { pool }
     }
@@ -163,7 +180,7 @@ impl Store {
                 .collect();
             options = options.application_name(&name);
         }
-        let pool = PgPoolOptions::new()
+        let pool = pool_options()
             .max_connections(config.max_connections)
             .acquire_timeout(config.connect_timeout)
             // The pool pings each connection as it comes back. Pinging it again as it is taken out
@@ -211,7 +228,7 @@ impl Store {
             let at = redact_url(config.url.expose_secret());
             anyhow::bail!("connecting to postgres at {at}: {}", cause(&e));
         }
-        let pool = PgPoolOptions::new()
+        let pool = pool_options()
             .max_connections(2)
             .acquire_timeout(config.connect_timeout)
             .connect_lazy_with(options);

@@ -64,7 +64,7 @@ impl TestDb {
             .unwrap();
         let mut url = url::Url::parse(&admin_url()).unwrap();
         url.set_path(&name);
-        let pool = sqlx::postgres::PgPoolOptions::new()
+        let pool = redrive::store::pool_options()
             .max_connections(5)
             .connect(url.as_str())
             .await

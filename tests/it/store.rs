@@ -531,6 +531,138 @@ async fn a_claim_and_the_wake_up_read_what_they_return_after_the_queue_outgrew_i
     tx.rollback().await.unwrap();
 }
 
+/// Rows read so far of the queue and of the message table, by sequential scans and through
+/// indexes, once `flushed`'s backend has reported its statistics (it does so before it answers,
+/// when told to).
+async fn rows_read(db: &TestDb, flushed: &sqlx::PgPool) -> (i64, i64) {
+    sqlx::query("SELECT pg_stat_force_next_flush()")
+        .execute(flushed)
+        .await
+        .unwrap();
+    sqlx::query_as(
+        "SELECT (SELECT seq_tup_read + coalesce(idx_tup_fetch, 0) FROM pg_stat_user_tables
+                 WHERE relid = 'redrive.queue'::regclass),
+                (SELECT seq_tup_read + coalesce(idx_tup_fetch, 0) FROM pg_stat_user_tables
+                 WHERE relid = 'redrive.retry_messages'::regclass)",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_round_of_capture_claim_and_completion_reads_its_rows_after_the_tables_outgrew_their_statistics(
+) {
+    // `migrate` analyzes the tables while they are empty. One connection completes its first
+    // batches while the tables hold a few rows, so their statements are planned for tables that
+    // small and kept on it: the failures' UPDATE after five calls, the queue trigger's statements
+    // at once. The tables then grow by 20,000 rows that no ANALYZE sees, and a plan made for a few
+    // rows reads every one of them on each completion. A paused topic makes each capture look
+    // for its rows to hold too.
+    let db = TestDb::new().await;
+    sqlx::query("SELECT redrive.pause('elsewhere', 'g')")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let pool = redrive::store::pool_options()
+        .max_connections(1)
+        .connect(&db.url)
+        .await
+        .unwrap();
+    let store = redrive::store::Store::from_pool(pool.clone());
+    let retry = || Outcome::Retry {
+        retry_in: Duration::ZERO,
+        error: HandlerError::retryable("still failing"),
+    };
+    let mut offset = 0;
+    let mut round = async || {
+        // Each round two new rows come: one succeeds and one dies. Two others fail, due again at
+        // once.
+        offset += 2;
+        store
+            .capture(
+                "g",
+                &[
+                    pending("orders", offset - 1, Duration::ZERO, 100),
+                    pending("orders", offset, Duration::ZERO, 100),
+                ],
+            )
+            .await
+            .unwrap();
+        let rows = store
+            .claim("g", 10, Duration::from_secs(60), "w")
+            .await
+            .unwrap()
+            .rows;
+        let batch: Vec<Completion> = rows
+            .iter()
+            .map(
+                |c| match (c.message.topic.as_str(), c.message.offset == offset) {
+                    ("orders", true) => done(c, Outcome::Succeeded),
+                    ("orders", false) => done(
+                        c,
+                        Outcome::Dead {
+                            error: HandlerError::permanent("refused"),
+                        },
+                    ),
+                    _ => done(c, retry()),
+                },
+            )
+            .collect();
+        let completed = store.complete(&batch).await.unwrap();
+        (
+            rows.len(),
+            completed.deleted,
+            completed.rescheduled,
+            completed.dead,
+        )
+    };
+    // The first completion comes while the queue is empty: one for a row that is gone.
+    let gone = Completion {
+        id: uuid::Uuid::now_v7(),
+        attempt: 1,
+        token: uuid::Uuid::now_v7(),
+        outcome: Outcome::Dead {
+            error: HandlerError::permanent("refused"),
+        },
+    };
+    assert_eq!(store.complete(&[gone]).await.unwrap().rejected, 1);
+    store
+        .capture(
+            "g",
+            &[
+                pending("failing", 1, Duration::ZERO, 100),
+                pending("failing", 2, Duration::ZERO, 100),
+            ],
+        )
+        .await
+        .unwrap();
+    for _ in 0..6 {
+        assert_eq!(round().await, (4, 1, 2, 1));
+    }
+    sqlx::query(
+        "INSERT INTO redrive.retry_messages (id, consumer_group, topic, \"partition\", \
+         kafka_offset, payload, state, attempts, max_attempts, next_attempt_at) \
+         SELECT gen_random_uuid(), 'g', 'later', 0, i, '\\x00', 'pending', 1, 5, \
+                now() + interval '1 hour' \
+         FROM generate_series(1, 20000) AS i",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+
+    let before = rows_read(&db, &pool).await;
+    assert_eq!(round().await, (4, 1, 2, 1));
+    let after = rows_read(&db, &pool).await;
+    let read = (after.0 - before.0, after.1 - before.1);
+    assert!(
+        read.0 < 100 && read.1 < 100,
+        "a round of four rows read {} rows of the queue and {} of the message table",
+        read.0,
+        read.1
+    );
+}
+
 #[tokio::test]
 async fn a_claim_ahead_takes_rows_due_soon_with_their_wait_and_leaves_the_rest() {
     let db = TestDb::new().await;
@@ -596,7 +728,7 @@ async fn a_claims_unflushed_commit_leaves_its_connection_committing_as_before() 
     let db = TestDb::new().await;
     db.seed(&[pending("orders", 1, Duration::ZERO, 3)]).await;
     // One connection, so the statement after the claim runs where the claim ran.
-    let pool = sqlx::postgres::PgPoolOptions::new()
+    let pool = redrive::store::pool_options()
         .max_connections(1)
         .connect(&db.url)
         .await
