@@ -132,9 +132,8 @@ impl Store {
             }
             _ => {
                 let mut tx = self.begin_with_lock_timeout().await?;
-                let done = split.apply(&mut tx).await?;
-                tx.commit().await?;
-                done
+                let done = split.apply(&mut tx).await;
+                commit_or_roll_back(tx, done).await?
             }
         };
         Ok(split.counted(batch.len(), deleted, &updated))
@@ -182,43 +181,11 @@ impl Store {
     /// rows it completes are locked first with `SKIP LOCKED`, the message's and then the queue's;
     /// a row already gone (its lease taken over and finished elsewhere) is left to the fence.
     pub async fn complete_unheld(&self, batch: &[Completion]) -> Result<Finished, StoreError> {
-        let ids: Vec<Uuid> = batch.iter().map(|c| c.id).collect();
         // A trigger of a completed row may still need a row held elsewhere (the next row of its
         // key line): that waits no longer than a completion does.
         let mut tx = self.begin_with_lock_timeout().await?;
-        let rows = sqlx::query_scalar!(
-            r#"SELECT id AS "id!" FROM redrive.retry_messages WHERE id = ANY($1) FOR UPDATE SKIP LOCKED"#,
-            &ids,
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        let queued = sqlx::query_scalar!(
-            r#"SELECT id AS "id!" FROM redrive.queue WHERE id = ANY($1) FOR UPDATE SKIP LOCKED"#,
-            &rows,
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        let held = sqlx::query_scalar!(
-            r#"
-            SELECT w.id AS "id!" FROM unnest($1::uuid[]) AS w(id)
-            WHERE EXISTS (SELECT 1 FROM redrive.retry_messages r WHERE r.id = w.id AND r.id <> ALL($2))
-               OR EXISTS (SELECT 1 FROM redrive.queue q WHERE q.id = w.id AND q.id <> ALL($3))
-            "#,
-            &ids,
-            &rows,
-            &queued,
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        let (held, free): (Vec<Completion>, Vec<Completion>) =
-            batch.iter().cloned().partition(|c| held.contains(&c.id));
-        let split = Split::of(&free);
-        let (deleted, updated) = split.apply(&mut tx).await?;
-        tx.commit().await?;
-        Ok(Finished {
-            done: split.counted(free.len(), deleted, &updated),
-            held,
-        })
+        let finished = unheld(&mut tx, batch).await;
+        commit_or_roll_back(tx, finished).await
     }
 
     /// Gives claimed-but-abandoned rows back at shutdown: pending, due now (or when it was due, for
@@ -247,6 +214,65 @@ impl Store {
         .execute(self.pool())
         .await?;
         Ok(result.rows_affected())
+    }
+}
+
+/// [`Store::complete_unheld`]'s statements, in its transaction.
+async fn unheld(tx: &mut sqlx::PgConnection, batch: &[Completion]) -> Result<Finished, StoreError> {
+    let ids: Vec<Uuid> = batch.iter().map(|c| c.id).collect();
+    let rows = sqlx::query_scalar!(
+        r#"SELECT id AS "id!" FROM redrive.retry_messages WHERE id = ANY($1) FOR UPDATE SKIP LOCKED"#,
+        &ids,
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let queued = sqlx::query_scalar!(
+        r#"SELECT id AS "id!" FROM redrive.queue WHERE id = ANY($1) FOR UPDATE SKIP LOCKED"#,
+        &rows,
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let held = sqlx::query_scalar!(
+        r#"
+            SELECT w.id AS "id!" FROM unnest($1::uuid[]) AS w(id)
+            WHERE EXISTS (SELECT 1 FROM redrive.retry_messages r WHERE r.id = w.id AND r.id <> ALL($2))
+               OR EXISTS (SELECT 1 FROM redrive.queue q WHERE q.id = w.id AND q.id <> ALL($3))
+            "#,
+        &ids,
+        &rows,
+        &queued,
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let (held, free): (Vec<Completion>, Vec<Completion>) =
+        batch.iter().cloned().partition(|c| held.contains(&c.id));
+    let split = Split::of(&free);
+    let (deleted, updated) = split.apply(tx).await?;
+    Ok(Finished {
+        done: split.counted(free.len(), deleted, &updated),
+        held,
+    })
+}
+
+/// Commits `tx` when `result` is a success. Otherwise rolls it back before returning the error, so
+/// its locks are gone when the caller goes on: a transaction that is only dropped keeps them until
+/// the pool gets round to its connection, and the rows it had changed would look held by another
+/// session to the next statement that skips locked rows.
+async fn commit_or_roll_back<T>(
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    result: Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    match result {
+        Ok(done) => {
+            tx.commit().await?;
+            Ok(done)
+        }
+        Err(e) => {
+            // The statement's error is the one to report; a rollback that fails (the connection
+            // is gone) ends the transaction all the same.
+            let _ = tx.rollback().await;
+            Err(e)
+        }
     }
 }
 

@@ -327,6 +327,52 @@ async fn completions_go_around_a_row_another_session_holds_locked() {
     assert_eq!(db.count("state = 'dead'").await, 1);
 }
 
+/// A completion batch that gave up waiting for a held row has ended its transaction when it
+/// returns. Only dropped, the transaction kept the locks of the rows it had changed until the pool
+/// got round to its connection, and the completion of the rows nobody holds, which comes next,
+/// took them for held by another session.
+#[tokio::test]
+async fn a_completion_that_gave_up_on_a_held_row_has_ended_its_transaction() {
+    use redrive::store::complete::{is_lock_timeout, Outcome};
+    use sqlx::Connection as _;
+    let db = TestDb::new().await;
+    let (claimed, _open) = three_claimed_and_one_held(&db).await;
+    // A pool that is slow to take its connections back, as on a busy runtime: a transaction
+    // left to the pool stays open for that long.
+    let store = redrive::store::Store::from_pool(
+        redrive::store::pool_options()
+            .after_release(|_, _| {
+                Box::pin(async {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    Ok(true)
+                })
+            })
+            .connect(&db.url)
+            .await
+            .unwrap(),
+    );
+    let mut watch = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let mut batch: Vec<_> = claimed.iter().map(succeeded).collect();
+    batch[2].outcome = Outcome::Dead {
+        error: HandlerError::permanent("400"),
+    };
+    let e = store.complete(&batch).await.unwrap_err();
+    assert!(is_lock_timeout(&e), "{e}");
+    let open: Vec<String> = sqlx::query_scalar(
+        "SELECT state FROM pg_stat_activity
+         WHERE datname = current_database() AND state LIKE 'idle in transaction%'
+           AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(&mut watch)
+    .await
+    .unwrap();
+    assert_eq!(
+        open,
+        ["idle in transaction"],
+        "only the holder's transaction is open"
+    );
+}
+
 /// The same through the completer: the completions behind the held row are written while it is
 /// held, and the held one is written by itself once the transaction ends.
 #[tokio::test]
