@@ -551,6 +551,17 @@ async fn rows_read(db: &TestDb, flushed: &sqlx::PgPool) -> (i64, i64) {
 }
 
 #[tokio::test]
+async fn redrives_sessions_plan_each_statement_for_its_values_and_compile_none() {
+    let db = TestDb::new().await;
+    let (plans, jit): (String, String) =
+        sqlx::query_as("SELECT current_setting('plan_cache_mode'), current_setting('jit')")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!((plans.as_str(), jit.as_str()), ("force_custom_plan", "off"));
+}
+
+#[tokio::test]
 async fn a_round_of_capture_claim_and_completion_reads_its_rows_after_the_tables_outgrew_their_statistics(
 ) {
     // `migrate` analyzes the tables while they are empty. One connection completes its first
