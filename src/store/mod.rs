@@ -158,7 +158,8 @@ pub struct Store {
 
 impl Store {
     /// Wraps an existing pool (tests, and library users with a pool of their own). Build it from
-    /// [`pool_options`], so its statements are planned for the tables as they are.
+    /// [`pool_options`], so its statements are planned for the tables as they are, and none is
+    /// compiled.
     pub fn from_pool(pool: PgPool) -> Self {
         Self { pool }
     }

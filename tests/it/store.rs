@@ -469,6 +469,17 @@ async fn with_nothing_due_the_workers_wake_when_the_first_lease_expires() {
     );
 }
 
+/// A store of redrive's own pool options on one connection, so each statement runs where the one
+/// before it ran; and its pool.
+async fn on_one_connection(db: &TestDb) -> (sqlx::PgPool, redrive::store::Store) {
+    let pool = redrive::store::pool_options()
+        .max_connections(1)
+        .connect(&db.url)
+        .await
+        .unwrap();
+    (pool.clone(), redrive::store::Store::from_pool(pool))
+}
+
 /// What a statement of this transaction read of the queue: rows read by sequential scans, and rows
 /// fetched through its indexes.
 async fn queue_reads(c: &mut sqlx::PgConnection) -> (i64, i64) {
@@ -575,12 +586,7 @@ async fn a_round_of_capture_claim_and_completion_reads_its_rows_after_the_tables
         .execute(db.pool())
         .await
         .unwrap();
-    let pool = redrive::store::pool_options()
-        .max_connections(1)
-        .connect(&db.url)
-        .await
-        .unwrap();
-    let store = redrive::store::Store::from_pool(pool.clone());
+    let (pool, store) = on_one_connection(&db).await;
     let retry = || Outcome::Retry {
         retry_in: Duration::ZERO,
         error: HandlerError::retryable("still failing"),
@@ -739,12 +745,7 @@ async fn a_claims_unflushed_commit_leaves_its_connection_committing_as_before() 
     let db = TestDb::new().await;
     db.seed(&[pending("orders", 1, Duration::ZERO, 3)]).await;
     // One connection, so the statement after the claim runs where the claim ran.
-    let pool = redrive::store::pool_options()
-        .max_connections(1)
-        .connect(&db.url)
-        .await
-        .unwrap();
-    let store = redrive::store::Store::from_pool(pool.clone());
+    let (pool, store) = on_one_connection(&db).await;
     let claim = store
         .claim("g", 10, Duration::from_secs(30), "w")
         .await
