@@ -195,11 +195,8 @@ impl Store {
         sqlx::query!("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             .execute(&mut *tx)
             .await?;
-        // The statements are short index walks with costly-looking plans; compiling them costs
-        // more than running them.
-        sqlx::query!("SET LOCAL jit = off")
-            .execute(&mut *tx)
-            .await?;
+        // Its statements are short index walks with costly-looking plans: the pool's sessions
+        // compile none (`pool_options`).
         let r = sqlx::query!(
             r#"
             SELECT now() AS "now!",
