@@ -34,14 +34,16 @@
 //!
 //! The handler is an in-process `Handler` (redrive's own cost), and for `happy-http` the HTTP
 //! handler against a local endpoint. `happy-http` and `capture` run with redrive's default of 128
-//! messages in flight (the other consumer cases allow 2,000; `BENCH_MAX_IN_FLIGHT` overrides both, and
-//! `BENCH_CAPTURE_IN_FLIGHT` the capture batches written at once, `BENCH_RETRY_JITTER` the retry
-//! policy's jitter). The consumer cases run the consumer alone; with `BENCH_WITH_WORKERS=1` the
-//! retry workers run beside it, as in `redrive run`. Usage:
-//! `bench [CASE[,CASE…]|all] [N]`; `BENCH_RUNS` rounds (3 unless set) run the cases interleaved,
-//! and the median and range of each are printed, with each case's ratio to its reference. Every
-//! wait has a deadline; the benchmark counts handler calls in memory, so its own polling does not
-//! load what it measures.
+//! messages in flight (the other consumer cases allow 2,000; `BENCH_MAX_IN_FLIGHT` overrides both,
+//! `BENCH_CAPTURE_IN_FLIGHT` the capture batches written at once, `BENCH_CAPTURE_BATCH` the most
+//! failures a capture statement writes, and `BENCH_RETRY_JITTER` the retry policy's jitter).
+//! `BENCH_AFTER_MIGRATE_SQL` is SQL run on each fresh database after `migrate`, to price a change
+//! of the table before it is built (see `scripts/capture-layouts.sh`). The consumer cases run the
+//! consumer alone; with `BENCH_WITH_WORKERS=1` the retry workers run beside it, as in `redrive
+//! run`. Usage: `bench [CASE[,CASE…]|all] [N]`; `BENCH_RUNS` rounds (3 unless set) run the cases
+//! interleaved, and the median and range of each are printed, with each case's ratio to its
+//! reference. Every wait has a deadline; the benchmark counts handler calls in memory, so its own
+//! polling does not load what it measures.
 
 mod footprint;
 mod operators;
@@ -455,6 +457,13 @@ where
 async fn fresh_db(admin_url: &str) -> anyhow::Result<String> {
     let url = redrive::support::recreate_database(admin_url, "redrive_bench").await?;
     redrive::store::migrate::run(&url.clone().into()).await?;
+    if let Ok(sql) = std::env::var("BENCH_AFTER_MIGRATE_SQL") {
+        let mut c = sqlx::PgConnection::connect(&url).await?;
+        sqlx::raw_sql(&sql)
+            .execute(&mut c)
+            .await
+            .map_err(|e| anyhow::anyhow!("BENCH_AFTER_MIGRATE_SQL ({sql}) failed: {e}"))?;
+    }
     Ok(url)
 }
 
@@ -719,6 +728,11 @@ async fn consume(case: &str, db: &str, kafka: &str, n: usize) -> anyhow::Result<
     config.consumer.capture_in_flight = env(
         "BENCH_CAPTURE_IN_FLIGHT",
         &config.consumer.capture_in_flight.to_string(),
+    )
+    .parse()?;
+    config.consumer.capture_batch_size = env(
+        "BENCH_CAPTURE_BATCH",
+        &config.consumer.capture_batch_size.to_string(),
     )
     .parse()?;
     config.retry.default.jitter = env(
