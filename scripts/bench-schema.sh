@@ -23,6 +23,7 @@
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/median.sh
 N="${1:-100000}"
 RUNS="${BENCH_RUNS:-3}"
 INFLIGHT="${INFLIGHT:-400}"
@@ -136,10 +137,7 @@ for round in $(seq 1 "$RUNS"); do
   done
 done
 # column K of a layout's rounds: "median [lowest–highest]", or the median alone with "mid"
-stat() {
-  echo -n "${results[$1]}" | awk -v k="$2" '{print $k}' | sort -n |
-    awk -v how="${3:-}" '{v[NR]=$1} END {m=v[int((NR+1)/2)]; if (how == "mid") print m; else printf "%d [%d–%d]", m, v[1], v[NR]}'
-}
+stat() { median_range "$(echo -n "${results[$1]}" | awk -v k="$2" '{print $k}')" "${3:-}"; }
 for path in capture dispatch; do
   k=1
   [[ $path == dispatch ]] && k=3

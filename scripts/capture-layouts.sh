@@ -12,6 +12,7 @@
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/median.sh
 N="${1:-500000}"
 RUNS="${BENCH_RUNS:-3}"
 export SQLX_OFFLINE="${SQLX_OFFLINE:-true}" REDRIVE_LOG="${REDRIVE_LOG:-warn}" BENCH_RUNS=1
@@ -52,11 +53,7 @@ for round in $(seq 1 "$RUNS"); do
   done
 done
 
-# "median [lowest–highest]" of a list, or the median alone with "mid"
-stat() {
-  echo -n "$1" | sort -g | awk -v how="${2:-}" '{v[NR]=$1} END {
-    m=v[int((NR+1)/2)]; if (how == "mid") print m; else printf "%d [%d–%d]", m, v[1], v[NR] }'
-}
+stat() { median_range "$@"; }
 floor_mid=$(stat "${rate[floor]}" mid)
 echo
 echo "| layout | per second, median [range] of $RUNS | Postgres µs per row, median | / floor |"

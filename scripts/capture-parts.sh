@@ -13,6 +13,7 @@
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/median.sh
 N="${1:-100000}"
 RUNS="${BENCH_RUNS:-3}"
 ((N >= 500 && N % 500 == 0)) || { echo "capture-parts: N must be a multiple of 500" >&2; exit 1; }
@@ -82,11 +83,8 @@ for round in $(seq 1 "$RUNS"); do
   done
 done
 
-# "median [lowest–highest]" of a list of seconds, or the median alone with "mid"
-stat() {
-  echo -n "$1" | sort -g | awk -v how="${2:-}" '{v[NR]=$1} END {
-    m=v[int((NR+1)/2)]; if (how == "mid") print m; else printf "%.3f [%.3f–%.3f]", m, v[1], v[NR] }'
-}
+# seconds: "median [lowest–highest]", or the median alone with "mid"
+stat() { median_range "$1" "${2:-%.3f}"; }
 echo
 echo "| step | capture, s for $N rows, median [range] of $RUNS | µs per row | INSERT floor, s | / floor |"
 echo "|---|---|---|---|---|"
