@@ -7,7 +7,8 @@
 # done; the due rows sit behind INFLIGHT rows held by a worker. Prepared statements throughout. Prints
 # rows/s and Postgres's CPU per row (every local postgres process), median and range of
 # BENCH_RUNS interleaved rounds (3 unless set), and each layout's ratio to the floor.
-#   scripts/bench-schema.sh [N]    or make bench-schema    (N = 100,000 unless set; INFLIGHT = 400 unless set)
+#   scripts/bench-schema.sh [N]    or make bench-schema    (N = 100,000 unless set, a multiple of 500;
+#                                                          INFLIGHT = 400 unless set)
 # Layouts (LAYOUTS picks some, space-separated):
 #   redrive        the schema as redrive writes and claims it today (V8: the queue of its own)
 #   no-source-key  without its unique source key (which the dedupe of I2 needs: a bound)
@@ -26,6 +27,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/median.sh
 N="${1:-100000}"
 RUNS="${BENCH_RUNS:-3}"
+# Capture writes 500 rows a transaction, so N counts whole transactions.
+((N > 0 && N % 500 == 0)) || { echo "bench-schema: N must be a positive multiple of 500, not $N" >&2; exit 2; }
 INFLIGHT="${INFLIGHT:-400}"
 BASE="$(scripts/postgres.sh url)"
 DB=redrive_bench_schema
@@ -117,8 +120,9 @@ run() {
   seed "$N" "$INFLIGHT"
   local due="SELECT count(*) FROM $table WHERE claim_token IS NULL" dispatched
   [[ "$layout" == floor ]] && due="SELECT count(*) FROM floor_claim WHERE state = 'pending'"
-  # Each transaction claims up to 100 rows: N/400 per client is N rows when every claim is full.
-  dispatched=$(timed "$N" -c 4 -j 4 -t $((N / 400)) -f "$SQL/$script")
+  # Each transaction claims up to 100 rows, so N/400 per client, rounded up, is N rows when every
+  # claim is full; a claim that finds nothing left deletes nothing.
+  dispatched=$(timed "$N" -c 4 -j 4 -t $(((N + 399) / 400)) -f "$SQL/$script")
   local left
   left=$(psql -Atq "$URL" -c "$due")
   ((left == 0)) || { echo "bench-schema: $layout: $left of $N rows were not claimed" >&2; exit 1; }
