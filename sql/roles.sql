@@ -62,6 +62,8 @@ GRANT SELECT ON redrive.queue TO redrive_worker;
 GRANT UPDATE (state, attempts, next_attempt_at, lease_expires_at, locked_by, claim_token)
     ON redrive.queue TO redrive_worker;
 GRANT EXECUTE ON FUNCTION redrive.delete_succeeded(uuid[], uuid[]),
+    redrive.fail_attempts(uuid[], uuid[], integer[], text[], float8[], text[], text[]),
+    redrive.release_claims(uuid[], uuid[]),
     redrive.claim(text, bigint, float8, text, float8),
     redrive.next_wake(text, float8),
     redrive.lock_lines(text[], text[], integer[], bytea[])

@@ -193,27 +193,15 @@ impl Store {
     /// claimed by someone else since is left alone.
     pub async fn release(&self, claims: &[(Uuid, Uuid)]) -> Result<u64, StoreError> {
         let (ids, tokens): (Vec<Uuid>, Vec<Uuid>) = claims.iter().copied().unzip();
-        let result = sqlx::query!(
-            r#"
-            WITH released AS (
-                UPDATE redrive.queue q
-                SET state = 'pending', attempts = q.attempts - 1,
-                    next_attempt_at = greatest(q.next_attempt_at, now()), lease_expires_at = NULL,
-                    locked_by = NULL, claim_token = NULL
-                FROM UNNEST($1::uuid[], $2::uuid[]) AS f(id, token)
-                WHERE q.id = f.id AND q.claim_token = f.token AND q.state = 'running'
-                RETURNING q.id, q.attempts, q.next_attempt_at)
-            UPDATE redrive.retry_messages r
-            SET attempts = q.attempts, next_attempt_at = q.next_attempt_at, updated_at = now()
-            FROM released q
-            WHERE r.id = q.id
-            "#,
+        // A function of schema V19: it reads the rows by key, however many others run.
+        let released = sqlx::query_scalar!(
+            r#"SELECT redrive.release_claims($1::uuid[], $2::uuid[]) AS "released!""#,
             &ids,
             &tokens,
         )
-        .execute(self.pool())
+        .fetch_one(self.pool())
         .await?;
-        Ok(result.rows_affected())
+        Ok(released as u64)
     }
 }
 
@@ -381,47 +369,10 @@ impl Failures {
     /// with its error added to a history of the last 10. A dead row leaves the queue through the
     /// trigger that keeps the queue in step with `state`. Returns the new state of each row it changed.
     async fn write<'e>(&self, db: impl sqlx::PgExecutor<'e>) -> Result<Vec<String>, StoreError> {
+        // A function of schema V19: it reads the rows by key, however many others run.
         let states = sqlx::query_scalar!(
-            r#"
-            WITH f AS (
-                SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::int4[], $4::text[], $5::float8[],
-                                     $6::text[], $7::text[])
-                     AS f(id, token, attempt, state, retry_in, err, kind)
-            ), ended AS (
-                UPDATE redrive.queue q
-                SET state = 'pending', next_attempt_at = now() + make_interval(secs => f.retry_in),
-                    lease_expires_at = NULL, locked_by = NULL, claim_token = NULL
-                FROM f
-                WHERE q.id = f.id AND q.claim_token = f.token AND q.state = 'running'
-                -- The completion's columns come along, so the rows are joined once: a second
-                -- join to `f` was a nested loop over it (the planner takes UNNEST for 10 rows),
-                -- half of this statement at 100 rows and growing with the square of the batch.
-                RETURNING q.id, q.attempts, q.next_attempt_at, f.attempt, f.state, f.err, f.kind)
-            UPDATE redrive.retry_messages r
-            SET state = f.state, attempts = f.attempts, next_attempt_at = f.next_attempt_at,
-                last_error = f.err, error_kind = f.kind, updated_at = now(),
-                dead_at = CASE WHEN f.state = 'dead' THEN now() END,
-                dlq_published_at = NULL, dlq_topic = NULL, dlq_error = NULL, dlq_refused_at = NULL,
-                -- A history of fewer than 10 entries takes the new one on its end; only a full
-                -- one (or one an operator rewrote into something else) is taken apart and cut to
-                -- its last 10, which cost a fifth of this statement when done for every row.
-                error_history = CASE
-                    WHEN (CASE WHEN jsonb_typeof(r.error_history) = 'array'
-                               THEN jsonb_array_length(r.error_history) END) < 10
-                    THEN r.error_history || h.entry
-                    ELSE (
-                        SELECT jsonb_agg(e ORDER BY n) FROM (
-                            SELECT e, n FROM jsonb_array_elements(r.error_history || h.entry)
-                                WITH ORDINALITY AS all_of(e, n)
-                            ORDER BY n DESC LIMIT 10) AS recent)
-                END
-            FROM ended f,
-                 LATERAL (SELECT jsonb_build_array(jsonb_build_object(
-                              'at', now(), 'attempt', f.attempt, 'kind', f.kind, 'error', f.err))
-                          AS entry) h
-            WHERE r.id = f.id
-            RETURNING r.state
-            "#,
+            r#"SELECT s AS "state!" FROM redrive.fail_attempts($1::uuid[], $2::uuid[], $3::int4[],
+                   $4::text[], $5::float8[], $6::text[], $7::text[]) AS s"#,
             &self.ids,
             &self.tokens,
             &self.attempts,

@@ -682,8 +682,8 @@ async fn a_round_of_capture_claim_and_completion_reads_its_rows_after_the_tables
 
 #[tokio::test]
 async fn a_queue_row_holds_a_claim_token_only_while_it_runs() {
-    // The completion of successes is fenced on the token alone (V19): a row that is not running
-    // must not hold one.
+    // The completions are fenced on the token alone (V19): a row that is not running must not
+    // hold one.
     let db = TestDb::new().await;
     db.seed(&[pending("orders", 1, Duration::ZERO, 3)]).await;
     let refused = sqlx::query(
@@ -701,9 +701,9 @@ async fn a_queue_row_holds_a_claim_token_only_while_it_runs() {
 }
 
 #[tokio::test]
-async fn a_completion_of_successes_reads_its_rows_however_many_others_are_running() {
+async fn a_completion_reads_its_rows_however_many_others_are_running() {
     // `migrate` analyzes the queue while nothing runs. 3,000 rows are then claimed and stay
-    // running, which no ANALYZE sees, beside 20,000 that are not due. The completion names its
+    // running, which no ANALYZE sees, beside 20,000 that are not due. A completion names its
     // rows by id and claim token: read through the lease index instead, it would read every
     // running row of every group on each call, and read whole, the queue.
     let db = TestDb::new().await;
@@ -728,26 +728,68 @@ async fn a_completion_of_successes_reads_its_rows_however_many_others_are_runnin
         assert!(!rows.is_empty(), "{} of 3,000 rows claimed", held.len());
         held.extend(rows);
     }
-    // Batches as large as a claim's, each read once in each table.
-    for batch in held.chunks(100).take(3) {
-        let batch: Vec<Completion> = batch.iter().map(|c| done(c, Outcome::Succeeded)).collect();
+    // Batches as large as a claim's, each of one kind: successes, failures due again, deaths,
+    // and a release at shutdown. Each reads its rows once in each table, and the queue's once
+    // more through the trigger that keeps it in step.
+    let mut batches = held.chunks(100);
+    let retry = Outcome::Retry {
+        retry_in: Duration::ZERO,
+        error: HandlerError::retryable("still failing"),
+    };
+    let dead = Outcome::Dead {
+        error: HandlerError::permanent("refused"),
+    };
+    for (outcome, kind) in [
+        (Outcome::Succeeded, "successes"),
+        (retry, "failures"),
+        (dead, "deaths"),
+    ] {
+        let batch: Vec<Completion> = batches
+            .next()
+            .unwrap()
+            .iter()
+            .map(|c| done(c, outcome.clone()))
+            .collect();
         let before = rows_read(&db, &pool).await;
-        assert_eq!(store.complete(&batch).await.unwrap().deleted, 100);
+        let completed = store.complete(&batch).await.unwrap();
         let after = rows_read(&db, &pool).await;
+        assert_eq!(
+            completed.deleted + completed.rescheduled + completed.dead,
+            100,
+            "{kind}: {completed:?}"
+        );
         let read = (after.0 - before.0, after.1 - before.1);
         assert!(
             read.0 <= 200 && read.1 <= 200,
-            "a completion of 100 rows among 3,000 running read {} rows of the queue and {} of the message table",
+            "a completion of 100 {kind} among 3,000 running read {} rows of the queue and {} of \
+             the message table",
             read.0,
             read.1
         );
     }
+    let claims: Vec<_> = batches
+        .next()
+        .unwrap()
+        .iter()
+        .map(|c| (c.id, c.token))
+        .collect();
+    let before = rows_read(&db, &pool).await;
+    assert_eq!(store.release(&claims).await.unwrap(), 100);
+    let after = rows_read(&db, &pool).await;
+    let read = (after.0 - before.0, after.1 - before.1);
+    assert!(
+        read.0 <= 200 && read.1 <= 200,
+        "a release of 100 rows among 3,000 running read {} rows of the queue and {} of the \
+         message table",
+        read.0,
+        read.1
+    );
     let running: i64 =
         sqlx::query_scalar("SELECT count(*) FROM redrive.queue WHERE state = 'running'")
             .fetch_one(db.pool())
             .await
             .unwrap();
-    assert_eq!(running, 2700, "the other claims still run");
+    assert_eq!(running, 2600, "the other claims still run");
 }
 
 #[tokio::test]
