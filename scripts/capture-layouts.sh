@@ -60,13 +60,12 @@ for round in $(seq 1 "$RUNS"); do
   done
 done
 
-stat() { median_range "$@"; }
-floor_mid=$(stat "${rate[floor]}" mid)
+floor_mid=$(median_range "${rate[floor]}" mid)
 echo
 echo "| layout | per second, median [range] of $RUNS | Postgres µs per row, median | / floor |"
 echo "|---|---|---|---|"
 for l in floor "${layouts[@]}"; do
-  awk -v l="$l" -v s="$(stat "${rate[$l]}")" -v m="$(stat "${rate[$l]}" mid)" \
-    -v c="$(stat "${cpu[$l]}" mid)" -v f="$floor_mid" \
+  awk -v l="$l" -v s="$(median_range "${rate[$l]}")" -v m="$(median_range "${rate[$l]}" mid)" \
+    -v c="$(median_range "${cpu[$l]}" mid)" -v f="$floor_mid" \
     'BEGIN { printf "| %s | %s | %d | %.2f |\n", l, s, c, m / f }'
 done
