@@ -150,6 +150,8 @@ struct Shared<H> {
     breakers: Arc<Breakers>,
     /// `redrive_handler_duration_seconds{path="first"}` by outcome, taken once.
     first_durations: FirstDurations,
+    /// `redrive_deliveries_total` by outcome, each taken on its first use.
+    deliveries: Deliveries,
     /// `redrive_end_to_end_seconds{path="first"}`, taken once.
     first_end_to_end: Arc<crate::telemetry::Durations>,
 }
@@ -190,6 +192,7 @@ impl<H: Handler> Consumer<H> {
                 continuations: TaskTracker::new(),
                 breakers,
                 first_durations: FirstDurations::new(config.kafka.group_id()),
+                deliveries: Deliveries::default(),
                 first_end_to_end: crate::telemetry::end_to_end(config.kafka.group_id(), "first"),
             }),
         }
@@ -800,8 +803,7 @@ impl<H: Handler> Shared<H> {
             .into_iter()
             .partition(|item| open.contains(&item.message.offset));
         if !stored.is_empty() {
-            metrics::counter!("redrive_deliveries_total", "outcome" => "parked")
-                .increment(stored.len() as u64);
+            self.deliveries.parked(stored.len() as u64);
         }
         self.done_under(
             &mut self.lock_tracker(),
@@ -985,15 +987,13 @@ impl<H: Handler> Shared<H> {
             }
         }
         if succeeded > 0 {
-            metrics::counter!("redrive_deliveries_total", "outcome" => "succeeded")
-                .increment(succeeded);
+            self.deliveries.succeeded(succeeded);
         }
     }
 
     /// The row for a failed first delivery, in its key's line if it has one.
     fn failure(&self, message: Message, error: HandlerError, order: Option<Ordered>) -> Capture {
-        metrics::counter!("redrive_deliveries_total", "outcome" => error.kind.as_str())
-            .increment(1);
+        self.deliveries.failed(error.kind);
         tracing::debug!(
             topic = message.topic,
             partition = message.partition,
@@ -1091,6 +1091,40 @@ impl FirstDurations {
             ErrorKind::Permanent => &self.permanent,
             ErrorKind::Timeout => &self.timeout,
         }
+    }
+}
+
+/// The first deliveries' outcomes, `redrive_deliveries_total`. Each counter is looked up once, on
+/// its first use (so a series appears only once something is counted in it): a look-up formats and
+/// hashes the labels, which a failure of every message would otherwise pay per message.
+#[derive(Default)]
+struct Deliveries {
+    /// succeeded, parked, then the handler's errors in the order of [`Deliveries::failed`].
+    by_outcome: [std::sync::OnceLock<metrics::Counter>; 5],
+}
+
+impl Deliveries {
+    fn succeeded(&self, n: u64) {
+        self.count(0, "succeeded", n);
+    }
+
+    fn parked(&self, n: u64) {
+        self.count(1, "parked", n);
+    }
+
+    fn failed(&self, kind: ErrorKind) {
+        let at = match kind {
+            ErrorKind::Retryable => 2,
+            ErrorKind::Permanent => 3,
+            ErrorKind::Timeout => 4,
+        };
+        self.count(at, kind.as_str(), 1);
+    }
+
+    fn count(&self, at: usize, outcome: &'static str, n: u64) {
+        self.by_outcome[at]
+            .get_or_init(|| metrics::counter!("redrive_deliveries_total", "outcome" => outcome))
+            .increment(n);
     }
 }
 
