@@ -5,7 +5,7 @@ use crate::helpers::*;
 use chrono::Utc;
 use redrive::handler::HandlerError;
 use redrive::message::Message;
-use redrive::store::capture::{Capture, InitialState};
+use redrive::store::capture::{Capture, InitialState, Line, OnDead};
 use redrive::store::complete::{Completion, Outcome};
 use sqlx::Connection;
 use std::time::Duration;
@@ -675,6 +675,67 @@ async fn a_round_of_capture_claim_and_completion_reads_its_rows_after_the_tables
     assert!(
         read.0 < 100 && read.1 < 100,
         "a round of four rows read {} rows of the queue and {} of the message table",
+        read.0,
+        read.1
+    );
+}
+
+#[tokio::test]
+async fn a_key_lines_release_reads_its_rows_after_the_table_outgrew_its_statistics() {
+    // A success of a line's first row lets the next one go: the queue's trigger calls
+    // `redrive.release_lines`, which keeps one plan per connection (V20), as does the completion
+    // itself. One connection makes those plans here, while the table holds a few rows and its
+    // statistics are those of `migrate` (empty). The table then grows by 20,000 rows of other
+    // lines of the same partition, at offsets before the next round's, that no ANALYZE sees; a
+    // release must still read its line alone.
+    let db = TestDb::new().await;
+    let (pool, store) = on_one_connection(&db).await;
+    let in_line = |offset: i64, key: &str| {
+        let mut c = pending("lined", offset, Duration::ZERO, 3);
+        c.line = Some(Line::of(key.as_bytes(), OnDead::Block));
+        c
+    };
+    let round = async |first: i64| {
+        // Two messages of a new key: the second waits behind the first. The first succeeds, which
+        // releases the second, and then the second succeeds.
+        let key = format!("k{first}");
+        let both = [in_line(first, &key), in_line(first + 1, &key)];
+        assert_eq!(store.capture("g", &both).await.unwrap(), 2);
+        let mut claimed_and_deleted = Vec::new();
+        for _ in 0..2 {
+            let rows = store
+                .claim("g", 10, Duration::from_secs(60), "w")
+                .await
+                .unwrap()
+                .rows;
+            let batch: Vec<Completion> = rows.iter().map(|c| done(c, Outcome::Succeeded)).collect();
+            let deleted = store.complete(&batch).await.unwrap().deleted;
+            claimed_and_deleted.push((rows.len(), deleted));
+        }
+        claimed_and_deleted
+    };
+    for first in (1..12).step_by(2) {
+        assert_eq!(round(first).await, [(1, 1), (1, 1)]);
+    }
+    sqlx::query(
+        "INSERT INTO redrive.retry_messages (id, consumer_group, topic, \"partition\", \
+         kafka_offset, payload, state, attempts, max_attempts, next_attempt_at, order_key, \
+         order_on_dead) \
+         SELECT gen_random_uuid(), 'g', 'lined', 0, 100 + i, '\\x00', 'waiting', 0, 3, now(), \
+                decode(md5((i / 2)::text), 'hex'), 'block' \
+         FROM generate_series(1, 20000) AS i",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+
+    let before = rows_read(&db, &pool).await;
+    assert_eq!(round(1_000_000).await, [(1, 1), (1, 1)]);
+    let after = rows_read(&db, &pool).await;
+    let read = (after.0 - before.0, after.1 - before.1);
+    assert!(
+        read.0 < 100 && read.1 < 100,
+        "a round of two rows in a key line read {} rows of the queue and {} of the message table",
         read.0,
         read.1
     );
