@@ -11,9 +11,9 @@
 -- So each keeps one generic plan per connection, as `redrive.claim` does, and its statements are
 -- written so that such a plan reads only their rows at any size of the tables, even when it was
 -- made while they were nearly empty: the rows to change are named by `id = ANY (ARRAY(...))`,
--- which only the primary key answers once sequential scans are priced out. Joined to their rows
--- instead, as before, a plan made on a small table hashed or filtered the whole primary key, and a
--- release read 20,000 rows to change one. `lock_lines` reads no table.
+-- which only the primary key answers once sequential scans are priced out. Joined to its rows
+-- instead, as before, the release's plan made on a small table hashed or filtered the whole
+-- primary key: 20,000 rows read to change one. `lock_lines` reads no table.
 
 -- V19's body, with the message rows named by id.
 CREATE OR REPLACE FUNCTION redrive.delete_succeeded(ids uuid[], tokens uuid[])
