@@ -542,23 +542,33 @@ async fn a_claim_and_the_wake_up_read_what_they_return_after_the_queue_outgrew_i
     tx.rollback().await.unwrap();
 }
 
-/// Rows read so far of the queue and of the message table, by sequential scans and through
-/// indexes, once `flushed`'s backend has reported its statistics (it does so before it answers,
-/// when told to).
-async fn rows_read(db: &TestDb, flushed: &sqlx::PgPool) -> (i64, i64) {
-    sqlx::query("SELECT pg_stat_force_next_flush()")
-        .execute(flushed)
+/// What `work` returns, and the rows it read of the queue and of the message table, by sequential
+/// scans and through indexes. The statistics are read once `flushed`'s backend has reported them
+/// (it does so before it answers, when told to).
+async fn read_by<T>(
+    db: &TestDb,
+    flushed: &sqlx::PgPool,
+    work: impl std::future::Future<Output = T>,
+) -> (T, (i64, i64)) {
+    let read_so_far = async || -> (i64, i64) {
+        sqlx::query("SELECT pg_stat_force_next_flush()")
+            .execute(flushed)
+            .await
+            .unwrap();
+        sqlx::query_as(
+            "SELECT (SELECT seq_tup_read + coalesce(idx_tup_fetch, 0) FROM pg_stat_user_tables
+                     WHERE relid = 'redrive.queue'::regclass),
+                    (SELECT seq_tup_read + coalesce(idx_tup_fetch, 0) FROM pg_stat_user_tables
+                     WHERE relid = 'redrive.retry_messages'::regclass)",
+        )
+        .fetch_one(db.pool())
         .await
-        .unwrap();
-    sqlx::query_as(
-        "SELECT (SELECT seq_tup_read + coalesce(idx_tup_fetch, 0) FROM pg_stat_user_tables
-                 WHERE relid = 'redrive.queue'::regclass),
-                (SELECT seq_tup_read + coalesce(idx_tup_fetch, 0) FROM pg_stat_user_tables
-                 WHERE relid = 'redrive.retry_messages'::regclass)",
-    )
-    .fetch_one(db.pool())
-    .await
-    .unwrap()
+        .unwrap()
+    };
+    let before = read_so_far().await;
+    let done = work.await;
+    let after = read_so_far().await;
+    (done, (after.0 - before.0, after.1 - before.1))
 }
 
 #[tokio::test]
@@ -668,10 +678,8 @@ async fn a_round_of_capture_claim_and_completion_reads_its_rows_after_the_tables
     .await
     .unwrap();
 
-    let before = rows_read(&db, &pool).await;
-    assert_eq!(round().await, (4, 1, 2, 1));
-    let after = rows_read(&db, &pool).await;
-    let read = (after.0 - before.0, after.1 - before.1);
+    let (rounded, read) = read_by(&db, &pool, round()).await;
+    assert_eq!(rounded, (4, 1, 2, 1));
     assert!(
         read.0 < 100 && read.1 < 100,
         "a round of four rows read {} rows of the queue and {} of the message table",
@@ -729,10 +737,8 @@ async fn a_key_lines_release_reads_its_rows_after_the_table_outgrew_its_statisti
     .await
     .unwrap();
 
-    let before = rows_read(&db, &pool).await;
-    assert_eq!(round(1_000_000).await, [(1, 1), (1, 1)]);
-    let after = rows_read(&db, &pool).await;
-    let read = (after.0 - before.0, after.1 - before.1);
+    let (rounded, read) = read_by(&db, &pool, round(1_000_000)).await;
+    assert_eq!(rounded, [(1, 1), (1, 1)]);
     assert!(
         read.0 < 100 && read.1 < 100,
         "a round of two rows in a key line read {} rows of the queue and {} of the message table",
@@ -811,15 +817,13 @@ async fn a_completion_reads_its_rows_however_many_others_are_running() {
             .iter()
             .map(|c| done(c, outcome.clone()))
             .collect();
-        let before = rows_read(&db, &pool).await;
-        let completed = store.complete(&batch).await.unwrap();
-        let after = rows_read(&db, &pool).await;
+        let (completed, read) = read_by(&db, &pool, store.complete(&batch)).await;
+        let completed = completed.unwrap();
         assert_eq!(
             completed.deleted + completed.rescheduled + completed.dead,
             100,
             "{kind}: {completed:?}"
         );
-        let read = (after.0 - before.0, after.1 - before.1);
         assert!(
             read.0 <= 200 && read.1 <= 200,
             "a completion of 100 {kind} among 3,000 running read {} rows of the queue and {} of \
@@ -834,10 +838,8 @@ async fn a_completion_reads_its_rows_however_many_others_are_running() {
         .iter()
         .map(|c| (c.id, c.token))
         .collect();
-    let before = rows_read(&db, &pool).await;
-    assert_eq!(store.release(&claims).await.unwrap(), 100);
-    let after = rows_read(&db, &pool).await;
-    let read = (after.0 - before.0, after.1 - before.1);
+    let (released, read) = read_by(&db, &pool, store.release(&claims)).await;
+    assert_eq!(released.unwrap(), 100);
     assert!(
         read.0 <= 200 && read.1 <= 200,
         "a release of 100 rows among 3,000 running read {} rows of the queue and {} of the \
