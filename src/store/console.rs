@@ -157,7 +157,8 @@ impl Store {
 
     /// Rows that first failed and rows that died since `since`, in buckets of `bucket`. A table of
     /// more than `sample_pages` pages is sampled (`TABLESAMPLE SYSTEM`) and the counts scaled up,
-    /// so the answer takes about as long at 10M rows as at 100k.
+    /// so the answer takes about as long at 10M rows as at 100k. The sample's pages are the same on
+    /// every refresh (a fixed seed, as `redrive status`'s), so they stay in memory.
     pub async fn timeline(
         &self,
         since: DateTime<Utc>,
@@ -179,7 +180,7 @@ impl Store {
             r#"
             WITH s AS (
                 SELECT first_failed_at, dead_at FROM redrive.retry_messages
-                TABLESAMPLE SYSTEM ($3::real)
+                TABLESAMPLE SYSTEM ($3::real) REPEATABLE (0)
                 WHERE first_failed_at >= $1 OR dead_at >= $1
             ), b AS (
                 SELECT date_bin(make_interval(secs => $2), first_failed_at, $1) AS start,

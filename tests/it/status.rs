@@ -105,6 +105,16 @@ async fn a_large_table_is_estimated_from_a_sample_and_says_so() {
     let first = &s.top_errors[0];
     assert_eq!(first.error.as_deref(), Some("boom big"));
     assert!(near(first.failures, 3000), "{first:?}");
+    // Both reads of the sample read the same pages: each big row has one error in the window.
+    assert_eq!(
+        (first.failures, first.rows),
+        (big.pending, big.pending),
+        "{first:?} {big:?}"
+    );
+    // And so does the next status on the unchanged table.
+    let again = status(&db, limits).await;
+    assert_eq!((&again.topics, &again.groups), (&s.topics, &s.groups));
+    assert_eq!(again.top_errors, s.top_errors);
     let text = redrive::ops::status::render(&s, "db");
     assert!(
         text.contains("~") && text.contains("estimated from a random"),

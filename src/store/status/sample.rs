@@ -2,6 +2,11 @@
 //! (`TABLESAMPLE SYSTEM`): each page is read with the same probability, so a count in the sample
 //! divided by that probability estimates the count in the table. A table no larger than the
 //! sample is read whole, and its "estimates" are exact.
+//!
+//! The pages are chosen with a fixed seed (`REPEATABLE (0)`), the same for every read: the
+//! counts and the errors of one status come from the same pages, which the second read finds in
+//! memory, and so do the statuses after it, instead of a new set of random reads each time. On a
+//! table that is not changing, repeated statuses show the same estimates.
 
 use super::{GroupStatus, SampleInfo, TopError, TopicCounts, Tx};
 use crate::store::StoreError;
@@ -83,7 +88,7 @@ impl Counts {
                                       AND dlq_refused_at IS NULL) AS "dlq_backlog!",
                    count(*) FILTER (WHERE state = 'dead' AND dlq_refused_at IS NOT NULL)
                        AS "dlq_refused!"
-            FROM redrive.retry_messages TABLESAMPLE SYSTEM ($1)
+            FROM redrive.retry_messages TABLESAMPLE SYSTEM ($1) REPEATABLE (0)
             GROUP BY consumer_group, topic
             "#,
             plan.percent,
@@ -198,7 +203,7 @@ pub(super) async fn top_errors(
         r#"
         SELECT e ->> 'kind' AS kind, e ->> 'error' AS error, count(*) AS "failures!",
                count(DISTINCT r.id) AS "rows!", max((e ->> 'at')::timestamptz) AS last_at
-        FROM redrive.retry_messages r TABLESAMPLE SYSTEM ($1),
+        FROM redrive.retry_messages r TABLESAMPLE SYSTEM ($1) REPEATABLE (0),
              jsonb_array_elements(r.error_history) AS e
         WHERE r.updated_at >= $2
           AND (r.state IN ('pending', 'paused') OR r.dead_at >= $2)
