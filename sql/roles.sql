@@ -66,7 +66,10 @@ GRANT EXECUTE ON FUNCTION redrive.delete_succeeded(uuid[], uuid[]),
     redrive.release_claims(uuid[], uuid[]),
     redrive.claim(text, bigint, float8, text, float8),
     redrive.next_wake(text, float8),
-    redrive.lock_lines(text[], text[], integer[], bytea[])
+    redrive.lock_lines(text[], text[], integer[], bytea[]),
+    redrive.capture_in_lines(text, uuid[], text[], integer[], bigint[], timestamptz[], bytea[],
+                             bytea[], jsonb[], text[], integer[], float8[], text[], text[], bytea[],
+                             text[], text[], text[], text[], integer[])
     TO redrive_worker;
 
 -- Operator: read-only, plus replay, reschedule, pause and purge.

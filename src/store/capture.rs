@@ -214,12 +214,14 @@ impl Store {
         Ok((inserted.len() + reused) as u64)
     }
 
-    /// The batch of [`Store::capture`] when rows of it have key lines (I12), in one transaction:
-    /// the lines' locks first, then one statement that sees every line as its last writer left
-    /// it. A row waits when its line already holds a row (one that is pending, paused, waiting,
-    /// or dead with the `block` policy), or an earlier row of the batch, not itself parked, that
-    /// will hold it; a dead row stays dead in its place, never attempted. A parked row whose line turns out empty is not stored: it is [`Captured::open`],
-    /// and its message is the caller's to deliver, in order, as the line has no row left.
+    /// The batch of [`Store::capture`] when rows of it have key lines (I12), in one statement
+    /// (`redrive.capture_in_lines`): the lines' locks first, then a statement that sees every
+    /// line as its last writer left it. A row waits when its line already holds a row (one that
+    /// is pending, paused, waiting, or dead with the `block` policy), or an earlier row of the
+    /// batch, not itself parked, that will hold it; a dead row stays dead in its place, never
+    /// attempted. A parked row whose line turns out empty is not stored: it is
+    /// [`Captured::open`], and its message is the caller's to deliver, in order, as the line has
+    /// no row left.
     async fn capture_in_lines(
         &self,
         group: &str,
@@ -236,72 +238,16 @@ impl Store {
             .iter()
             .map(|r| r.line.map(|l| l.on_dead.as_str()))
             .collect();
-        let groups = vec![group; rows.len()];
-        let mut tx = self.pool().begin().await?;
-        sqlx::query!(
-            "SELECT redrive.lock_lines($1::text[], $2::text[], $3::int4[], $4::bytea[])",
-            &groups as &[&str],
-            &c.topics as &[&str],
-            &c.partitions,
-            &lines as &[Option<&[u8]>],
-        )
-        .execute(&mut *tx)
-        .await?;
+        // One statement (schema V21): the lines' locks, then the capture, planned once per
+        // connection.
         let outcomes = sqlx::query!(
             r#"
-            WITH t AS (
-                SELECT u.*, u.state = 'waiting' AS parked,
-                       u.line IS NOT NULL AND (
-                           coalesce(bool_or(u.state <> 'waiting'
-                                            AND (u.state <> 'dead' OR u.on_dead = 'block')) OVER (
-                               PARTITION BY u.topic, u.part, u.line ORDER BY u.off
-                               ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), false)
-                           -- OFFSET 0 keeps this a probe of the line's index per row: as a
-                           -- hashed subplan, Postgres read every row in every line of the group
-                           -- on each statement (145 µs of CPU per parked row at 500,000).
-                           OR EXISTS (
-                               SELECT 1 FROM redrive.retry_messages r
-                               WHERE r.consumer_group = $1 AND r.topic = u.topic
-                                 AND r."partition" = u.part AND r.order_key = u.line
-                                 AND (r.state IN ('pending', 'paused', 'waiting')
-                                      OR (r.state = 'dead' AND r.order_on_dead = 'block'))
-                               OFFSET 0)
-                       ) AS behind
-                FROM UNNEST($2::uuid[], $3::text[], $4::int4[], $5::int8[], $6::timestamptz[],
-                            $7::bytea[], $8::bytea[], $9::jsonb[], $10::text[], $11::int4[],
-                            $12::float8[], $13::text[], $14::text[], $15::bytea[], $16::text[],
-                            $17::text[], $20::int4[])
-                     AS u(id, topic, part, off, ts, key, payload, headers, state, max_attempts,
-                          retry_in, err, kind, line, on_dead, trace, entry)
-            ), stored AS (
-                INSERT INTO redrive.retry_messages (
-                    id, consumer_group, topic, "partition", kafka_offset, kafka_timestamp, key,
-                    payload, headers, state, attempts, max_attempts, next_attempt_at, last_error,
-                    error_kind, error_history, first_failed_at, updated_at, dead_at, order_key,
-                    order_on_dead, trace_context)
-                SELECT t.id, $1, t.topic, t.part, t.off, t.ts, t.key, t.payload, t.headers,
-                       -- A dead row keeps its place in its line dead: a permanent error, or a
-                       -- row kept in its safe form, which must never be attempted (I10).
-                       CASE WHEN t.behind AND t.state <> 'dead' THEN 'waiting' ELSE t.state END,
-                       CASE WHEN t.parked THEN 0 ELSE 1 END, t.max_attempts,
-                       CASE WHEN t.parked THEN now() ELSE now() + make_interval(secs => t.retry_in) END,
-                       CASE WHEN NOT t.parked THEN t.err END, CASE WHEN NOT t.parked THEN t.kind END,
-                       -- The first history entry as in Store::insert_new: once per distinct error.
-                       CASE WHEN t.parked THEN '[]'::jsonb
-                            ELSE (SELECT array_agg(to_jsonb(ARRAY[ROW(now(), 1, e.kind, e.err)::redrive.history_entry])
-                                                   ORDER BY e.n)
-                                  FROM UNNEST($18::text[], $19::text[]) WITH ORDINALITY AS e(kind, err, n))[t.entry]
-                       END,
-                       now(), now(), CASE WHEN t.state = 'dead' THEN now() END, t.line, t.on_dead,
-                       t.trace
-                FROM t
-                WHERE t.behind OR NOT t.parked
-                ON CONFLICT (consumer_group, topic, "partition", kafka_offset, incarnation) DO NOTHING
-                RETURNING id
-            )
-            SELECT id AS "id!", false AS "open!" FROM stored
-            UNION ALL
-            SELECT id, true FROM t WHERE t.parked AND NOT t.behind
+            SELECT captured_id AS "id!", line_open AS "open!"
+            FROM redrive.capture_in_lines($1, $2::uuid[], $3::text[], $4::int4[], $5::int8[],
+                                          $6::timestamptz[], $7::bytea[], $8::bytea[], $9::jsonb[],
+                                          $10::text[], $11::int4[], $12::float8[], $13::text[],
+                                          $14::text[], $15::bytea[], $16::text[], $17::text[],
+                                          $18::text[], $19::text[], $20::int4[])
             "#,
             group,
             &c.ids,
@@ -324,9 +270,8 @@ impl Store {
             &e.errors as &[&str],
             &e.of_row,
         )
-        .fetch_all(&mut *tx)
+        .fetch_all(self.pool())
         .await?;
-        tx.commit().await?;
         let mut captured = Captured::default();
         // The parked rows' messages by id, made only when some came back open.
         let mut by_id = None;

@@ -136,7 +136,8 @@ async fn probe(options: &PgConnectOptions, within: Duration) -> Result<(), sqlx:
 ///   kept while they grow by thousands of rows a second until autovacuum analyzes them again
 ///   (schema V18). The claim keeps its one plan per connection (its own setting, schema V7),
 ///   whose index paths hold at any size (V17), and so do the completion of successes and the
-///   release of key lines (V20), which run with every success;
+///   release of key lines (V20), which run with every success, and the capture in key lines
+///   (V21);
 /// - compiles no statement to machine code (`jit = off`). redrive's statements are short index
 ///   walks whose plans, made for a batch of 1,000 rows, can look costly enough for JIT: a
 ///   replay's chunk then spent 0.6 s compiling and 0.05 s running.

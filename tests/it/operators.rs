@@ -1202,6 +1202,28 @@ async fn each_role_can_do_its_job_and_nothing_more() {
         .await
         .unwrap();
     store.forget_breakers("g", "w-1").await.unwrap();
+    // It captures in key lines (I12): a message parks behind an earlier one of its key.
+    let line = redrive::store::capture::Line::of(b"k", Default::default());
+    let in_line = |offset, state| Capture {
+        line: Some(line),
+        ..capture(offset, state)
+    };
+    let captured = store
+        .capture(
+            "lines",
+            &[
+                in_line(1, InitialState::Pending),
+                in_line(2, InitialState::Parked),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(captured, 2);
+    assert_eq!(
+        db.count("consumer_group = 'lines' AND state = 'waiting'")
+            .await,
+        1
+    );
     // ... and nothing an operator does.
     denied(&worker, "SELECT redrive.hold_breaker('open')").await;
     denied(&worker, "DELETE FROM redrive.retry_messages").await;

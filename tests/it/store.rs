@@ -691,11 +691,12 @@ async fn a_round_of_capture_claim_and_completion_reads_its_rows_after_the_tables
 #[tokio::test]
 async fn a_key_lines_release_reads_its_rows_after_the_table_outgrew_its_statistics() {
     // A success of a line's first row lets the next one go: the queue's trigger calls
-    // `redrive.release_lines`, which keeps one plan per connection (V20), as does the completion
-    // itself. One connection makes those plans here, while the table holds a few rows and its
-    // statistics are those of `migrate` (empty). The table then grows by 20,000 rows of other
-    // lines of the same partition, at offsets before the next round's, that no ANALYZE sees; a
-    // release must still read its line alone.
+    // `redrive.release_lines`, which keeps one plan per connection (V20), as do the completion
+    // itself and the capture in key lines (`redrive.capture_in_lines`, V21), which asks whether
+    // each row's line holds one already. One connection makes those plans here, while the table
+    // holds a few rows and its statistics are those of `migrate` (empty). The table then grows by
+    // 20,000 rows of other lines of the same partition, at offsets before the next round's, that
+    // no ANALYZE sees; a capture and a release must still read their line alone.
     let db = TestDb::new().await;
     let (pool, store) = on_one_connection(&db).await;
     let in_line = |offset: i64, key: &str| {
