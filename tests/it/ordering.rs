@@ -259,6 +259,81 @@ async fn a_redelivered_message_of_a_line_keeps_one_row() {
     db.assert_queue_in_step().await;
 }
 
+/// A batch in key lines stores records as odd as any other batch does (I10): a tombstone with no
+/// timestamp, a key that is not UTF-8, a header name with a NUL byte, an error with a NUL
+/// character, and a value that is not UTF-8 parked behind them. Nothing is lost or changed but the
+/// error text, made safe.
+#[tokio::test]
+async fn odd_records_in_a_key_line_are_stored_byte_for_byte() {
+    use redrive::message::Header;
+    let db = TestDb::new().await;
+    let key = vec![0xff, 0x00, 0xfe];
+    let line = Some(Line::of(&key, OnDead::Block));
+    let mut head = failed("t", "x", 1, OnDead::Block);
+    head.message.key = Some(key.clone());
+    head.message.payload = None;
+    head.message.timestamp = None;
+    head.message.headers = vec![Header {
+        key: b"a\0b".to_vec(),
+        value: None,
+    }];
+    head.error = HandlerError::retryable("bad\0byte");
+    head.line = line;
+    let mut behind = parked("t", "x", 2, OnDead::Block);
+    behind.message.key = Some(key.clone());
+    behind.message.payload = Some(vec![0, 0x9f, 0x92, 0x96]);
+    behind.line = line;
+    let captured = db
+        .store
+        .capture_rows("g", &[head.clone(), behind.clone()])
+        .await
+        .unwrap();
+    assert_eq!((captured.inserted, captured.open.len()), (2, 0));
+    // Offset, state, key, value, error, and whether the timestamp is missing.
+    type Stored = (
+        i64,
+        String,
+        Option<Vec<u8>>,
+        Option<Vec<u8>>,
+        Option<String>,
+        bool,
+    );
+    let rows: Vec<Stored> = sqlx::query_as(
+        "SELECT kafka_offset, state, key, payload, last_error, kafka_timestamp IS NULL
+             FROM redrive.retry_messages ORDER BY kafka_offset",
+    )
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        [
+            (
+                1,
+                "pending".to_string(),
+                Some(key.clone()),
+                None,
+                Some("bad\\0byte".to_string()),
+                true
+            ),
+            (
+                2,
+                "waiting".to_string(),
+                Some(key.clone()),
+                behind.message.payload.clone(),
+                None,
+                false
+            ),
+        ]
+    );
+    let headers: serde_json::Value =
+        sqlx::query_scalar("SELECT headers FROM redrive.retry_messages WHERE kafka_offset = 1")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(headers, head.message.headers_json());
+}
+
 /// A parked message stored while the row ahead of it succeeds, from two connections at once: the
 /// parked row is never left waiting behind a line that has emptied. Either it waits, and the
 /// success releases it, or it finds the line empty and comes back open, unstored.
