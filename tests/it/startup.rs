@@ -403,7 +403,15 @@ impl Write for Captured {
 
 impl Captured {
     /// Captures this thread's log at DEBUG, without colours, until the guard is dropped.
+    ///
+    /// A second dispatcher, never dropped, is registered first. While a process has exactly one,
+    /// tracing-core asks the thread that first reaches a callsite whether it is wanted, and a thread
+    /// of another test, without a subscriber, answers never: that callsite then stays off for this
+    /// thread's capture too (tokio-rs/tracing#3611). A test waiting for such a line timed out.
+    /// With two, every callsite is asked of every dispatcher.
     fn start() -> (Self, tracing::subscriber::DefaultGuard) {
+        static SECOND: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
+        SECOND.get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default()));
         let captured = Captured::default();
         let sink = captured.clone();
         let subscriber = tracing_subscriber::fmt()
