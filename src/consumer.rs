@@ -1094,22 +1094,25 @@ impl FirstDurations {
     }
 }
 
-/// The first deliveries' outcomes, `redrive_deliveries_total`. Each counter is looked up once, on
-/// its first use (so a series appears only once something is counted in it): a look-up formats and
-/// hashes the labels, which a failure of every message would otherwise pay per message.
-#[derive(Default)]
-struct Deliveries {
-    /// succeeded, parked, then the handler's errors in the order of [`Deliveries::failed`].
-    by_outcome: [std::sync::OnceLock<metrics::Counter>; 5],
+/// The first deliveries' outcomes, `redrive_deliveries_total`: succeeded, parked, then the
+/// handler's errors in the order of [`Deliveries::failed`].
+struct Deliveries(crate::telemetry::OutcomeCounters<5>);
+
+impl Default for Deliveries {
+    fn default() -> Self {
+        Deliveries(crate::telemetry::OutcomeCounters::new(
+            "redrive_deliveries_total",
+        ))
+    }
 }
 
 impl Deliveries {
     fn succeeded(&self, n: u64) {
-        self.count(0, "succeeded", n);
+        self.0.add(0, "succeeded", n);
     }
 
     fn parked(&self, n: u64) {
-        self.count(1, "parked", n);
+        self.0.add(1, "parked", n);
     }
 
     fn failed(&self, kind: ErrorKind) {
@@ -1118,13 +1121,7 @@ impl Deliveries {
             ErrorKind::Permanent => 3,
             ErrorKind::Timeout => 4,
         };
-        self.count(at, kind.as_str(), 1);
-    }
-
-    fn count(&self, at: usize, outcome: &'static str, n: u64) {
-        self.by_outcome[at]
-            .get_or_init(|| metrics::counter!("redrive_deliveries_total", "outcome" => outcome))
-            .increment(n);
+        self.0.add(at, kind.as_str(), 1);
     }
 }
 

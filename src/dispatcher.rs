@@ -76,8 +76,8 @@ struct Meters {
     group: Arc<str>,
     lateness: OnceLock<metrics::Histogram>,
     end_to_end: OnceLock<Arc<crate::telemetry::Durations>>,
-    /// By outcome: succeeded, retry, dead.
-    attempts: [OnceLock<metrics::Counter>; 3],
+    /// `redrive_attempts_total` by outcome: succeeded, retry, dead.
+    attempts: crate::telemetry::OutcomeCounters<3>,
     durations: [OnceLock<Arc<crate::telemetry::Durations>>; 3],
 }
 
@@ -87,7 +87,7 @@ impl Meters {
             group,
             lateness: OnceLock::new(),
             end_to_end: OnceLock::new(),
-            attempts: Default::default(),
+            attempts: crate::telemetry::OutcomeCounters::new("redrive_attempts_total"),
             durations: Default::default(),
         }
     }
@@ -110,9 +110,7 @@ impl Meters {
             Outcome::Retry { .. } => (1, "retry"),
             Outcome::Dead { .. } => (2, "dead"),
         };
-        self.attempts[at]
-            .get_or_init(|| metrics::counter!("redrive_attempts_total", "outcome" => label))
-            .increment(1);
+        self.attempts.add(at, label, 1);
         self.durations[at]
             .get_or_init(|| crate::telemetry::handler_durations(&self.group, "retry", label))
             .record(took);

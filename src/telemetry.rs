@@ -601,6 +601,30 @@ pub fn end_to_end(group: &str, path: &str) -> std::sync::Arc<Durations> {
     )
 }
 
+/// The counters of one family by its `outcome` label, each looked up once, on its first use (so a
+/// series appears only once something is counted in it): a look-up formats and hashes the labels,
+/// which costs more than the count where one is made per message or per attempt.
+pub struct OutcomeCounters<const N: usize> {
+    family: &'static str,
+    by_outcome: [OnceLock<metrics::Counter>; N],
+}
+
+impl<const N: usize> OutcomeCounters<N> {
+    pub fn new(family: &'static str) -> Self {
+        Self {
+            family,
+            by_outcome: std::array::from_fn(|_| OnceLock::new()),
+        }
+    }
+
+    /// Adds `n` to the counter of `outcome`, which is always the `at`-th of the family's outcomes.
+    pub fn add(&self, at: usize, outcome: &'static str, n: u64) {
+        self.by_outcome[at]
+            .get_or_init(|| metrics::counter!(self.family, "outcome" => outcome))
+            .increment(n);
+    }
+}
+
 /// The time from a record's timestamp to `now`, or `None` without a timestamp; a timestamp in the
 /// future (a producer's clock ahead) counts as no time.
 pub fn since_record(
