@@ -250,11 +250,16 @@ impl Capturer {
         let mut writes = JoinSet::new();
         loop {
             // A batch is collected only once it can be written at once: while every write is busy,
-            // failures queue and the next batch takes them all.
+            // failures queue and the next batch takes them all. A row in a key line does not wait
+            // out the linger: its key's next messages wait for it, holding their handler slots,
+            // and a key's rows go one statement at a time (I12).
             let slot = slots.clone().acquire_owned().await.expect("never closed");
-            let Some(requests) = batch::collect(&mut self.rx, self.limits, |(c, _, _)| {
-                c.iter().map(Capture::size).sum()
-            })
+            let Some(requests) = batch::collect_until(
+                &mut self.rx,
+                self.limits,
+                |(c, _, _)| c.iter().map(Capture::size).sum(),
+                |(c, _, _)| c.iter().any(|r| r.line.is_some()),
+            )
             .await
             else {
                 break;

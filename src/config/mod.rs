@@ -109,7 +109,8 @@ pub struct ConsumerConfig {
     /// over 1 GB, so a burst of large records is split over several statements. Also the most
     /// bytes of failures the capturer holds that are not yet durable.
     pub capture_batch_bytes: usize,
-    /// How long the capturer waits for more failures before it writes a batch.
+    /// How long the capturer waits for more failures before it writes a batch. A batch that holds
+    /// a row in a key line does not wait: that key's next messages wait for the row.
     #[serde(with = "humantime_serde")]
     pub capture_linger: Duration,
     /// Capture batches written at once, each on its own connection.

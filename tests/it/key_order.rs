@@ -192,6 +192,46 @@ async fn interleaved_keys_succeed_in_produce_order_and_a_failing_key_holds_up_on
     );
 }
 
+/// A key's rows are written one statement at a time, and its later messages wait for each (I12):
+/// a capture batch that holds a row in a key line is written without waiting out
+/// `capture_linger`. With the linger far longer than the deadline here, a failing key's failure
+/// and the messages parked behind it are stored and committed all the same.
+#[tokio::test]
+async fn a_key_lines_rows_do_not_wait_out_the_capture_linger() {
+    let db = TestDb::new().await;
+    let (topic, group) = (unique("lingered"), unique("g"));
+    create_topic(&topic, 1).await;
+    create_topic(&format!("{topic}.dlq"), 1).await;
+    let stub = Stub::start(|_| (503, vec![])).await;
+    let extra = "[consumer]\ncapture_linger = \"10m\"\n\
+                 [retry]\nordering = \"key\"\ninitial_delay = \"1h\"";
+    let (stop, app) = spawn_app(
+        config(&db.url, &[&topic], &group, Some(stub.addr), extra),
+        RunArgs::default(),
+    );
+    produce_values(&topic, (1..=5).map(|v| (v, "k"))).await;
+
+    wait_for(
+        "the failure and the four messages parked behind it to be stored and committed",
+        Duration::from_secs(60),
+        || async {
+            let stored = (
+                db.count("state = 'pending'").await,
+                db.count("state = 'waiting'").await,
+            );
+            (stored == (1, 4) && committed(&group, &topic, 0) == Some(5)).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        stub.count(),
+        1,
+        "only the key's first message was delivered"
+    );
+    stop.cancel();
+    app.await.unwrap().unwrap();
+}
+
 /// A parked message whose row Postgres refuses (I10) is kept dead in its safe form and keeps its
 /// place in its key's line: the key's earlier messages go first, and with the default
 /// `on_dead = "block"` the later ones wait behind it until an operator purges it. Nothing stalls:
