@@ -9,6 +9,8 @@
 //! - insert-floor: the reference for capture: INSERT of rows as wide, 500 per statement, on one
 //!   connection.
 //! - capture:  every handler call fails; messages/s until every failure is a row and committed.
+//! - capture-keys: capture with `ordering = "key"` and a key per message: every failure opens a
+//!   key line of its own (`redrive.capture_in_lines`); 100,000 messages unless set.
 //! - capture-parked: `ordering = "key"` and one key per partition; every handler call fails, so
 //!   each partition's first message fails and every later one is parked behind it; messages/s
 //!   until every message is a row and committed.
@@ -120,7 +122,7 @@ fn env(name: &str, default: &str) -> String {
 }
 
 /// Every case, in the order a round runs them.
-const CASES: [&str; 14] = [
+const CASES: [&str; 15] = [
     "bare",
     "happy",
     "happy-keys",
@@ -128,6 +130,7 @@ const CASES: [&str; 14] = [
     "happy-http",
     "insert-floor",
     "capture",
+    "capture-keys",
     "capture-parked",
     "claim-floor",
     "dispatch",
@@ -152,13 +155,15 @@ const OWN_TABLES: [&str; 6] = [
 ];
 
 /// Each case against its reference: (case, reference, what the reference is).
-const RATIOS: [(&str, &str); 11] = [
+const RATIOS: [(&str, &str); 13] = [
     ("happy", "bare"),
     ("happy-keys", "bare"),
     ("happy-keys", "happy"),
     ("happy-fewkeys", "happy"),
     ("happy-http", "bare"),
     ("capture", "insert-floor"),
+    ("capture-keys", "insert-floor"),
+    ("capture-keys", "capture"),
     ("capture-parked", "insert-floor"),
     ("dispatch", "claim-floor"),
     ("retry", "claim-floor"),
@@ -708,10 +713,13 @@ async fn consume(case: &str, db: &str, kafka: &str, n: usize) -> anyhow::Result<
     let stub = start_stub().await?;
     let mut config = config(db, kafka, &topic, &group, &format!("http://{stub}/"))?;
     // Through HTTP/1.1 every message in flight holds a connection to the endpoint, which shares
-    // these cores: happy-http runs with redrive's default (256), and so does capture, whose
+    // these cores: happy-http runs with redrive's default (128), and so do the captures, whose
     // failures give their slots back once the capturer has them. The in-process happy path keeps
     // 2,000.
-    if matches!(case, "happy-keys" | "happy-fewkeys" | "capture-parked") {
+    if matches!(
+        case,
+        "happy-keys" | "happy-fewkeys" | "capture-keys" | "capture-parked"
+    ) {
         config.retry.default.ordering = redrive::config::OrderingMode::Key;
     }
     // The capture cases measure writing failures, which the breaker exists to stop when they are
@@ -720,7 +728,7 @@ async fn consume(case: &str, db: &str, kafka: &str, n: usize) -> anyhow::Result<
         config.breaker.default.enabled = false;
     }
     let in_flight = match case {
-        "happy-http" | "capture" | "capture-parked" => {
+        "happy-http" | "capture" | "capture-keys" | "capture-parked" => {
             redrive::config::ConsumerConfig::default().max_in_flight
         }
         _ => config.consumer.max_in_flight,
