@@ -35,8 +35,8 @@
 //!   `redrive replay --dry-run` on the same table (see `operators.rs`).
 //!
 //! The handler is an in-process `Handler` (redrive's own cost), and for `happy-http` the HTTP
-//! handler against a local endpoint. `happy-http` and `capture` run with redrive's default of 128
-//! messages in flight (the other consumer cases allow 2,000; `BENCH_MAX_IN_FLIGHT` overrides both,
+//! handler against a local endpoint. `happy-http` and the capture cases run with redrive's default
+//! of 128 messages in flight (the other consumer cases allow 2,000; `BENCH_MAX_IN_FLIGHT` overrides both,
 //! `BENCH_CAPTURE_IN_FLIGHT` the capture batches written at once, `BENCH_CAPTURE_BATCH` the most
 //! failures a capture statement writes, `BENCH_CAPTURE_LINGER_MS` how long a capture batch waits
 //! to fill, and `BENCH_RETRY_JITTER` the retry policy's jitter).
