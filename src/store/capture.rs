@@ -317,7 +317,8 @@ impl Store {
     /// The lines of a partition that hold a row (I12): each one's Kafka key (from a row that
     /// has it; a row kept in its safe form has none) and its [`Line::key`]. A message of one of
     /// them must wait behind that row. Read when the consumer is assigned the partition, before it
-    /// delivers any of its messages.
+    /// delivers any of its messages. The group is compared under the "C" collation, as the lines'
+    /// index holds it (schema V22), so that index alone can answer.
     pub async fn lines_of(
         &self,
         group: &str,
@@ -328,7 +329,7 @@ impl Store {
             r#"
             SELECT order_key AS "line!", (array_agg(key) FILTER (WHERE key IS NOT NULL))[1] AS key
             FROM redrive.retry_messages
-            WHERE consumer_group = $1 AND topic = $2 AND "partition" = $3
+            WHERE consumer_group = $1 COLLATE "C" AND topic = $2 AND "partition" = $3
               AND order_key IS NOT NULL
               AND (state IN ('pending', 'paused', 'waiting')
                    OR (state = 'dead' AND order_on_dead = 'block'))

@@ -749,6 +749,81 @@ async fn a_key_lines_release_reads_its_rows_after_the_table_outgrew_its_statisti
 }
 
 #[tokio::test]
+async fn a_key_lines_statements_planned_on_a_table_grown_past_its_statistics_read_their_lines() {
+    // The test before this one makes its plans while the table is small. Here the table first
+    // grows by 22,000 rows in lines, over four partitions, that no ANALYZE sees (`migrate`
+    // analyzed it empty), and only then does a connection plan the capture in key lines and the
+    // release of a line. The lines' index and the source key both begin with the group, topic and
+    // partition; without statistics the planner estimated one row either way and, at this size,
+    // took the source key, whose plan reads every row of the partition for each line it asks
+    // about. Since V22 only the lines' index can answer.
+    let db = TestDb::new().await;
+    sqlx::query("ALTER TABLE redrive.retry_messages SET (autovacuum_enabled = off)")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO redrive.retry_messages (id, consumer_group, topic, \"partition\", \
+         kafka_offset, payload, state, attempts, max_attempts, next_attempt_at, order_key, \
+         order_on_dead) \
+         SELECT gen_random_uuid(), 'g', 'lined', i % 4, i, convert_to(repeat('x', 1024), 'UTF8'), \
+                'pending', 1, 5, now() + interval '1 hour', decode(md5(i::text), 'hex'), 'block' \
+         FROM generate_series(1, 22000) AS i",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let (pool, store) = on_one_connection(&db).await;
+    let in_line = |offset: i64, key: &str| {
+        let mut c = pending("lined", offset, Duration::ZERO, 3);
+        c.line = Some(Line::of(key.as_bytes(), OnDead::Block));
+        c
+    };
+    // A hundred failures of new keys, each the first row of its line, and two of one key, whose
+    // second waits behind its first.
+    let mut batch: Vec<Capture> = (0..100)
+        .map(|i| in_line(100_000 + i, &format!("new{i}")))
+        .collect();
+    batch.extend([in_line(100_100, "pair"), in_line(100_101, "pair")]);
+    let (captured, read) = read_by(&db, &pool, store.capture("g", &batch)).await;
+    assert_eq!(captured.unwrap(), 102);
+    assert!(
+        read.1 < 1_000,
+        "a capture of 102 rows in key lines read {} rows of the message table",
+        read.1
+    );
+    // Their successes release each line once: one has a row left, which becomes due.
+    let rows = store
+        .claim("g", 200, Duration::from_secs(60), "w")
+        .await
+        .unwrap()
+        .rows;
+    assert_eq!(rows.len(), 101, "the waiting row is not due yet");
+    let batch: Vec<Completion> = rows.iter().map(|c| done(c, Outcome::Succeeded)).collect();
+    let (completed, read) = read_by(&db, &pool, store.complete(&batch)).await;
+    assert_eq!(completed.unwrap().deleted, 101);
+    assert!(
+        read.1 < 1_000,
+        "a completion of 101 rows in key lines, which releases their lines, read {} rows of the \
+         message table",
+        read.1
+    );
+    let released = store
+        .claim("g", 200, Duration::from_secs(60), "w")
+        .await
+        .unwrap()
+        .rows;
+    assert_eq!(
+        released
+            .iter()
+            .map(|c| c.message.offset)
+            .collect::<Vec<_>>(),
+        [100_101],
+        "the line's second row is released"
+    );
+}
+
+#[tokio::test]
 async fn a_queue_row_holds_a_claim_token_only_while_it_runs() {
     // The completions are fenced on the token alone (V19): a row that is not running must not
     // hold one.
