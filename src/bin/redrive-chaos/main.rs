@@ -334,20 +334,15 @@ async fn produce(
     n: usize,
     over: Duration,
 ) -> anyhow::Result<Vec<(i32, i64)>> {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &kafka)
-        .set("enable.idempotence", "true")
-        .set("message.max.bytes", "1048576")
-        .set("message.timeout.ms", "300000")
-        .create()?;
+    let producer = producer(&kafka)?;
     let chunk = (n / (over.as_millis() as usize / 100).max(1)).max(1);
     let mut out = Vec::with_capacity(n);
     let start = Instant::now();
     for (c, first) in (0..n).step_by(chunk).enumerate() {
         let sends = (first..(first + chunk).min(n)).map(|i| {
             let m = stub::message(&topic, i);
-            let producer = &producer;
-            async move { produce_one(producer, &m).await }
+            let (producer, kafka) = (&producer, &kafka);
+            async move { produce_one(producer, kafka, &m).await }
         });
         for r in futures::future::join_all(sends).await {
             out.push(r?);
@@ -358,20 +353,43 @@ async fn produce(
     Ok(out)
 }
 
+/// The run's idempotent producer. A message that it has not delivered within a minute fails
+/// (`message.timeout.ms`), and is sent again by [`produce_one`].
+fn producer(kafka: &str) -> anyhow::Result<FutureProducer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", kafka)
+        .set("enable.idempotence", "true")
+        .set("message.max.bytes", "1048576")
+        .set("message.timeout.ms", "60000")
+        .create()?)
+}
+
 /// Produces one message, sending it again when librdkafka gives it up: its idempotent producer
 /// can time out the messages in flight when the broker restarts under it, long before
-/// `message.timeout.ms`. A copy the broker did take is then a second record of the message, which
-/// the verification tolerates: it knows each message by the position this returns, and counts
-/// the other copy's handling as a duplicate.
-async fn produce_one(p: &FutureProducer, m: &redrive::Message) -> anyhow::Result<(i32, i64)> {
+/// `message.timeout.ms`, and it can also stop delivering to a partition whose leader it lost
+/// track of during the restart: one run's messages timed out twice in a row, five minutes
+/// each, against a broker that served everyone else. So each new try goes through a producer of
+/// its own, which asks the broker afresh. A copy the broker did take is then a second record of
+/// the message, which the verification tolerates: it knows each message by the position this
+/// returns, and counts the other copy's handling as a duplicate.
+async fn produce_one(
+    p: &FutureProducer,
+    kafka: &str,
+    m: &redrive::Message,
+) -> anyhow::Result<(i32, i64)> {
+    let mut fresh = None;
     let mut tries = 0;
     loop {
-        match redrive::kafka::produce(p, &m.topic, m, &[]).await {
+        let through = fresh.as_ref().unwrap_or(p);
+        match redrive::kafka::produce(through, &m.topic, m, &[]).await {
             Ok(position) => return Ok(position),
             Err(e) if tries < 10 => {
                 tries += 1;
-                tracing::warn!("chaos: producing a message failed ({e}); sending it again");
+                tracing::warn!(
+                    "chaos: producing a message failed ({e}); sending it again through a new producer"
+                );
                 tokio::time::sleep(Duration::from_secs(1)).await;
+                fresh = Some(producer(kafka)?);
             }
             Err(e) => return Err(e).context("producing, 10 times"),
         }
