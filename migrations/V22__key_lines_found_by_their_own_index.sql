@@ -15,10 +15,16 @@
 -- comparison: only the lines' index can. Equality of text is the same under every deterministic
 -- collation, so each reader finds the rows it found before.
 --
+-- The index also holds each row's state, so that `redrive status` can count a line's waiting rows
+-- and tell whether its head is dead from the index alone, and read only the heads it lists: it
+-- read every line's head before, 1.5 s at 100,000 lines. No update that was HOT stops being one:
+-- one that changes a row's state never was, as the index's predicate names that column.
+--
 -- The build reads the whole table once, holding off writes to it (not reads) meanwhile.
 
 CREATE INDEX retry_messages_key_line_c
     ON redrive.retry_messages (consumer_group COLLATE "C", topic, "partition", order_key, kafka_offset)
+    INCLUDE (state)
     WHERE order_key IS NOT NULL
       AND (state IN ('pending', 'paused', 'waiting') OR (state = 'dead' AND order_on_dead = 'block'));
 DROP INDEX redrive.retry_messages_key_line;

@@ -183,6 +183,14 @@ impl Default for Limits {
 }
 
 impl Store {
+    /// The key lines that hold rows, as `redrive status` lists them: those that wait for an
+    /// operator first, then those with the most rows waiting; at most `limit` of them, and how
+    /// many there are in all.
+    pub async fn key_lines(&self, limit: i64) -> Result<(Vec<KeyLine>, i64), StoreError> {
+        let mut c = self.pool().acquire().await?;
+        key_lines(&mut c, limit).await
+    }
+
     /// Reads the status; errors are counted over the last `window`, at most `top` of them.
     pub async fn status(
         &self,
@@ -252,38 +260,9 @@ impl Store {
         } else {
             sample::top_errors(&mut tx, plan, since, top).await?
         };
-        let key_lines = sqlx::query!(
-            r#"
-            SELECT consumer_group AS "consumer_group!", topic AS "topic!",
-                   "partition" AS "partition!",
-                   coalesce(key_text, encode(key, 'hex')) AS key_shown,
-                   head_offset AS "head_offset!", head_state AS "head_state!",
-                   needs_operator AS "needs_operator!", waiting AS "waiting!",
-                   count(*) OVER () AS "total!"
-            FROM redrive.key_lines
-            ORDER BY needs_operator DESC, waiting DESC, consumer_group, topic, "partition", head_offset
-            LIMIT $1
-            "#,
-            limits.key_lines,
-        )
-        .fetch_all(&mut *tx)
-        .await?;
+        let (key_lines, key_lines_total) = key_lines(&mut tx, limits.key_lines).await?;
         tx.commit().await?;
         let (breaker_holds, breakers) = self.breakers().await?;
-        let key_lines_total = key_lines.first().map_or(0, |l| l.total);
-        let key_lines = key_lines
-            .into_iter()
-            .map(|l| KeyLine {
-                consumer_group: l.consumer_group,
-                topic: l.topic,
-                partition: l.partition,
-                key: l.key_shown,
-                head_offset: l.head_offset,
-                head_state: l.head_state,
-                needs_operator: l.needs_operator,
-                waiting: l.waiting,
-            })
-            .collect();
         let estimated = !exact_errors
             || topics.iter().any(|t| t.estimated)
             || groups.iter().any(|g| g.estimated);
@@ -305,6 +284,75 @@ impl Store {
 }
 
 type Tx<'a> = sqlx::Transaction<'a, sqlx::Postgres>;
+
+/// The key lines for [`Store::key_lines`]. Each line's head, rows waiting and whether its head is
+/// dead come from the lines' index alone, which holds each row's state (schema V22); only the
+/// heads listed are read from the table. Through the `redrive.key_lines` view, which reads every
+/// line's head, a status at 100,000 lines took 1.5–1.9 s, and 5.8 s from a cold cache.
+async fn key_lines(
+    c: &mut sqlx::PgConnection,
+    limit: i64,
+) -> Result<(Vec<KeyLine>, i64), StoreError> {
+    let lines = sqlx::query!(
+        r#"
+        WITH lines AS (
+            SELECT consumer_group, topic, "partition", order_key,
+                   count(*) FILTER (WHERE state = 'waiting') AS waiting,
+                   min(kafka_offset) AS head_offset,
+                   min(kafka_offset) FILTER (WHERE state = 'dead') AS first_dead
+            FROM redrive.retry_messages
+            WHERE order_key IS NOT NULL
+              AND (state IN ('pending', 'paused', 'waiting')
+                   OR (state = 'dead' AND order_on_dead = 'block'))
+            GROUP BY consumer_group, topic, "partition", order_key
+        ), shown AS (
+            SELECT l.*, coalesce(l.first_dead = l.head_offset, false) AS needs_operator,
+                   count(*) OVER () AS total
+            FROM lines l
+            ORDER BY needs_operator DESC, waiting DESC, consumer_group, topic, "partition",
+                     head_offset
+            LIMIT $1
+        )
+        SELECT s.consumer_group AS "consumer_group!", s.topic AS "topic!",
+               s."partition" AS "partition!",
+               coalesce(redrive.utf8_or_null(h.key), encode(h.key, 'hex')) AS key_shown,
+               s.head_offset AS "head_offset!", h.state AS "head_state!",
+               s.needs_operator AS "needs_operator!", s.waiting AS "waiting!",
+               s.total AS "total!"
+        FROM shown s
+        CROSS JOIN LATERAL (
+            SELECT r.key, r.state
+            FROM redrive.retry_messages r
+            WHERE r.consumer_group = s.consumer_group COLLATE "C" AND r.topic = s.topic
+              AND r."partition" = s."partition" AND r.order_key = s.order_key
+              AND r.kafka_offset = s.head_offset
+              AND (r.state IN ('pending', 'paused', 'waiting')
+                   OR (r.state = 'dead' AND r.order_on_dead = 'block'))
+            LIMIT 1
+        ) h
+        ORDER BY s.needs_operator DESC, s.waiting DESC, s.consumer_group, s.topic, s."partition",
+                 s.head_offset
+        "#,
+        limit,
+    )
+    .fetch_all(c)
+    .await?;
+    let total = lines.first().map_or(0, |l| l.total);
+    let lines = lines
+        .into_iter()
+        .map(|l| KeyLine {
+            consumer_group: l.consumer_group,
+            topic: l.topic,
+            partition: l.partition,
+            key: l.key_shown,
+            head_offset: l.head_offset,
+            head_state: l.head_state,
+            needs_operator: l.needs_operator,
+            waiting: l.waiting,
+        })
+        .collect();
+    Ok((lines, total))
+}
 
 /// Row counts by pair: small pairs row by row, the rest from the sample.
 async fn topics(

@@ -824,6 +824,66 @@ async fn a_key_lines_statements_planned_on_a_table_grown_past_its_statistics_rea
 }
 
 #[tokio::test]
+async fn the_key_lines_status_lists_read_the_heads_they_show_and_not_every_line() {
+    // 20,000 lines of one row each (1 KiB payloads), beside three that need attention: one whose head is dead on a
+    // `block` topic, with a row behind it, and two with rows waiting behind a pending head. The
+    // table is vacuumed and analyzed, as autovacuum keeps a table in service. `redrive status`
+    // lists the three first, and counts the lines, from the lines' index; it reads only the heads
+    // it lists from the table.
+    let db = TestDb::new().await;
+    sqlx::query(
+        "INSERT INTO redrive.retry_messages (id, consumer_group, topic, \"partition\", \
+         kafka_offset, key, payload, state, attempts, max_attempts, next_attempt_at, order_key, \
+         order_on_dead, dead_at) \
+         SELECT gen_random_uuid(), 'g', 'lined', 0, o, convert_to(k, 'UTF8'), \
+                convert_to(repeat('x', 1024), 'UTF8'), \
+                s, CASE WHEN s = 'waiting' THEN 0 ELSE 1 END, 5, now() + interval '1 hour', \
+                decode(md5(k), 'hex'), 'block', CASE WHEN s = 'dead' THEN now() END \
+         FROM (SELECT i AS o, 'k' || i AS k, 'pending' AS s FROM generate_series(1, 20000) AS i \
+               UNION ALL VALUES (100001, 'dead-head', 'dead'), (100002, 'dead-head', 'waiting'), \
+                                (100003, 'two', 'pending'), (100004, 'two', 'waiting'), \
+                                (100005, 'two', 'waiting'), (100006, 'one', 'pending'), \
+                                (100007, 'one', 'waiting')) AS r(o, k, s)",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    sqlx::query("VACUUM ANALYZE redrive.retry_messages")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let (pool, store) = on_one_connection(&db).await;
+    let (listed, read) = read_by(&db, &pool, store.key_lines(3)).await;
+    let (lines, total) = listed.unwrap();
+    assert_eq!(total, 20_003);
+    let shown: Vec<_> = lines
+        .iter()
+        .map(|l| {
+            (
+                l.key.as_deref().unwrap(),
+                l.head_offset,
+                l.head_state.as_str(),
+                l.needs_operator,
+                l.waiting,
+            )
+        })
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            ("dead-head", 100_001, "dead", true, 1),
+            ("two", 100_003, "pending", false, 2),
+            ("one", 100_006, "pending", false, 1),
+        ]
+    );
+    assert!(
+        read.1 < 100,
+        "listing 3 of 20,003 key lines read {} rows of the message table",
+        read.1
+    );
+}
+
+#[tokio::test]
 async fn a_queue_row_holds_a_claim_token_only_while_it_runs() {
     // The completions are fenced on the token alone (V19): a row that is not running must not
     // hold one.
