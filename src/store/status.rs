@@ -288,7 +288,7 @@ type Tx<'a> = sqlx::Transaction<'a, sqlx::Postgres>;
 /// The key lines for [`Store::key_lines`]. Each line's head, rows waiting and whether its head is
 /// dead come from the lines' index alone, which holds each row's state (schema V22); only the
 /// heads listed are read from the table. Through the `redrive.key_lines` view, which reads every
-/// line's head, a status at 100,000 lines took 1.5–1.9 s, and 5.8 s from a cold cache.
+/// line's head, a status at 100,000 lines took 1.5–1.9 s, and 10 s from a cold cache.
 async fn key_lines(
     c: &mut sqlx::PgConnection,
     limit: i64,
