@@ -825,11 +825,11 @@ async fn a_key_lines_statements_planned_on_a_table_grown_past_its_statistics_rea
 
 #[tokio::test]
 async fn the_key_lines_status_lists_read_the_heads_they_show_and_not_every_line() {
-    // 20,000 lines of one row each (1 KiB payloads), beside three that need attention: one whose head is dead on a
-    // `block` topic, with a row behind it, and two with rows waiting behind a pending head. The
-    // table is vacuumed and analyzed, as autovacuum keeps a table in service. `redrive status`
-    // lists the three first, and counts the lines, from the lines' index; it reads only the heads
-    // it lists from the table.
+    // 20,000 lines of one row each (1 KiB payloads), beside three that need attention: one whose
+    // head is dead on a `block` topic, with a row behind it, and two with rows waiting behind a
+    // pending head. The table is vacuumed and analyzed, as autovacuum keeps a table in service.
+    // `redrive status` lists the three first, and counts the lines, from the lines' index; it
+    // reads only the heads it lists from the table.
     let db = TestDb::new().await;
     sqlx::query(
         "INSERT INTO redrive.retry_messages (id, consumer_group, topic, \"partition\", \
