@@ -28,6 +28,25 @@ pub fn admin_url() -> String {
 }
 
 /// The real broker's bootstrap address.
+/// A status's key lines as (key, head offset, head state, needs an operator, rows waiting), to
+/// compare whole.
+pub fn key_lines_shown(
+    lines: &[redrive::store::status::KeyLine],
+) -> Vec<(&str, i64, &str, bool, i64)> {
+    lines
+        .iter()
+        .map(|l| {
+            (
+                l.key.as_deref().unwrap(),
+                l.head_offset,
+                l.head_state.as_str(),
+                l.needs_operator,
+                l.waiting,
+            )
+        })
+        .collect()
+}
+
 pub fn kafka() -> String {
     std::env::var("REDRIVE_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into())
 }

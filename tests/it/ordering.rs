@@ -402,21 +402,8 @@ async fn status_and_the_key_lines_view_show_what_waits_behind_what() {
     assert_eq!(s.topics[0].waiting, 3);
     assert_eq!(s.topics[0].pending, 1);
     assert_eq!(s.key_lines_total, 2);
-    let shown: Vec<_> = s
-        .key_lines
-        .iter()
-        .map(|l| {
-            (
-                l.key.as_deref().unwrap(),
-                l.head_offset,
-                l.head_state.as_str(),
-                l.needs_operator,
-                l.waiting,
-            )
-        })
-        .collect();
     assert_eq!(
-        shown,
+        key_lines_shown(&s.key_lines),
         [
             ("stuck", 1, "dead", true, 2),
             ("retrying", 4, "pending", false, 1)

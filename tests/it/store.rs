@@ -856,20 +856,8 @@ async fn the_key_lines_status_lists_read_the_heads_they_show_and_not_every_line(
     let (listed, read) = read_by(&db, &pool, store.key_lines(3)).await;
     let (lines, total) = listed.unwrap();
     assert_eq!(total, 20_003);
-    let shown: Vec<_> = lines
-        .iter()
-        .map(|l| {
-            (
-                l.key.as_deref().unwrap(),
-                l.head_offset,
-                l.head_state.as_str(),
-                l.needs_operator,
-                l.waiting,
-            )
-        })
-        .collect();
     assert_eq!(
-        shown,
+        key_lines_shown(&lines),
         [
             ("dead-head", 100_001, "dead", true, 1),
             ("two", 100_003, "pending", false, 2),
