@@ -36,10 +36,10 @@
 //!
 //! The handler is an in-process `Handler` (redrive's own cost), and for `happy-http` the HTTP
 //! handler against a local endpoint. `happy-http` and the capture cases run with redrive's default
-//! of 128 messages in flight (the other consumer cases allow 2,000; `BENCH_MAX_IN_FLIGHT` overrides both,
-//! `BENCH_CAPTURE_IN_FLIGHT` the capture batches written at once, `BENCH_CAPTURE_BATCH` the most
-//! failures a capture statement writes, `BENCH_CAPTURE_LINGER_MS` how long a capture batch waits
-//! to fill, and `BENCH_RETRY_JITTER` the retry policy's jitter).
+//! of 128 messages in flight (the other consumer cases allow 2,000; `BENCH_MAX_IN_FLIGHT`
+//! overrides both, `BENCH_CAPTURE_IN_FLIGHT` the capture batches written at once,
+//! `BENCH_CAPTURE_BATCH` the most failures a capture statement writes, `BENCH_CAPTURE_LINGER_MS`
+//! how long a capture batch waits to fill, and `BENCH_RETRY_JITTER` the retry policy's jitter).
 //! `BENCH_AFTER_MIGRATE_SQL` is SQL run on each fresh database after `migrate`, to price a change
 //! of the table before it is built (see `scripts/capture-layouts.sh`). The consumer cases run the
 //! consumer alone; with `BENCH_WITH_WORKERS=1` the retry workers run beside it, as in `redrive
@@ -744,9 +744,13 @@ async fn consume(case: &str, db: &str, kafka: &str, n: usize) -> anyhow::Result<
         &config.consumer.capture_batch_size.to_string(),
     )
     .parse()?;
-    if let Ok(ms) = std::env::var("BENCH_CAPTURE_LINGER_MS") {
-        config.consumer.capture_linger = Duration::from_millis(ms.parse()?);
-    }
+    config.consumer.capture_linger = Duration::from_millis(
+        env(
+            "BENCH_CAPTURE_LINGER_MS",
+            &config.consumer.capture_linger.as_millis().to_string(),
+        )
+        .parse()?,
+    );
     config.retry.default.jitter = env(
         "BENCH_RETRY_JITTER",
         &config.retry.default.jitter.to_string(),
