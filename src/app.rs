@@ -18,7 +18,7 @@ use crate::kafka::{self, GroupContext};
 use crate::store::{Store, StoreError};
 use anyhow::Context;
 use rdkafka::consumer::Consumer as _;
-use rdkafka::producer::{FutureProducer, Producer as _};
+use rdkafka::producer::Producer as _;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinSet;
@@ -346,16 +346,15 @@ async fn dlq_publisher(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<DlqPublisher>> {
     let props = config.dlq_kafka_properties()?;
-    let producer: FutureProducer = kafka::producer_config(&props, config.dlq.publish_timeout)
-        .create()
-        .context("creating the DLQ producer (check [kafka] and [dlq.kafka])")?;
     let publisher = DlqPublisher::new(
         store,
-        producer.clone(),
+        kafka::producer_config(&props, config.dlq.publish_timeout),
         config.kafka.group_id(),
         &config.dlq.topic,
         config.dlq.batch_size,
-    );
+    )
+    .context("creating the DLQ producer (check [kafka] and [dlq.kafka])")?;
+    let producer = publisher.producer();
     let dlq_topics: Vec<String> = config
         .kafka
         .topics

@@ -8,13 +8,28 @@
 //! A record the broker refuses for good (too large for the DLQ topic, an invalid topic) is marked on
 //! its row and the publisher moves on; only broker-wide trouble (timeouts, a broker down) makes it
 //! back off (I10).
+//!
+//! A producer that librdkafka declares failed for good (a fatal error: the idempotent producer can
+//! no longer keep its order and no-duplicate guarantee) refuses every later send. The publisher
+//! makes a new one from the same settings before its next round, so the outbox never waits for a
+//! restart of the process. It does the same after [`UNANSWERED_ROUNDS`] rounds in a row in which no
+//! send was acknowledged.
 
 use crate::store::outbox::DeadRow;
 use crate::store::{Store, StoreError};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::FutureProducer;
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, Producer as _};
+use rdkafka::ClientConfig;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+
+/// Rounds in a row whose sends all failed after which the producer is replaced. A broker that is
+/// down fails every send of a new producer too, at no cost; a producer that stopped delivering to a
+/// broker that came back (librdkafka has had such states) is replaced, where otherwise the outbox
+/// would wait for a restart of the process.
+pub const UNANSWERED_ROUNDS: u32 = 3;
 
 /// NOTIFY channel for rows that became dead.
 pub const DEAD_CHANNEL: &str = "redrive_dead";
@@ -59,7 +74,12 @@ pub struct Round {
 /// Publishes one consumer group's dead rows.
 pub struct DlqPublisher {
     store: Store,
-    producer: FutureProducer,
+    /// The producer's settings, for a new producer in place of one that failed (see
+    /// [`Self::usable_producer`]).
+    settings: ClientConfig,
+    producer: Mutex<FutureProducer>,
+    /// Rounds in a row in which sends failed and none was acknowledged.
+    unanswered: AtomicU32,
     group: String,
     topic_template: String,
     batch_size: i64,
@@ -67,22 +87,75 @@ pub struct DlqPublisher {
 }
 
 impl DlqPublisher {
+    /// A publisher whose producer is made from `settings` (see [`crate::kafka::producer_config`]).
     /// `topic_template` names the DLQ topic; `{topic}` is the source topic.
     pub fn new(
         store: Store,
-        producer: FutureProducer,
+        settings: ClientConfig,
         group: &str,
         topic_template: &str,
         batch_size: i64,
-    ) -> Self {
-        Self {
+    ) -> KafkaResult<Self> {
+        let producer = settings.create()?;
+        Ok(Self {
             store,
-            producer,
+            settings,
+            producer: Mutex::new(producer),
+            unanswered: AtomicU32::new(0),
             group: group.to_string(),
             topic_template: topic_template.to_string(),
             batch_size,
             idle: Duration::from_secs(30),
+        })
+    }
+
+    /// The producer the next round sends through.
+    pub fn producer(&self) -> FutureProducer {
+        self.producer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The producer for a round: the current one, or a new one in its place when librdkafka has
+    /// failed the current one for good, or when none of its sends was acknowledged for
+    /// [`UNANSWERED_ROUNDS`] rounds in a row. A new producer that cannot be made leaves the old
+    /// one, so the round fails and backs off, and the next one tries again.
+    fn usable_producer(&self) -> FutureProducer {
+        let mut current = self.producer.lock().unwrap_or_else(|p| p.into_inner());
+        let unanswered = self.unanswered.load(Ordering::Relaxed);
+        let (cause, why) = match current.client().fatal_error() {
+            Some((code, reason)) => ("fatal", format!("failed for good ({code:?}: {reason})")),
+            None if unanswered >= UNANSWERED_ROUNDS => (
+                "unanswered",
+                format!("had no send acknowledged in {unanswered} rounds in a row"),
+            ),
+            None => return current.clone(),
+        };
+        match self.settings.create::<FutureProducer>() {
+            Ok(renewed) => {
+                let what = format!(
+                    "the DLQ producer {why}; a new producer takes its place, and the dead rows it \
+                     had not published are sent again through it"
+                );
+                if cause == "fatal" {
+                    tracing::error!(group = %self.group, "{what}");
+                } else {
+                    tracing::warn!(group = %self.group, "{what}");
+                }
+                metrics::counter!("redrive_dlq_producer_renewals_total", "cause" => cause)
+                    .increment(1);
+                self.unanswered.store(0, Ordering::Relaxed);
+                let old = std::mem::replace(&mut *current, renewed);
+                // Destroying a client joins its threads: not on the runtime's.
+                tokio::task::spawn_blocking(move || drop(old));
+            }
+            Err(e) => tracing::error!(
+                group = %self.group,
+                "the DLQ producer {why}, and a new one could not be made: {e}"
+            ),
         }
+        current.clone()
     }
 
     /// The DLQ topic for a source topic.
@@ -135,7 +208,9 @@ impl DlqPublisher {
             return Ok(Round::default());
         }
         let mut refused = batch.unreadable.clone();
-        let results = futures::future::join_all(batch.rows.iter().map(|r| self.send(r))).await;
+        let producer = self.usable_producer();
+        let results =
+            futures::future::join_all(batch.rows.iter().map(|r| self.send(&producer, r))).await;
         let (mut published, mut failed) = (Vec::new(), 0);
         for (row, result) in batch.rows.iter().zip(results) {
             let topic = self.topic_for(&row.message.topic);
@@ -143,7 +218,7 @@ impl DlqPublisher {
                 Ok(()) => published.push((row.id, topic)),
                 // The broker refuses a whole produce batch for one oversized record, so a refusal
                 // counts only once the record is refused on its own.
-                Err(e) if refused_for_good(&e) => match self.send(row).await {
+                Err(e) if refused_for_good(&e) => match self.send(&producer, row).await {
                     Ok(()) => published.push((row.id, topic)),
                     Err(e) if refused_for_good(&e) => refused.push((
                         row.id,
@@ -160,6 +235,11 @@ impl DlqPublisher {
         for (id, error) in &refused {
             tracing::warn!(%id, "dead row left out of the DLQ topic (see dlq_error on the row): {error}");
         }
+        if failed > 0 && published.is_empty() {
+            self.unanswered.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.unanswered.store(0, Ordering::Relaxed);
+        }
         batch.finish(&published, &refused).await?;
         metrics::counter!("redrive_dlq_published_total").increment(published.len() as u64);
         metrics::counter!("redrive_dlq_failures_total").increment(failed as u64);
@@ -175,7 +255,7 @@ impl DlqPublisher {
     /// Produces one dead row, in a `publish` span when traces are exported. A record that carried
     /// no `traceparent` of its own gets one: the publish's, or else the one its row keeps, so
     /// whoever reads the DLQ topic goes on in the message's trace.
-    async fn send(&self, row: &DeadRow) -> Result<(), KafkaError> {
+    async fn send(&self, producer: &FutureProducer, row: &DeadRow) -> Result<(), KafkaError> {
         use tracing::Instrument;
         let topic = self.topic_for(&row.message.topic);
         let trace = row.trace.as_deref();
@@ -190,7 +270,7 @@ impl DlqPublisher {
             }
             headers.extend(context);
         }
-        crate::kafka::produce(&self.producer, &topic, &row.message, &headers)
+        crate::kafka::produce(producer, &topic, &row.message, &headers)
             .instrument(span)
             .await
             .map(|_| ())

@@ -5,7 +5,7 @@ use crate::helpers::*;
 use crate::store::message;
 use rdkafka::message::{Headers, Message as _};
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::FutureProducer;
+use rdkafka::producer::Producer as _;
 use redrive::cli::RunArgs;
 use redrive::dlq::DlqPublisher;
 use redrive::handler::HandlerError;
@@ -24,18 +24,24 @@ fn dead(topic: &str, offset: i64) -> Capture {
     }
 }
 
+/// A publisher of group `g`'s dead rows to `{topic}.dlq` on `mock`, with a 2 s publish timeout.
+fn mock_publisher(
+    db: &TestDb,
+    mock: &MockCluster<'_, impl rdkafka::ClientContext>,
+) -> DlqPublisher {
+    let settings = redrive::kafka::producer_config(
+        &[("bootstrap.servers".to_string(), mock.bootstrap_servers())].into(),
+        Duration::from_secs(2),
+    );
+    DlqPublisher::new(db.store.clone(), settings, "g", "{topic}.dlq", 100).unwrap()
+}
+
 #[tokio::test]
 async fn a_dlq_outage_keeps_rows_unpublished_without_stalling_capture_then_publishes_all() {
     let db = TestDb::new().await;
     let mock = MockCluster::new(1).unwrap();
     mock.create_topic("orders.dlq", 1, 1).unwrap();
-    let producer: FutureProducer = redrive::kafka::producer_config(
-        &[("bootstrap.servers".to_string(), mock.bootstrap_servers())].into(),
-        Duration::from_secs(2),
-    )
-    .create()
-    .unwrap();
-    let publisher = DlqPublisher::new(db.store.clone(), producer, "g", "{topic}.dlq", 100);
+    let publisher = mock_publisher(&db, &mock);
     db.store
         .capture(
             "g",
@@ -105,6 +111,93 @@ async fn a_dlq_outage_keeps_rows_unpublished_without_stalling_capture_then_publi
             .await,
         5
     );
+}
+
+#[tokio::test]
+async fn a_dlq_producer_failed_for_good_is_replaced_and_no_dead_row_waits_for_a_restart() {
+    let db = TestDb::new().await;
+    let mock = MockCluster::new(1).unwrap();
+    mock.create_topic("orders.dlq", 1, 1).unwrap();
+    let publisher = mock_publisher(&db, &mock);
+    db.store
+        .capture("g", &[dead("orders", 0), dead("orders", 1)])
+        .await
+        .unwrap();
+    let round = publisher.run_once().await.unwrap();
+    assert_eq!((round.published, round.failed), (2, 0));
+
+    // librdkafka fails an idempotent producer for good when it can no longer keep its guarantee
+    // (here through its own test hook); every later send through it is refused.
+    let failed = publisher.producer();
+    let reason = c"the broker lost the producer's sequence";
+    // SAFETY: the pointer is the live client `failed` owns; librdkafka copies the reason.
+    unsafe {
+        rdkafka::bindings::rd_kafka_test_fatal_error(
+            failed.client().native_ptr(),
+            rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+            reason.as_ptr(),
+        );
+    }
+    let (code, _) = failed.client().fatal_error().expect("the producer failed");
+    let probe = message("orders", 9, b"x");
+    let sent = redrive::kafka::produce(&failed, "orders.dlq", &probe, &[]).await;
+    assert!(sent.is_err(), "a failed producer sends nothing");
+
+    db.store
+        .capture(
+            "g",
+            &[dead("orders", 2), dead("orders", 3), dead("orders", 4)],
+        )
+        .await
+        .unwrap();
+    let round = publisher.run_once().await.unwrap();
+    assert_eq!(
+        (round.published, round.failed),
+        (3, 0),
+        "the round after the producer failed ({code:?}) publishes through a new one"
+    );
+    assert_eq!(db.store.outbox_backlog("g").await.unwrap(), 0);
+    assert!(publisher.producer().client().fatal_error().is_none());
+    let records = read_topic(
+        &mock.bootstrap_servers(),
+        "orders.dlq",
+        5,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(records.len(), 5);
+}
+
+#[tokio::test]
+async fn a_dlq_producer_with_no_send_acknowledged_for_rounds_in_a_row_is_replaced() {
+    let db = TestDb::new().await;
+    let mock = MockCluster::new(1).unwrap();
+    mock.create_topic("orders.dlq", 1, 1).unwrap();
+    let publisher = mock_publisher(&db, &mock);
+    db.store
+        .capture("g", &[dead("orders", 0), dead("orders", 1)])
+        .await
+        .unwrap();
+    let first = publisher.producer().client().native_ptr();
+
+    mock.broker_down(1).unwrap();
+    for round in 1..=redrive::dlq::UNANSWERED_ROUNDS {
+        let r = publisher.run_once().await.unwrap();
+        assert_eq!((r.published, r.failed), (0, 2), "round {round}");
+        let kept = publisher.producer().client().native_ptr();
+        assert_eq!(kept, first, "the producer is kept through round {round}");
+    }
+    mock.broker_up(1).unwrap();
+    let r = publisher.run_once().await.unwrap();
+    let renewed = publisher.producer().client().native_ptr();
+    assert_ne!(
+        renewed,
+        first,
+        "a round after {} unanswered ones goes through a new producer",
+        redrive::dlq::UNANSWERED_ROUNDS
+    );
+    assert_eq!((r.published, r.failed), (2, 0));
+    assert_eq!(db.store.outbox_backlog("g").await.unwrap(), 0);
 }
 
 /// One record of bad input: key, value and headers.

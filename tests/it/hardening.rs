@@ -321,13 +321,11 @@ async fn poison_dlq_records_are_marked_and_the_publisher_moves_on() {
     db.store.capture("g", &big).await.unwrap();
     let small: Vec<Capture> = (120..125).map(|o| dead(o, 10)).collect();
     db.store.capture("g", &small).await.unwrap();
-    let producer = redrive::kafka::producer_config(
+    let settings = redrive::kafka::producer_config(
         &[("bootstrap.servers".to_string(), kafka())].into(),
         Duration::from_secs(10),
-    )
-    .create()
-    .unwrap();
-    let publisher = DlqPublisher::new(db.store.clone(), producer, "g", "{topic}.dlq", 100);
+    );
+    let publisher = DlqPublisher::new(db.store.clone(), settings, "g", "{topic}.dlq", 100).unwrap();
     let stop = CancellationToken::new();
     let running = tokio::spawn(publisher.run(stop.clone()));
 
