@@ -1278,3 +1278,105 @@ async fn a_connection_closed_while_idle_is_replaced_before_a_statement_uses_it()
         .expect("the statement ran on a new connection");
     assert_ne!(first, second);
 }
+
+/// Rows of `lines` key lines of group `g`, topic `lined`, over four partitions: each line's first
+/// row due in an hour, and a second row waiting behind it.
+async fn two_row_lines(db: &TestDb, lines: i64) {
+    sqlx::query(
+        "INSERT INTO redrive.retry_messages (id, consumer_group, topic, \"partition\", \
+         kafka_offset, payload, state, attempts, max_attempts, next_attempt_at, order_key, \
+         order_on_dead) \
+         SELECT gen_random_uuid(), 'g', 'lined', (i / 2) % 4, i, '\\x00', \
+                CASE WHEN i % 2 = 0 THEN 'pending' ELSE 'waiting' END, 1, 5, \
+                now() + interval '1 hour', decode(md5((i / 2)::text), 'hex'), 'skip' \
+         FROM generate_series(0, 2 * $1 - 1) AS i",
+    )
+    .bind(lines)
+    .execute(db.pool())
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn an_operators_delete_of_the_first_rows_of_40000_key_lines_releases_every_line() {
+    // Postgres's lock table holds about 6,400 locks for all its sessions (max_locks_per_transaction
+    // × max_connections); a lock per line gave this statement "out of shared memory". Since V23 a
+    // change to more than 1,000 lines locks their partitions instead.
+    let db = TestDb::new().await;
+    two_row_lines(&db, 40_000).await;
+    let deleted = sqlx::query(
+        "DELETE FROM redrive.retry_messages WHERE topic = 'lined' AND state = 'pending'",
+    )
+    .execute(db.pool())
+    .await
+    .expect("one statement may change any number of key lines")
+    .rows_affected();
+    assert_eq!(deleted, 40_000);
+    assert_eq!(db.count("state = 'waiting'").await, 0);
+    assert_eq!(
+        db.count("state = 'pending' AND next_attempt_at <= now()")
+            .await,
+        40_000,
+        "each line's second row is released, due now"
+    );
+    let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM redrive.queue")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(queued, 40_000);
+}
+
+/// `redrive.lock_lines` for `lines` lines of group `g`, topic `lined`, partition 0, the first
+/// named `k0`, in `tx`.
+async fn lock_lines(tx: &mut sqlx::PgConnection, lines: usize) {
+    let n = lines;
+    let keys: Vec<Vec<u8>> = (0..n).map(|i| format!("k{i}").into_bytes()).collect();
+    sqlx::query("SELECT redrive.lock_lines($1, $2, $3, $4)")
+        .bind(vec!["g"; n])
+        .bind(vec!["lined"; n])
+        .bind(vec![0i32; n])
+        .bind(keys)
+        .execute(tx)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_change_to_many_key_lines_and_a_change_to_one_of_them_wait_for_each_other() {
+    // Whichever way each of two writers of a line locks it (one lock per line, or one per
+    // partition for a change to more than 1,000 lines), the second waits for the first to commit,
+    // so it sees what the first did to the line (I12).
+    let db = TestDb::new().await;
+    let waiting = || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
+             WHERE d.datname = current_database() AND l.locktype = 'advisory' AND NOT l.granted",
+        )
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+        (n > 0).then_some(())
+    };
+    for (first, second) in [(1_001, 1), (1, 1_001), (1_001, 1_001)] {
+        let mut holder = db.pool().begin().await.unwrap();
+        lock_lines(&mut *holder, first).await;
+        let pool = db.pool().clone();
+        let other = tokio::spawn(async move {
+            let mut tx = pool.begin().await.unwrap();
+            lock_lines(&mut *tx, second).await;
+            tx.commit().await.unwrap();
+        });
+        wait_for(
+            &format!("a change to {second} line(s) to wait for one to {first}"),
+            Duration::from_secs(30),
+            waiting,
+        )
+        .await;
+        assert!(!other.is_finished(), "{second} after {first}");
+        holder.commit().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(30), other)
+            .await
+            .expect("the second change goes on once the first committed")
+            .unwrap();
+    }
+}
