@@ -1326,10 +1326,9 @@ async fn an_operators_delete_of_the_first_rows_of_40000_key_lines_releases_every
     assert_eq!(queued, 40_000);
 }
 
-/// `redrive.lock_lines` for `lines` lines of group `g`, topic `lined`, partition 0, the first
-/// named `k0`, in `tx`.
-async fn lock_lines(tx: &mut sqlx::PgConnection, lines: usize) {
-    let n = lines;
+/// `redrive.lock_lines` for `n` lines of group `g`, topic `lined`, partition 0 (keys `k0`, `k1`,
+/// …), in `tx`.
+async fn lock_lines(tx: &mut sqlx::PgConnection, n: usize) {
     let keys: Vec<Vec<u8>> = (0..n).map(|i| format!("k{i}").into_bytes()).collect();
     sqlx::query("SELECT redrive.lock_lines($1, $2, $3, $4)")
         .bind(vec!["g"; n])
@@ -1359,11 +1358,11 @@ async fn a_change_to_many_key_lines_and_a_change_to_one_of_them_wait_for_each_ot
     };
     for (first, second) in [(1_001, 1), (1, 1_001), (1_001, 1_001)] {
         let mut holder = db.pool().begin().await.unwrap();
-        lock_lines(&mut *holder, first).await;
+        lock_lines(&mut holder, first).await;
         let pool = db.pool().clone();
         let other = tokio::spawn(async move {
             let mut tx = pool.begin().await.unwrap();
-            lock_lines(&mut *tx, second).await;
+            lock_lines(&mut tx, second).await;
             tx.commit().await.unwrap();
         });
         wait_for(
