@@ -21,32 +21,28 @@
 CREATE OR REPLACE FUNCTION redrive.lock_lines(grp text[], topics text[], parts integer[], okeys bytea[])
 RETURNS void LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
-    lines bigint;
+    -- The lines' lock numbers, each once, in order.
+    lines integer[] := ARRAY(
+        SELECT DISTINCT hashtext(u.g || '/' || u.t || '/' || u.p || '/' || encode(u.k, 'hex'))
+        FROM unnest(grp, topics, parts, okeys) AS u(g, t, p, k)
+        WHERE u.k IS NOT NULL
+        ORDER BY 1);
+    -- Their partitions' lock numbers, each once, in order.
+    partitions integer[];
 BEGIN
-    SELECT count(*) INTO lines FROM (
-        SELECT DISTINCT u.g, u.t, u.p, u.k
-        FROM unnest(grp, topics, parts, okeys) AS u(g, t, p, k)
-        WHERE u.k IS NOT NULL) l;
-    IF lines = 0 THEN
+    IF cardinality(lines) = 0 THEN
         RETURN;
     END IF;
-    IF lines > 1000 THEN
-        PERFORM pg_advisory_xact_lock(1919247475, l.h) FROM (
-            SELECT DISTINCT hashtext(u.g || '/' || u.t || '/' || u.p) AS h
-            FROM unnest(grp, topics, parts, okeys) AS u(g, t, p, k)
-            WHERE u.k IS NOT NULL
-            ORDER BY 1) l;
+    partitions := ARRAY(
+        SELECT DISTINCT hashtext(u.g || '/' || u.t || '/' || u.p)
+        FROM unnest(grp, topics, parts, okeys) AS u(g, t, p, k)
+        WHERE u.k IS NOT NULL
+        ORDER BY 1);
+    IF cardinality(lines) > 1000 THEN
+        PERFORM pg_advisory_xact_lock(1919247475, h) FROM unnest(partitions) AS h;
         RETURN;
     END IF;
-    PERFORM pg_advisory_xact_lock_shared(1919247475, l.h) FROM (
-        SELECT DISTINCT hashtext(u.g || '/' || u.t || '/' || u.p) AS h
-        FROM unnest(grp, topics, parts, okeys) AS u(g, t, p, k)
-        WHERE u.k IS NOT NULL
-        ORDER BY 1) l;
-    PERFORM pg_advisory_xact_lock(1919247474, l.h) FROM (
-        SELECT DISTINCT hashtext(u.g || '/' || u.t || '/' || u.p || '/' || encode(u.k, 'hex')) AS h
-        FROM unnest(grp, topics, parts, okeys) AS u(g, t, p, k)
-        WHERE u.k IS NOT NULL
-        ORDER BY 1) l;
+    PERFORM pg_advisory_xact_lock_shared(1919247475, h) FROM unnest(partitions) AS h;
+    PERFORM pg_advisory_xact_lock(1919247474, h) FROM unnest(lines) AS h;
 END
 $$;
