@@ -223,9 +223,9 @@ async fn the_gauges_show_the_table_and_one_process_reads_them() {
     );
     assert!(!m.contains("redrive_rows{"), "{m}");
 
-    // Its workers retry the three rows due an hour ago: each attempt is an hour late. A retry's
-    // lateness is counted when it starts and its handler call's duration when the call ends, so
-    // the wait is for both.
+    // Its workers retry the three rows due an hour ago: each attempt is an hour late, and fails
+    // again. A retry's lateness is counted when it starts, and its outcome and its handler call's
+    // duration when the call ends, so the wait is for all three.
     let retried =
         format!("redrive_handler_duration_seconds_count{{{g},path=\"retry\",outcome=\"retry\"}}");
     let m = wait_for(
@@ -234,7 +234,12 @@ async fn the_gauges_show_the_table_and_one_process_reads_them() {
         || async {
             let m = scrape(b_port).await?;
             let late = sample(&m, &format!("redrive_retry_lateness_seconds_count{{{g}}}"))?;
-            (late >= 3.0 && m.contains(&retried)).then_some(m)
+            // Each attempt's outcome is counted once its handler call has ended.
+            let attempts = sample(
+                &m,
+                &format!("redrive_attempts_total{{{g},outcome=\"retry\"}}"),
+            )?;
+            (late >= 3.0 && attempts >= 3.0 && m.contains(&retried)).then_some(m)
         },
     )
     .await;
