@@ -2,11 +2,12 @@
 --
 -- `redrive.lock_lines` took one advisory lock per line, held to the end of the transaction. The
 -- locks of every session share one table in Postgres's shared memory, of about
--- max_locks_per_transaction × max_connections entries (6,400 by default). An operator's statement
--- that changed some 10,000 key lines or more (a DELETE or an UPDATE of rows in lines, which the
--- queue's trigger follows with `redrive.release_lines`) failed with "out of shared memory", and
--- while it took its locks every other session of the cluster could fail the same way, redrive's
--- captures and completions among them.
+-- max_locks_per_transaction × max_connections entries (6,400 by default), with some room to spare.
+-- An operator's statement that changed tens of thousands of key lines (a DELETE or an UPDATE of
+-- rows in lines, which the queue's trigger follows with `redrive.release_lines`) failed with "out
+-- of shared memory": the first rows of 30,000 lines did, of 8,000 did not. While it took its locks,
+-- every other session of the cluster could fail the same way, redrive's captures and completions
+-- among them.
 --
 -- Now a call that names more than 1,000 lines takes one exclusive lock per partition (group, topic,
 -- partition) instead. Every other call takes a shared lock on each of its lines' partitions and

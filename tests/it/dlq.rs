@@ -5,7 +5,7 @@ use crate::helpers::*;
 use crate::store::message;
 use rdkafka::message::{Headers, Message as _};
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::Producer as _;
+use rdkafka::producer::{DefaultProducerContext, Producer as _};
 use redrive::cli::RunArgs;
 use redrive::dlq::DlqPublisher;
 use redrive::handler::HandlerError;
@@ -113,8 +113,13 @@ async fn a_dlq_outage_keeps_rows_unpublished_without_stalling_capture_then_publi
     );
 }
 
-#[tokio::test]
-async fn a_dlq_producer_failed_for_good_is_replaced_and_no_dead_row_waits_for_a_restart() {
+/// A database with two dead rows of `orders`, a mock cluster with `orders.dlq`, and a publisher
+/// to it.
+async fn two_dead_rows_on_a_mock_cluster() -> (
+    TestDb,
+    MockCluster<'static, DefaultProducerContext>,
+    DlqPublisher,
+) {
     let db = TestDb::new().await;
     let mock = MockCluster::new(1).unwrap();
     mock.create_topic("orders.dlq", 1, 1).unwrap();
@@ -123,6 +128,12 @@ async fn a_dlq_producer_failed_for_good_is_replaced_and_no_dead_row_waits_for_a_
         .capture("g", &[dead("orders", 0), dead("orders", 1)])
         .await
         .unwrap();
+    (db, mock, publisher)
+}
+
+#[tokio::test]
+async fn a_dlq_producer_failed_for_good_is_replaced_and_no_dead_row_waits_for_a_restart() {
+    let (db, mock, publisher) = two_dead_rows_on_a_mock_cluster().await;
     let round = publisher.run_once().await.unwrap();
     assert_eq!((round.published, round.failed), (2, 0));
 
@@ -170,14 +181,7 @@ async fn a_dlq_producer_failed_for_good_is_replaced_and_no_dead_row_waits_for_a_
 
 #[tokio::test]
 async fn a_dlq_producer_with_no_send_acknowledged_for_rounds_in_a_row_is_replaced() {
-    let db = TestDb::new().await;
-    let mock = MockCluster::new(1).unwrap();
-    mock.create_topic("orders.dlq", 1, 1).unwrap();
-    let publisher = mock_publisher(&db, &mock);
-    db.store
-        .capture("g", &[dead("orders", 0), dead("orders", 1)])
-        .await
-        .unwrap();
+    let (db, mock, publisher) = two_dead_rows_on_a_mock_cluster().await;
     let first = publisher.producer().client().native_ptr();
 
     mock.broker_down(1).unwrap();
