@@ -1190,6 +1190,49 @@ async fn the_queue_follows_every_change_of_a_rows_state() {
     assert_eq!(db.count("true").await, 4);
 }
 
+/// A failure's completion reschedules its rows in the queue itself and tells the queue's trigger so
+/// (schema V24), once: a later statement of the same transaction that makes a row pending still
+/// gets its queue row.
+#[tokio::test]
+async fn a_failures_completion_leaves_the_later_statements_of_its_transaction_queued() {
+    let db = TestDb::new().await;
+    let mut dead = pending("orders", 2, Duration::ZERO, 5);
+    dead.state = InitialState::Dead;
+    db.seed(&[pending("orders", 1, Duration::ZERO, 5), dead])
+        .await;
+    let claimed = db.claim(Duration::from_secs(30)).await;
+    assert_eq!(claimed.len(), 1);
+    let c = &claimed[0];
+
+    let mut tx = db.pool().begin().await.unwrap();
+    let states: Vec<String> = sqlx::query_scalar(
+        "SELECT redrive.fail_attempts(ARRAY[$1::uuid], ARRAY[$2::uuid], ARRAY[$3::int4], \
+         ARRAY['pending'], ARRAY[60::float8], ARRAY['503'], ARRAY['retryable'])",
+    )
+    .bind(c.id)
+    .bind(c.token)
+    .bind(c.attempt)
+    .fetch_all(&mut *tx)
+    .await
+    .unwrap();
+    assert_eq!(states, ["pending"]);
+    sqlx::query("UPDATE redrive.retry_messages SET state = 'pending', dead_at = NULL WHERE kafka_offset = 2")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    db.assert_queue_in_step().await;
+    assert_eq!(
+        db.count(
+            "kafka_offset = 1 AND state = 'pending' AND next_attempt_at > now() + interval '50 s'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(db.count("kafka_offset = 2 AND state = 'pending'").await, 1);
+}
+
 /// A deadlock aborts a statement that succeeds when it runs again, so it is transient: a batch that
 /// meets one is retried whole. (Taken for a bad row, it split the batch down to one row and wrote
 /// that row in its safe form, without its key and value: key lines lock in more than one order, and
