@@ -2,12 +2,17 @@
 # The instructions Postgres executes per row for capture's and dispatch's statements, beside their
 # floors, counted by valgrind's callgrind in one single-user backend: a count that does not move
 # with the machine's speed or its other load, so two forms of a statement compare in one run each.
-#   scripts/sql-instructions.sh [dispatch|capture|all] [N]
+#   scripts/sql-instructions.sh [dispatch|capture|retry|all] [N]
 # dispatch: N due rows (20,000 unless set) behind 400 held ones, claimed 100 at a time by
 #   `redrive.claim` and deleted by `redrive.delete_succeeded`, against the claim floor's UPDATE and
 #   DELETE (bench/schema/floor.sql's statements); each transaction commits, as the workers' do.
+# retry: N due rows (10,000 unless set) behind 400 held ones, claimed 100 at a time by
+#   `redrive.claim` and each failed by `redrive.fail_attempts`, rescheduled an hour on (the path of
+#   a retry storm); no floor.
 # capture: N rows (10,000 unless set) inserted 500 per statement by bench/schema/capture.sql,
 #   against bench/schema/floor-capture.sql.
+# BENCH_AFTER_MIGRATE_SQL, if set, is SQL run after `migrate`, as for `bench`: to count another form
+# of a function.
 # Each count is the backend's whole run less that of a run that only starts and stops, divided by N.
 # The schema is migrated by the release `redrive` (built if needed) into a cluster of its own in a
 # temporary directory, on REDRIVE_CALLGRIND_PORT (5497 unless set; the tests use 5432 and 5499);
@@ -72,6 +77,9 @@ cluster() {
   REDRIVE_LOG=warn "$REDRIVE" --config "$WORK/config.toml" migrate >/dev/null
   psql -q "$URL" -v ON_ERROR_STOP=1 -v n="$n" -v inflight="$held" \
     -c "SET client_min_messages = warning" -f "$seed" >/dev/null
+  if [[ -n "${BENCH_AFTER_MIGRATE_SQL:-}" ]]; then
+    psql -q "$URL" -v ON_ERROR_STOP=1 -c "$BENCH_AFTER_MIGRATE_SQL" >/dev/null
+  fi
   psql -q "$URL" -c "CHECKPOINT" >/dev/null
   as_owner "$BIN/pg_ctl" -D "$DATA" -w stop >/dev/null
 }
@@ -139,6 +147,28 @@ SQL
   report dispatch "$n" "$redrive" "$floor"
 }
 
+retry() {
+  local n=${N_ARG:-10000} redrive
+  cat >"$WORK/retry.sql" <<'SQL'
+DO $$ DECLARE ids uuid[]; tokens uuid[]; attempts int[]; k int; BEGIN LOOP
+    SELECT array_agg(c.id), array_agg(c.claim_token), array_agg(c.attempts), count(*)
+    INTO ids, tokens, attempts, k
+    FROM redrive.claim('bench', 100, 30, 'w', 0.04) c;
+    EXIT WHEN ids IS NULL;
+    COMMIT;
+    PERFORM redrive.fail_attempts(ids, tokens, attempts, array_fill('pending'::text, ARRAY[k]),
+        array_fill(3600::float8, ARRAY[k]), array_fill('benchmark failure'::text, ARRAY[k]),
+        array_fill('retryable'::text, ARRAY[k]));
+    COMMIT;
+END LOOP; END $$;
+
+SELECT count(*) AS left_rows FROM redrive.queue WHERE next_attempt_at < now() + interval '30 minutes';
+
+SQL
+  redrive=$(per_row "$SQL/seed.sql" "$n" 400 "$WORK/retry.sql" "$n" 400)
+  printf 'retry, %d rows: redrive %d instructions per row (a claim and a failure each)\n' "$n" "$redrive"
+}
+
 capture() {
   local n=${N_ARG:-10000} redrive floor i
   ((n % 500 == 0)) || die "capture takes a multiple of 500 rows, not $n"
@@ -165,6 +195,7 @@ report() {
 case "$CASES" in
   dispatch) dispatch ;;
   capture) capture ;;
-  all) dispatch; capture ;;
-  *) die "unknown case '$CASES': dispatch, capture or all" ;;
+  retry) retry ;;
+  all) dispatch; capture; retry ;;
+  *) die "unknown case '$CASES': dispatch, capture, retry or all" ;;
 esac
