@@ -156,7 +156,21 @@ async fn run(o: &Options) -> anyhow::Result<verify::Report> {
     let mut peak_rss = 0;
     let mut next_fault = Instant::now() + o.fault_every;
     let mut plan = o.faults.iter().cycle();
+    // Each message is tried ten times, a minute each, one batch after another, so a broker that
+    // takes none of them (one came back from a restart unable to hand out producer ids) would hold
+    // the run for hours. Ten minutes past the settling time is room for one message's ten tries.
+    let produced_by = o.duration + o.settle_within + Duration::from_secs(600);
     while started.elapsed() < o.duration || !producing.is_finished() {
+        if started.elapsed() >= produced_by {
+            producing.abort();
+            anyhow::bail!(
+                "the run's {} messages were not all produced within {produced_by:?} (--duration, \
+                 --settle-within and 10 minutes): the broker at {} is not taking them; the \
+                 warnings above name each send that failed",
+                o.messages,
+                o.kafka
+            );
+        }
         tokio::time::sleep(Duration::from_millis(250)).await;
         watch(&mut workers, &mut exits, &mut peak_rss)?;
         if Instant::now() >= next_fault && started.elapsed() < o.duration {
