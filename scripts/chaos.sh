@@ -31,7 +31,7 @@ scripts/postgres.sh start >/dev/null
 # were all loaded again at each of the run's broker restarts: 718 partitions, 2.1 GB, on one
 # machine. In one run the broker came back from such a restart unable to hand out producer ids
 # (its controller refused the broker's registration while the logs were still loading), so every
-# idempotent producer, the run's own included, waited on it until the run gave up.
+# idempotent producer, the run's own included, waited on it (see the deadline in `run`).
 scripts/kafka.sh stop >/dev/null 2>&1 || true
 rm -rf "${KAFKA_RUN_DIR:-/tmp/redrive-kafka-$KAFKA_PORT}/data"
 scripts/kafka.sh start >/dev/null
