@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The instructions Postgres executes per row for capture's and dispatch's statements, beside their
-# floors, counted by valgrind's callgrind in one single-user backend: a count that does not move
-# with the machine's speed or its other load, so two forms of a statement compare in one run each.
+# The instructions Postgres executes per row for capture's, dispatch's and a failed retry's
+# statements, beside the floors of the first two, counted by valgrind's callgrind in one single-user
+# backend: a count that does not move with the machine's speed or its other load, so two forms of a
+# statement compare in one run each.
 #   scripts/sql-instructions.sh [dispatch|capture|retry|all] [N]
 # dispatch: N due rows (20,000 unless set) behind 400 held ones, claimed 100 at a time by
 #   `redrive.claim` and deleted by `redrive.delete_succeeded`, against the claim floor's UPDATE and
