@@ -142,14 +142,15 @@ async fn probe(options: &PgConnectOptions, within: Duration) -> Result<(), sqlx:
 ///   walks whose plans, made for a batch of 1,000 rows, can look costly enough for JIT: a
 ///   replay's chunk then spent 0.6 s compiling and 0.05 s running.
 pub fn pool_options() -> PgPoolOptions {
-    PgPoolOptions::new().after_connect(|conn, _| {
-        Box::pin(async move {
-            for setting in ["SET plan_cache_mode = force_custom_plan", "SET jit = off"] {
-                sqlx::Executor::execute(&mut *conn, setting).await?;
-            }
-            Ok(())
-        })
-    })
+    PgPoolOptions::new().after_connect(|conn, _| Box::pin(session_settings(conn)))
+}
+
+/// The settings of every session of redrive's own: see [`pool_options`].
+async fn session_settings(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    for setting in ["SET plan_cache_mode = force_custom_plan", "SET jit = off"] {
+        sqlx::Executor::execute(&mut *conn, setting).await?;
+    }
+    Ok(())
 }
 
 /// The retry store: a connection pool to the database that holds the `redrive` schema.
@@ -169,6 +170,30 @@ impl Store {
     /// The pool, for the statements in the submodules.
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// A read-only transaction on a connection of its own, outside the pool, that sees what the
+    /// transaction which exported `snapshot` (`SELECT pg_export_snapshot()`) sees, while that
+    /// transaction is still open: a read beside that transaction's, whose numbers agree with its.
+    /// The connection has the pool's settings; the caller ends the transaction or drops it.
+    /// Fails when the snapshot is unknown or its transaction has ended.
+    pub async fn snapshot_reader(&self, snapshot: &str) -> Result<sqlx::PgConnection, StoreError> {
+        use sqlx::ConnectOptions;
+        let mut conn = self.pool.connect_options().connect().await?;
+        session_settings(&mut conn).await?;
+        sqlx::Executor::execute(
+            &mut conn,
+            "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+        )
+        .await?;
+        // The command takes a literal, not a parameter.
+        let import = format!(
+            "SET TRANSACTION SNAPSHOT '{}'",
+            snapshot.replace('\'', "''")
+        );
+        // Postgres's error names the snapshot ("invalid snapshot identifier").
+        sqlx::Executor::execute(&mut conn, import.as_str()).await?;
+        Ok(conn)
     }
 
     /// Connects, retrying with backoff while Postgres is unreachable, and logging each failure

@@ -219,24 +219,28 @@ impl Store {
         let (at, since) = (r.now, r.since);
         let plan = sample::Plan::new(r.pages, limits.sample_pages);
         let mut sampled = sample::Lazy::new(plan);
+        if !plan.whole() {
+            let snapshot = sqlx::query_scalar!(r#"SELECT pg_export_snapshot() AS "snapshot!""#)
+                .fetch_one(&mut *tx)
+                .await?;
+            sampled.read_ahead(self, snapshot);
+        }
 
-        let mut topics = if plan.whole() {
-            sampled.get(&mut tx).await?.topics(plan)
+        // What only the sample can tell is filled in last, so that its read runs beside these.
+        let (mut topics, to_estimate) = if plan.whole() {
+            (sampled.get(&mut tx).await?.topics(plan), Vec::new())
         } else {
-            topics(&mut tx, limits, &mut sampled).await?
+            topics(&mut tx, limits).await?
         };
-        move_running(&mut tx, &mut topics).await?;
-        topics.sort_by(|a, b| (&a.consumer_group, &a.topic).cmp(&(&b.consumer_group, &b.topic)));
-        let mut names: Vec<String> = topics.iter().map(|t| t.consumer_group.clone()).collect();
+        let mut names: Vec<String> = topics
+            .iter()
+            .map(|t| &t.consumer_group)
+            .chain(to_estimate.iter().map(|(group, _)| group))
+            .cloned()
+            .collect();
+        names.sort();
         names.dedup();
         let mut groups = groups(&mut tx, &names, limits.index_rows).await?;
-        for g in groups.iter_mut() {
-            let limit = limits.index_rows;
-            if g.due > limit || g.dlq_backlog > limit || g.dlq_refused > limit {
-                sampled.get(&mut tx).await?.fill_group(g, limit, plan);
-            }
-        }
-        groups.sort_by(|a, b| a.consumer_group.cmp(&b.consumer_group));
 
         let paused_topics = sqlx::query_as!(
             PausedTopic,
@@ -255,12 +259,33 @@ impl Store {
             limits.error_rows
         };
         let exact_errors = error_candidates(&mut tx, since, error_rows).await? <= error_rows;
-        let top_errors = if exact_errors {
-            top_errors(&mut tx, since, top).await?
+        let exact_top_errors = if exact_errors {
+            Some(top_errors(&mut tx, since, top).await?)
         } else {
-            sample::top_errors(&mut tx, plan, since, top).await?
+            None
         };
         let (key_lines, key_lines_total) = key_lines(&mut tx, limits.key_lines).await?;
+
+        let limit = limits.index_rows;
+        let group_estimated =
+            |g: &GroupStatus| g.due > limit || g.dlq_backlog > limit || g.dlq_refused > limit;
+        if !to_estimate.is_empty() || !exact_errors || groups.iter().any(group_estimated) {
+            let counts = sampled.get(&mut tx).await?;
+            for (group, topic) in &to_estimate {
+                topics.push(counts.pair(group, topic, plan));
+            }
+            for g in groups.iter_mut().filter(|g| group_estimated(g)) {
+                counts.fill_group(g, limit, plan);
+            }
+        }
+        move_running(&mut tx, &mut topics).await?;
+        topics.sort_by(|a, b| (&a.consumer_group, &a.topic).cmp(&(&b.consumer_group, &b.topic)));
+        groups.sort_by(|a, b| a.consumer_group.cmp(&b.consumer_group));
+        // The sample's pages are in memory by now: its counts were read first.
+        let top_errors = match exact_top_errors {
+            Some(errors) => errors,
+            None => sample::top_errors(&mut tx, plan, since, top).await?,
+        };
         tx.commit().await?;
         let (breaker_holds, breakers) = self.breakers().await?;
         let estimated = !exact_errors
@@ -354,12 +379,12 @@ async fn key_lines(
     Ok((lines, total))
 }
 
-/// Row counts by pair: small pairs row by row, the rest from the sample.
+/// Row counts by pair: small pairs row by row; the others, as (group, topic), are left for the
+/// sample.
 async fn topics(
     tx: &mut Tx<'_>,
     limits: Limits,
-    sampled: &mut sample::Lazy,
-) -> Result<Vec<TopicCounts>, StoreError> {
+) -> Result<(Vec<TopicCounts>, Vec<(String, String)>), StoreError> {
     // Every pair, with its row count up to one past the limit, through the source-key index.
     let pairs = sqlx::query!(
         r#"
@@ -399,7 +424,7 @@ async fn topics(
     // to the source-key index; it would otherwise expect half the table per pair and scan it.
     let groups: Vec<String> = small.iter().map(|p| p.consumer_group.clone()).collect();
     let topics: Vec<String> = small.iter().map(|p| p.topic.clone()).collect();
-    let exact: HashMap<(String, String), TopicCounts> = sqlx::query_as!(
+    let mut exact: HashMap<(String, String), TopicCounts> = sqlx::query_as!(
         TopicCounts,
         r#"
         SELECT p.consumer_group AS "consumer_group!", p.topic AS "topic!",
@@ -428,18 +453,15 @@ async fn topics(
     .into_iter()
     .map(|c| ((c.consumer_group.clone(), c.topic.clone()), c))
     .collect();
-    let mut out = Vec::with_capacity(pairs.len());
+    let (mut counted, mut left) = (Vec::with_capacity(exact.len()), Vec::new());
     for p in pairs {
         let key = (p.consumer_group, p.topic);
-        match exact.get(&key) {
-            Some(c) => out.push(c.clone()),
-            None => {
-                let plan = sampled.plan();
-                out.push(sampled.get(tx).await?.pair(&key.0, &key.1, plan));
-            }
+        match exact.remove(&key) {
+            Some(c) => counted.push(c),
+            None => left.push(key),
         }
     }
-    Ok(out)
+    Ok((counted, left))
 }
 
 /// Moves the rows being attempted from `pending`, where the table counts them, to `running`:

@@ -1278,6 +1278,29 @@ async fn each_role_can_do_its_job_and_nothing_more() {
         .await
         .unwrap();
     assert_eq!(rows, 3);
+    // A status of a table too large to count reads its sample beside its own transaction, in that
+    // transaction's snapshot: the role may export one and read in it.
+    let mut tx = reader.begin().await.unwrap();
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let snapshot: String = sqlx::query_scalar("SELECT pg_export_snapshot()")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    let mut beside = redrive::Store::from_pool(reader.clone())
+        .snapshot_reader(&snapshot)
+        .await
+        .unwrap();
+    let count = "SELECT count(*) FROM redrive.retry_messages";
+    let rows: i64 = sqlx::query_scalar(count)
+        .fetch_one(&mut beside)
+        .await
+        .unwrap();
+    let in_tx: i64 = sqlx::query_scalar(count).fetch_one(&mut *tx).await.unwrap();
+    assert_eq!((rows, in_tx), (5, 5));
+    tx.commit().await.unwrap();
     for args in [
         &["replay", "--all"][..],
         &["purge", "--older-than", "0s"][..],
@@ -2130,4 +2153,66 @@ async fn replay_to_topic_produces_the_original_records_and_marks_the_rows() {
     assert_eq!(out.code, Some(1));
     assert!(out.stderr.contains("does not exist"), "{}", out.stderr);
     assert_eq!(state_of(&db, c).await.as_deref(), Some("dead"));
+}
+
+/// A status whose sample cannot be read on a connection of its own (here the role may hold one
+/// connection only) reads it in its own transaction, the same pages, and answers the same.
+#[tokio::test]
+async fn a_status_that_cannot_read_its_sample_beside_reads_it_itself() {
+    use redrive::store::status::Limits;
+    let db = TestDb::new().await;
+    apply_roles(&db).await;
+    sqlx::query(
+        r#"
+        INSERT INTO redrive.retry_messages (
+            id, consumer_group, topic, "partition", kafka_offset, payload, state, attempts,
+            max_attempts, next_attempt_at, last_error, error_kind, dead_at)
+        SELECT gen_random_uuid(), 'g', 'big', 0, i, convert_to(repeat('x', 1024), 'UTF8'),
+               CASE WHEN i % 3 = 0 THEN 'pending' ELSE 'dead' END, 1, 5, now(), 'boom',
+               'retryable', CASE WHEN i % 3 <> 0 THEN now() END
+        FROM generate_series(1, 2000) AS i
+        "#,
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let pages: i64 = sqlx::query_scalar(
+        "SELECT pg_relation_size('redrive.retry_messages') / current_setting('block_size')::bigint",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    let limits = Limits {
+        pair_rows: 100,
+        pair_budget: 100,
+        index_rows: 100,
+        error_rows: 100,
+        sample_pages: pages / 2,
+        key_lines: 10,
+    };
+    let (url, _) = login_role(&db, "redrive_readonly").await;
+    let role = url::Url::parse(&url).unwrap().username().to_string();
+    sqlx::query(&format!("ALTER ROLE {role} CONNECTION LIMIT 1"))
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let one = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .unwrap();
+    let window = Duration::from_secs(3600);
+    let alone = redrive::Store::from_pool(one)
+        .status(window, 10, limits)
+        .await
+        .unwrap();
+    let beside = db.store.status(window, 10, limits).await.unwrap();
+    assert!(
+        alone.sample.is_some() && alone.topics[0].estimated,
+        "{alone:?}"
+    );
+    assert_eq!(
+        (&alone.topics, &alone.groups, &alone.sample),
+        (&beside.topics, &beside.groups, &beside.sample)
+    );
 }

@@ -162,3 +162,50 @@ async fn exact_reads_every_row_and_a_small_table_needs_no_sample() {
         );
     }
 }
+
+/// The sample is read on a connection of its own, beside the status's transaction, in that
+/// transaction's snapshot: rows committed after the status began are not in it, and the reader
+/// cannot write.
+#[tokio::test]
+async fn a_reader_in_another_transactions_snapshot_sees_what_that_transaction_sees() {
+    let db = TestDb::new().await;
+    load(&db, "g", "before", "dead", 10).await;
+    let count = "SELECT count(*) FROM redrive.retry_messages";
+    let mut tx = db.pool().begin().await.unwrap();
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let seen: i64 = sqlx::query_scalar(count).fetch_one(&mut *tx).await.unwrap();
+    let snapshot: String = sqlx::query_scalar("SELECT pg_export_snapshot()")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    load(&db, "g", "after", "dead", 5).await;
+
+    let mut reader = db.store.snapshot_reader(&snapshot).await.unwrap();
+    let read: i64 = sqlx::query_scalar(count)
+        .fetch_one(&mut reader)
+        .await
+        .unwrap();
+    let now: i64 = sqlx::query_scalar(count)
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!((seen, read, now), (10, 10, 15));
+    let write = sqlx::query("DELETE FROM redrive.retry_messages")
+        .execute(&mut reader)
+        .await
+        .expect_err("the reader's transaction is read-only");
+    assert!(write.to_string().contains("read-only"), "{write}");
+
+    // Once the transaction that exported it has ended, the snapshot is gone, and the error says so.
+    tx.commit().await.unwrap();
+    let gone = db
+        .store
+        .snapshot_reader(&snapshot)
+        .await
+        .expect_err("the snapshot's transaction has ended")
+        .to_string();
+    assert!(gone.contains("snapshot"), "{gone}");
+}

@@ -9,9 +9,11 @@
 //! table that is not changing, repeated statuses show the same estimates.
 
 use super::{GroupStatus, SampleInfo, TopError, TopicCounts, Tx};
-use crate::store::StoreError;
+use crate::store::{Store, StoreError};
 use chrono::{DateTime, Utc};
+use sqlx::Connection;
 use std::collections::BTreeMap;
+use tokio_util::task::AbortOnDropHandle;
 
 /// How much of the table the sample reads.
 #[derive(Debug, Clone, Copy)]
@@ -74,7 +76,7 @@ pub(super) struct Counts {
 
 impl Counts {
     /// Reads the sample: one pass over the sampled pages.
-    async fn read(tx: &mut Tx<'_>, plan: Plan) -> Result<Counts, StoreError> {
+    async fn read(c: &mut sqlx::PgConnection, plan: Plan) -> Result<Counts, StoreError> {
         let rows = sqlx::query!(
             r#"
             SELECT consumer_group AS "consumer_group!", topic AS "topic!",
@@ -93,7 +95,7 @@ impl Counts {
             "#,
             plan.percent,
         )
-        .fetch_all(&mut **tx)
+        .fetch_all(c)
         .await?;
         let by_pair = rows
             .into_iter()
@@ -167,24 +169,58 @@ impl Counts {
     }
 }
 
-/// The sample, read the first time an estimate needs it.
+/// The sample, read the first time an estimate needs it, or beside the status's own reads once
+/// [`Lazy::read_ahead`] has started it.
 pub(super) struct Lazy {
     plan: Plan,
     counts: Option<Counts>,
+    ahead: Option<AbortOnDropHandle<Result<Counts, StoreError>>>,
 }
 
 impl Lazy {
     pub(super) fn new(plan: Plan) -> Lazy {
-        Lazy { plan, counts: None }
+        Lazy {
+            plan,
+            counts: None,
+            ahead: None,
+        }
     }
 
-    pub(super) fn plan(&self) -> Plan {
-        self.plan
+    /// Starts reading the sample now, on a connection of its own that sees the status's
+    /// `snapshot`. The sample is thousands of pages, most of them read from disk when the table
+    /// has not been read for a while; read beside the status's index walks, it adds to their time
+    /// only what it takes longer than they do. Dropping `self` stops it.
+    pub(super) fn read_ahead(&mut self, store: &Store, snapshot: String) {
+        let (store, plan) = (store.clone(), self.plan);
+        self.ahead = Some(AbortOnDropHandle::new(tokio::spawn(async move {
+            let mut c = store.snapshot_reader(&snapshot).await?;
+            let counts = Counts::read(&mut c, plan).await?;
+            let _ = c.close().await;
+            Ok(counts)
+        })));
     }
 
     pub(super) async fn get(&mut self, tx: &mut Tx<'_>) -> Result<&Counts, StoreError> {
         if self.counts.is_none() {
-            self.counts = Some(Counts::read(tx, self.plan).await?);
+            let ahead = match self.ahead.take() {
+                Some(handle) => match handle.await {
+                    Ok(Ok(counts)) => Some(counts),
+                    // No connection to spare (the server's limit, say): the status's own reads it.
+                    Ok(Err(e)) => {
+                        tracing::debug!("the sample could not be read beside the status: {e}");
+                        None
+                    }
+                    Err(e) => {
+                        tracing::debug!("the sample's read beside the status ended: {e}");
+                        None
+                    }
+                },
+                None => None,
+            };
+            self.counts = Some(match ahead {
+                Some(counts) => counts,
+                None => Counts::read(tx, self.plan).await?,
+            });
         }
         // Filled just above.
         Ok(self.counts.as_ref().expect("the sample was read"))
