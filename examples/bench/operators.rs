@@ -1,6 +1,8 @@
 //! The operators case: `redrive status` and `redrive replay --dry-run --topic small` on a table of
 //! 10M dead and 1M pending rows, run as an operator runs them (the release binary, a new process
-//! each time), beside `redrive status --exact`, which reads every row.
+//! each time), beside `redrive status --exact`, which reads every row. Each round starts with a
+//! status from a cold cache, when the benchmark may restart Postgres and drop the page cache (as
+//! root, against the cluster `scripts/postgres.sh` manages).
 //!
 //! The table is loaded in SQL (generate_series) into its own database, once: a later run finds it
 //! by the marker it leaves and reuses it. `BENCH_OPS_DEAD` and `BENCH_OPS_PENDING` change its size.
@@ -51,7 +53,21 @@ pub async fn run(admin_url: &str, runs: usize) -> anyhow::Result<()> {
     let url = load(admin_url, DB, dead, pending).await?;
     let bin = redrive_binary()?;
     let mut secs: Vec<Vec<f64>> = vec![vec![]; COMMANDS.len()];
+    let mut cold = Vec::new();
+    let mut cold_skipped = None;
     for round in 1..=runs {
+        // First a status with nothing in memory, as after a restart, or after hours of other work
+        // that pushed the table out of the caches.
+        match chill(admin_url).await {
+            Ok(()) => {
+                let started = Instant::now();
+                redrive(&bin, &url, &["status"]).await?;
+                let took = started.elapsed().as_secs_f64();
+                eprintln!("round {round}/{runs}: operators: redrive status, cold: {took:.3} s");
+                cold.push(took);
+            }
+            Err(why) => cold_skipped = Some(why),
+        }
         for (c, got) in COMMANDS.iter().zip(secs.iter_mut()) {
             let started = Instant::now();
             redrive(&bin, &url, c.args).await?;
@@ -69,6 +85,16 @@ pub async fn run(admin_url: &str, runs: usize) -> anyhow::Result<()> {
         let goal = c.goal.map_or("–".into(), |g| format!("≤ {g} s"));
         println!("| {} | {mid:.3} [{lo:.3}–{hi:.3}] | {goal} |", c.label);
     }
+    match cold_skipped {
+        None => {
+            let (lo, mid, hi) = spread(&cold);
+            println!(
+                "| redrive status, cold (Postgres restarted, the page cache dropped) | \
+                 {mid:.3} [{lo:.3}–{hi:.3}] | ≤ 1 s |"
+            );
+        }
+        Some(why) => println!("\nstatus from a cold cache: not measured ({why})"),
+    }
     let estimated = json(&bin, &url, &["status", "--json"]).await?;
     let exact = json(&bin, &url, &["status", "--json", "--exact"]).await?;
     println!(
@@ -77,6 +103,49 @@ pub async fn run(admin_url: &str, runs: usize) -> anyhow::Result<()> {
         worst_error(&estimated, &exact) * 100.0
     );
     Ok(())
+}
+
+/// Empties the caches the table could be read from: restarts the Postgres cluster that
+/// `scripts/postgres.sh` manages (its shared buffers), then drops the kernel's page cache. Only
+/// as root, against that cluster on this machine; otherwise says why not.
+async fn chill(admin_url: &str) -> Result<(), String> {
+    let port = env("REDRIVE_PG_PORT", "5432");
+    let ours = url::Url::parse(admin_url).is_ok_and(|u| {
+        matches!(u.host_str(), Some("127.0.0.1" | "localhost"))
+            && u.port().unwrap_or(5432).to_string() == port
+    });
+    if !ours {
+        return Err("the database is not the cluster scripts/postgres.sh manages".into());
+    }
+    let drop_caches = "/proc/sys/vm/drop_caches";
+    let mut caches = std::fs::OpenOptions::new()
+        .write(true)
+        .open(drop_caches)
+        .map_err(|e| format!("dropping the page cache needs root: {drop_caches}: {e}"))?;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/postgres.sh");
+    let restart = tokio::process::Command::new(script)
+        .arg("restart")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(DEADLINE, restart)
+        .await
+        .map_err(|_| format!("{script} restart ran past {DEADLINE:?}"))?
+        .map_err(|e| format!("{script} restart: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{script} restart failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    // Written pages leave the cache only once they are on disk.
+    let synced = tokio::process::Command::new("sync").status().await;
+    if !synced.is_ok_and(|s| s.success()) {
+        return Err("sync failed".into());
+    }
+    use std::io::Write as _;
+    caches
+        .write_all(b"3")
+        .map_err(|e| format!("{drop_caches}: {e}"))
 }
 
 /// Runs the redrive binary against `url`; fails with its output when it fails or hangs.
