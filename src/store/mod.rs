@@ -176,7 +176,8 @@ impl Store {
     /// transaction which exported `snapshot` (`SELECT pg_export_snapshot()`) sees, while that
     /// transaction is still open: a read beside that transaction's, whose numbers agree with its.
     /// The connection has the pool's settings; the caller ends the transaction or drops it.
-    /// Fails when the snapshot is unknown or its transaction has ended.
+    /// Its statements wait at most 100 ms for a lock, then fail (see below). Fails when the
+    /// snapshot is unknown or its transaction has ended.
     pub async fn snapshot_reader(&self, snapshot: &str) -> Result<sqlx::PgConnection, StoreError> {
         use sqlx::ConnectOptions;
         let mut conn = self.pool.connect_options().connect().await?;
@@ -186,6 +187,11 @@ impl Store {
             "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY",
         )
         .await?;
+        // A lock that the exporting transaction holds is granted to it again at once, but this
+        // reader queues behind any request that conflicts with it, such as a migration's ALTER
+        // TABLE, which in turn waits for that transaction: a wait that lasts as long as the
+        // exporting transaction waits for this reader. So the reader does not wait.
+        sqlx::Executor::execute(&mut conn, "SET LOCAL lock_timeout = '100ms'").await?;
         // The command takes a literal, not a parameter.
         let import = format!(
             "SET TRANSACTION SNAPSHOT '{}'",

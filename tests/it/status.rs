@@ -209,3 +209,66 @@ async fn a_reader_in_another_transactions_snapshot_sees_what_that_transaction_se
         .to_string();
     assert!(gone.contains("snapshot"), "{gone}");
 }
+
+/// A reader beside a transaction does not queue for a lock behind a request that waits for that
+/// transaction (a migration's ALTER TABLE, say), which would hold all three up while the
+/// transaction waits for the reader: it fails at once, and the transaction goes on.
+#[tokio::test]
+async fn a_reader_beside_a_transaction_does_not_wait_behind_a_lock_queued_for_it() {
+    let db = TestDb::new().await;
+    load(&db, "g", "t", "dead", 10).await;
+    let count = "SELECT count(*) FROM redrive.retry_messages";
+    let mut tx = db.pool().begin().await.unwrap();
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let seen: i64 = sqlx::query_scalar(count).fetch_one(&mut *tx).await.unwrap();
+    let snapshot: String = sqlx::query_scalar("SELECT pg_export_snapshot()")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    // Another session asks for the whole table, and waits for `tx`.
+    let pool = db.pool().clone();
+    let whole = tokio::spawn(async move {
+        let mut other = pool.begin().await.unwrap();
+        sqlx::query("LOCK TABLE redrive.retry_messages IN ACCESS EXCLUSIVE MODE")
+            .execute(&mut *other)
+            .await
+            .unwrap();
+        other.commit().await.unwrap();
+    });
+    wait_for(
+        "the other session to wait for its lock",
+        Duration::from_secs(10),
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks \
+             WHERE relation = 'redrive.retry_messages'::regclass AND NOT granted",
+            )
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+            (waiting > 0).then_some(())
+        },
+    )
+    .await;
+
+    let mut reader = db.store.snapshot_reader(&snapshot).await.unwrap();
+    let read = tokio::time::timeout(
+        Duration::from_secs(10),
+        sqlx::query_scalar::<_, i64>(count).fetch_one(&mut reader),
+    )
+    .await
+    .expect("the reader queued for the lock")
+    .expect_err("the reader cannot have the lock before the other session");
+    assert!(read.to_string().contains("lock timeout"), "{read}");
+    // The transaction that holds the lock reads on, and the other session has it once it ends.
+    let again: i64 = sqlx::query_scalar(count).fetch_one(&mut *tx).await.unwrap();
+    assert_eq!((seen, again), (10, 10));
+    tx.commit().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), whole)
+        .await
+        .expect("the other session got its lock")
+        .unwrap();
+}

@@ -205,7 +205,9 @@ impl Lazy {
             let ahead = match self.ahead.take() {
                 Some(handle) => match handle.await {
                     Ok(Ok(counts)) => Some(counts),
-                    // No connection to spare (the server's limit, say): the status's own reads it.
+                    // No connection to spare (the server's limit, say), or a lock the reader
+                    // would have waited for behind another's request: the status's own
+                    // transaction, which holds that lock, reads the sample.
                     Ok(Err(e)) => {
                         tracing::debug!("the sample could not be read beside the status: {e}");
                         None
