@@ -180,7 +180,19 @@ impl Store {
     /// snapshot is unknown or its transaction has ended.
     pub async fn snapshot_reader(&self, snapshot: &str) -> Result<sqlx::PgConnection, StoreError> {
         use sqlx::ConnectOptions;
-        let mut conn = self.pool.connect_options().connect().await?;
+        // As long as the pool would wait for one of its own connections.
+        let within = self.pool.options().get_acquire_timeout();
+        let options = self.pool.connect_options();
+        let connect = options.connect();
+        let mut conn = tokio::time::timeout(within, connect).await.map_err(|_| {
+            sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "no connection within {}",
+                    humantime::format_duration(within)
+                ),
+            ))
+        })??;
         session_settings(&mut conn).await?;
         sqlx::Executor::execute(
             &mut conn,
