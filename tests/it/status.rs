@@ -163,6 +163,24 @@ async fn exact_reads_every_row_and_a_small_table_needs_no_sample() {
     }
 }
 
+const COUNT: &str = "SELECT count(*) FROM redrive.retry_messages";
+
+/// A transaction as a status opens it, the rows it sees, and its snapshot exported: the table's
+/// lock is held from its first read.
+async fn exporting(db: &TestDb) -> (sqlx::Transaction<'static, sqlx::Postgres>, i64, String) {
+    let mut tx = db.pool().begin().await.unwrap();
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let seen: i64 = sqlx::query_scalar(COUNT).fetch_one(&mut *tx).await.unwrap();
+    let snapshot: String = sqlx::query_scalar("SELECT pg_export_snapshot()")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    (tx, seen, snapshot)
+}
+
 /// The sample is read on a connection of its own, beside the status's transaction, in that
 /// transaction's snapshot: rows committed after the status began are not in it, and the reader
 /// cannot write.
@@ -170,25 +188,15 @@ async fn exact_reads_every_row_and_a_small_table_needs_no_sample() {
 async fn a_reader_in_another_transactions_snapshot_sees_what_that_transaction_sees() {
     let db = TestDb::new().await;
     load(&db, "g", "before", "dead", 10).await;
-    let count = "SELECT count(*) FROM redrive.retry_messages";
-    let mut tx = db.pool().begin().await.unwrap();
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    let seen: i64 = sqlx::query_scalar(count).fetch_one(&mut *tx).await.unwrap();
-    let snapshot: String = sqlx::query_scalar("SELECT pg_export_snapshot()")
-        .fetch_one(&mut *tx)
-        .await
-        .unwrap();
+    let (tx, seen, snapshot) = exporting(&db).await;
     load(&db, "g", "after", "dead", 5).await;
 
     let mut reader = db.store.snapshot_reader(&snapshot).await.unwrap();
-    let read: i64 = sqlx::query_scalar(count)
+    let read: i64 = sqlx::query_scalar(COUNT)
         .fetch_one(&mut reader)
         .await
         .unwrap();
-    let now: i64 = sqlx::query_scalar(count)
+    let now: i64 = sqlx::query_scalar(COUNT)
         .fetch_one(db.pool())
         .await
         .unwrap();
@@ -217,17 +225,7 @@ async fn a_reader_in_another_transactions_snapshot_sees_what_that_transaction_se
 async fn a_reader_beside_a_transaction_does_not_wait_behind_a_lock_queued_for_it() {
     let db = TestDb::new().await;
     load(&db, "g", "t", "dead", 10).await;
-    let count = "SELECT count(*) FROM redrive.retry_messages";
-    let mut tx = db.pool().begin().await.unwrap();
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    let seen: i64 = sqlx::query_scalar(count).fetch_one(&mut *tx).await.unwrap();
-    let snapshot: String = sqlx::query_scalar("SELECT pg_export_snapshot()")
-        .fetch_one(&mut *tx)
-        .await
-        .unwrap();
+    let (mut tx, seen, snapshot) = exporting(&db).await;
     // Another session asks for the whole table, and waits for `tx`.
     let pool = db.pool().clone();
     let whole = tokio::spawn(async move {
@@ -257,14 +255,14 @@ async fn a_reader_beside_a_transaction_does_not_wait_behind_a_lock_queued_for_it
     let mut reader = db.store.snapshot_reader(&snapshot).await.unwrap();
     let read = tokio::time::timeout(
         Duration::from_secs(10),
-        sqlx::query_scalar::<_, i64>(count).fetch_one(&mut reader),
+        sqlx::query_scalar::<_, i64>(COUNT).fetch_one(&mut reader),
     )
     .await
     .expect("the reader queued for the lock")
     .expect_err("the reader cannot have the lock before the other session");
     assert!(read.to_string().contains("lock timeout"), "{read}");
     // The transaction that holds the lock reads on, and the other session has it once it ends.
-    let again: i64 = sqlx::query_scalar(count).fetch_one(&mut *tx).await.unwrap();
+    let again: i64 = sqlx::query_scalar(COUNT).fetch_one(&mut *tx).await.unwrap();
     assert_eq!((seen, again), (10, 10));
     tx.commit().await.unwrap();
     tokio::time::timeout(Duration::from_secs(10), whole)
