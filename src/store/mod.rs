@@ -153,6 +153,33 @@ async fn session_settings(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Err
     Ok(())
 }
 
+/// Sets `conn` up as [`Store::snapshot_reader`] describes: its settings, then a read-only
+/// transaction in `snapshot`.
+async fn begin_in_snapshot(
+    conn: &mut sqlx::PgConnection,
+    snapshot: &str,
+) -> Result<(), sqlx::Error> {
+    session_settings(conn).await?;
+    sqlx::Executor::execute(
+        &mut *conn,
+        "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+    )
+    .await?;
+    // A lock that the exporting transaction holds is granted to it again at once, but this
+    // reader queues behind any request that conflicts with it, such as a migration's ALTER
+    // TABLE, which in turn waits for that transaction: a wait that lasts as long as the
+    // exporting transaction waits for this reader. So the reader does not wait.
+    sqlx::Executor::execute(&mut *conn, "SET LOCAL lock_timeout = '100ms'").await?;
+    // The command takes a literal, not a parameter.
+    let import = format!(
+        "SET TRANSACTION SNAPSHOT '{}'",
+        snapshot.replace('\'', "''")
+    );
+    // Postgres's error names the snapshot ("invalid snapshot identifier").
+    sqlx::Executor::execute(&mut *conn, import.as_str()).await?;
+    Ok(())
+}
+
 /// The retry store: a connection pool to the database that holds the `redrive` schema.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -175,9 +202,10 @@ impl Store {
     /// A read-only transaction on a connection of its own, outside the pool, that sees what the
     /// transaction which exported `snapshot` (`SELECT pg_export_snapshot()`) sees, while that
     /// transaction is still open: a read beside that transaction's, whose numbers agree with its.
-    /// The connection has the pool's settings; the caller ends the transaction or drops it.
-    /// Its statements wait at most 100 ms for a lock, then fail (see below). Fails when the
-    /// snapshot is unknown or its transaction has ended.
+    /// The connection has the pool's settings; the caller ends the transaction, and closes the
+    /// connection rather than drops it (Postgres logs a connection lost in a transaction).
+    /// Its statements wait at most 100 ms for a lock, then fail (see `begin_in_snapshot`).
+    /// Fails when the snapshot is unknown or its transaction has ended.
     pub async fn snapshot_reader(&self, snapshot: &str) -> Result<sqlx::PgConnection, StoreError> {
         use sqlx::ConnectOptions;
         // As long as the pool would wait for one of its own connections.
@@ -193,25 +221,14 @@ impl Store {
                 ),
             ))
         })??;
-        session_settings(&mut conn).await?;
-        sqlx::Executor::execute(
-            &mut conn,
-            "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY",
-        )
-        .await?;
-        // A lock that the exporting transaction holds is granted to it again at once, but this
-        // reader queues behind any request that conflicts with it, such as a migration's ALTER
-        // TABLE, which in turn waits for that transaction: a wait that lasts as long as the
-        // exporting transaction waits for this reader. So the reader does not wait.
-        sqlx::Executor::execute(&mut conn, "SET LOCAL lock_timeout = '100ms'").await?;
-        // The command takes a literal, not a parameter.
-        let import = format!(
-            "SET TRANSACTION SNAPSHOT '{}'",
-            snapshot.replace('\'', "''")
-        );
-        // Postgres's error names the snapshot ("invalid snapshot identifier").
-        sqlx::Executor::execute(&mut conn, import.as_str()).await?;
-        Ok(conn)
+        match begin_in_snapshot(&mut conn, snapshot).await {
+            Ok(()) => Ok(conn),
+            Err(e) => {
+                // Closed, not dropped: Postgres logs a connection lost in a transaction.
+                let _ = sqlx::Connection::close(conn).await;
+                Err(e.into())
+            }
+        }
     }
 
     /// Connects, retrying with backoff while Postgres is unreachable, and logging each failure

@@ -13,7 +13,6 @@ use crate::store::{Store, StoreError};
 use chrono::{DateTime, Utc};
 use sqlx::Connection;
 use std::collections::BTreeMap;
-use tokio_util::task::AbortOnDropHandle;
 
 /// How much of the table the sample reads.
 #[derive(Debug, Clone, Copy)]
@@ -174,7 +173,7 @@ impl Counts {
 pub(super) struct Lazy {
     plan: Plan,
     counts: Option<Counts>,
-    ahead: Option<AbortOnDropHandle<Result<Counts, StoreError>>>,
+    ahead: Option<tokio::task::JoinHandle<Result<Counts, StoreError>>>,
 }
 
 impl Lazy {
@@ -189,15 +188,20 @@ impl Lazy {
     /// Starts reading the sample now, on a connection of its own that sees the status's
     /// `snapshot`. The sample is thousands of pages, most of them read from disk when the table
     /// has not been read for a while; read beside the status's index walks, it adds to their time
-    /// only what it takes longer than they do. Dropping `self` stops it.
+    /// only what it takes longer than they do.
+    ///
+    /// A read the status turns out not to need (every count was small enough) is left to finish
+    /// rather than cut off: it ends by itself (its lock waits and its connecting are bounded),
+    /// and it closes its connection, where a connection dropped in the middle of a transaction is
+    /// a line in Postgres's log ("unexpected EOF"), at every read of the row gauges.
     pub(super) fn read_ahead(&mut self, store: &Store, snapshot: String) {
         let (store, plan) = (store.clone(), self.plan);
-        self.ahead = Some(AbortOnDropHandle::new(tokio::spawn(async move {
+        self.ahead = Some(tokio::spawn(async move {
             let mut c = store.snapshot_reader(&snapshot).await?;
-            let counts = Counts::read(&mut c, plan).await?;
+            let counts = Counts::read(&mut c, plan).await;
             let _ = c.close().await;
-            Ok(counts)
-        })));
+            counts
+        }));
     }
 
     pub(super) async fn get(&mut self, tx: &mut Tx<'_>) -> Result<&Counts, StoreError> {
