@@ -170,11 +170,8 @@ async fn begin_in_snapshot(
     // TABLE, which in turn waits for that transaction: a wait that lasts as long as the
     // exporting transaction waits for this reader. So the reader does not wait.
     sqlx::Executor::execute(&mut *conn, "SET LOCAL lock_timeout = '100ms'").await?;
-    // The command takes a literal, not a parameter.
-    let import = format!(
-        "SET TRANSACTION SNAPSHOT '{}'",
-        snapshot.replace('\'', "''")
-    );
+    // The command takes a literal, not a parameter: `snapshot_reader` lets only an id through.
+    let import = format!("SET TRANSACTION SNAPSHOT '{snapshot}'");
     // Postgres's error names the snapshot ("invalid snapshot identifier").
     sqlx::Executor::execute(&mut *conn, import.as_str()).await?;
     Ok(())
@@ -208,6 +205,13 @@ impl Store {
     /// Fails when the snapshot is unknown or its transaction has ended.
     pub async fn snapshot_reader(&self, snapshot: &str) -> Result<sqlx::PgConnection, StoreError> {
         use sqlx::ConnectOptions;
+        // An id is hex digits and dashes; nothing else is put in the statement that imports it.
+        if snapshot.is_empty() || !snapshot.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            return Err(sqlx::Error::Protocol(format!(
+                "{snapshot:?} is not a snapshot id (pg_export_snapshot() gives one)"
+            ))
+            .into());
+        }
         // As long as the pool would wait for one of its own connections.
         let within = self.pool.options().get_acquire_timeout();
         let options = self.pool.connect_options();

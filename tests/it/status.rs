@@ -216,6 +216,14 @@ async fn a_reader_in_another_transactions_snapshot_sees_what_that_transaction_se
         .expect_err("the snapshot's transaction has ended")
         .to_string();
     assert!(gone.contains("snapshot"), "{gone}");
+    // Only an id goes into the statement that imports it.
+    let bad = db
+        .store
+        .snapshot_reader("0-1'; SELECT 1; --")
+        .await
+        .expect_err("not a snapshot id")
+        .to_string();
+    assert!(bad.contains("is not a snapshot id"), "{bad}");
 }
 
 /// A reader beside a transaction does not queue for a lock behind a request that waits for that
