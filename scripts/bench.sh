@@ -9,7 +9,9 @@
 # capture-parked, 10,000
 # for timing and 100,000 for the rest; operators loads 10M dead
 # and 1M pending rows into the database redrive_bench_ops once, and reuses them after; console
-# loads 1M dead and 100k pending rows into redrive_bench_console the same way.
+# loads 1M dead and 100k pending rows into redrive_bench_console the same way. Run as root,
+# operators also times a status from a cold cache each round: it restarts the Postgres cluster
+# of scripts/postgres.sh and drops the kernel's page cache first.
 # Needs the services from `make services`; builds the benchmark in release mode.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
