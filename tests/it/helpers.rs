@@ -697,3 +697,32 @@ pub async fn redrive(config: &std::path::Path, args: &[&str]) -> Ran {
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
+
+/// The retry table's size in pages.
+pub async fn table_pages(pool: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT pg_relation_size('redrive.retry_messages') / current_setting('block_size')::bigint",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// A transaction as `redrive status` opens one, the retry rows it sees, and its snapshot exported
+/// (`pg_export_snapshot()`); it holds the table's lock from its first read.
+pub async fn exporting(pool: &PgPool) -> (sqlx::Transaction<'static, sqlx::Postgres>, i64, String) {
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM redrive.retry_messages")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    let snapshot: String = sqlx::query_scalar("SELECT pg_export_snapshot()")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    (tx, seen, snapshot)
+}

@@ -1280,25 +1280,15 @@ async fn each_role_can_do_its_job_and_nothing_more() {
     assert_eq!(rows, 3);
     // A status of a table too large to count reads its sample beside its own transaction, in that
     // transaction's snapshot: the role may export one and read in it.
-    let mut tx = reader.begin().await.unwrap();
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    let snapshot: String = sqlx::query_scalar("SELECT pg_export_snapshot()")
-        .fetch_one(&mut *tx)
-        .await
-        .unwrap();
+    let (tx, in_tx, snapshot) = exporting(&reader).await;
     let mut beside = redrive::Store::from_pool(reader.clone())
         .snapshot_reader(&snapshot)
         .await
         .unwrap();
-    let count = "SELECT count(*) FROM redrive.retry_messages";
-    let rows: i64 = sqlx::query_scalar(count)
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM redrive.retry_messages")
         .fetch_one(&mut beside)
         .await
         .unwrap();
-    let in_tx: i64 = sqlx::query_scalar(count).fetch_one(&mut *tx).await.unwrap();
     assert_eq!((rows, in_tx), (5, 5));
     tx.commit().await.unwrap();
     for args in [
@@ -2176,12 +2166,7 @@ async fn a_status_that_cannot_read_its_sample_beside_reads_it_itself() {
     .execute(db.pool())
     .await
     .unwrap();
-    let pages: i64 = sqlx::query_scalar(
-        "SELECT pg_relation_size('redrive.retry_messages') / current_setting('block_size')::bigint",
-    )
-    .fetch_one(db.pool())
-    .await
-    .unwrap();
+    let pages = table_pages(db.pool()).await;
     let limits = Limits {
         pair_rows: 100,
         pair_budget: 100,

@@ -36,12 +36,7 @@ async fn table() -> (TestDb, i64) {
     load(&db, "g1", "big", "pending", 3000).await;
     load(&db, "g1", "small", "dead", 20).await;
     load(&db, "g2", "backlog", "dead", 1500).await;
-    let pages: i64 = sqlx::query_scalar(
-        "SELECT pg_relation_size('redrive.retry_messages') / current_setting('block_size')::bigint",
-    )
-    .fetch_one(db.pool())
-    .await
-    .unwrap();
+    let pages = table_pages(db.pool()).await;
     assert!(pages > 400, "the table should span pages: {pages}");
     (db, pages)
 }
@@ -165,22 +160,6 @@ async fn exact_reads_every_row_and_a_small_table_needs_no_sample() {
 
 const COUNT: &str = "SELECT count(*) FROM redrive.retry_messages";
 
-/// A transaction as a status opens it, the rows it sees, and its snapshot exported: the table's
-/// lock is held from its first read.
-async fn exporting(db: &TestDb) -> (sqlx::Transaction<'static, sqlx::Postgres>, i64, String) {
-    let mut tx = db.pool().begin().await.unwrap();
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    let seen: i64 = sqlx::query_scalar(COUNT).fetch_one(&mut *tx).await.unwrap();
-    let snapshot: String = sqlx::query_scalar("SELECT pg_export_snapshot()")
-        .fetch_one(&mut *tx)
-        .await
-        .unwrap();
-    (tx, seen, snapshot)
-}
-
 /// The sample is read on a connection of its own, beside the status's transaction, in that
 /// transaction's snapshot: rows committed after the status began are not in it, and the reader
 /// cannot write.
@@ -188,7 +167,7 @@ async fn exporting(db: &TestDb) -> (sqlx::Transaction<'static, sqlx::Postgres>, 
 async fn a_reader_in_another_transactions_snapshot_sees_what_that_transaction_sees() {
     let db = TestDb::new().await;
     load(&db, "g", "before", "dead", 10).await;
-    let (tx, seen, snapshot) = exporting(&db).await;
+    let (tx, seen, snapshot) = exporting(db.pool()).await;
     load(&db, "g", "after", "dead", 5).await;
 
     let mut reader = db.store.snapshot_reader(&snapshot).await.unwrap();
@@ -233,7 +212,7 @@ async fn a_reader_in_another_transactions_snapshot_sees_what_that_transaction_se
 async fn a_reader_beside_a_transaction_does_not_wait_behind_a_lock_queued_for_it() {
     let db = TestDb::new().await;
     load(&db, "g", "t", "dead", 10).await;
-    let (mut tx, seen, snapshot) = exporting(&db).await;
+    let (mut tx, seen, snapshot) = exporting(db.pool()).await;
     // Another session asks for the whole table, and waits for `tx`.
     let pool = db.pool().clone();
     let whole = tokio::spawn(async move {
