@@ -1,6 +1,11 @@
 //! The row filters that `redrive replay` and `redrive purge` share, evaluated by the
 //! `redrive.find()` SQL function that operators also call by hand. Every filter is a bound
 //! parameter compared as a value, so a hostile filter string can only fail to match.
+//!
+//! A command's chunks and its dry run's sample are the oldest matches, taken by
+//! `redrive.find_oldest()` (schema V25). It reads the rows of the topics or groups a filter names
+//! through their own index, in order, so a chunk reads about as many rows as it returns even when
+//! the matches are the table's newest deaths.
 
 use super::{Store, StoreError};
 use chrono::{DateTime, Utc};
@@ -166,10 +171,7 @@ impl Store {
                    f."partition" AS "partition!", f.kafka_offset AS "offset!", f.state AS "state!",
                    redrive.utf8_or_null(f.key) AS key, f.attempts AS "attempts!", f.dead_at,
                    f.last_error
-            FROM redrive.find($1, $2, $3, $4, $5, $6, $11, $7, $8) f
-            WHERE $9 OR f.state <> 'dead' OR f.dlq_published_at IS NOT NULL
-            ORDER BY f.dead_at, f.id
-            LIMIT $10
+            FROM redrive.find_oldest($1, $2, $3, $4, $5, $6, $11, $7, $8, $9, $10) f
             "#,
             &scope.states(),
             ids as Option<&[Uuid]>,
@@ -200,10 +202,8 @@ impl Store {
         let (ids, topics, groups, kinds) = filter.arrays();
         let ids = sqlx::query_scalar!(
             r#"
-            SELECT f.id AS "id!" FROM redrive.find($1, $2, $3, $4, $5, $6, $11, $7, $8) f
-            WHERE $9 OR f.state <> 'dead' OR f.dlq_published_at IS NOT NULL
-            ORDER BY f.dead_at, f.id
-            LIMIT $10
+            SELECT f.id AS "id!"
+            FROM redrive.find_oldest($1, $2, $3, $4, $5, $6, $11, $7, $8, $9, $10) f
             "#,
             &scope.states(),
             ids as Option<&[Uuid]>,

@@ -726,3 +726,43 @@ pub async fn exporting(pool: &PgPool) -> (sqlx::Transaction<'static, sqlx::Postg
         .unwrap();
     (tx, seen, snapshot)
 }
+
+/// A store of redrive's own pool options on one connection, so each statement runs where the one
+/// before it ran; and its pool.
+pub async fn on_one_connection(db: &TestDb) -> (sqlx::PgPool, redrive::store::Store) {
+    let pool = redrive::store::pool_options()
+        .max_connections(1)
+        .connect(&db.url)
+        .await
+        .unwrap();
+    (pool.clone(), redrive::store::Store::from_pool(pool))
+}
+
+/// What `work` returns, and the rows it read of the queue and of the message table, by sequential
+/// scans and through indexes. The statistics are read once `flushed`'s backend has reported them
+/// (it does so before it answers, when told to).
+pub async fn read_by<T>(
+    db: &TestDb,
+    flushed: &sqlx::PgPool,
+    work: impl std::future::Future<Output = T>,
+) -> (T, (i64, i64)) {
+    let read_so_far = async || -> (i64, i64) {
+        sqlx::query("SELECT pg_stat_force_next_flush()")
+            .execute(flushed)
+            .await
+            .unwrap();
+        sqlx::query_as(
+            "SELECT (SELECT seq_tup_read + coalesce(idx_tup_fetch, 0) FROM pg_stat_user_tables
+                     WHERE relid = 'redrive.queue'::regclass),
+                    (SELECT seq_tup_read + coalesce(idx_tup_fetch, 0) FROM pg_stat_user_tables
+                     WHERE relid = 'redrive.retry_messages'::regclass)",
+        )
+        .fetch_one(db.pool())
+        .await
+        .unwrap()
+    };
+    let before = read_so_far().await;
+    let done = work.await;
+    let after = read_so_far().await;
+    (done, (after.0 - before.0, after.1 - before.1))
+}

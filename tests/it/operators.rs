@@ -2201,3 +2201,180 @@ async fn a_status_that_cannot_read_its_sample_beside_reads_it_itself() {
         (&beside.topics, &beside.groups, &beside.sample)
     );
 }
+
+/// The ids `redrive.find` matches in `states`, oldest death first, as replay and purge took them
+/// before schema V25: the reference `redrive.find_oldest` must agree with.
+async fn oldest_by_find(
+    db: &TestDb,
+    states: &[&str],
+    filter: &Filter,
+    with_unpublished: bool,
+    limit: i64,
+) -> Vec<Uuid> {
+    let none = |v: &[String]| (!v.is_empty()).then(|| v.to_vec());
+    sqlx::query_scalar(
+        "SELECT f.id FROM redrive.find($1, $2, $3, $4, $5, $6, NULL, $7, $8) f \
+         WHERE $9 OR f.state <> 'dead' OR f.dlq_published_at IS NOT NULL \
+         ORDER BY f.dead_at, f.id LIMIT $10",
+    )
+    .bind(states)
+    .bind((!filter.ids.is_empty()).then(|| filter.ids.clone()))
+    .bind(none(&filter.topics))
+    .bind(none(&filter.consumer_groups))
+    .bind(&filter.key)
+    .bind(&filter.error_contains)
+    .bind(filter.dead_since)
+    .bind(filter.dead_before)
+    .bind(with_unpublished)
+    .bind(limit)
+    .fetch_all(db.pool())
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_chunk_of_the_newest_deaths_reads_its_topics_rows_not_every_older_one() {
+    // 30,000 rows that died days ago, of topic `old` in group `g-old`, and then 1,500 that died in
+    // the last half hour, of topic `recent`, half in a group of their own. Some of the recent ones
+    // are replayed, some not yet acknowledged by the DLQ broker. Vacuumed and analyzed, as
+    // autovacuum keeps a table in service. A replay or purge of the recent topic or of the new
+    // group reads them through that filter's index in death order; walking every death from the
+    // oldest (the plan `ORDER BY dead_at LIMIT n` may take) would read the 30,000 old ones first.
+    let db = TestDb::new().await;
+    sqlx::query(
+        r#"
+        INSERT INTO redrive.retry_messages (
+            id, consumer_group, topic, "partition", kafka_offset, payload, state, attempts,
+            max_attempts, next_attempt_at, last_error, error_kind, dead_at, dlq_published_at)
+        SELECT gen_random_uuid(), 'g-old', 'old', 0, i, '\x00'::bytea, 'dead', 3, 3, now(), 'old error',
+               'retryable', t, t
+        FROM generate_series(1, 30000) AS i,
+             LATERAL (SELECT now() - interval '2 days' - i * interval '1 minute' AS t) AS x
+        UNION ALL
+        SELECT gen_random_uuid(), CASE WHEN i % 2 = 0 THEN 'g-new' ELSE 'g-old' END, 'recent', 1,
+               i, '\x00'::bytea, CASE WHEN i % 11 = 0 THEN 'replayed' ELSE 'dead' END, 3, 3, now(),
+               'new error', 'retryable', t, CASE WHEN i % 7 <> 0 THEN t END
+        FROM generate_series(1, 1500) AS i,
+             LATERAL (SELECT now() - i * interval '1 second' AS t) AS x
+        "#,
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    sqlx::query("VACUUM ANALYZE redrive.retry_messages")
+        .execute(db.pool())
+        .await
+        .unwrap();
+
+    // The same rows in the same order as the plain query, for every kind of filter, both scopes,
+    // with and without the unacknowledged rows, and limits that cut and that do not.
+    let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let some_ids: Vec<Uuid> =
+        sqlx::query_scalar("SELECT id FROM redrive.retry_messages WHERE kafka_offset % 500 = 3")
+            .fetch_all(db.pool())
+            .await
+            .unwrap();
+    let filters = [
+        Filter::default(),
+        Filter {
+            topics: strings(&["recent"]),
+            ..Filter::default()
+        },
+        Filter {
+            topics: strings(&["recent", "old", "recent"]),
+            ..Filter::default()
+        },
+        Filter {
+            consumer_groups: strings(&["g-new"]),
+            ..Filter::default()
+        },
+        Filter {
+            consumer_groups: strings(&["g-new", "g-old"]),
+            ..Filter::default()
+        },
+        Filter {
+            topics: strings(&["recent"]),
+            consumer_groups: strings(&["g-old"]),
+            ..Filter::default()
+        },
+        Filter {
+            topics: strings(&["recent"]),
+            dead_since: Some(chrono::Utc::now() - chrono::Duration::minutes(10)),
+            ..Filter::default()
+        },
+        Filter {
+            ids: some_ids,
+            ..Filter::default()
+        },
+        Filter {
+            error_contains: Some("NEW".into()),
+            ..Filter::default()
+        },
+    ];
+    for filter in &filters {
+        for (scope, states) in [
+            (Scope::Dead, &["dead"][..]),
+            (Scope::Finished, &["dead", "replayed"][..]),
+        ] {
+            for with_unpublished in [true, false] {
+                for limit in [10, 1000, 40_000] {
+                    let got: Vec<Uuid> = db
+                        .store
+                        .sample_matching(scope, filter, with_unpublished, limit)
+                        .await
+                        .unwrap()
+                        .into_iter()
+                        .map(|s| s.id)
+                        .collect();
+                    let want = oldest_by_find(&db, states, filter, with_unpublished, limit).await;
+                    assert!(!want.is_empty(), "{filter:?} matches rows");
+                    assert_eq!(
+                        got, want,
+                        "{filter:?} in {states:?}, unpublished {with_unpublished}, limit {limit}"
+                    );
+                }
+            }
+        }
+    }
+
+    // What a dry run's sample and each command's chunk read of the table.
+    let (pool, store) = on_one_connection(&db).await;
+    let recent = Filter {
+        topics: strings(&["recent"]),
+        ..Filter::default()
+    };
+    let new_group = Filter {
+        consumer_groups: strings(&["g-new"]),
+        ..Filter::default()
+    };
+    let audit = redrive::store::replay::Audit {
+        by: "test".into(),
+        reason: None,
+    };
+    let (sample, read) = read_by(
+        &db,
+        &pool,
+        store.sample_matching(Scope::Dead, &recent, true, 10),
+    )
+    .await;
+    assert_eq!(sample.unwrap().len(), 10);
+    assert!(
+        read.1 < 100,
+        "a dry run's sample of 10 rows of the recent topic read {} rows",
+        read.1
+    );
+    let (chunk, read) = read_by(&db, &pool, store.replay_chunk(&recent, 100, &audit, None)).await;
+    assert_eq!(chunk.unwrap().changed, 100);
+    assert!(
+        read.1 < 1_000,
+        "a replay chunk of 100 rows of the recent topic read {} rows",
+        read.1
+    );
+    let (chunk, read) = read_by(&db, &pool, store.purge_chunk(&new_group, false, 100)).await;
+    assert_eq!(chunk.unwrap().changed, 100);
+    assert!(
+        read.1 < 1_000,
+        "a purge chunk of 100 rows of the new group read {} rows",
+        read.1
+    );
+}
