@@ -1,6 +1,7 @@
-//! The operators case: `redrive status` and `redrive replay --dry-run --topic small` on a table of
-//! 10M dead and 1M pending rows, run as an operator runs them (the release binary, a new process
-//! each time), beside `redrive status --exact`, which reads every row. Each round starts with a
+//! The operators case: `redrive status` and `redrive replay --dry-run` of a small topic and of the
+//! newest deaths' topic on a table of 10M dead and 1M pending rows, run as an operator runs them
+//! (the release binary, a new process each time), beside `redrive status --exact`, which reads
+//! every row. Each round starts with a
 //! status from a cold cache, when the benchmark may restart Postgres and drop the page cache (as
 //! root, against the cluster `scripts/postgres.sh` manages).
 //!
@@ -20,6 +21,10 @@ const STEP: i64 = 1_000_000;
 /// The dead rows of the topic `small`, which the dry run selects.
 const SMALL: i64 = 1_000;
 
+/// The dead rows of the topic `recent`: the table's newest deaths, as an incident's topic is.
+/// Walking the deaths from the oldest to find them would read every other row first.
+const RECENT: i64 = 20_000;
+
 /// One command as timed: its label, its arguments and the goal it must meet, in seconds.
 struct Command {
     label: &'static str,
@@ -27,7 +32,7 @@ struct Command {
     goal: Option<f64>,
 }
 
-const COMMANDS: [Command; 3] = [
+const COMMANDS: [Command; 4] = [
     Command {
         label: "redrive status",
         args: &["status"],
@@ -41,6 +46,11 @@ const COMMANDS: [Command; 3] = [
     Command {
         label: "redrive replay --dry-run --topic small",
         args: &["replay", "--dry-run", "--topic", "small"],
+        goal: Some(0.5),
+    },
+    Command {
+        label: "redrive replay --dry-run --topic recent (the newest deaths)",
+        args: &["replay", "--dry-run", "--topic", "recent"],
         goal: Some(0.5),
     },
 ];
@@ -78,7 +88,7 @@ pub async fn run(admin_url: &str, runs: usize) -> anyhow::Result<()> {
     }
     println!(
         "\nOperators at {dead} dead and {pending} pending rows (plus {SMALL} dead rows of topic \
-         small):\n\n| command | seconds, median [range] of {runs} | goal |\n|---|---|---|"
+         small and {RECENT} of topic recent):\n\n| command | seconds, median [range] of {runs} | goal |\n|---|---|---|"
     );
     for (c, got) in COMMANDS.iter().zip(&secs) {
         let (lo, mid, hi) = spread(got);
@@ -196,7 +206,7 @@ fn worst_error(estimated: &serde_json::Value, exact: &serde_json::Value) -> f64 
 
 /// The database with the table, loaded unless an earlier run left it as this run wants it.
 async fn load(admin_url: &str, db: &str, dead: i64, pending: i64) -> anyhow::Result<String> {
-    let spec = format!("{dead} dead, {pending} pending, {SMALL} small, v1");
+    let spec = format!("{dead} dead, {pending} pending, {SMALL} small, {RECENT} recent, v2");
     let mut url = url::Url::parse(admin_url)?;
     url.set_path(db);
     let url = url.to_string();
@@ -231,6 +241,10 @@ async fn load(admin_url: &str, db: &str, dead: i64, pending: i64) -> anyhow::Res
         }
     }
     sqlx::query(SMALL_ROWS).bind(SMALL).execute(&mut c).await?;
+    sqlx::query(RECENT_ROWS)
+        .bind(RECENT)
+        .execute(&mut c)
+        .await?;
     eprintln!(
         "operators: VACUUM ANALYZE ({:.0} s)",
         started.elapsed().as_secs_f64()
@@ -301,6 +315,22 @@ SELECT lpad(to_hex(j), 32, '0')::uuid, 'group-' || (i % 2), 'small', 0, i,
        t - interval '1 hour', t, t, t, 'dlq'
 FROM generate_series(0::bigint, $1::bigint - 1) AS s(i),
      LATERAL (SELECT i + 2000000000 AS j, now() - i * interval '1 minute' AS t) AS x
+"#;
+
+/// `$1` dead rows of the topic `recent`, in both groups, one a second up to now: the newest deaths.
+const RECENT_ROWS: &str = r#"
+INSERT INTO redrive.retry_messages (
+    id, consumer_group, topic, "partition", kafka_offset, key, payload, state, attempts,
+    max_attempts, next_attempt_at, last_error, error_kind, error_history, first_failed_at,
+    updated_at, dead_at, dlq_published_at, dlq_topic)
+SELECT lpad(to_hex(j), 32, '0')::uuid, 'group-' || (i % 2), 'recent', 0, i,
+       convert_to(i::text, 'UTF8'), convert_to(repeat('x', 100), 'UTF8'), 'dead', 5, 5, t,
+       'recent error', 'retryable',
+       jsonb_build_array(jsonb_build_object('at', t, 'attempt', 5, 'kind', 'retryable',
+                                            'error', 'recent error')),
+       t - interval '1 hour', t, t, t, 'dlq'
+FROM generate_series(0::bigint, $1::bigint - 1) AS s(i),
+     LATERAL (SELECT i + 3000000000 AS j, now() - i * interval '1 second' AS t) AS x
 "#;
 
 /// The console case: its pages on a table of `BENCH_CONSOLE_DEAD` dead rows (1,000,000 unless set)
@@ -393,7 +423,7 @@ pub async fn console(admin_url: &str, runs: usize) -> anyhow::Result<()> {
     stop.cancel();
     println!(
         "\nThe console at {dead} dead and {} pending rows (plus {SMALL} dead rows of topic \
-         small):\n\n| page | seconds, median [range] of {runs} |\n|---|---|",
+         small and {RECENT} of topic recent):\n\n| page | seconds, median [range] of {runs} |\n|---|---|",
         dead / 10
     );
     let labels = pages
