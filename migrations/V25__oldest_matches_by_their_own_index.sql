@@ -7,8 +7,8 @@
 -- matches are spread evenly through it: it expects to stop after n of them. When the matches are
 -- the newest rows, as an incident's topic is in a table of older deaths, that walk reads nearly
 -- the whole table, again for every chunk: a chunk of 1,000 rows of a topic of 20,000 read 981,781
--- rows of a table of a million (BENCHMARKS.md, "Replay's chunks read a topic's rows through its
--- own index").
+-- rows of a table of a million (BENCHMARKS.md, "Replay's and purge's chunks read a topic's rows
+-- through its own index").
 --
 -- `redrive.find_oldest` reads each named topic's rows (or, without topics, each named group's) in
 -- the order of `retry_messages_finished_topic` (or `_group`) and merges them, so a chunk reads about
