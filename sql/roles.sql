@@ -43,7 +43,9 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA redrive FROM redrive_worker, redrive_opera
 -- Read-only: every table and view.
 GRANT SELECT ON ALL TABLES IN SCHEMA redrive TO redrive_readonly;
 GRANT EXECUTE ON FUNCTION redrive.utf8_or_null(bytea),
-    redrive.find(text[], uuid[], text[], text[], text, text, text[], timestamptz, timestamptz)
+    redrive.find(text[], uuid[], text[], text[], text, text, text[], timestamptz, timestamptz),
+    redrive.find_oldest(text[], uuid[], text[], text[], text, text, text[], timestamptz,
+                        timestamptz, boolean, bigint)
     TO redrive_readonly;
 
 -- Worker.

@@ -172,6 +172,7 @@ impl Store {
                    redrive.utf8_or_null(f.key) AS key, f.attempts AS "attempts!", f.dead_at,
                    f.last_error
             FROM redrive.find_oldest($1, $2, $3, $4, $5, $6, $11, $7, $8, $9, $10) f
+            ORDER BY f.dead_at, f.id
             "#,
             &scope.states(),
             ids as Option<&[Uuid]>,
@@ -204,6 +205,7 @@ impl Store {
             r#"
             SELECT f.id AS "id!"
             FROM redrive.find_oldest($1, $2, $3, $4, $5, $6, $11, $7, $8, $9, $10) f
+            ORDER BY f.dead_at, f.id
             "#,
             &scope.states(),
             ids as Option<&[Uuid]>,
