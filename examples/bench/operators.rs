@@ -240,11 +240,19 @@ async fn load(admin_url: &str, db: &str, dead: i64, pending: i64) -> anyhow::Res
             );
         }
     }
-    sqlx::query(SMALL_ROWS).bind(SMALL).execute(&mut c).await?;
-    sqlx::query(RECENT_ROWS)
-        .bind(RECENT)
-        .execute(&mut c)
-        .await?;
+    for (topic, rows, kind, ids_from, every) in [
+        ("small", SMALL, "permanent", 2_000_000_000_i64, 60.0),
+        ("recent", RECENT, "retryable", 3_000_000_000, 1.0),
+    ] {
+        sqlx::query(TOPIC_ROWS)
+            .bind(rows)
+            .bind(topic)
+            .bind(kind)
+            .bind(ids_from)
+            .bind(every)
+            .execute(&mut c)
+            .await?;
+    }
     eprintln!(
         "operators: VACUUM ANALYZE ({:.0} s)",
         started.elapsed().as_secs_f64()
@@ -301,36 +309,21 @@ FROM generate_series($1::bigint, $2::bigint - 1) AS s(i),
      LATERAL (SELECT i + 1000000000 AS j) AS x
 "#;
 
-/// `$1` dead rows of the topic `small`, in both groups.
-const SMALL_ROWS: &str = r#"
+/// `$1` dead rows of the topic `$2`, in both groups, with error kind `$3` and ids from `$4` on,
+/// one dying every `$5` seconds up to now: the table's newest deaths.
+const TOPIC_ROWS: &str = r#"
 INSERT INTO redrive.retry_messages (
     id, consumer_group, topic, "partition", kafka_offset, key, payload, state, attempts,
     max_attempts, next_attempt_at, last_error, error_kind, error_history, first_failed_at,
     updated_at, dead_at, dlq_published_at, dlq_topic)
-SELECT lpad(to_hex(j), 32, '0')::uuid, 'group-' || (i % 2), 'small', 0, i,
+SELECT lpad(to_hex(j), 32, '0')::uuid, 'group-' || (i % 2), $2, 0, i,
        convert_to(i::text, 'UTF8'), convert_to(repeat('x', 100), 'UTF8'), 'dead', 5, 5, t,
-       'small error', 'permanent',
-       jsonb_build_array(jsonb_build_object('at', t, 'attempt', 5, 'kind', 'permanent',
-                                            'error', 'small error')),
+       $2 || ' error', $3,
+       jsonb_build_array(jsonb_build_object('at', t, 'attempt', 5, 'kind', $3,
+                                            'error', $2 || ' error')),
        t - interval '1 hour', t, t, t, 'dlq'
 FROM generate_series(0::bigint, $1::bigint - 1) AS s(i),
-     LATERAL (SELECT i + 2000000000 AS j, now() - i * interval '1 minute' AS t) AS x
-"#;
-
-/// `$1` dead rows of the topic `recent`, in both groups, one a second up to now: the newest deaths.
-const RECENT_ROWS: &str = r#"
-INSERT INTO redrive.retry_messages (
-    id, consumer_group, topic, "partition", kafka_offset, key, payload, state, attempts,
-    max_attempts, next_attempt_at, last_error, error_kind, error_history, first_failed_at,
-    updated_at, dead_at, dlq_published_at, dlq_topic)
-SELECT lpad(to_hex(j), 32, '0')::uuid, 'group-' || (i % 2), 'recent', 0, i,
-       convert_to(i::text, 'UTF8'), convert_to(repeat('x', 100), 'UTF8'), 'dead', 5, 5, t,
-       'recent error', 'retryable',
-       jsonb_build_array(jsonb_build_object('at', t, 'attempt', 5, 'kind', 'retryable',
-                                            'error', 'recent error')),
-       t - interval '1 hour', t, t, t, 'dlq'
-FROM generate_series(0::bigint, $1::bigint - 1) AS s(i),
-     LATERAL (SELECT i + 3000000000 AS j, now() - i * interval '1 second' AS t) AS x
+     LATERAL (SELECT i + $4::bigint AS j, now() - make_interval(secs => i * $5::float8) AS t) AS x
 "#;
 
 /// The console case: its pages on a table of `BENCH_CONSOLE_DEAD` dead rows (1,000,000 unless set)
