@@ -2377,4 +2377,46 @@ async fn a_chunk_of_the_newest_deaths_reads_its_topics_rows_not_every_older_one(
         "a purge chunk of 100 rows of the new group read {} rows",
         read.1
     );
+
+    // Called from SQL on a session that plans it once for any arguments (as psql may after five
+    // calls), it still reads through the topic's and the group's index.
+    let generic = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .after_connect(|c, _| {
+            Box::pin(async move {
+                sqlx::query("SET plan_cache_mode = force_generic_plan")
+                    .execute(c)
+                    .await
+                    .map(|_| ())
+            })
+        })
+        .connect(&db.url)
+        .await
+        .unwrap();
+    for (filter, sql) in [
+        (
+            "topic",
+            "SELECT count(*) FROM redrive.find_oldest(topics => $1, lim => 10)",
+        ),
+        (
+            "group",
+            "SELECT count(*) FROM redrive.find_oldest(consumer_groups => $1, lim => 10)",
+        ),
+    ] {
+        let name = if filter == "topic" { "recent" } else { "g-new" };
+        let (n, read) = read_by(&db, &generic, async {
+            sqlx::query_scalar::<_, i64>(sql)
+                .bind(vec![name])
+                .fetch_one(&generic)
+                .await
+                .unwrap()
+        })
+        .await;
+        assert_eq!(n, 10);
+        assert!(
+            read.1 < 100,
+            "10 rows of the {filter} {name}, planned generically, read {} rows",
+            read.1
+        );
+    }
 }
