@@ -2266,9 +2266,131 @@ async fn a_chunk_of_the_newest_deaths_reads_its_topics_rows_not_every_older_one(
         .await
         .unwrap();
 
-    // The same rows in the same order as the plain query, for every kind of filter, both scopes,
-    // with and without the unacknowledged rows, and limits that cut and that do not.
+    // What a dry run's sample and each command's chunk read of the table. This comes first: a
+    // backend reports what it read up to a second after it goes idle, so the reads of the plain
+    // query below would be counted with whatever runs after them.
     let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let (pool, store) = on_one_connection(&db).await;
+    let recent = Filter {
+        topics: strings(&["recent"]),
+        ..Filter::default()
+    };
+    let new_group = Filter {
+        consumer_groups: strings(&["g-new"]),
+        ..Filter::default()
+    };
+    let audit = redrive::store::replay::Audit {
+        by: "test".into(),
+        reason: None,
+    };
+    let (sample, read) = read_by(
+        &db,
+        &pool,
+        store.sample_matching(Scope::Dead, &recent, true, 10),
+    )
+    .await;
+    assert_eq!(sample.unwrap().len(), 10);
+    assert!(
+        read.1 < 100,
+        "a dry run's sample of 10 rows of the recent topic read {} rows",
+        read.1
+    );
+    let (chunk, read) = read_by(&db, &pool, store.replay_chunk(&recent, 100, &audit, None)).await;
+    assert_eq!(chunk.unwrap().changed, 100);
+    assert!(
+        read.1 < 1_000,
+        "a replay chunk of 100 rows of the recent topic read {} rows",
+        read.1
+    );
+    let (chunk, read) = read_by(&db, &pool, store.purge_chunk(&new_group, false, 100)).await;
+    assert_eq!(chunk.unwrap().changed, 100);
+    assert!(
+        read.1 < 1_000,
+        "a purge chunk of 100 rows of the new group read {} rows",
+        read.1
+    );
+
+    // Called from SQL on a session that plans it once for any arguments (as psql may after five
+    // calls), it still reads through the topic's or the group's index: it may read their rows
+    // whole and sort them, but it neither walks the older deaths nor reads another index whole.
+    let generic = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .after_connect(|c, _| {
+            Box::pin(async move {
+                sqlx::query("SET plan_cache_mode = force_generic_plan")
+                    .execute(c)
+                    .await
+                    .map(|_| ())
+            })
+        })
+        .connect(&db.url)
+        .await
+        .unwrap();
+    // Each index's scans and the entries they read, and the rows read by sequential scans, of the
+    // message table, once `generic`'s backend has reported its statistics (it does so before it
+    // answers, when told to).
+    let scans = async || -> HashMap<String, (i64, i64)> {
+        sqlx::query("SELECT pg_stat_force_next_flush()")
+            .execute(&generic)
+            .await
+            .unwrap();
+        sqlx::query_as::<_, (String, i64, i64)>(
+            "SELECT indexrelname::text, idx_scan, idx_tup_read FROM pg_stat_user_indexes
+             WHERE relid = 'redrive.retry_messages'::regclass
+             UNION ALL
+             SELECT 'sequential', seq_scan, seq_tup_read FROM pg_stat_user_tables
+             WHERE relid = 'redrive.retry_messages'::regclass",
+        )
+        .fetch_all(db.pool())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(name, n, read)| (name, (n, read)))
+        .collect()
+    };
+    // A group's rows may also come through the source key, whose first column is the group; a
+    // topic's may not, since that index would be read whole to find them.
+    for (filter, name, indexes, sql) in [
+        (
+            "topic",
+            "recent",
+            &["retry_messages_finished_topic"][..],
+            "SELECT count(*) FROM redrive.find_oldest(topics => $1, lim => 10)",
+        ),
+        (
+            "group",
+            "g-new",
+            &["retry_messages_finished_group", "retry_messages_source_key"][..],
+            "SELECT count(*) FROM redrive.find_oldest(consumer_groups => $1, lim => 10)",
+        ),
+    ] {
+        let before = scans().await;
+        let n: i64 = sqlx::query_scalar(sql)
+            .bind(vec![name])
+            .fetch_one(&generic)
+            .await
+            .unwrap();
+        let after = scans().await;
+        assert_eq!(n, 10);
+        let used: BTreeSet<&str> = after
+            .iter()
+            .filter(|(k, v)| v.0 > before[*k].0)
+            .map(|(k, _)| k.as_str())
+            .collect();
+        let read: i64 = after.iter().map(|(k, v)| v.1 - before[k].1).sum();
+        assert!(
+            used.len() == 1 && indexes.contains(used.first().unwrap()),
+            "10 rows of the {filter} {name}, planned generically, were read through {used:?}"
+        );
+        assert!(
+            read < 2_000,
+            "10 rows of the {filter} {name}, planned generically, read {read} index entries"
+        );
+    }
+
+    // The same rows in the same order as the plain query, for every kind of filter, both scopes,
+    // with and without the unacknowledged rows, and limits that cut and that do not (on the table
+    // as the chunks above left it).
     let some_ids: Vec<Uuid> =
         sqlx::query_scalar("SELECT id FROM redrive.retry_messages WHERE kafka_offset % 500 = 3")
             .fetch_all(db.pool())
@@ -2335,88 +2457,5 @@ async fn a_chunk_of_the_newest_deaths_reads_its_topics_rows_not_every_older_one(
                 }
             }
         }
-    }
-
-    // What a dry run's sample and each command's chunk read of the table.
-    let (pool, store) = on_one_connection(&db).await;
-    let recent = Filter {
-        topics: strings(&["recent"]),
-        ..Filter::default()
-    };
-    let new_group = Filter {
-        consumer_groups: strings(&["g-new"]),
-        ..Filter::default()
-    };
-    let audit = redrive::store::replay::Audit {
-        by: "test".into(),
-        reason: None,
-    };
-    let (sample, read) = read_by(
-        &db,
-        &pool,
-        store.sample_matching(Scope::Dead, &recent, true, 10),
-    )
-    .await;
-    assert_eq!(sample.unwrap().len(), 10);
-    assert!(
-        read.1 < 100,
-        "a dry run's sample of 10 rows of the recent topic read {} rows",
-        read.1
-    );
-    let (chunk, read) = read_by(&db, &pool, store.replay_chunk(&recent, 100, &audit, None)).await;
-    assert_eq!(chunk.unwrap().changed, 100);
-    assert!(
-        read.1 < 1_000,
-        "a replay chunk of 100 rows of the recent topic read {} rows",
-        read.1
-    );
-    let (chunk, read) = read_by(&db, &pool, store.purge_chunk(&new_group, false, 100)).await;
-    assert_eq!(chunk.unwrap().changed, 100);
-    assert!(
-        read.1 < 1_000,
-        "a purge chunk of 100 rows of the new group read {} rows",
-        read.1
-    );
-
-    // Called from SQL on a session that plans it once for any arguments (as psql may after five
-    // calls), it still reads through the topic's and the group's index.
-    let generic = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .after_connect(|c, _| {
-            Box::pin(async move {
-                sqlx::query("SET plan_cache_mode = force_generic_plan")
-                    .execute(c)
-                    .await
-                    .map(|_| ())
-            })
-        })
-        .connect(&db.url)
-        .await
-        .unwrap();
-    for (filter, sql) in [
-        (
-            "topic",
-            "SELECT count(*) FROM redrive.find_oldest(topics => $1, lim => 10)",
-        ),
-        (
-            "group",
-            "SELECT count(*) FROM redrive.find_oldest(consumer_groups => $1, lim => 10)",
-        ),
-    ] {
-        let name = if filter == "topic" { "recent" } else { "g-new" };
-        let (n, read) = read_by(&db, &generic, async {
-            sqlx::query_scalar::<_, i64>(sql)
-                .bind(vec![name])
-                .fetch_one(&generic)
-                .await
-                .unwrap()
-        })
-        .await;
-        assert_eq!(n, 10);
-        assert!(
-            read.1 < 100,
-            "10 rows of the {filter} {name}, planned generically, read {} rows",
-            read.1
-        );
     }
 }
