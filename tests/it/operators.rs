@@ -2267,8 +2267,9 @@ async fn a_chunk_of_the_newest_deaths_reads_its_topics_rows_not_every_older_one(
         .unwrap();
 
     // What a dry run's sample and each command's chunk read of the table. This comes first: a
-    // backend reports what it read up to a second after it goes idle, so the reads of the plain
-    // query below would be counted with whatever runs after them.
+    // backend reports what it read when it goes idle, but not more often than once a second, so
+    // the reads of the plain query below, on other connections, could be counted with whatever
+    // runs after them.
     let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let (pool, store) = on_one_connection(&db).await;
     let recent = Filter {
