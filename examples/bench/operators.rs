@@ -1,9 +1,8 @@
 //! The operators case: `redrive status` and `redrive replay --dry-run` of a small topic and of the
 //! newest deaths' topic on a table of 10M dead and 1M pending rows, run as an operator runs them
 //! (the release binary, a new process each time), beside `redrive status --exact`, which reads
-//! every row. Each round starts with a
-//! status from a cold cache, when the benchmark may restart Postgres and drop the page cache (as
-//! root, against the cluster `scripts/postgres.sh` manages).
+//! every row. Each round starts with a status from a cold cache, when the benchmark may restart
+//! Postgres and drop the page cache (as root, against the cluster `scripts/postgres.sh` manages).
 //!
 //! The table is loaded in SQL (generate_series) into its own database, once: a later run finds it
 //! by the marker it leaves and reuses it. `BENCH_OPS_DEAD` and `BENCH_OPS_PENDING` change its size.

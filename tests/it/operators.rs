@@ -2213,7 +2213,7 @@ async fn oldest_by_find(
 ) -> Vec<Uuid> {
     let none = |v: &[String]| (!v.is_empty()).then(|| v.to_vec());
     sqlx::query_scalar(
-        "SELECT f.id FROM redrive.find($1, $2, $3, $4, $5, $6, NULL, $7, $8) f \
+        "SELECT f.id FROM redrive.find($1, $2, $3, $4, $5, $6, $11, $7, $8) f \
          WHERE $9 OR f.state <> 'dead' OR f.dlq_published_at IS NOT NULL \
          ORDER BY f.dead_at, f.id LIMIT $10",
     )
@@ -2227,6 +2227,7 @@ async fn oldest_by_find(
     .bind(filter.dead_before)
     .bind(with_unpublished)
     .bind(limit)
+    .bind(none(&filter.error_kinds))
     .fetch_all(db.pool())
     .await
     .unwrap()
