@@ -766,3 +766,31 @@ pub async fn read_by<T>(
     let after = read_so_far().await;
     (done, (after.0 - before.0, after.1 - before.1))
 }
+
+/// Vacuums and analyzes the message table until its visibility map covers every page, as
+/// autovacuum leaves a table in service. A vacuum leaves a page unmarked while a transaction that
+/// could still miss its rows is open, such as a connection of another test starting up in this
+/// cluster. Index-only scans then read the table too, and the planner, told so by
+/// `relallvisible`, may choose another plan. So the vacuum is repeated until it has marked them
+/// all, for up to a minute.
+pub async fn vacuum_until_all_visible(db: &TestDb) {
+    wait_for(
+        "a vacuum to mark every page of redrive.retry_messages all-visible",
+        Duration::from_secs(60),
+        || async {
+            sqlx::query("VACUUM ANALYZE redrive.retry_messages")
+                .execute(db.pool())
+                .await
+                .unwrap();
+            let (pages, visible): (i32, i32) = sqlx::query_as(
+                "SELECT relpages, relallvisible FROM pg_class
+                 WHERE oid = 'redrive.retry_messages'::regclass",
+            )
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+            (visible >= pages).then_some(())
+        },
+    )
+    .await
+}

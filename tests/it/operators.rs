@@ -2262,10 +2262,7 @@ async fn a_chunk_of_the_newest_deaths_reads_its_topics_rows_not_every_older_one(
     .execute(db.pool())
     .await
     .unwrap();
-    sqlx::query("VACUUM ANALYZE redrive.retry_messages")
-        .execute(db.pool())
-        .await
-        .unwrap();
+    vacuum_until_all_visible(&db).await;
 
     // What a dry run's sample and each command's chunk read of the table. This comes first: a
     // backend reports what it read when it goes idle, but not more often than once a second, so

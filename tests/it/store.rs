@@ -808,10 +808,7 @@ async fn the_key_lines_status_lists_read_the_heads_they_show_and_not_every_line(
     .execute(db.pool())
     .await
     .unwrap();
-    sqlx::query("VACUUM ANALYZE redrive.retry_messages")
-        .execute(db.pool())
-        .await
-        .unwrap();
+    vacuum_until_all_visible(&db).await;
     let (pool, store) = on_one_connection(&db).await;
     let (listed, read) = read_by(&db, &pool, store.key_lines(3)).await;
     let (lines, total) = listed.unwrap();
