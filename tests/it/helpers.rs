@@ -794,3 +794,47 @@ pub async fn vacuum_until_all_visible(db: &TestDb) {
     )
     .await
 }
+
+/// A pool of one connection that plans every statement once for any arguments, as psql may after
+/// five calls of the same statement.
+pub async fn generic_plans(db: &TestDb) -> sqlx::PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .after_connect(|c, _| {
+            Box::pin(async move {
+                sqlx::query("SET plan_cache_mode = force_generic_plan")
+                    .execute(c)
+                    .await
+                    .map(|_| ())
+            })
+        })
+        .connect(&db.url)
+        .await
+        .unwrap()
+}
+
+/// Each index's scans and the entries they read, and (as `sequential`) the sequential scans and
+/// the rows they read, of the message table, once `flushed`'s backend has reported its
+/// statistics (it does so before it answers, when told to).
+pub async fn index_reads(
+    db: &TestDb,
+    flushed: &sqlx::PgPool,
+) -> std::collections::HashMap<String, (i64, i64)> {
+    sqlx::query("SELECT pg_stat_force_next_flush()")
+        .execute(flushed)
+        .await
+        .unwrap();
+    sqlx::query_as::<_, (String, i64, i64)>(
+        "SELECT indexrelname::text, idx_scan, idx_tup_read FROM pg_stat_user_indexes
+         WHERE relid = 'redrive.retry_messages'::regclass
+         UNION ALL
+         SELECT 'sequential', seq_scan, seq_tup_read FROM pg_stat_user_tables
+         WHERE relid = 'redrive.retry_messages'::regclass",
+    )
+    .fetch_all(db.pool())
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|(name, n, read)| (name, (n, read)))
+    .collect()
+}

@@ -2233,6 +2233,56 @@ async fn oldest_by_find(
     .unwrap()
 }
 
+/// Asserts that `sample_matching` (`redrive.find_oldest`) returns the same rows in the same order
+/// as the plain query over `redrive.find`, for each of `filters`, both scopes, with and without the
+/// unacknowledged rows, and limits that cut and that do not.
+async fn same_rows_as_find(db: &TestDb, filters: &[Filter]) {
+    for filter in filters {
+        for (scope, states) in [
+            (Scope::Dead, &["dead"][..]),
+            (Scope::Finished, &["dead", "replayed"][..]),
+        ] {
+            for with_unpublished in [true, false] {
+                for limit in [10, 1000, 40_000] {
+                    let got: Vec<Uuid> = db
+                        .store
+                        .sample_matching(scope, filter, with_unpublished, limit)
+                        .await
+                        .unwrap()
+                        .into_iter()
+                        .map(|s| s.id)
+                        .collect();
+                    let want = oldest_by_find(db, states, filter, with_unpublished, limit).await;
+                    assert!(!want.is_empty(), "{filter:?} matches rows");
+                    assert_eq!(
+                        got, want,
+                        "{filter:?} in {states:?}, unpublished {with_unpublished}, limit {limit}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// What `work` returns, the indexes (or `sequential`) it read the message table through, and the
+/// entries and rows it read, once `flushed`'s backend has reported them.
+async fn read_through<T>(
+    db: &TestDb,
+    flushed: &sqlx::PgPool,
+    work: impl std::future::Future<Output = T>,
+) -> (T, BTreeSet<String>, i64) {
+    let before = index_reads(db, flushed).await;
+    let done = work.await;
+    let after = index_reads(db, flushed).await;
+    let used = after
+        .iter()
+        .filter(|(k, v)| v.0 > before[*k].0)
+        .map(|(k, _)| k.clone())
+        .collect();
+    let read = after.iter().map(|(k, v)| v.1 - before[k].1).sum();
+    (done, used, read)
+}
+
 #[tokio::test]
 async fn a_chunk_of_the_newest_deaths_reads_its_topics_rows_not_every_older_one() {
     // 30,000 rows that died days ago, of topic `old` in group `g-old`, and then 1,500 that died in
@@ -2312,41 +2362,7 @@ async fn a_chunk_of_the_newest_deaths_reads_its_topics_rows_not_every_older_one(
     // Called from SQL on a session that plans it once for any arguments (as psql may after five
     // calls), it still reads through the topic's or the group's index: it may read their rows
     // whole and sort them, but it neither walks the older deaths nor reads another index whole.
-    let generic = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .after_connect(|c, _| {
-            Box::pin(async move {
-                sqlx::query("SET plan_cache_mode = force_generic_plan")
-                    .execute(c)
-                    .await
-                    .map(|_| ())
-            })
-        })
-        .connect(&db.url)
-        .await
-        .unwrap();
-    // Each index's scans and the entries they read, and the rows read by sequential scans, of the
-    // message table, once `generic`'s backend has reported its statistics (it does so before it
-    // answers, when told to).
-    let scans = async || -> HashMap<String, (i64, i64)> {
-        sqlx::query("SELECT pg_stat_force_next_flush()")
-            .execute(&generic)
-            .await
-            .unwrap();
-        sqlx::query_as::<_, (String, i64, i64)>(
-            "SELECT indexrelname::text, idx_scan, idx_tup_read FROM pg_stat_user_indexes
-             WHERE relid = 'redrive.retry_messages'::regclass
-             UNION ALL
-             SELECT 'sequential', seq_scan, seq_tup_read FROM pg_stat_user_tables
-             WHERE relid = 'redrive.retry_messages'::regclass",
-        )
-        .fetch_all(db.pool())
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|(name, n, read)| (name, (n, read)))
-        .collect()
-    };
+    let generic = generic_plans(&db).await;
     // A group's rows may also come through the source key, whose first column is the group; a
     // topic's may not, since that index would be read whole to find them.
     for (filter, name, indexes, sql) in [
@@ -2363,22 +2379,13 @@ async fn a_chunk_of_the_newest_deaths_reads_its_topics_rows_not_every_older_one(
             "SELECT count(*) FROM redrive.find_oldest(consumer_groups => $1, lim => 10)",
         ),
     ] {
-        let before = scans().await;
-        let n: i64 = sqlx::query_scalar(sql)
+        let query = sqlx::query_scalar::<_, i64>(sql)
             .bind(vec![name])
-            .fetch_one(&generic)
-            .await
-            .unwrap();
-        let after = scans().await;
-        assert_eq!(n, 10);
-        let used: BTreeSet<&str> = after
-            .iter()
-            .filter(|(k, v)| v.0 > before[*k].0)
-            .map(|(k, _)| k.as_str())
-            .collect();
-        let read: i64 = after.iter().map(|(k, v)| v.1 - before[k].1).sum();
+            .fetch_one(&generic);
+        let (n, used, read) = read_through(&db, &generic, query).await;
+        assert_eq!(n.unwrap(), 10);
         assert!(
-            used.len() == 1 && indexes.contains(used.first().unwrap()),
+            used.len() == 1 && indexes.contains(&used.first().unwrap().as_str()),
             "10 rows of the {filter} {name}, planned generically, were read through {used:?}"
         );
         assert!(
@@ -2432,29 +2439,195 @@ async fn a_chunk_of_the_newest_deaths_reads_its_topics_rows_not_every_older_one(
             ..Filter::default()
         },
     ];
-    for filter in &filters {
-        for (scope, states) in [
-            (Scope::Dead, &["dead"][..]),
-            (Scope::Finished, &["dead", "replayed"][..]),
-        ] {
-            for with_unpublished in [true, false] {
-                for limit in [10, 1000, 40_000] {
-                    let got: Vec<Uuid> = db
-                        .store
-                        .sample_matching(scope, filter, with_unpublished, limit)
-                        .await
-                        .unwrap()
-                        .into_iter()
-                        .map(|s| s.id)
-                        .collect();
-                    let want = oldest_by_find(&db, states, filter, with_unpublished, limit).await;
-                    assert!(!want.is_empty(), "{filter:?} matches rows");
-                    assert_eq!(
-                        got, want,
-                        "{filter:?} in {states:?}, unpublished {with_unpublished}, limit {limit}"
-                    );
-                }
-            }
-        }
-    }
+    same_rows_as_find(&db, &filters).await;
+}
+
+#[tokio::test]
+async fn a_keys_deaths_are_read_through_their_own_index_whatever_the_keys_size() {
+    // 30,000 rows that died days ago, each with a key of its own, and 2,000 without a key. Then
+    // the deaths of one customer's key in the last hour, across two groups, some replayed, some
+    // not yet acknowledged by the DLQ broker, with rows of that key still pending; and two keys of
+    // 301 bytes whose first 256 are the same. Vacuumed and analyzed, as autovacuum keeps a table in
+    // service. Since V26 a replay, purge or dry run of one key reads that key's rows through
+    // `retry_messages_finished_key` instead of walking every death from the oldest.
+    let db = TestDb::new().await;
+    let long = |last: char| format!("{}{last}", "L".repeat(300));
+    sqlx::query(
+        r#"
+        INSERT INTO redrive.retry_messages (
+            id, consumer_group, topic, "partition", kafka_offset, key, payload, state, attempts,
+            max_attempts, next_attempt_at, last_error, error_kind, dead_at, dlq_published_at)
+        SELECT gen_random_uuid(), 'g-old', 'old', 0, i,
+               CASE WHEN i <= 30000 THEN convert_to('old-' || i, 'UTF8') END, '\x00'::bytea,
+               'dead', 3, 3, now(), 'old error', 'retryable', t, t
+        FROM generate_series(1, 32000) AS i,
+             LATERAL (SELECT now() - interval '2 days' - i * interval '1 minute' AS t) AS x
+        UNION ALL
+        SELECT gen_random_uuid(), CASE WHEN i % 2 = 0 THEN 'g-a' ELSE 'g-b' END, 'orders', 1, i,
+               convert_to(k, 'UTF8'), '\x00'::bytea,
+               CASE WHEN i > 60 THEN 'pending' WHEN i % 11 = 0 THEN 'replayed' ELSE 'dead' END,
+               3, 3, now(), 'new error', 'retryable', CASE WHEN i <= 60 THEN t END,
+               CASE WHEN i <= 60 AND i % 7 <> 0 THEN t END
+        FROM generate_series(1, 65) AS i,
+             LATERAL (SELECT now() - i * interval '1 minute' AS t, 'customer-42' AS k) AS x
+        UNION ALL
+        SELECT gen_random_uuid(), 'g-a', 'orders', 2, i, convert_to(k, 'UTF8'), '\x00'::bytea,
+               'dead', 3, 3, now(), 'new error', 'retryable', now() - i * interval '1 second',
+               now()
+        FROM generate_series(1, 10) AS i,
+             LATERAL (SELECT repeat('L', 300) || CASE WHEN i % 2 = 0 THEN 'a' ELSE 'b' END AS k) x
+        "#,
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    vacuum_until_all_visible(&db).await;
+
+    // What each command reads of the table, first (see the test above for why).
+    let (pool, store) = on_one_connection(&db).await;
+    let key = |k: &str| Filter {
+        key: Some(k.into()),
+        ..Filter::default()
+    };
+    let customer = key("customer-42");
+    let (matched, read) = read_by(
+        &db,
+        &pool,
+        store.count_matching(Scope::Dead, &customer, true),
+    )
+    .await;
+    assert_eq!(matched.unwrap().eligible, 55, "the key's dead rows");
+    assert!(
+        read.1 < 200,
+        "a dry run's count of one key read {} rows",
+        read.1
+    );
+    let (sample, read) = read_by(
+        &db,
+        &pool,
+        store.sample_matching(Scope::Dead, &customer, true, 10),
+    )
+    .await;
+    assert_eq!(sample.unwrap().len(), 10);
+    assert!(
+        read.1 < 100,
+        "a dry run's sample of 10 rows of one key read {} rows",
+        read.1
+    );
+    let audit = redrive::store::replay::Audit {
+        by: "test".into(),
+        reason: None,
+    };
+    let (chunk, read) = read_by(&db, &pool, store.replay_chunk(&customer, 20, &audit, None)).await;
+    assert_eq!(chunk.unwrap().changed, 20);
+    assert!(
+        read.1 < 200,
+        "a replay chunk of 20 rows of one key read {} rows",
+        read.1
+    );
+    let (chunk, read) = read_by(&db, &pool, store.purge_chunk(&key(&long('a')), true, 100)).await;
+    assert_eq!(
+        chunk.unwrap().changed,
+        5,
+        "the long key's rows, not its neighbour's"
+    );
+    assert!(
+        read.1 < 200,
+        "a purge chunk of one long key read {} rows",
+        read.1
+    );
+
+    // Planned once for any arguments, it still reads the key's rows through their index alone.
+    let generic = generic_plans(&db).await;
+    let query = sqlx::query_scalar::<_, i64>(
+        "SELECT count(*) FROM redrive.find_oldest(key => $1, lim => 10)",
+    )
+    .bind("customer-42")
+    .fetch_one(&generic);
+    let (n, used, read) = read_through(&db, &generic, query).await;
+    assert_eq!(n.unwrap(), 10);
+    assert_eq!(
+        used,
+        BTreeSet::from(["retry_messages_finished_key".to_string()]),
+        "10 rows of one key, planned generically, were read through {used:?}"
+    );
+    assert!(
+        read < 200,
+        "10 rows of one key, planned generically, read {read} index entries"
+    );
+
+    // The same rows in the same order as the plain query.
+    let with = |f: Filter, more: Filter| Filter {
+        topics: more.topics,
+        consumer_groups: more.consumer_groups,
+        dead_since: more.dead_since,
+        ..f
+    };
+    same_rows_as_find(
+        &db,
+        &[
+            customer.clone(),
+            with(
+                customer.clone(),
+                Filter {
+                    topics: vec!["orders".into()],
+                    ..Filter::default()
+                },
+            ),
+            with(
+                customer.clone(),
+                Filter {
+                    consumer_groups: vec!["g-a".into()],
+                    ..Filter::default()
+                },
+            ),
+            with(
+                customer.clone(),
+                Filter {
+                    dead_since: Some(chrono::Utc::now() - chrono::Duration::minutes(30)),
+                    ..Filter::default()
+                },
+            ),
+            key(&long('b')),
+            key("old-17"),
+        ],
+    )
+    .await;
+    let none = store
+        .sample_matching(Scope::Finished, &key("nobody"), true, 10)
+        .await
+        .unwrap();
+    assert!(none.is_empty(), "{none:?}");
+
+    // A key far past a B-tree entry's size limit, and random so that no compression brings it
+    // under, dies like any other, at capture and at its last attempt, and is found by its filter.
+    let huge: String = (0..65_536)
+        .map(|_| format!("{:016x}", rand::random::<u64>()))
+        .collect();
+    let mut at_once = crate::store::pending("orders", 100, Duration::ZERO, 3);
+    at_once.message.key = Some(huge.clone().into_bytes());
+    at_once.state = redrive::store::capture::InitialState::Dead;
+    let mut later = crate::store::pending("orders", 101, Duration::ZERO, 1);
+    later.message.key = at_once.message.key.clone();
+    assert_eq!(store.capture("g-huge", &[at_once, later]).await.unwrap(), 2);
+    let claimed = store
+        .claim("g-huge", 10, Duration::from_secs(60), "w")
+        .await
+        .unwrap()
+        .rows;
+    assert_eq!(claimed.len(), 1);
+    let done = redrive::store::complete::Completion {
+        id: claimed[0].id,
+        attempt: claimed[0].attempt,
+        token: claimed[0].token,
+        outcome: redrive::store::complete::Outcome::Dead {
+            error: redrive::handler::HandlerError::permanent("refused"),
+        },
+    };
+    assert_eq!(store.complete(&[done]).await.unwrap().dead, 1);
+    let found = store
+        .sample_matching(Scope::Dead, &key(&huge), true, 10)
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 2, "the huge key's two deaths");
 }
