@@ -37,10 +37,10 @@ variants=(as-migrated without-key-index)
 declare -A secs
 for round in $(seq 1 "$RUNS"); do
   for v in "${variants[@]}"; do
-    url="$(scripts/fresh-db.sh death_cost)"
-    # A copy, tried again while an autovacuum worker is still connected to the template.
+    url="${TEMPLATE%/*}/death_cost"
+    # A fresh copy, tried again while an autovacuum worker is still connected to either database.
     deadline=$((SECONDS + 60))
-    until psql -q "${url%/*}/postgres" -c "DROP DATABASE death_cost" \
+    until psql -q "${TEMPLATE%/*}/postgres" -c "DROP DATABASE IF EXISTS death_cost WITH (FORCE)" \
       -c "CREATE DATABASE death_cost TEMPLATE death_cost_template" >/dev/null 2>&1; do
       ((SECONDS < deadline)) || { echo "death-cost: could not copy the template within 60 s" >&2; exit 1; }
       sleep 1

@@ -2557,37 +2557,22 @@ async fn a_keys_deaths_are_read_through_their_own_index_whatever_the_keys_size()
     );
 
     // The same rows in the same order as the plain query.
-    let with = |f: Filter, more: Filter| Filter {
-        topics: more.topics,
-        consumer_groups: more.consumer_groups,
-        dead_since: more.dead_since,
-        ..f
-    };
     same_rows_as_find(
         &db,
         &[
             customer.clone(),
-            with(
-                customer.clone(),
-                Filter {
-                    topics: vec!["orders".into()],
-                    ..Filter::default()
-                },
-            ),
-            with(
-                customer.clone(),
-                Filter {
-                    consumer_groups: vec!["g-a".into()],
-                    ..Filter::default()
-                },
-            ),
-            with(
-                customer.clone(),
-                Filter {
-                    dead_since: Some(chrono::Utc::now() - chrono::Duration::minutes(30)),
-                    ..Filter::default()
-                },
-            ),
+            Filter {
+                topics: vec!["orders".into()],
+                ..customer.clone()
+            },
+            Filter {
+                consumer_groups: vec!["g-a".into()],
+                ..customer.clone()
+            },
+            Filter {
+                dead_since: Some(chrono::Utc::now() - chrono::Duration::minutes(30)),
+                ..customer.clone()
+            },
             key(&long('b')),
             key("old-17"),
         ],
@@ -2616,15 +2601,13 @@ async fn a_keys_deaths_are_read_through_their_own_index_whatever_the_keys_size()
         .unwrap()
         .rows;
     assert_eq!(claimed.len(), 1);
-    let done = redrive::store::complete::Completion {
-        id: claimed[0].id,
-        attempt: claimed[0].attempt,
-        token: claimed[0].token,
-        outcome: redrive::store::complete::Outcome::Dead {
+    let last = crate::store::done(
+        &claimed[0],
+        redrive::store::complete::Outcome::Dead {
             error: redrive::handler::HandlerError::permanent("refused"),
         },
-    };
-    assert_eq!(store.complete(&[done]).await.unwrap().dead, 1);
+    );
+    assert_eq!(store.complete(&[last]).await.unwrap().dead, 1);
     let found = store
         .sample_matching(Scope::Dead, &key(&huge), true, 10)
         .await

@@ -235,7 +235,8 @@ async fn expire_leases(db: &TestDb) {
     .unwrap();
 }
 
-fn done(c: &redrive::store::claim::Claimed, outcome: Outcome) -> Completion {
+/// The completion of claimed row `c` with `outcome`.
+pub fn done(c: &redrive::store::claim::Claimed, outcome: Outcome) -> Completion {
     Completion {
         id: c.id,
         attempt: c.attempt,
