@@ -14,6 +14,10 @@
 //! - capture-parked: `ordering = "key"` and one key per partition; every handler call fails, so
 //!   each partition's first message fails and every later one is parked behind it; messages/s
 //!   until every message is a row and committed.
+//! - insert-floor-8k, capture-8k: insert-floor and capture with a JSON document of about 8 KiB per
+//!   message ([`large_payload`]), over Postgres's TOAST threshold, so each payload is compressed
+//!   as it is stored; the floor's table has Postgres's default compression; 100,000 messages
+//!   unless set.
 //! - claim-floor: the reference for dispatch: claim (UPDATE … SKIP LOCKED, 100 rows) and delete
 //!   (one statement per batch), 4 clients.
 //! - dispatch: due rows in the table, the handler succeeds; rows/s until the table is empty.
@@ -122,7 +126,7 @@ fn env(name: &str, default: &str) -> String {
 }
 
 /// Every case, in the order a round runs them.
-const CASES: [&str; 15] = [
+const CASES: [&str; 17] = [
     "bare",
     "happy",
     "happy-keys",
@@ -132,6 +136,8 @@ const CASES: [&str; 15] = [
     "capture",
     "capture-keys",
     "capture-parked",
+    "insert-floor-8k",
+    "capture-8k",
     "claim-floor",
     "dispatch",
     "retry",
@@ -155,7 +161,7 @@ const OWN_TABLES: [&str; 6] = [
 ];
 
 /// Each case against its reference: (case, reference, what the reference is).
-const RATIOS: [(&str, &str); 13] = [
+const RATIOS: [(&str, &str); 14] = [
     ("happy", "bare"),
     ("happy-keys", "bare"),
     ("happy-keys", "happy"),
@@ -165,6 +171,7 @@ const RATIOS: [(&str, &str); 13] = [
     ("capture-keys", "insert-floor"),
     ("capture-keys", "capture"),
     ("capture-parked", "insert-floor"),
+    ("capture-8k", "insert-floor-8k"),
     ("dispatch", "claim-floor"),
     ("retry", "claim-floor"),
     ("retry", "dispatch"),
@@ -261,7 +268,8 @@ async fn run_cases() -> anyhow::Result<()> {
             let cpu = cpu_seconds();
             let run = match *case {
                 "bare" => bare(&kafka, n).await?,
-                "insert-floor" => insert_floor(&db, n).await?,
+                "insert-floor" => insert_floor(&db, n, Payload::Small).await?,
+                "insert-floor-8k" => insert_floor(&db, n, Payload::Large).await?,
                 "claim-floor" => claim_floor(&db, n).await?,
                 "dispatch" => dispatch(&db, n, None).await?,
                 "retry" => retry(&db, n).await?,
@@ -528,15 +536,66 @@ fn workers_only(db: &str) -> anyhow::Result<(Config, RunArgs)> {
 }
 
 async fn produce(kafka: &str, topic: &str, n: usize) -> anyhow::Result<()> {
-    produce_keys(kafka, topic, n, None).await
+    produce_keys(kafka, topic, n, None, Payload::Small).await
 }
 
-/// `n` messages of 1 KiB; message `i` has the key `i`, or `i % keys`.
+/// A case's payloads.
+#[derive(Clone, Copy)]
+enum Payload {
+    /// 1 KiB of `x`, under Postgres's TOAST threshold: stored as it is.
+    Small,
+    /// [`large_payload`]: about 8 KiB, compressed as it is stored.
+    Large,
+}
+
+impl Payload {
+    fn of(self, i: usize) -> Vec<u8> {
+        match self {
+            Payload::Small => vec![b'x'; 1024],
+            Payload::Large => large_payload(i),
+        }
+    }
+}
+
+/// An order event of about 8 KiB, as JSON, different for each `i`: 96 lines, each with a SKU
+/// and a price drawn from `i`. Its repeated field names compress as an event's do; its numbers
+/// and SKUs do not.
+fn large_payload(i: usize) -> Vec<u8> {
+    use std::fmt::Write as _;
+    let mut doc = String::with_capacity(8800);
+    let _ = write!(
+        doc,
+        r#"{{"order_id":"ord-{i:010}","customer":"cust-{:06}","currency":"EUR","lines":["#,
+        i % 104_729
+    );
+    let mut x = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for line in 0..96 {
+        // xorshift: cheap, and a different stream for each message
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let _ = write!(
+            doc,
+            r#"{}{{"line":{line},"sku":"SKU-{:012X}","quantity":{},"unit_price":"{}.{:02}","gift_wrap":{}}}"#,
+            if line == 0 { "" } else { "," },
+            x >> 16,
+            x % 9 + 1,
+            x % 500,
+            x % 100,
+            x.is_multiple_of(3)
+        );
+    }
+    doc.push_str(r#"],"shipping":{"method":"standard","address":{"country":"DE"}}}"#);
+    doc.into_bytes()
+}
+
+/// `n` messages; message `i` has the key `i`, or `i % keys`.
 async fn produce_keys(
     kafka: &str,
     topic: &str,
     n: usize,
     keys: Option<usize>,
+    payload: Payload,
 ) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", kafka)
@@ -548,10 +607,10 @@ async fn produce_keys(
         .set("linger.ms", "20")
         .set("queue.buffering.max.messages", "1000000")
         .create()?;
-    let payload = vec![b'x'; 1024];
     for i in 0..n {
         let key = keys.map_or(i, |k| i % k).to_string();
-        let mut record = BaseRecord::to(topic).key(&key).payload(&payload);
+        let value = payload.of(i);
+        let mut record = BaseRecord::to(topic).key(&key).payload(&value);
         // With few keys, key `k` goes to partition `k % 4`: each partition gets keys of its own.
         if let Some(k) = keys {
             record = record.partition(((i % k) as i32) % PARTITIONS);
@@ -708,7 +767,11 @@ async fn consume(case: &str, db: &str, kafka: &str, n: usize) -> anyhow::Result<
         "capture-parked" => Some(PARTITIONS as usize),
         _ => None,
     };
-    produce_keys(kafka, &topic, n, keys).await?;
+    let payload = match case {
+        "capture-8k" => Payload::Large,
+        _ => Payload::Small,
+    };
+    produce_keys(kafka, &topic, n, keys, payload).await?;
     let committed = Committed::new(kafka, &group, &topic)?;
     let stub = start_stub().await?;
     let mut config = config(db, kafka, &topic, &group, &format!("http://{stub}/"))?;
@@ -728,7 +791,7 @@ async fn consume(case: &str, db: &str, kafka: &str, n: usize) -> anyhow::Result<
         config.breaker.default.enabled = false;
     }
     let in_flight = match case {
-        "happy-http" | "capture" | "capture-keys" | "capture-parked" => {
+        "happy-http" | "capture" | "capture-keys" | "capture-parked" | "capture-8k" => {
             redrive::config::ConsumerConfig::default().max_in_flight
         }
         _ => config.consumer.max_in_flight,
@@ -934,9 +997,10 @@ async fn retry(db: &str, n: usize) -> anyhow::Result<Run> {
     Ok(run)
 }
 
-/// The reference for capture: `n` rows as wide as a captured message (1 KiB payload, a key, a
-/// small jsonb, a text), 500 per INSERT … SELECT FROM unnest, on one connection.
-async fn insert_floor(db: &str, n: usize) -> anyhow::Result<Run> {
+/// The reference for capture: `n` rows as wide as a captured message (the case's payload, a key, a
+/// small jsonb, a text), 500 per INSERT … SELECT FROM unnest, on one connection, into a table of
+/// Postgres's defaults.
+async fn insert_floor(db: &str, n: usize, payload: Payload) -> anyhow::Result<Run> {
     let mut c = sqlx::PgConnection::connect(db).await?;
     sqlx::query(
         "CREATE TABLE floor_insert (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, \
@@ -944,12 +1008,15 @@ async fn insert_floor(db: &str, n: usize) -> anyhow::Result<Run> {
     )
     .execute(&mut c)
     .await?;
+    // One statement's payloads, made before the clock starts, and sent by every statement: each
+    // value is stored (and compressed) on its own, so repeating them costs Postgres the same.
+    let payloads: Vec<Vec<u8>> = (0..500).map(|i| payload.of(i)).collect();
     let started = Start::now();
     for start in (0..n).step_by(500) {
         let rows = (start..(start + 500).min(n)).collect::<Vec<_>>();
         let offsets: Vec<i64> = rows.iter().map(|&i| i as i64).collect();
         let keys: Vec<Vec<u8>> = rows.iter().map(|i| i.to_string().into_bytes()).collect();
-        let payloads: Vec<Vec<u8>> = rows.iter().map(|_| vec![b'x'; 1024]).collect();
+        let payloads = &payloads[..rows.len()];
         sqlx::query(
             "INSERT INTO floor_insert (topic, kafka_offset, key, payload, headers, last_error) \
              SELECT 'bench', o, k, p, '[]'::jsonb, 'benchmark failure' \
@@ -957,7 +1024,7 @@ async fn insert_floor(db: &str, n: usize) -> anyhow::Result<Run> {
         )
         .bind(&offsets)
         .bind(&keys)
-        .bind(&payloads)
+        .bind(payloads)
         .execute(&mut c)
         .await?;
     }
