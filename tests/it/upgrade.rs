@@ -333,3 +333,135 @@ async fn a_database_filled_before_the_queue_keeps_its_claims_pauses_and_dead_row
     assert_eq!(attempts(&received), [("held", 2)]);
     db.assert_queue_in_step().await;
 }
+
+/// An order event of about `lines` × 96 bytes, as JSON: repeated field names, numbers that differ.
+fn event(lines: usize) -> Vec<u8> {
+    let lines: Vec<String> = (0..lines)
+        .map(|i| {
+            format!(
+                r#"{{"line":{i},"sku":"SKU-{:012X}","quantity":{},"gift_wrap":{}}}"#,
+                (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 16,
+                i % 9 + 1,
+                i.is_multiple_of(3)
+            )
+        })
+        .collect();
+    format!(r#"{{"order":"ord-1","lines":[{}]}}"#, lines.join(",")).into_bytes()
+}
+
+/// Whether this Postgres was built with lz4: only then does schema V27 take it.
+async fn has_lz4(db: &TestDb) -> bool {
+    let mut c = db.pool().acquire().await.unwrap();
+    match sqlx::query("CREATE TEMP TABLE lz4_probe (b bytea COMPRESSION lz4)")
+        .execute(&mut *c)
+        .await
+    {
+        Ok(_) => true,
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("0A000") => false,
+        Err(e) => panic!("probing for lz4: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn large_values_stored_before_and_after_lz4_read_back_alike() {
+    // Group "g", the one `TestDb::seed` and `TestDb::claim` use.
+    let topic = unique("upgrade-v26");
+    // A row of schema V26, its payload over the TOAST threshold: compressed with pglz.
+    let rows = r#"
+        INSERT INTO redrive.retry_messages (id, consumer_group, topic, "partition", kafka_offset,
+            payload, state, attempts, max_attempts, next_attempt_at, last_error, error_kind)
+        SELECT gen_random_uuid(), 'g', '{topic}', 0, 1, convert_to(repeat('{"sku": "SKU-1", ', 1000)
+            || '0}', 'UTF8'), 'pending', 1, 5, now() - interval '1 second', '503', 'retryable';
+    "#;
+    let db = upgraded(26, rows, "g", &topic).await;
+    let lz4 = has_lz4(&db).await;
+
+    let columns: Vec<(String, String)> = sqlx::query_as(
+        "SELECT attname::text, attcompression::text FROM pg_attribute \
+         WHERE attrelid = 'redrive.retry_messages'::regclass AND attcompression <> '' \
+         ORDER BY attname",
+    )
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    let expected: Vec<(String, String)> = match lz4 {
+        true => ["error_history", "headers", "key", "last_error", "payload"]
+            .iter()
+            .map(|c| (c.to_string(), "l".to_string()))
+            .collect(),
+        // Without lz4 the migration leaves every column to Postgres's default.
+        false => vec![],
+    };
+    assert_eq!(columns, expected, "the columns V27 compresses with lz4");
+
+    // A row of this build: a large payload, key, headers and error.
+    let payload = event(200);
+    let key = event(40);
+    let headers = vec![
+        redrive::Header::new("ce-type", Some(event(30))),
+        redrive::Header::new("trace", None),
+        redrive::Header {
+            key: vec![0xff, 0x00, b'x'],
+            value: Some(event(30)),
+        },
+    ];
+    let error = String::from_utf8(event(40)).unwrap();
+    db.seed(&[redrive::store::capture::Capture {
+        message: redrive::Message {
+            topic: topic.clone(),
+            partition: 0,
+            offset: 2,
+            timestamp: Some(chrono::Utc::now()),
+            key: Some(key.clone()),
+            payload: Some(payload.clone()),
+            headers: headers.clone(),
+        },
+        retry_in: Duration::ZERO,
+        error: redrive::handler::HandlerError::retryable(error.clone()),
+        ..crate::store::pending(&topic, 2, Duration::ZERO, 5)
+    }])
+    .await;
+
+    let methods: BTreeMap<i64, Option<String>> = sqlx::query_as(
+        "SELECT kafka_offset, pg_column_compression(payload) FROM redrive.retry_messages \
+         WHERE topic = $1",
+    )
+    .bind(&topic)
+    .fetch_all(db.pool())
+    .await
+    .unwrap()
+    .into_iter()
+    .collect();
+    let now = if lz4 { "lz4" } else { "pglz" };
+    assert_eq!(
+        methods,
+        BTreeMap::from([(1, Some("pglz".into())), (2, Some(now.into()))]),
+        "the row stored before V27 keeps pglz; the new one takes {now}"
+    );
+    let (errors, history): (String, String) = sqlx::query_as(
+        "SELECT last_error, error_history::text FROM redrive.retry_messages WHERE kafka_offset = 2 \
+         AND topic = $1",
+    )
+    .bind(&topic)
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert!(errors.contains(r#""line":39"#), "the error kept whole");
+    assert!(history.contains(r#"\"line\":39"#), "the history kept whole");
+
+    // Both are claimed and read back byte for byte.
+    let claimed = db.claim(Duration::from_secs(30)).await;
+    let by_offset: BTreeMap<i64, redrive::Message> = claimed
+        .into_iter()
+        .map(|c| (c.message.offset, c.message))
+        .collect();
+    assert_eq!(by_offset.len(), 2, "both rows claimed: {by_offset:?}");
+    let old = &by_offset[&1];
+    let mut old_payload = r#"{"sku": "SKU-1", "#.repeat(1000).into_bytes();
+    old_payload.extend_from_slice(b"0}");
+    assert_eq!(old.payload.as_deref(), Some(&old_payload[..]));
+    let new = &by_offset[&2];
+    assert_eq!(new.payload.as_deref(), Some(&payload[..]));
+    assert_eq!(new.key.as_deref(), Some(&key[..]));
+    assert_eq!(new.headers, headers);
+}
