@@ -9,7 +9,7 @@
 
 use super::{Store, StoreError};
 use crate::handler::HandlerError;
-use crate::message::Message;
+use crate::message::{HeadersJson, Message};
 use chrono::{DateTime, Utc};
 use std::time::Duration;
 use uuid::Uuid;
@@ -191,7 +191,7 @@ impl Store {
             &c.timestamps as &[Option<DateTime<Utc>>],
             &c.keys as &[Option<&[u8]>],
             &c.payloads as &[Option<&[u8]>],
-            &c.headers,
+            &c.headers as &[sqlx::types::Json<HeadersJson<'_>>],
             &c.states as &[&str],
             &c.max_attempts,
             &c.retry_in,
@@ -257,7 +257,7 @@ impl Store {
             &c.timestamps as &[Option<DateTime<Utc>>],
             &c.keys as &[Option<&[u8]>],
             &c.payloads as &[Option<&[u8]>],
-            &c.headers,
+            &c.headers as &[sqlx::types::Json<HeadersJson<'_>>],
             &c.states as &[&str],
             &c.max_attempts,
             &c.retry_in,
@@ -381,7 +381,7 @@ impl Store {
             &c.timestamps as &[Option<DateTime<Utc>>],
             &c.keys as &[Option<&[u8]>],
             &c.payloads as &[Option<&[u8]>],
-            &c.headers,
+            &c.headers as &[sqlx::types::Json<HeadersJson<'_>>],
             &c.states as &[&str],
             &c.max_attempts,
             &c.retry_in,
@@ -437,7 +437,7 @@ impl Store {
             &c.timestamps as &[Option<DateTime<Utc>>],
             &c.keys as &[Option<&[u8]>],
             &c.payloads as &[Option<&[u8]>],
-            &c.headers,
+            &c.headers as &[sqlx::types::Json<HeadersJson<'_>>],
             &c.states as &[&str],
             &c.max_attempts,
             &c.retry_in,
@@ -473,7 +473,7 @@ struct Columns<'a> {
     timestamps: Vec<Option<DateTime<Utc>>>,
     keys: Vec<Option<&'a [u8]>>,
     payloads: Vec<Option<&'a [u8]>>,
-    headers: Vec<serde_json::Value>,
+    headers: Vec<sqlx::types::Json<HeadersJson<'a>>>,
     states: Vec<&'static str>,
     max_attempts: Vec<i32>,
     retry_in: Vec<f64>,
@@ -520,7 +520,10 @@ impl<'a> Columns<'a> {
             timestamps: batch.iter().map(|c| c.message.timestamp).collect(),
             keys: batch.iter().map(|c| c.message.key.as_deref()).collect(),
             payloads: batch.iter().map(|c| c.message.payload.as_deref()).collect(),
-            headers: batch.iter().map(|c| c.message.headers_json()).collect(),
+            headers: batch
+                .iter()
+                .map(|c| sqlx::types::Json(HeadersJson(&c.message.headers)))
+                .collect(),
             states: batch.iter().map(|c| c.state.as_str()).collect(),
             max_attempts: batch.iter().map(|c| c.max_attempts).collect(),
             retry_in: batch.iter().map(|c| c.retry_in.as_secs_f64()).collect(),
