@@ -3,12 +3,15 @@
 //! - bare:     the reference for happy: a bare rdkafka loop (receive, no-op, store the offset,
 //!   auto-commit), with redrive's consumer settings.
 //! - happy:    every handler call succeeds; messages/s until every offset is committed.
+//! - happy-ce: happy with the six headers of a CloudEvent in Kafka's binary mode on every message
+//!   ([`ce_headers_of`]), as Knative's sources produce them.
 //! - happy-keys: happy with `ordering = "key"`, every message of a key of its own (many keys).
 //! - happy-fewkeys: happy with `ordering = "key"` and 16 keys in all, so each key's messages go
 //!   one after another.
 //! - insert-floor: the reference for capture: INSERT of rows as wide, 500 per statement, on one
 //!   connection.
 //! - capture:  every handler call fails; messages/s until every failure is a row and committed.
+//! - capture-ce: capture with a CloudEvent's six headers on every message, as `happy-ce`.
 //! - capture-keys: capture with `ordering = "key"` and a key per message: every failure opens a
 //!   key line of its own (`redrive.capture_in_lines`); 100,000 messages unless set.
 //! - capture-parked: `ordering = "key"` and one key per partition; every handler call fails, so
@@ -126,14 +129,16 @@ fn env(name: &str, default: &str) -> String {
 }
 
 /// Every case, in the order a round runs them.
-const CASES: [&str; 17] = [
+const CASES: [&str; 19] = [
     "bare",
     "happy",
+    "happy-ce",
     "happy-keys",
     "happy-fewkeys",
     "happy-http",
     "insert-floor",
     "capture",
+    "capture-ce",
     "capture-keys",
     "capture-parked",
     "insert-floor-8k",
@@ -161,13 +166,15 @@ const OWN_TABLES: [&str; 6] = [
 ];
 
 /// Each case against its reference: (case, reference, what the reference is).
-const RATIOS: [(&str, &str); 14] = [
+const RATIOS: [(&str, &str); 16] = [
     ("happy", "bare"),
+    ("happy-ce", "happy"),
     ("happy-keys", "bare"),
     ("happy-keys", "happy"),
     ("happy-fewkeys", "happy"),
     ("happy-http", "bare"),
     ("capture", "insert-floor"),
+    ("capture-ce", "capture"),
     ("capture-keys", "insert-floor"),
     ("capture-keys", "capture"),
     ("capture-parked", "insert-floor"),
@@ -230,8 +237,8 @@ async fn run_cases() -> anyhow::Result<()> {
     let n: Option<usize> = args.get(2).map(|s| s.parse()).transpose()?;
     let size = |case: &str| match (n, case) {
         (Some(n), _) => n,
-        (None, "bare" | "happy" | "happy-keys" | "happy-fewkeys") => 1_000_000,
-        (None, "capture" | "capture-parked" | "insert-floor") => 500_000,
+        (None, "bare" | "happy" | "happy-ce" | "happy-keys" | "happy-fewkeys") => 1_000_000,
+        (None, "capture" | "capture-ce" | "capture-parked" | "insert-floor") => 500_000,
         (None, "dispatch-lines") => 4_000,
         (None, _) => 100_000,
     };
@@ -536,7 +543,7 @@ fn workers_only(db: &str) -> anyhow::Result<(Config, RunArgs)> {
 }
 
 async fn produce(kafka: &str, topic: &str, n: usize) -> anyhow::Result<()> {
-    produce_keys(kafka, topic, n, None, Payload::Small).await
+    produce_keys(kafka, topic, n, None, Payload::Small, false).await
 }
 
 /// A case's payloads.
@@ -589,13 +596,37 @@ fn large_payload(i: usize) -> Vec<u8> {
     doc.into_bytes()
 }
 
-/// `n` messages; message `i` has the key `i`, or `i % keys`.
+/// The headers of a CloudEvent in Kafka's binary content mode, as Knative's sources write them:
+/// six, one of them (`ce_id`) different for each message.
+fn ce_headers_of(i: usize) -> rdkafka::message::OwnedHeaders {
+    use rdkafka::message::{Header, OwnedHeaders};
+    let id = format!("order-{i}");
+    [
+        ("ce_specversion", "1.0"),
+        ("ce_id", id.as_str()),
+        ("ce_source", "/apis/v1/namespaces/shop/orders"),
+        ("ce_type", "com.example.order.created"),
+        ("ce_time", "2026-12-07T10:00:00.000Z"),
+        ("content-type", "application/json"),
+    ]
+    .into_iter()
+    .fold(OwnedHeaders::new_with_capacity(6), |h, (key, value)| {
+        h.insert(Header {
+            key,
+            value: Some(value),
+        })
+    })
+}
+
+/// `n` messages; message `i` has the key `i`, or `i % keys`, and with `ce_headers` the headers of
+/// [`ce_headers_of`].
 async fn produce_keys(
     kafka: &str,
     topic: &str,
     n: usize,
     keys: Option<usize>,
     payload: Payload,
+    ce_headers: bool,
 ) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", kafka)
@@ -611,6 +642,9 @@ async fn produce_keys(
         let key = keys.map_or(i, |k| i % k).to_string();
         let value = payload.of(i);
         let mut record = BaseRecord::to(topic).key(&key).payload(&value);
+        if ce_headers {
+            record = record.headers(ce_headers_of(i));
+        }
         // With few keys, key `k` goes to partition `k % 4`: each partition gets keys of its own.
         if let Some(k) = keys {
             record = record.partition(((i % k) as i32) % PARTITIONS);
@@ -771,7 +805,7 @@ async fn consume(case: &str, db: &str, kafka: &str, n: usize) -> anyhow::Result<
         "capture-8k" => Payload::Large,
         _ => Payload::Small,
     };
-    produce_keys(kafka, &topic, n, keys, payload).await?;
+    produce_keys(kafka, &topic, n, keys, payload, case.ends_with("-ce")).await?;
     let committed = Committed::new(kafka, &group, &topic)?;
     let stub = start_stub().await?;
     let mut config = config(db, kafka, &topic, &group, &format!("http://{stub}/"))?;
@@ -791,9 +825,8 @@ async fn consume(case: &str, db: &str, kafka: &str, n: usize) -> anyhow::Result<
         config.breaker.default.enabled = false;
     }
     let in_flight = match case {
-        "happy-http" | "capture" | "capture-keys" | "capture-parked" | "capture-8k" => {
-            redrive::config::ConsumerConfig::default().max_in_flight
-        }
+        "happy-http" | "capture" | "capture-ce" | "capture-keys" | "capture-parked"
+        | "capture-8k" => redrive::config::ConsumerConfig::default().max_in_flight,
         _ => config.consumer.max_in_flight,
     };
     config.consumer.max_in_flight = env("BENCH_MAX_IN_FLIGHT", &in_flight.to_string()).parse()?;
