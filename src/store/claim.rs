@@ -121,7 +121,7 @@ impl Store {
             SELECT id AS "id!", attempts AS "attempts!", claim_token AS "claim_token!",
                    max_attempts AS "max_attempts!", topic AS "topic!", "partition" AS "partition!",
                    kafka_offset AS "kafka_offset!", kafka_timestamp, key, payload,
-                   headers AS "headers!", first_failed_at AS "first_failed_at!", wait AS "wait!",
+                   headers::text AS "headers!", first_failed_at AS "first_failed_at!", wait AS "wait!",
                    trace_context
             FROM redrive.claim($1, $2, $3, $4, $5)
             "#,

@@ -52,7 +52,8 @@ impl Store {
         let records = sqlx::query!(
             r#"
             SELECT id, consumer_group, topic, "partition", kafka_offset, kafka_timestamp, key, payload,
-                   headers, attempts, first_failed_at, last_error, error_kind, trace_context
+                   headers::text AS "headers!", attempts, first_failed_at, last_error, error_kind,
+                   trace_context
             FROM redrive.retry_messages
             WHERE consumer_group = $1 AND state = 'dead' AND dlq_published_at IS NULL
               AND dlq_refused_at IS NULL
