@@ -24,6 +24,7 @@
 //! - claim-floor: the reference for dispatch: claim (UPDATE … SKIP LOCKED, 100 rows) and delete
 //!   (one statement per batch), 4 clients.
 //! - dispatch: due rows in the table, the handler succeeds; rows/s until the table is empty.
+//! - dispatch-ce: dispatch with a CloudEvent's six headers on every row, as `happy-ce`.
 //! - retry:    due rows in the table, the handler fails every attempt: each is rescheduled an hour
 //!   on; rows/s until every row is rescheduled (a retry storm, the failure completions' path).
 //! - dispatch-lines: the same rows in 16 key lines (`ordering = "key"`): each line's first row due,
@@ -129,7 +130,7 @@ fn env(name: &str, default: &str) -> String {
 }
 
 /// Every case, in the order a round runs them.
-const CASES: [&str; 19] = [
+const CASES: [&str; 20] = [
     "bare",
     "happy",
     "happy-ce",
@@ -145,6 +146,7 @@ const CASES: [&str; 19] = [
     "capture-8k",
     "claim-floor",
     "dispatch",
+    "dispatch-ce",
     "retry",
     "dispatch-lines",
     "replay",
@@ -166,7 +168,7 @@ const OWN_TABLES: [&str; 6] = [
 ];
 
 /// Each case against its reference: (case, reference, what the reference is).
-const RATIOS: [(&str, &str); 16] = [
+const RATIOS: [(&str, &str); 17] = [
     ("happy", "bare"),
     ("happy-ce", "happy"),
     ("happy-keys", "bare"),
@@ -180,6 +182,7 @@ const RATIOS: [(&str, &str); 16] = [
     ("capture-parked", "insert-floor"),
     ("capture-8k", "insert-floor-8k"),
     ("dispatch", "claim-floor"),
+    ("dispatch-ce", "dispatch"),
     ("retry", "claim-floor"),
     ("retry", "dispatch"),
     ("dispatch-lines", "dispatch"),
@@ -278,9 +281,10 @@ async fn run_cases() -> anyhow::Result<()> {
                 "insert-floor" => insert_floor(&db, n, Payload::Small).await?,
                 "insert-floor-8k" => insert_floor(&db, n, Payload::Large).await?,
                 "claim-floor" => claim_floor(&db, n).await?,
-                "dispatch" => dispatch(&db, n, None).await?,
+                "dispatch" => dispatch(&db, n, None, false).await?,
+                "dispatch-ce" => dispatch(&db, n, None, true).await?,
                 "retry" => retry(&db, n).await?,
-                "dispatch-lines" => dispatch(&db, n, Some(LINES)).await?,
+                "dispatch-lines" => dispatch(&db, n, Some(LINES), false).await?,
                 "replay" | "purge" => operate(case, &db, n).await?,
                 _ => consume(case, &db, &kafka, n).await?,
             };
@@ -598,24 +602,28 @@ fn large_payload(i: usize) -> Vec<u8> {
 
 /// The headers of a CloudEvent in Kafka's binary content mode, as Knative's sources write them:
 /// six, one of them (`ce_id`) different for each message.
+fn ce_headers(i: usize) -> [(&'static str, String); 6] {
+    [
+        ("ce_specversion", "1.0".into()),
+        ("ce_id", format!("order-{i}")),
+        ("ce_source", "/apis/v1/namespaces/shop/orders".into()),
+        ("ce_type", "com.example.order.created".into()),
+        ("ce_time", "2026-12-07T10:00:00.000Z".into()),
+        ("content-type", "application/json".into()),
+    ]
+}
+
+/// [`ce_headers`] for the producer.
 fn ce_headers_of(i: usize) -> rdkafka::message::OwnedHeaders {
     use rdkafka::message::{Header, OwnedHeaders};
-    let id = format!("order-{i}");
-    [
-        ("ce_specversion", "1.0"),
-        ("ce_id", id.as_str()),
-        ("ce_source", "/apis/v1/namespaces/shop/orders"),
-        ("ce_type", "com.example.order.created"),
-        ("ce_time", "2026-12-07T10:00:00.000Z"),
-        ("content-type", "application/json"),
-    ]
-    .into_iter()
-    .fold(OwnedHeaders::new_with_capacity(6), |h, (key, value)| {
-        h.insert(Header {
-            key,
-            value: Some(value),
+    ce_headers(i)
+        .iter()
+        .fold(OwnedHeaders::new_with_capacity(6), |h, (key, value)| {
+            h.insert(Header {
+                key,
+                value: Some(value.as_str()),
+            })
         })
-    })
 }
 
 /// `n` messages; message `i` has the key `i`, or `i % keys`, and with `ce_headers` the headers of
@@ -889,11 +897,20 @@ async fn consume(case: &str, db: &str, kafka: &str, n: usize) -> anyhow::Result<
     Ok(run)
 }
 
-/// `n` rows of 1 KiB in `state`, in batches of 1,000.
-async fn seed(store: &Store, n: usize, state: InitialState) -> anyhow::Result<()> {
+/// `n` rows of 1 KiB in `state`, in batches of 1,000; with `ce`, each with [`ce_headers`].
+async fn seed(store: &Store, n: usize, state: InitialState, ce: bool) -> anyhow::Result<()> {
     for start in (0..n).step_by(1000) {
         let batch: Vec<Capture> = (start..(start + 1000).min(n))
-            .map(|i| row(i, i.to_string().into_bytes(), state, None))
+            .map(|i| {
+                let mut row = row(i, i.to_string().into_bytes(), state, None);
+                if ce {
+                    row.message.headers = ce_headers(i)
+                        .into_iter()
+                        .map(|(k, v)| redrive::Header::new(k, Some(v.into_bytes())))
+                        .collect();
+                }
+                row
+            })
             .collect();
         store.capture("bench", &batch).await?;
     }
@@ -953,11 +970,11 @@ async fn seed_lines(store: &Store, n: usize, lines: usize) -> anyhow::Result<()>
 
 /// Fills the table with `n` due rows, or with `n` rows in key lines, then times the retry workers
 /// emptying it.
-async fn dispatch(db: &str, n: usize, lines: Option<usize>) -> anyhow::Result<Run> {
+async fn dispatch(db: &str, n: usize, lines: Option<usize>, ce: bool) -> anyhow::Result<Run> {
     let store = Store::from_pool(redrive::store::pool_options().connect(db).await?);
     match lines {
         Some(lines) => seed_lines(&store, n, lines).await?,
-        None => seed(&store, n, InitialState::Pending).await?,
+        None => seed(&store, n, InitialState::Pending, ce).await?,
     }
     sqlx::query("VACUUM ANALYZE redrive.retry_messages, redrive.queue")
         .execute(store.pool())
@@ -1007,7 +1024,7 @@ async fn time_workers(
 /// attempt is rescheduled an hour on, so none comes due again during the run.
 async fn retry(db: &str, n: usize) -> anyhow::Result<Run> {
     let store = Store::from_pool(redrive::store::pool_options().connect(db).await?);
-    seed(&store, n, InitialState::Pending).await?;
+    seed(&store, n, InitialState::Pending, false).await?;
     sqlx::query("VACUUM ANALYZE redrive.retry_messages, redrive.queue")
         .execute(store.pool())
         .await?;
@@ -1127,7 +1144,7 @@ async fn claim_floor(db: &str, n: usize) -> anyhow::Result<Run> {
 /// Replays, or purges, `n` dead rows in chunks of 1,000, as the commands do.
 async fn operate(case: &str, db: &str, n: usize) -> anyhow::Result<Run> {
     let store = Store::from_pool(redrive::store::pool_options().connect(db).await?);
-    seed(&store, n, InitialState::Dead).await?;
+    seed(&store, n, InitialState::Dead, false).await?;
     sqlx::query("VACUUM ANALYZE redrive.retry_messages, redrive.queue")
         .execute(store.pool())
         .await?;
