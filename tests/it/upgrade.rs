@@ -334,7 +334,7 @@ async fn a_database_filled_before_the_queue_keeps_its_claims_pauses_and_dead_row
     db.assert_queue_in_step().await;
 }
 
-/// An order event of about `lines` × 96 bytes, as JSON: repeated field names, numbers that differ.
+/// An order event of about `lines` × 62 bytes, as JSON: repeated field names, numbers that differ.
 fn event(lines: usize) -> Vec<u8> {
     let lines: Vec<String> = (0..lines)
         .map(|i| {
