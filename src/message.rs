@@ -131,6 +131,12 @@ impl Message {
         serde_json::from_value(v)
     }
 
+    /// Reads headers back from the text of the table's jsonb (`headers::text`), as
+    /// [`Message::headers_from_json`] does from its value, without building the value first.
+    pub fn headers_from_text(text: &str) -> Result<Vec<Header>, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+
     /// The first header with this name.
     pub fn header(&self, name: &str) -> Option<&Header> {
         self.headers.iter().find(|h| h.key == name.as_bytes())

@@ -560,10 +560,12 @@ enum Payload {
 }
 
 impl Payload {
-    fn of(self, i: usize) -> Vec<u8> {
+    /// Message `i`'s payload: the small one is the same for every message, and made once.
+    fn of(self, i: usize) -> std::borrow::Cow<'static, [u8]> {
+        static SMALL: [u8; 1024] = [b'x'; 1024];
         match self {
-            Payload::Small => vec![b'x'; 1024],
-            Payload::Large => large_payload(i),
+            Payload::Small => std::borrow::Cow::Borrowed(&SMALL),
+            Payload::Large => std::borrow::Cow::Owned(large_payload(i)),
         }
     }
 }
@@ -649,7 +651,7 @@ async fn produce_keys(
     for i in 0..n {
         let key = keys.map_or(i, |k| i % k).to_string();
         let value = payload.of(i);
-        let mut record = BaseRecord::to(topic).key(&key).payload(&value);
+        let mut record = BaseRecord::to(topic).key(&key).payload(&*value);
         if ce_headers {
             record = record.headers(ce_headers_of(i));
         }
@@ -1060,7 +1062,7 @@ async fn insert_floor(db: &str, n: usize, payload: Payload) -> anyhow::Result<Ru
     .await?;
     // One statement's payloads, made before the clock starts, and sent by every statement: each
     // value is stored (and compressed) on its own, so repeating them costs Postgres the same.
-    let payloads: Vec<Vec<u8>> = (0..500).map(|i| payload.of(i)).collect();
+    let payloads: Vec<Vec<u8>> = (0..500).map(|i| payload.of(i).into_owned()).collect();
     let started = Start::now();
     for start in (0..n).step_by(500) {
         let rows = (start..(start + 500).min(n)).collect::<Vec<_>>();

@@ -14,12 +14,13 @@
 //! - [`status`]: counts, due times, the DLQ backlog and top errors for `redrive status`.
 
 /// The [`crate::message::Message`] of a row that a `query!` read with its source columns (`id`,
-/// `topic`, `partition`, `kafka_offset`, `kafka_timestamp`, `key`, `payload`, `headers`), as a
+/// `topic`, `partition`, `kafka_offset`, `kafka_timestamp`, `key`, `payload`, and `headers` as
+/// text: `headers::text AS "headers!"`, parsed with no `serde_json::Value` between), as a
 /// `Result`: malformed headers (written by hand) are a [`StoreError::BadRow`], which fails only that
 /// row, never the batch it was read with (I10).
 macro_rules! stored_message {
     ($r:ident) => {
-        match crate::store::StoredHeaders::read($r.headers) {
+        match crate::message::Message::headers_from_text(&$r.headers) {
             Ok(headers) => Ok(crate::message::Message {
                 headers,
                 topic: $r.topic,
@@ -35,26 +36,6 @@ macro_rules! stored_message {
             }),
         }
     };
-}
-
-/// A row's `headers` as a query read them: the jsonb decoded into a `serde_json::Value`, or its
-/// text (`headers::text`), which is parsed into headers with no `Value` built on the way. The hot
-/// reads (claims, the DLQ outbox) take the text: the `Value` cost about half a microsecond per
-/// header.
-pub(crate) trait StoredHeaders {
-    fn read(self) -> Result<Vec<crate::message::Header>, serde_json::Error>;
-}
-
-impl StoredHeaders for serde_json::Value {
-    fn read(self) -> Result<Vec<crate::message::Header>, serde_json::Error> {
-        crate::message::Message::headers_from_json(self)
-    }
-}
-
-impl StoredHeaders for String {
-    fn read(self) -> Result<Vec<crate::message::Header>, serde_json::Error> {
-        serde_json::from_str(&self)
-    }
 }
 
 pub mod breakers;

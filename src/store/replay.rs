@@ -75,8 +75,8 @@ impl Store {
             .await?;
         let records = sqlx::query!(
             r#"
-            SELECT id, topic, "partition", kafka_offset, kafka_timestamp, key, payload, headers,
-                   trace_context
+            SELECT id, topic, "partition", kafka_offset, kafka_timestamp, key, payload,
+                   headers::text AS "headers!", trace_context
             FROM redrive.retry_messages
             WHERE id = ANY ($1) AND state = 'dead'
             ORDER BY dead_at, id
