@@ -333,12 +333,14 @@ FROM generate_series(0::bigint, $1::bigint - 1) AS s(i),
 
 /// The console case: its pages on a table of `BENCH_CONSOLE_DEAD` dead rows (1,000,000 unless set)
 /// and a tenth as many pending, loaded as the operators case loads its own, in a database of its
-/// own. The console runs in this process on a loopback port; each page is one GET of a fresh
+/// own (`BENCH_CONSOLE_DB`, `redrive_bench_console` unless set: with `redrive_bench_ops` and
+/// `BENCH_CONSOLE_DEAD=10000000`, the operators case's table is reused). The console runs in this process on a loopback port; each page is one GET of a fresh
 /// connection, beside `redrive status` and `redrive replay --dry-run`, which read the same rows.
 pub async fn console(admin_url: &str, runs: usize) -> anyhow::Result<()> {
     use redrive::console::{router, Console};
     let dead: i64 = env("BENCH_CONSOLE_DEAD", "1000000").parse()?;
-    let url = load(admin_url, "redrive_bench_console", dead, dead / 10).await?;
+    let db = env("BENCH_CONSOLE_DB", "redrive_bench_console");
+    let url = load(admin_url, &db, dead, dead / 10).await?;
     let store = redrive::Store::from_pool(
         redrive::store::pool_options()
             .max_connections(4)
@@ -382,9 +384,19 @@ pub async fn console(admin_url: &str, runs: usize) -> anyhow::Result<()> {
             format!("/messages?state=dead&before={old}"),
         ),
         (
-            "messages, key 12345 (every state: no index, every row read)".into(),
+            "messages, key 12345 (every state: the dead rows' key index, and every pending row)"
+                .into(),
             "/messages?key=12345".into(),
         ),
+        (
+            "messages, topic small, pending (it has none)".into(),
+            "/messages?topic=small&state=pending".into(),
+        ),
+        (
+            "messages, topic nothing (every state, no row)".into(),
+            "/messages?topic=nothing".into(),
+        ),
+        ("messages, waiting".into(), "/messages?state=waiting".into()),
         (
             "messages, key 12345, dead (the key's index, schema V26)".into(),
             "/messages?key=12345&state=dead".into(),

@@ -87,6 +87,20 @@ pub struct Timeline {
 impl Store {
     /// Up to `limit` rows in `states` that `filter` matches, newest first (ids are time-ordered),
     /// starting after the row `before` of the previous page.
+    ///
+    /// Each kind of state is read apart, through what holds its rows, and the newest of each are
+    /// merged, so a page costs about what its states' rows cost, never a walk of the whole table:
+    /// - dead and replayed rows through `redrive.find`, whose filters have indexes of their own
+    ///   (schemas V25 and V26);
+    /// - pending rows through the queue, which holds every pending row and nothing else, newest
+    ///   first, each looked up by its id; with ids, by them; with a topic, through the source
+    ///   key's `(consumer_group, topic)` prefix when the planner judges that cheaper, each group
+    ///   found by a walk of that index;
+    /// - paused rows through their own index, and waiting rows through the key lines' index.
+    ///
+    /// Live rows have no `dead_at` (the `retry_messages_dead_at` check), so a filter on the time of
+    /// death reads none of them. A live row's key has no index: a key's pending rows are found by
+    /// reading the pending rows, which is as much as the backlog and no more.
     pub async fn browse(
         &self,
         states: &[String],
@@ -95,23 +109,78 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<Listed>, StoreError> {
         let (ids, topics, groups, kinds) = filter.arrays();
+        let wants = |s: &str| states.iter().any(|x| x == s);
+        let finished: Vec<&str> = ["dead", "replayed"]
+            .into_iter()
+            .filter(|s| wants(s))
+            .collect();
+        // redrive's sessions plan each statement for its values, so a branch whose flag is false
+        // is planned as empty and never runs.
         let rows = sqlx::query_as!(
             Listed,
             r#"
-            SELECT f.id AS "id!", f.consumer_group AS "consumer_group!", f.topic AS "topic!",
-                   f."partition" AS "partition!", f.kafka_offset AS "offset!", f.key,
-                   CASE WHEN q.state = 'running' THEN 'running' ELSE f.state END AS "state!",
-                   f.attempts AS "attempts!", f.max_attempts AS "max_attempts!",
-                   f.first_failed_at AS "first_failed_at!",
-                   coalesce(q.next_attempt_at, f.next_attempt_at) AS "next_attempt_at!",
-                   f.dead_at, left(f.last_error, 300) AS last_error, f.error_kind
-            FROM redrive.find($1, $2, $3, $4, $5, $6, $7, $8, $9) f
-            LEFT JOIN redrive.queue q ON q.id = f.id
-            WHERE $10::uuid IS NULL OR f.id < $10
-            ORDER BY f.id DESC
-            LIMIT $11
+            WITH picked AS (
+                (SELECT f.id FROM redrive.find($1, $2, $3, $4, $5, $6, $7, $8, $9) f
+                 WHERE cardinality($1::text[]) > 0 AND ($10::uuid IS NULL OR f.id < $10)
+                 ORDER BY f.id DESC LIMIT $11)
+                UNION ALL
+                -- Without ids or a topic: the queue's rows, newest first, each looked up alone
+                -- (the fence keeps the planner from walking the whole table's ids instead).
+                (SELECT w.id
+                 FROM redrive.queue w
+                 CROSS JOIN LATERAL (
+                     SELECT FROM redrive.find('{pending}', $2, $3, $4, $5, $6, $7, $8, $9) f
+                     WHERE f.id = w.id OFFSET 0) m
+                 WHERE $12 AND $2::uuid[] IS NULL AND $3::text[] IS NULL
+                   AND $8::timestamptz IS NULL AND $9::timestamptz IS NULL
+                   AND ($10::uuid IS NULL OR w.id < $10)
+                 ORDER BY w.id DESC LIMIT $11)
+                UNION ALL
+                -- With ids, by their primary key. With a topic, the planner may instead read
+                -- the topic's rows by the source key's prefix, for each group (a walk of that
+                -- index finds them): the group condition is always true.
+                (SELECT w.id
+                 FROM redrive.queue w
+                 JOIN redrive.find('{pending}', $2, $3, $4, $5, $6, $7, $8, $9) f ON f.id = w.id
+                 WHERE $12 AND ($2::uuid[] IS NOT NULL OR $3::text[] IS NOT NULL)
+                   AND $8::timestamptz IS NULL AND $9::timestamptz IS NULL
+                   AND ($10::uuid IS NULL OR w.id < $10)
+                   AND ($3::text[] IS NULL OR f.consumer_group = ANY (coalesce($4::text[], ARRAY(
+                       WITH RECURSIVE g AS (
+                           (SELECT consumer_group FROM redrive.retry_messages
+                            ORDER BY consumer_group LIMIT 1)
+                           UNION ALL
+                           SELECT (SELECT r.consumer_group FROM redrive.retry_messages r
+                                   WHERE r.consumer_group > g.consumer_group
+                                   ORDER BY r.consumer_group LIMIT 1)
+                           FROM g WHERE g.consumer_group IS NOT NULL)
+                       SELECT consumer_group FROM g WHERE consumer_group IS NOT NULL))))
+                 ORDER BY w.id DESC LIMIT $11)
+                UNION ALL
+                (SELECT f.id FROM redrive.find('{paused}', $2, $3, $4, $5, $6, $7, $8, $9) f
+                 WHERE $13 AND $8::timestamptz IS NULL AND $9::timestamptz IS NULL
+                   AND ($10::uuid IS NULL OR f.id < $10)
+                 ORDER BY f.id DESC LIMIT $11)
+                UNION ALL
+                -- A waiting row is always in a key line (I12).
+                (SELECT f.id FROM redrive.find('{waiting}', $2, $3, $4, $5, $6, $7, $8, $9) f
+                 WHERE $14 AND $8::timestamptz IS NULL AND $9::timestamptz IS NULL
+                   AND f.order_key IS NOT NULL AND ($10::uuid IS NULL OR f.id < $10)
+                 ORDER BY f.id DESC LIMIT $11)
+            )
+            SELECT r.id AS "id!", r.consumer_group AS "consumer_group!", r.topic AS "topic!",
+                   r."partition" AS "partition!", r.kafka_offset AS "offset!", r.key,
+                   CASE WHEN q.state = 'running' THEN 'running' ELSE r.state END AS "state!",
+                   r.attempts AS "attempts!", r.max_attempts AS "max_attempts!",
+                   r.first_failed_at AS "first_failed_at!",
+                   coalesce(q.next_attempt_at, r.next_attempt_at) AS "next_attempt_at!",
+                   r.dead_at, left(r.last_error, 300) AS last_error, r.error_kind
+            FROM (SELECT p.id FROM picked p ORDER BY p.id DESC LIMIT $11) p
+            JOIN redrive.retry_messages r ON r.id = p.id
+            LEFT JOIN redrive.queue q ON q.id = r.id
+            ORDER BY r.id DESC
             "#,
-            states,
+            &finished as &[&str],
             ids as Option<&[Uuid]>,
             topics as Option<&[String]>,
             groups as Option<&[String]>,
@@ -122,6 +191,9 @@ impl Store {
             filter.dead_before,
             before,
             limit,
+            wants("pending"),
+            wants("paused"),
+            wants("waiting"),
         )
         .fetch_all(self.pool())
         .await?;

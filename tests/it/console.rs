@@ -799,3 +799,158 @@ async fn replay_to_a_topic_produces_the_records_and_marks_the_rows() {
     .await;
     stop.cancel();
 }
+
+/// The browse list reads each kind of state apart (the queue for pending rows, their indexes for
+/// the others) and merges them. Over rows of every state, two groups, three topics and four keys,
+/// each filter's pages, read through `before`, hold exactly the rows `redrive.find` matches,
+/// newest first, with a claimed row shown as running.
+#[tokio::test]
+async fn browse_pages_every_state_as_find_matches_them() {
+    let db = TestDb::new().await;
+    let states = ["pending", "paused", "waiting", "dead", "replayed"];
+    for i in 0..60_i64 {
+        let state = states[i as usize % 5];
+        let finished = matches!(state, "dead" | "replayed");
+        let id = Uuid::now_v7();
+        sqlx::query(
+            r#"INSERT INTO redrive.retry_messages (id, consumer_group, topic, "partition",
+                   kafka_offset, key, payload, state, attempts, max_attempts, next_attempt_at,
+                   last_error, error_kind, dead_at, order_key, order_on_dead)
+               VALUES ($1, $2, $3, 0, $4, $5, 'x', $6, 1, 3, now(), $7, 'retryable',
+                   CASE WHEN $8 THEN now() - make_interval(hours => $4::int) END,
+                   CASE WHEN $6 = 'waiting' THEN sha256($5) END,
+                   CASE WHEN $6 = 'waiting' THEN 'block' END)"#,
+        )
+        .bind(id)
+        .bind(["g1", "g2"][i as usize % 2])
+        .bind(["a", "b", "c"][i as usize % 3])
+        .bind(i)
+        .bind(format!("k{}", i % 4).into_bytes())
+        .bind(state)
+        .bind(format!("error {}", i % 6))
+        .bind(finished)
+        .execute(db.pool())
+        .await
+        .unwrap();
+    }
+    // Two pending rows claimed by a worker.
+    sqlx::query(
+        "UPDATE redrive.queue SET state = 'running', lease_expires_at = now() + interval '1 hour',
+             locked_by = 'w', claim_token = gen_random_uuid()
+         WHERE id IN (SELECT id FROM redrive.queue ORDER BY id LIMIT 2)",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let of = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let every = of(&states);
+    let state_sets = [
+        every.clone(),
+        of(&["pending"]),
+        of(&["paused"]),
+        of(&["waiting"]),
+        of(&["dead"]),
+        of(&["replayed"]),
+        of(&["pending", "dead"]),
+        of(&["paused", "waiting", "replayed"]),
+    ];
+    let some: Vec<Uuid> =
+        sqlx::query_scalar("SELECT id FROM redrive.retry_messages ORDER BY id LIMIT 12 OFFSET 5")
+            .fetch_all(db.pool())
+            .await
+            .unwrap();
+    let filters = [
+        redrive::store::find::Filter::default(),
+        redrive::store::find::Filter {
+            ids: some,
+            ..Default::default()
+        },
+        redrive::store::find::Filter {
+            topics: of(&["b"]),
+            ..Default::default()
+        },
+        redrive::store::find::Filter {
+            topics: of(&["a", "c"]),
+            consumer_groups: of(&["g2"]),
+            ..Default::default()
+        },
+        redrive::store::find::Filter {
+            topics: of(&["nothing"]),
+            ..Default::default()
+        },
+        redrive::store::find::Filter {
+            key: Some("k1".into()),
+            ..Default::default()
+        },
+        redrive::store::find::Filter {
+            key: Some("k2".into()),
+            error_contains: Some("ERROR 4".into()),
+            ..Default::default()
+        },
+        redrive::store::find::Filter {
+            dead_since: Some(chrono::Utc::now() - chrono::Duration::hours(30)),
+            ..Default::default()
+        },
+        redrive::store::find::Filter {
+            consumer_groups: of(&["g1"]),
+            dead_before: Some(chrono::Utc::now()),
+            ..Default::default()
+        },
+    ];
+    let mut shown = 0;
+    for states in &state_sets {
+        for filter in &filters {
+            let (ids, topics, groups, kinds) = (
+                (!filter.ids.is_empty()).then_some(&filter.ids),
+                (!filter.topics.is_empty()).then_some(&filter.topics),
+                (!filter.consumer_groups.is_empty()).then_some(&filter.consumer_groups),
+                (!filter.error_kinds.is_empty()).then_some(&filter.error_kinds),
+            );
+            let want: Vec<(Uuid, String)> = sqlx::query_as(
+                "SELECT f.id, CASE WHEN q.state = 'running' THEN 'running' ELSE f.state END
+                 FROM redrive.find($1, $2, $3, $4, $5, $6, $7, $8, $9) f
+                 LEFT JOIN redrive.queue q ON q.id = f.id ORDER BY f.id DESC",
+            )
+            .bind(states)
+            .bind(ids)
+            .bind(topics)
+            .bind(groups)
+            .bind(&filter.key)
+            .bind(&filter.error_contains)
+            .bind(kinds)
+            .bind(filter.dead_since)
+            .bind(filter.dead_before)
+            .fetch_all(db.pool())
+            .await
+            .unwrap();
+            let mut got = Vec::new();
+            let mut before = None;
+            loop {
+                let page = db.store.browse(states, filter, before, 4).await.unwrap();
+                got.extend(page.iter().map(|r| (r.id, r.state.clone())));
+                match page.last() {
+                    Some(last) if page.len() == 4 => before = Some(last.id),
+                    _ => break,
+                }
+            }
+            assert_eq!(got, want, "states {states:?}, {filter:?}");
+            shown += got.len();
+        }
+    }
+    // The filters match something: every state, and the claimed rows as running.
+    let all = db
+        .store
+        .browse(&every, &Default::default(), None, 100)
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 60);
+    for state in [
+        "pending", "running", "paused", "waiting", "dead", "replayed",
+    ] {
+        assert!(
+            all.iter().any(|r| r.state == state),
+            "no {state} row listed"
+        );
+    }
+    assert!(shown > 300, "the filters matched {shown} rows in all");
+}
