@@ -45,7 +45,8 @@ GRANT SELECT ON ALL TABLES IN SCHEMA redrive TO redrive_readonly;
 GRANT EXECUTE ON FUNCTION redrive.utf8_or_null(bytea),
     redrive.find(text[], uuid[], text[], text[], text, text, text[], timestamptz, timestamptz),
     redrive.find_oldest(text[], uuid[], text[], text[], text, text, text[], timestamptz,
-                        timestamptz, boolean, bigint)
+                        timestamptz, boolean, bigint),
+    redrive.consumer_groups(), redrive.few_rows_of(text[], text[])
     TO redrive_readonly;
 
 -- Worker.

@@ -94,8 +94,8 @@ impl Store {
     ///   (schemas V25 and V26);
     /// - pending rows through the queue, which holds every pending row and nothing else, newest
     ///   first, each looked up by its id; with ids, by them; with a topic, through the source
-    ///   key's `(consumer_group, topic)` prefix when the planner judges that cheaper, each group
-    ///   found by a walk of that index;
+    ///   key's `(consumer_group, topic)` prefix when the planner judges that cheaper, for each of
+    ///   `redrive.consumer_groups()` (schema V28);
     /// - paused rows through their own index, and waiting rows through the key lines' index.
     ///
     /// Live rows have no `dead_at` (the `retry_messages_dead_at` check), so a filter on the time of
@@ -137,24 +137,16 @@ impl Store {
                  ORDER BY w.id DESC LIMIT $11)
                 UNION ALL
                 -- With ids, by their primary key. With a topic, the planner may instead read
-                -- the topic's rows by the source key's prefix, for each group (a walk of that
-                -- index finds them): the group condition is always true.
+                -- the topic's rows by the source key's prefix, for each group (schema V28): the
+                -- group condition is always true.
                 (SELECT w.id
                  FROM redrive.queue w
                  JOIN redrive.find('{pending}', $2, $3, $4, $5, $6, $7, $8, $9) f ON f.id = w.id
                  WHERE $12 AND ($2::uuid[] IS NOT NULL OR $3::text[] IS NOT NULL)
                    AND $8::timestamptz IS NULL AND $9::timestamptz IS NULL
                    AND ($10::uuid IS NULL OR w.id < $10)
-                   AND ($3::text[] IS NULL OR f.consumer_group = ANY (coalesce($4::text[], ARRAY(
-                       WITH RECURSIVE g AS (
-                           (SELECT consumer_group FROM redrive.retry_messages
-                            ORDER BY consumer_group LIMIT 1)
-                           UNION ALL
-                           SELECT (SELECT r.consumer_group FROM redrive.retry_messages r
-                                   WHERE r.consumer_group > g.consumer_group
-                                   ORDER BY r.consumer_group LIMIT 1)
-                           FROM g WHERE g.consumer_group IS NOT NULL)
-                       SELECT consumer_group FROM g WHERE consumer_group IS NOT NULL))))
+                   AND ($3::text[] IS NULL
+                        OR f.consumer_group = ANY (coalesce($4::text[], redrive.consumer_groups())))
                  ORDER BY w.id DESC LIMIT $11)
                 UNION ALL
                 (SELECT f.id FROM redrive.find('{paused}', $2, $3, $4, $5, $6, $7, $8, $9) f
@@ -350,20 +342,54 @@ impl Store {
     /// How many rows in `states` `filter` matches.
     pub async fn count_rows(&self, states: &[String], filter: &Filter) -> Result<i64, StoreError> {
         let (ids, topics, groups, kinds) = filter.arrays();
-        let n = sqlx::query_scalar!(
-            r#"SELECT count(*) AS "n!" FROM redrive.find($1, $2, $3, $4, $5, $6, $7, $8, $9)"#,
-            states,
-            ids as Option<&[Uuid]>,
-            topics as Option<&[String]>,
-            groups as Option<&[String]>,
-            filter.key,
-            filter.error_contains,
-            kinds as Option<&[String]>,
-            filter.dead_since,
-            filter.dead_before,
-        )
-        .fetch_one(self.pool())
-        .await?;
+        // A topic of few rows is read through the source key's prefix, group by group (schema
+        // V28); one of many, and no topic, as `redrive.find` reads them.
+        let by_groups = match topics {
+            Some(topics) => {
+                sqlx::query_scalar!(
+                    r#"SELECT redrive.few_rows_of($1, $2) AS "few!""#,
+                    topics,
+                    groups as Option<&[String]>,
+                )
+                .fetch_one(self.pool())
+                .await?
+            }
+            None => false,
+        };
+        let n = if by_groups {
+            sqlx::query_scalar!(
+                r#"
+                SELECT count(*) AS "n!" FROM redrive.find($1, $2, $3, $4, $5, $6, $7, $8, $9) f
+                WHERE f.consumer_group = ANY (coalesce($4::text[], redrive.consumer_groups()))
+                "#,
+                states,
+                ids as Option<&[Uuid]>,
+                topics as Option<&[String]>,
+                groups as Option<&[String]>,
+                filter.key,
+                filter.error_contains,
+                kinds as Option<&[String]>,
+                filter.dead_since,
+                filter.dead_before,
+            )
+            .fetch_one(self.pool())
+            .await?
+        } else {
+            sqlx::query_scalar!(
+                r#"SELECT count(*) AS "n!" FROM redrive.find($1, $2, $3, $4, $5, $6, $7, $8, $9)"#,
+                states,
+                ids as Option<&[Uuid]>,
+                topics as Option<&[String]>,
+                groups as Option<&[String]>,
+                filter.key,
+                filter.error_contains,
+                kinds as Option<&[String]>,
+                filter.dead_since,
+                filter.dead_before,
+            )
+            .fetch_one(self.pool())
+            .await?
+        };
         Ok(n)
     }
 }

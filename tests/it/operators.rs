@@ -2614,3 +2614,140 @@ async fn a_keys_deaths_are_read_through_their_own_index_whatever_the_keys_size()
         .unwrap();
     assert_eq!(found.len(), 2, "the huge key's two deaths");
 }
+
+/// `redrive.pause` finds a topic's rows group by group, through the groups that
+/// `redrive.consumer_groups()` lists (schema V28): every group's pending rows of the topic are
+/// paused, and no other row, nor a row a worker is attempting. The console's pause preview counts
+/// the same rows.
+#[tokio::test]
+async fn a_pause_holds_the_topics_pending_rows_of_every_group_and_no_other() {
+    let db = TestDb::new().await;
+    let none: Vec<String> = sqlx::query_scalar("SELECT unnest(redrive.consumer_groups())")
+        .fetch_all(db.pool())
+        .await
+        .unwrap();
+    assert!(none.is_empty(), "no rows, no groups: {none:?}");
+    let groups = ["", "a", "b b", "z"];
+    let mut offset = 0_i64;
+    for group in groups {
+        for (topic, state) in [
+            ("t", "pending"),
+            ("t", "pending"),
+            ("u", "pending"),
+            ("t", "dead"),
+        ] {
+            offset += 1;
+            sqlx::query(
+                r#"INSERT INTO redrive.retry_messages (id, consumer_group, topic, "partition",
+                       kafka_offset, payload, state, attempts, max_attempts, next_attempt_at,
+                       dead_at)
+                   VALUES ($1, $2, $3, 0, $4, 'x', $5, 1, 3, now(),
+                       CASE WHEN $5 = 'dead' THEN now() END)"#,
+            )
+            .bind(Uuid::now_v7())
+            .bind(group)
+            .bind(topic)
+            .bind(offset)
+            .bind(state)
+            .execute(db.pool())
+            .await
+            .unwrap();
+        }
+    }
+    let listed: Vec<String> = sqlx::query_scalar("SELECT unnest(redrive.consumer_groups())")
+        .fetch_all(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(listed, groups, "every group, in the source key's order");
+    // A worker attempts one pending row of topic t in group a.
+    let running: Uuid = sqlx::query_scalar(
+        "UPDATE redrive.queue SET state = 'running', lease_expires_at = now() + interval '1 hour',
+             locked_by = 'w', claim_token = gen_random_uuid()
+         WHERE id = (SELECT id FROM redrive.retry_messages
+                     WHERE consumer_group = 'a' AND topic = 't' AND state = 'pending'
+                     ORDER BY id LIMIT 1)
+         RETURNING id",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    let t = Filter {
+        topics: vec!["t".into()],
+        ..Filter::default()
+    };
+    assert_eq!(
+        db.store.count_rows(&["pending".into()], &t).await.unwrap(),
+        8
+    );
+    let paused: i64 = sqlx::query_scalar("SELECT redrive.pause('t')")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        paused, 7,
+        "two pending rows of t in each of four groups, one being attempted"
+    );
+    let by: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT consumer_group, topic, string_agg(state, ',' ORDER BY kafka_offset)
+         FROM redrive.retry_messages WHERE id <> $1 GROUP BY 1, 2 ORDER BY 1, 2",
+    )
+    .bind(running)
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    for (group, topic, states) in &by {
+        let want = if topic == "t" {
+            "paused,paused,dead"
+        } else {
+            "pending"
+        };
+        let want = if group == "a" && topic == "t" {
+            "paused,dead"
+        } else {
+            want
+        };
+        assert_eq!(states, want, "group {group:?}, topic {topic}");
+    }
+    assert_eq!(by.len(), 8);
+    // One group of topic u.
+    let paused: i64 = sqlx::query_scalar("SELECT redrive.pause('u', 'b b')")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(paused, 1);
+    assert_eq!(db.count("topic = 'u' AND state = 'paused'").await, 1);
+    // A topic of many rows is read as the table is (`redrive.few_rows_of`): the same rows.
+    sqlx::query(
+        r#"INSERT INTO redrive.retry_messages (id, consumer_group, topic, "partition",
+               kafka_offset, payload, state, attempts, max_attempts, next_attempt_at, dead_at)
+           SELECT gen_random_uuid(), 'a', 't', 1, i, 'x', 'dead', 3, 3, now(), now()
+           FROM generate_series(1, 100000) AS i"#,
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let few: bool = sqlx::query_scalar("SELECT redrive.few_rows_of('{t}')")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert!(!few, "topic t has 100,012 rows");
+    sqlx::query("SELECT redrive.resume('t')")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        db.store.count_rows(&["pending".into()], &t).await.unwrap(),
+        8
+    );
+    let paused: i64 = sqlx::query_scalar("SELECT redrive.pause('t')")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(paused, 7, "the same rows, read the other way");
+    assert_eq!(
+        db.count("topic = 'u' AND state = 'paused' AND consumer_group = 'b b'")
+            .await,
+        1
+    );
+    db.assert_queue_in_step().await;
+}
