@@ -356,40 +356,27 @@ impl Store {
             }
             None => false,
         };
-        let n = if by_groups {
-            sqlx::query_scalar!(
-                r#"
-                SELECT count(*) AS "n!" FROM redrive.find($1, $2, $3, $4, $5, $6, $7, $8, $9) f
-                WHERE f.consumer_group = ANY (coalesce($4::text[], redrive.consumer_groups()))
-                "#,
-                states,
-                ids as Option<&[Uuid]>,
-                topics as Option<&[String]>,
-                groups as Option<&[String]>,
-                filter.key,
-                filter.error_contains,
-                kinds as Option<&[String]>,
-                filter.dead_since,
-                filter.dead_before,
-            )
-            .fetch_one(self.pool())
-            .await?
-        } else {
-            sqlx::query_scalar!(
-                r#"SELECT count(*) AS "n!" FROM redrive.find($1, $2, $3, $4, $5, $6, $7, $8, $9)"#,
-                states,
-                ids as Option<&[Uuid]>,
-                topics as Option<&[String]>,
-                groups as Option<&[String]>,
-                filter.key,
-                filter.error_contains,
-                kinds as Option<&[String]>,
-                filter.dead_since,
-                filter.dead_before,
-            )
-            .fetch_one(self.pool())
-            .await?
-        };
+        // With `by_groups` false the condition is planned away (redrive's sessions plan each
+        // statement for its values).
+        let n = sqlx::query_scalar!(
+            r#"
+            SELECT count(*) AS "n!" FROM redrive.find($1, $2, $3, $4, $5, $6, $7, $8, $9) f
+            WHERE NOT $10::boolean
+               OR f.consumer_group = ANY (coalesce($4::text[], redrive.consumer_groups()))
+            "#,
+            states,
+            ids as Option<&[Uuid]>,
+            topics as Option<&[String]>,
+            groups as Option<&[String]>,
+            filter.key,
+            filter.error_contains,
+            kinds as Option<&[String]>,
+            filter.dead_since,
+            filter.dead_before,
+            by_groups,
+        )
+        .fetch_one(self.pool())
+        .await?;
         Ok(n)
     }
 }
