@@ -334,8 +334,9 @@ FROM generate_series(0::bigint, $1::bigint - 1) AS s(i),
 /// The console case: its pages on a table of `BENCH_CONSOLE_DEAD` dead rows (1,000,000 unless set)
 /// and a tenth as many pending, loaded as the operators case loads its own, in a database of its
 /// own (`BENCH_CONSOLE_DB`, `redrive_bench_console` unless set: with `redrive_bench_ops` and
-/// `BENCH_CONSOLE_DEAD=10000000`, the operators case's table is reused). The console runs in this process on a loopback port; each page is one GET of a fresh
-/// connection, beside `redrive status` and `redrive replay --dry-run`, which read the same rows.
+/// `BENCH_CONSOLE_DEAD=10000000`, the operators case's table is reused). The console runs in this
+/// process on a loopback port; each page is one GET of a fresh connection, beside `redrive status`
+/// and `redrive replay --dry-run`, which read the same rows.
 pub async fn console(admin_url: &str, runs: usize) -> anyhow::Result<()> {
     use redrive::console::{router, Console};
     let dead: i64 = env("BENCH_CONSOLE_DEAD", "1000000").parse()?;
