@@ -3,9 +3,9 @@
 //! parameter compared as a value, so a hostile filter string can only fail to match.
 //!
 //! A command's chunks and its dry run's sample are the oldest matches, taken by
-//! `redrive.find_oldest()` (schema V25). It reads the rows of the topics or groups a filter names
-//! through their own index, in order, so a chunk reads about as many rows as it returns even when
-//! the matches are the table's newest deaths.
+//! `redrive.find_oldest()` (schema V25). It reads the rows of the key (V26), topics, groups or
+//! error kinds (V29) a filter names through their own index, in order, so a chunk reads about as
+//! many rows as it returns even when the matches are the table's newest deaths.
 
 use super::{Store, StoreError};
 use chrono::{DateTime, Utc};

@@ -2615,6 +2615,170 @@ async fn a_keys_deaths_are_read_through_their_own_index_whatever_the_keys_size()
     assert_eq!(found.len(), 2, "the huge key's two deaths");
 }
 
+#[tokio::test]
+async fn an_error_kinds_deaths_are_read_through_their_own_index() {
+    // 30,000 rows that died days ago of retryable errors, with a permanent one every thousand rows
+    // and a few of no kind at all. Then 900 deaths in the last hour, of three kinds, across two
+    // groups, some replayed, some not yet acknowledged by the DLQ broker, with rows that are still
+    // pending after a timeout. Vacuumed and analyzed, as autovacuum keeps a table in service.
+    // Since V29 a replay, purge or dry run of one kind (`--error-kind permanent`, once a bug is
+    // fixed) reads that kind's rows through `retry_messages_finished_kind` instead of walking
+    // every death from the oldest.
+    let db = TestDb::new().await;
+    sqlx::query(
+        r#"
+        INSERT INTO redrive.retry_messages (
+            id, consumer_group, topic, "partition", kafka_offset, payload, state, attempts,
+            max_attempts, next_attempt_at, last_error, error_kind, dead_at, dlq_published_at)
+        SELECT gen_random_uuid(), 'g-old', 'old', 0, i, '\x00'::bytea, 'dead', 3, 3, now(),
+               'old error', CASE WHEN i % 1000 = 1 THEN 'permanent'
+                                 WHEN i % 1000 <> 2 THEN 'retryable' END, t, t
+        FROM generate_series(1, 30000) AS i,
+             LATERAL (SELECT now() - interval '2 days' - i * interval '1 minute' AS t) AS x
+        UNION ALL
+        SELECT gen_random_uuid(), CASE WHEN i % 2 = 0 THEN 'g-a' ELSE 'g-b' END, 'recent', 1, i,
+               '\x00'::bytea, CASE WHEN i % 11 = 0 THEN 'replayed' ELSE 'dead' END, 3, 3, now(),
+               'new error: ' || k, k, t, CASE WHEN i % 7 <> 0 THEN t END
+        FROM generate_series(1, 900) AS i,
+             LATERAL (SELECT now() - i * interval '1 second' AS t,
+                             (ARRAY['permanent', 'timeout', 'retryable'])[i % 3 + 1] AS k) AS x
+        UNION ALL
+        SELECT gen_random_uuid(), 'g-a', 'recent', 2, i, '\x00'::bytea, 'pending', 1, 3, now(),
+               'timed out', 'timeout', NULL, NULL
+        FROM generate_series(1, 50) AS i
+        "#,
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    vacuum_until_all_visible(&db).await;
+
+    // What each command reads of the table, first (see the tests above for why).
+    let (pool, store) = on_one_connection(&db).await;
+    let kinds = |k: &[&str]| Filter {
+        error_kinds: k.iter().map(|s| s.to_string()).collect(),
+        ..Filter::default()
+    };
+    let permanent = kinds(&["permanent"]);
+    let dead_permanent: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM redrive.retry_messages
+         WHERE state = 'dead' AND error_kind = 'permanent'",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert!(dead_permanent > 200, "{dead_permanent} permanent deaths");
+    let (matched, read) = read_by(
+        &db,
+        &pool,
+        store.count_matching(Scope::Dead, &permanent, true),
+    )
+    .await;
+    assert_eq!(
+        matched.unwrap().eligible,
+        dead_permanent,
+        "the kind's dead rows"
+    );
+    assert!(
+        read.1 < 1_000,
+        "a dry run's count of one kind read {} rows",
+        read.1
+    );
+    let (sample, read) = read_by(
+        &db,
+        &pool,
+        store.sample_matching(Scope::Dead, &permanent, true, 10),
+    )
+    .await;
+    assert_eq!(sample.unwrap().len(), 10);
+    assert!(
+        read.1 < 100,
+        "a dry run's sample of 10 rows of one kind read {} rows",
+        read.1
+    );
+    let audit = redrive::store::replay::Audit {
+        by: "test".into(),
+        reason: None,
+    };
+    let (chunk, read) = read_by(&db, &pool, store.replay_chunk(&permanent, 20, &audit, None)).await;
+    assert_eq!(chunk.unwrap().changed, 20);
+    assert!(
+        read.1 < 200,
+        "a replay chunk of 20 rows of one kind read {} rows",
+        read.1
+    );
+    let timeout = kinds(&["timeout"]);
+    let (chunk, read) = read_by(&db, &pool, store.purge_chunk(&timeout, true, 20)).await;
+    assert_eq!(chunk.unwrap().changed, 20);
+    assert!(
+        read.1 < 200,
+        "a purge chunk of 20 rows of one kind read {} rows",
+        read.1
+    );
+    let pending_timeouts: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM redrive.retry_messages WHERE state = 'pending' AND error_kind = 'timeout'",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        pending_timeouts, 50,
+        "a purge of dead rows leaves the pending ones"
+    );
+
+    // Planned once for any arguments, it still reads the kind's rows through their index alone.
+    let generic = generic_plans(&db).await;
+    let query = sqlx::query_scalar::<_, i64>(
+        "SELECT count(*) FROM redrive.find_oldest(error_kinds => $1, lim => 10)",
+    )
+    .bind(vec!["permanent"])
+    .fetch_one(&generic);
+    let (n, used, read) = read_through(&db, &generic, query).await;
+    assert_eq!(n.unwrap(), 10);
+    assert_eq!(
+        used,
+        BTreeSet::from(["retry_messages_finished_kind".to_string()]),
+        "10 rows of one kind, planned generically, were read through {used:?}"
+    );
+    assert!(
+        read < 200,
+        "10 rows of one kind, planned generically, read {read} index entries"
+    );
+
+    // The same rows in the same order as the plain query, on the table as the chunks above left
+    // it; a kind no row has matches none.
+    same_rows_as_find(
+        &db,
+        &[
+            permanent.clone(),
+            kinds(&["timeout", "permanent", "timeout"]),
+            kinds(&["retryable"]),
+            Filter {
+                dead_since: Some(chrono::Utc::now() - chrono::Duration::minutes(10)),
+                ..permanent.clone()
+            },
+            Filter {
+                error_contains: Some("NEW".into()),
+                ..permanent.clone()
+            },
+            Filter {
+                topics: vec!["recent".into()],
+                ..timeout.clone()
+            },
+            Filter {
+                consumer_groups: vec!["g-b".into()],
+                ..permanent.clone()
+            },
+        ],
+    )
+    .await;
+    let none = store
+        .sample_matching(Scope::Finished, &kinds(&["nosuch"]), true, 10)
+        .await
+        .unwrap();
+    assert!(none.is_empty(), "{none:?}");
+}
+
 /// `redrive.pause` finds a topic's rows group by group, through the groups that
 /// `redrive.consumer_groups()` lists (schema V28): every group's pending rows of the topic are
 /// paused, and no other row, nor a row a worker is attempting. The console's pause preview counts
