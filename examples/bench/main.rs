@@ -37,8 +37,9 @@
 //! - timing-defaults: timing with redrive's default workers (32 slots) and pool.
 //! - footprint: peak RSS of the `redrive run` binary, with its defaults, consuming 1M messages
 //!   through its HTTP handler (see `footprint.rs`).
-//! - operators: seconds of `redrive status` and `redrive replay --dry-run --topic small` at 10M dead
-//!   and 1M pending rows, beside `redrive status --exact` (see `operators.rs`).
+//! - operators: seconds of `redrive status` and of `redrive replay --dry-run` by a topic, a key and
+//!   an error kind at 10M dead and 1M pending rows, beside `redrive status --exact` (see
+//!   `operators.rs`).
 //! - console: seconds of the web console's pages at 1M dead rows, beside `redrive status` and
 //!   `redrive replay --dry-run` on the same table (see `operators.rs`).
 //!

@@ -1,9 +1,9 @@
 //! The operators case: `redrive status` and `redrive replay --dry-run` of a small topic, of the
-//! newest deaths' topic and of one key, on a table of 10M dead and 1M pending rows, run as an
-//! operator runs them (the release binary, a new process each time), beside `redrive status
-//! --exact`, which reads every row. Each round starts with a status from a cold cache, when the
-//! benchmark may restart Postgres and drop the page cache (as root, against the cluster
-//! `scripts/postgres.sh` manages).
+//! newest deaths' topic, of one key and of one error kind, on a table of 10M dead and 1M pending
+//! rows, run as an operator runs them (the release binary, a new process each time), beside
+//! `redrive status --exact`, which reads every row. Each round starts with a status from a cold
+//! cache, when the benchmark may restart Postgres and drop the page cache (as root, against the
+//! cluster `scripts/postgres.sh` manages).
 //!
 //! The table is loaded in SQL (generate_series) into its own database, once: a later run finds it
 //! by the marker it leaves and reuses it. `BENCH_OPS_DEAD` and `BENCH_OPS_PENDING` change its size.
@@ -32,7 +32,7 @@ struct Command {
     goal: Option<f64>,
 }
 
-const COMMANDS: [Command; 5] = [
+const COMMANDS: [Command; 6] = [
     Command {
         label: "redrive status",
         args: &["status"],
@@ -56,6 +56,11 @@ const COMMANDS: [Command; 5] = [
     Command {
         label: "redrive replay --dry-run --key 12345 (one key's deaths)",
         args: &["replay", "--dry-run", "--key", "12345"],
+        goal: Some(0.5),
+    },
+    Command {
+        label: "redrive replay --dry-run --error-kind permanent (one kind's deaths)",
+        args: &["replay", "--dry-run", "--error-kind", "permanent"],
         goal: Some(0.5),
     },
 ];
