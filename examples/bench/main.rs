@@ -1144,14 +1144,15 @@ async fn claim_floor(db: &str, n: usize) -> anyhow::Result<Run> {
     Ok(started.finish(n))
 }
 
-/// Replays, or purges, `n` dead rows in chunks of 1,000, as the commands do.
+/// Replays, or purges, `n` dead rows in chunks of 1,000, as the commands do: each chunk starts
+/// where the one before it stopped.
 async fn operate(case: &str, db: &str, n: usize) -> anyhow::Result<Run> {
     let store = Store::from_pool(redrive::store::pool_options().connect(db).await?);
     seed(&store, n, InitialState::Dead, false).await?;
     sqlx::query("VACUUM ANALYZE redrive.retry_messages, redrive.queue")
         .execute(store.pool())
         .await?;
-    let (filter, audit) = (
+    let (mut filter, audit) = (
         redrive::store::find::Filter::default(),
         redrive::store::replay::Audit {
             by: "bench".into(),
@@ -1169,6 +1170,7 @@ async fn operate(case: &str, db: &str, n: usize) -> anyhow::Result<Run> {
             break;
         }
         done += chunk.changed as usize;
+        filter.start_at(chunk.last_dead_at);
     }
     Ok(started.finish(done))
 }

@@ -475,6 +475,7 @@ pub async fn run(
             let action = form.action;
             tokio::spawn(async move {
                 let store = &console.store;
+                let mut filter = filter;
                 loop {
                     if console.stop.is_cancelled() {
                         job.fail(
@@ -506,7 +507,11 @@ pub async fn run(
                             job.finish(format!("{done} row(s) done"));
                             break;
                         }
-                        Ok(c) => job.add(c.changed),
+                        Ok(c) => {
+                            job.add(c.changed);
+                            // The next chunk starts where this one stopped (Filter::start_at).
+                            filter.start_at(c.last_dead_at);
+                        }
                         Err(e) => {
                             let done = job.done.load(Ordering::Relaxed);
                             tracing::warn!(job = job.id, user = %job.user, "console: action failed after {done} row(s): {e:#}");

@@ -98,20 +98,24 @@ pub async fn dry_run(
     Ok(())
 }
 
-/// Runs `step` on chunks of at most `chunk_size` rows until no row is left, `limit` rows are done
-/// or `stop` is cancelled; a chunk that has started always finishes. Shows a progress bar on a
-/// terminal and a line every few seconds otherwise.
+/// Runs `step` on chunks of at most `chunk_size` rows of `filter` until no row is left, `limit`
+/// rows are done or `stop` is cancelled; a chunk that has started always finishes. Each chunk gets
+/// the filter from where the one before it stopped ([`Filter::start_at`]), so a command's walk
+/// over the table is one walk, not one per chunk. Shows a progress bar on a terminal and a line
+/// every few seconds otherwise.
 pub async fn chunked<F, Fut>(
     verb: &str,
     total: u64,
     args: &FilterArgs,
+    filter: &Filter,
     stop: &CancellationToken,
     mut step: F,
 ) -> anyhow::Result<Finished>
 where
-    F: FnMut(i64) -> Fut,
+    F: FnMut(i64, Filter) -> Fut,
     Fut: Future<Output = anyhow::Result<Chunk>>,
 {
+    let mut filter = filter.clone();
     let (chunk_size, limit) = (args.chunk_size, args.limit);
     let total = limit.map_or(total, |l| l.min(total));
     let bar = progress_bar(verb, total);
@@ -125,7 +129,7 @@ where
         if stop.is_cancelled() {
             break true;
         }
-        let chunk = match step(want as i64).await {
+        let chunk = match step(want as i64, filter.clone()).await {
             Ok(chunk) => chunk,
             Err(e) => {
                 bar.abandon();
@@ -138,6 +142,7 @@ where
             break false;
         }
         done += chunk.changed;
+        filter.start_at(chunk.last_dead_at);
         bar.set_position(done.min(total));
         if bar.is_hidden() && last_line.elapsed() >= Duration::from_secs(5) {
             eprintln!("{verb}: {done} of {total} rows");
@@ -315,6 +320,7 @@ mod tests {
             Ok(Chunk {
                 selected: n,
                 changed: n,
+                last_dead_at: None,
             })
         };
         let args = |limit| FilterArgs {
@@ -322,7 +328,8 @@ mod tests {
             limit,
             ..FilterArgs::default()
         };
-        let r = chunked("test", 25, &args(Some(22)), &stop, |n| {
+        let filter = Filter::default();
+        let r = chunked("test", 25, &args(Some(22)), &filter, &stop, |n, _| {
             asked.push(n);
             async move { all(n as u64) }
         })
@@ -339,7 +346,7 @@ mod tests {
 
         // No limit: it stops when a chunk selects nothing.
         let mut left = 15u64;
-        let r = chunked("test", 15, &args(None), &stop, |n| {
+        let r = chunked("test", 15, &args(None), &filter, &stop, |n, _| {
             let got = left.min(n as u64);
             left -= got;
             async move { all(got) }
@@ -356,7 +363,7 @@ mod tests {
 
         // Cancelled after the first chunk: that chunk counts, no other starts.
         let mut calls = 0;
-        let r = chunked("test", 100, &args(None), &stop.clone(), |n| {
+        let r = chunked("test", 100, &args(None), &filter, &stop.clone(), |n, _| {
             calls += 1;
             stop.cancel();
             async move { all(n as u64) }
@@ -373,5 +380,57 @@ mod tests {
                 }
             )
         );
+    }
+
+    #[tokio::test]
+    async fn each_chunk_starts_where_the_one_before_it_stopped() {
+        // Three chunks whose newest rows died at 10:00, 09:00 and 11:00, then none: each chunk
+        // gets the filter's own conditions, from the latest of the filter's start and the newest
+        // death taken so far, so a start never moves back.
+        let at = |h: u32| {
+            Some(
+                chrono::NaiveDate::from_ymd_opt(2026, 12, 7)
+                    .unwrap()
+                    .and_hms_opt(h, 0, 0)
+                    .unwrap()
+                    .and_utc(),
+            )
+        };
+        let filter = Filter {
+            topics: vec!["orders".into()],
+            dead_since: at(8),
+            ..Filter::default()
+        };
+        let args = FilterArgs {
+            chunk_size: 10,
+            ..FilterArgs::default()
+        };
+        let newest = [at(10), at(9), at(11)];
+        let mut given = Vec::new();
+        let r = chunked(
+            "test",
+            30,
+            &args,
+            &filter,
+            &CancellationToken::new(),
+            |n, f| {
+                let last = newest.get(given.len()).copied().flatten();
+                given.push(f);
+                let selected = if last.is_some() { n as u64 } else { 0 };
+                async move {
+                    Ok(Chunk {
+                        selected,
+                        changed: selected,
+                        last_dead_at: last,
+                    })
+                }
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.done, 30);
+        let since: Vec<_> = given.iter().map(|f| f.dead_since).collect();
+        assert_eq!(since, vec![at(8), at(10), at(10), at(11)]);
+        assert!(given.iter().all(|f| f.topics == ["orders"]));
     }
 }

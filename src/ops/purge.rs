@@ -52,11 +52,11 @@ pub async fn run(
         return Ok(Finished::default());
     }
     let total = plan.total;
-    let finished = chunked("purge", total, &args.filter, stop, |n| {
-        let (store, filter) = (&store, &filter);
+    let finished = chunked("purge", total, &args.filter, &filter, stop, |n, from| {
+        let store = &store;
         async move {
             store
-                .purge_chunk(filter, args.include_unpublished, n)
+                .purge_chunk(&from, args.include_unpublished, n)
                 .await
                 .map_err(|e| explain(e, "purge"))
         }

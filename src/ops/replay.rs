@@ -56,11 +56,11 @@ pub async fn run(
     };
     let finished = match &target {
         Target::Requeue(_) => {
-            chunked("replay", total, &args.filter, stop, |n| {
-                let (store, filter, audit) = (&store, &filter, &audit);
+            chunked("replay", total, &args.filter, &filter, stop, |n, from| {
+                let (store, audit) = (&store, &audit);
                 async move {
                     store
-                        .replay_chunk(filter, n, audit, args.max_attempts)
+                        .replay_chunk(&from, n, audit, args.max_attempts)
                         .await
                         .map_err(|e| explain(e, "replay"))
                 }
@@ -69,8 +69,9 @@ pub async fn run(
         }
         Target::Kafka(config) => {
             let to = ToTopic::new(config, args.to_topic.as_deref().unwrap_or_default())?;
-            chunked("replay", total, &args.filter, stop, |n| {
-                to.chunk(&store, &filter, n, &audit)
+            chunked("replay", total, &args.filter, &filter, stop, |n, from| {
+                let (to, store, audit) = (&to, &store, &audit);
+                async move { to.chunk(store, &from, n, audit).await }
             })
             .await?
         }
@@ -160,6 +161,7 @@ impl ToTopic {
             }
         }
         let selected = chunk.rows.len() as u64;
+        let last_dead_at = chunk.last_dead_at;
         let changed = chunk
             .finish(&produced, audit)
             .await
@@ -172,7 +174,11 @@ impl ToTopic {
                 changed
             );
         }
-        Ok(Chunk { selected, changed })
+        Ok(Chunk {
+            selected,
+            changed,
+            last_dead_at,
+        })
     }
 
     fn ensure_topic(&self, topic: &str) -> anyhow::Result<()> {

@@ -46,6 +46,19 @@ impl Filter {
             && self.dead_before.is_none()
     }
 
+    /// Narrows the filter to rows that died at or after `last_dead_at`, the death time of the
+    /// newest row a command's chunk took. A chunk takes the oldest matches first, so every match
+    /// that died before it was taken by that chunk or one before it, and left the scope (replayed,
+    /// marked replayed or deleted): the next chunk's walk starts there instead of passing their
+    /// index entries, and the rows before them, again. A row that becomes eligible behind that
+    /// point meanwhile (a dead row the DLQ broker acknowledges during a purge that leaves out
+    /// unacknowledged ones) is left to the next command.
+    pub fn start_at(&mut self, last_dead_at: Option<DateTime<Utc>>) {
+        if let Some(t) = last_dead_at {
+            self.dead_since = Some(self.dead_since.map_or(t, |since| since.max(t)));
+        }
+    }
+
     /// The list filters as SQL arrays: NULL (match all) when empty.
     pub(super) fn arrays(&self) -> Arrays<'_> {
         fn some<T>(v: &[T]) -> Option<&[T]> {
@@ -191,7 +204,8 @@ impl Store {
         Ok(rows)
     }
 
-    /// The ids of the next `limit` eligible rows, oldest death first: one chunk of a command.
+    /// The ids of the next `limit` eligible rows, oldest death first: one chunk of a command; and
+    /// the death time of the newest of them, where the next chunk starts ([`Filter::start_at`]).
     pub(super) async fn next_chunk<'c>(
         &self,
         conn: impl sqlx::PgExecutor<'c>,
@@ -199,11 +213,11 @@ impl Store {
         filter: &Filter,
         with_unpublished: bool,
         limit: i64,
-    ) -> Result<Vec<Uuid>, StoreError> {
+    ) -> Result<(Vec<Uuid>, Option<DateTime<Utc>>), StoreError> {
         let (ids, topics, groups, kinds) = filter.arrays();
-        let ids = sqlx::query_scalar!(
+        let rows = sqlx::query!(
             r#"
-            SELECT f.id AS "id!"
+            SELECT f.id AS "id!", f.dead_at
             FROM redrive.find_oldest($1, $2, $3, $4, $5, $6, $11, $7, $8, $9, $10) f
             ORDER BY f.dead_at, f.id
             "#,
@@ -221,7 +235,8 @@ impl Store {
         )
         .fetch_all(conn)
         .await?;
-        Ok(ids)
+        let last_dead_at = rows.last().and_then(|r| r.dead_at);
+        Ok((rows.into_iter().map(|r| r.id).collect(), last_dead_at))
     }
 
     /// Of `ids`, those not in `scope`'s states (or not in the table), with their state (`running`

@@ -4,6 +4,7 @@
 
 use super::find::{Filter, Scope};
 use super::{Store, StoreError};
+use chrono::{DateTime, Utc};
 
 /// What one chunk did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -12,6 +13,9 @@ pub struct Chunk {
     pub selected: u64,
     /// Rows the chunk changed (rows changed meanwhile by another process are left alone).
     pub changed: u64,
+    /// The death time of the newest row selected, where the next chunk starts
+    /// ([`Filter::start_at`]).
+    pub last_dead_at: Option<DateTime<Utc>>,
 }
 
 impl Store {
@@ -23,7 +27,7 @@ impl Store {
         limit: i64,
     ) -> Result<Chunk, StoreError> {
         let mut tx = self.pool().begin().await?;
-        let ids = self
+        let (ids, last_dead_at) = self
             .next_chunk(&mut *tx, Scope::Finished, filter, with_unpublished, limit)
             .await?;
         if ids.is_empty() {
@@ -45,6 +49,7 @@ impl Store {
         Ok(Chunk {
             selected: ids.len() as u64,
             changed: deleted,
+            last_dead_at,
         })
     }
 }

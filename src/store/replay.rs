@@ -7,6 +7,7 @@ use super::find::{Filter, Scope};
 use super::purge::Chunk;
 use super::{Store, StoreError};
 use crate::message::Message;
+use chrono::{DateTime, Utc};
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
@@ -27,6 +28,8 @@ pub struct ToTopicChunk {
     pub rows: Vec<(Uuid, Message)>,
     /// The trace context each row keeps of its first delivery (schema V15), in the same order.
     pub traces: Vec<Option<String>>,
+    /// The death time of the newest row selected, where the next chunk starts.
+    pub last_dead_at: Option<DateTime<Utc>>,
 }
 
 impl Store {
@@ -40,7 +43,7 @@ impl Store {
         max_attempts: Option<i32>,
     ) -> Result<Chunk, StoreError> {
         let mut tx = self.pool().begin().await?;
-        let ids = self
+        let (ids, last_dead_at) = self
             .next_chunk(&mut *tx, Scope::Dead, filter, true, limit)
             .await?;
         if ids.is_empty() {
@@ -59,6 +62,7 @@ impl Store {
         Ok(Chunk {
             selected: ids.len() as u64,
             changed: replayed as u64,
+            last_dead_at,
         })
     }
 
@@ -70,7 +74,7 @@ impl Store {
         limit: i64,
     ) -> Result<ToTopicChunk, StoreError> {
         let mut tx = self.pool().begin().await?;
-        let ids = self
+        let (ids, last_dead_at) = self
             .next_chunk(&mut *tx, Scope::Dead, filter, true, limit)
             .await?;
         let records = sqlx::query!(
@@ -92,7 +96,12 @@ impl Store {
             traces.push(r.trace_context.take());
             rows.push((r.id, stored_message!(r)?));
         }
-        Ok(ToTopicChunk { tx, rows, traces })
+        Ok(ToTopicChunk {
+            tx,
+            rows,
+            traces,
+            last_dead_at,
+        })
     }
 }
 

@@ -2779,6 +2779,74 @@ async fn an_error_kinds_deaths_are_read_through_their_own_index() {
     assert!(none.is_empty(), "{none:?}");
 }
 
+#[tokio::test]
+async fn a_command_of_many_chunks_walks_the_older_deaths_once() {
+    // 20,000 rows that died days ago, then 300 in the last minutes of an error of their own. A
+    // replay by that error's text alone has no index to read its rows through: its first chunk
+    // walks the deaths from the oldest. Each chunk after it starts at the newest death the one
+    // before it took (`Filter::start_at`), so the walk is made once, not once per chunk.
+    let db = TestDb::new().await;
+    sqlx::query(
+        r#"
+        INSERT INTO redrive.retry_messages (
+            id, consumer_group, topic, "partition", kafka_offset, payload, state, attempts,
+            max_attempts, next_attempt_at, last_error, error_kind, dead_at, dlq_published_at)
+        SELECT gen_random_uuid(), 'g', 'orders', 0, i, '\x00'::bytea, 'dead', 3, 3, now(),
+               CASE WHEN i <= 20000 THEN 'old error' ELSE 'new bug in v2' END, 'retryable', t, t
+        FROM generate_series(1, 20300) AS i,
+             LATERAL (SELECT now() - CASE WHEN i <= 20000 THEN interval '2 days' - i * interval '1 second'
+                                          ELSE (20300 - i) * interval '1 second' END AS t) AS x
+        "#,
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    vacuum_until_all_visible(&db).await;
+
+    let (pool, store) = on_one_connection(&db).await;
+    let filter = Filter {
+        error_contains: Some("NEW BUG".into()),
+        ..Filter::default()
+    };
+    let args = redrive::cli::FilterArgs {
+        chunk_size: 50,
+        ..redrive::cli::FilterArgs::default()
+    };
+    let audit = redrive::store::replay::Audit {
+        by: "test".into(),
+        reason: None,
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (finished, read) = read_by(
+        &db,
+        &pool,
+        redrive::ops::chunked("replay", 300, &args, &filter, &stop, |n, from| {
+            let (store, audit) = (&store, &audit);
+            async move { Ok(store.replay_chunk(&from, n, audit, None).await.unwrap()) }
+        }),
+    )
+    .await;
+    assert_eq!(finished.unwrap().done, 300);
+    assert!(
+        read.1 < 30_000,
+        "a replay of 300 rows in chunks of 50 behind 20,000 older deaths read {} rows",
+        read.1
+    );
+    let states: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT last_error, state, count(*) FROM redrive.retry_messages GROUP BY 1, 2 ORDER BY 1",
+    )
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        states,
+        [
+            ("new bug in v2".to_string(), "pending".to_string(), 300),
+            ("old error".to_string(), "dead".to_string(), 20_000),
+        ]
+    );
+}
+
 /// `redrive.pause` finds a topic's rows group by group, through the groups that
 /// `redrive.consumer_groups()` lists (schema V28): every group's pending rows of the topic are
 /// paused, and no other row, nor a row a worker is attempting. The console's pause preview counts
