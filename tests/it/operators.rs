@@ -2264,6 +2264,20 @@ async fn same_rows_as_find(db: &TestDb, filters: &[Filter]) {
     }
 }
 
+/// What `work` returns, once it is known to have read fewer than `most` rows of the message table
+/// (`what` names it in the failure).
+async fn reads_fewer_than<T>(
+    most: i64,
+    what: &str,
+    db: &TestDb,
+    flushed: &sqlx::PgPool,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let (done, read) = read_by(db, flushed, work).await;
+    assert!(read.1 < most, "{what} read {} rows", read.1);
+    done
+}
+
 /// What `work` returns, the indexes (or `sequential`) it read the message table through, and the
 /// entries and rows it read, once `flushed`'s backend has reported them.
 async fn read_through<T>(
@@ -2332,32 +2346,33 @@ async fn a_chunk_of_the_newest_deaths_reads_its_topics_rows_not_every_older_one(
         by: "test".into(),
         reason: None,
     };
-    let (sample, read) = read_by(
+    let sample = reads_fewer_than(
+        100,
+        "a dry run's sample of 10 rows of the recent topic",
         &db,
         &pool,
         store.sample_matching(Scope::Dead, &recent, true, 10),
     )
     .await;
     assert_eq!(sample.unwrap().len(), 10);
-    assert!(
-        read.1 < 100,
-        "a dry run's sample of 10 rows of the recent topic read {} rows",
-        read.1
-    );
-    let (chunk, read) = read_by(&db, &pool, store.replay_chunk(&recent, 100, &audit, None)).await;
+    let chunk = reads_fewer_than(
+        1_000,
+        "a replay chunk of 100 rows of the recent topic",
+        &db,
+        &pool,
+        store.replay_chunk(&recent, 100, &audit, None),
+    )
+    .await;
     assert_eq!(chunk.unwrap().changed, 100);
-    assert!(
-        read.1 < 1_000,
-        "a replay chunk of 100 rows of the recent topic read {} rows",
-        read.1
-    );
-    let (chunk, read) = read_by(&db, &pool, store.purge_chunk(&new_group, false, 100)).await;
+    let chunk = reads_fewer_than(
+        1_000,
+        "a purge chunk of 100 rows of the new group",
+        &db,
+        &pool,
+        store.purge_chunk(&new_group, false, 100),
+    )
+    .await;
     assert_eq!(chunk.unwrap().changed, 100);
-    assert!(
-        read.1 < 1_000,
-        "a purge chunk of 100 rows of the new group read {} rows",
-        read.1
-    );
 
     // Called from SQL on a session that plans it once for any arguments (as psql may after five
     // calls), it still reads through the topic's or the group's index: it may read their rows
@@ -2490,51 +2505,49 @@ async fn a_keys_deaths_are_read_through_their_own_index_whatever_the_keys_size()
         ..Filter::default()
     };
     let customer = key("customer-42");
-    let (matched, read) = read_by(
+    let matched = reads_fewer_than(
+        200,
+        "a dry run's count of one key",
         &db,
         &pool,
         store.count_matching(Scope::Dead, &customer, true),
     )
     .await;
     assert_eq!(matched.unwrap().eligible, 55, "the key's dead rows");
-    assert!(
-        read.1 < 200,
-        "a dry run's count of one key read {} rows",
-        read.1
-    );
-    let (sample, read) = read_by(
+    let sample = reads_fewer_than(
+        100,
+        "a dry run's sample of 10 rows of one key",
         &db,
         &pool,
         store.sample_matching(Scope::Dead, &customer, true, 10),
     )
     .await;
     assert_eq!(sample.unwrap().len(), 10);
-    assert!(
-        read.1 < 100,
-        "a dry run's sample of 10 rows of one key read {} rows",
-        read.1
-    );
     let audit = redrive::store::replay::Audit {
         by: "test".into(),
         reason: None,
     };
-    let (chunk, read) = read_by(&db, &pool, store.replay_chunk(&customer, 20, &audit, None)).await;
+    let chunk = reads_fewer_than(
+        200,
+        "a replay chunk of 20 rows of one key",
+        &db,
+        &pool,
+        store.replay_chunk(&customer, 20, &audit, None),
+    )
+    .await;
     assert_eq!(chunk.unwrap().changed, 20);
-    assert!(
-        read.1 < 200,
-        "a replay chunk of 20 rows of one key read {} rows",
-        read.1
-    );
-    let (chunk, read) = read_by(&db, &pool, store.purge_chunk(&key(&long('a')), true, 100)).await;
+    let chunk = reads_fewer_than(
+        200,
+        "a purge chunk of one long key",
+        &db,
+        &pool,
+        store.purge_chunk(&key(&long('a')), true, 100),
+    )
+    .await;
     assert_eq!(
         chunk.unwrap().changed,
         5,
         "the long key's rows, not its neighbour's"
-    );
-    assert!(
-        read.1 < 200,
-        "a purge chunk of one long key read {} rows",
-        read.1
     );
 
     // Planned once for any arguments, it still reads the key's rows through their index alone.
@@ -2668,7 +2681,9 @@ async fn an_error_kinds_deaths_are_read_through_their_own_index() {
     .await
     .unwrap();
     assert!(dead_permanent > 200, "{dead_permanent} permanent deaths");
-    let (matched, read) = read_by(
+    let matched = reads_fewer_than(
+        1_000,
+        "a dry run's count of one kind",
         &db,
         &pool,
         store.count_matching(Scope::Dead, &permanent, true),
@@ -2679,42 +2694,38 @@ async fn an_error_kinds_deaths_are_read_through_their_own_index() {
         dead_permanent,
         "the kind's dead rows"
     );
-    assert!(
-        read.1 < 1_000,
-        "a dry run's count of one kind read {} rows",
-        read.1
-    );
-    let (sample, read) = read_by(
+    let sample = reads_fewer_than(
+        100,
+        "a dry run's sample of 10 rows of one kind",
         &db,
         &pool,
         store.sample_matching(Scope::Dead, &permanent, true, 10),
     )
     .await;
     assert_eq!(sample.unwrap().len(), 10);
-    assert!(
-        read.1 < 100,
-        "a dry run's sample of 10 rows of one kind read {} rows",
-        read.1
-    );
     let audit = redrive::store::replay::Audit {
         by: "test".into(),
         reason: None,
     };
-    let (chunk, read) = read_by(&db, &pool, store.replay_chunk(&permanent, 20, &audit, None)).await;
+    let chunk = reads_fewer_than(
+        200,
+        "a replay chunk of 20 rows of one kind",
+        &db,
+        &pool,
+        store.replay_chunk(&permanent, 20, &audit, None),
+    )
+    .await;
     assert_eq!(chunk.unwrap().changed, 20);
-    assert!(
-        read.1 < 200,
-        "a replay chunk of 20 rows of one kind read {} rows",
-        read.1
-    );
     let timeout = kinds(&["timeout"]);
-    let (chunk, read) = read_by(&db, &pool, store.purge_chunk(&timeout, true, 20)).await;
+    let chunk = reads_fewer_than(
+        200,
+        "a purge chunk of 20 rows of one kind",
+        &db,
+        &pool,
+        store.purge_chunk(&timeout, true, 20),
+    )
+    .await;
     assert_eq!(chunk.unwrap().changed, 20);
-    assert!(
-        read.1 < 200,
-        "a purge chunk of 20 rows of one kind read {} rows",
-        read.1
-    );
     let pending_timeouts: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM redrive.retry_messages WHERE state = 'pending' AND error_kind = 'timeout'",
     )
@@ -2817,7 +2828,9 @@ async fn a_command_of_many_chunks_walks_the_older_deaths_once() {
         reason: None,
     };
     let stop = tokio_util::sync::CancellationToken::new();
-    let (finished, read) = read_by(
+    let finished = reads_fewer_than(
+        30_000,
+        "a replay of 300 rows in chunks of 50 behind 20,000 older deaths",
         &db,
         &pool,
         redrive::ops::chunked("replay", 300, &args, &filter, &stop, |n, from| {
@@ -2827,11 +2840,6 @@ async fn a_command_of_many_chunks_walks_the_older_deaths_once() {
     )
     .await;
     assert_eq!(finished.unwrap().done, 300);
-    assert!(
-        read.1 < 30_000,
-        "a replay of 300 rows in chunks of 50 behind 20,000 older deaths read {} rows",
-        read.1
-    );
     let states: Vec<(String, String, i64)> = sqlx::query_as(
         "SELECT last_error, state, count(*) FROM redrive.retry_messages GROUP BY 1, 2 ORDER BY 1",
     )
