@@ -32,6 +32,11 @@
 //!   empty.
 //! - replay:   dead rows in the table; rows/s of `redrive replay --all` (chunks of 1,000).
 //! - purge:    dead rows in the table; rows/s of `redrive purge` (chunks of 1,000).
+//! - produce-floor: the reference for dlq: a producer made as redrive makes its DLQ producer
+//!   sends records of 1 KiB with ten headers as long as a DLQ record's, up to 10,000
+//!   unacknowledged at once; records/s until the broker has acknowledged them all.
+//! - dlq:      dead rows in the table, none published; rows/s of the DLQ publisher alone until
+//!   each is on the DLQ topic and marked published.
 //! - timing:   rows coming due at 1,000/s; how late each is attempted, and the CPU per row of
 //!   redrive and Postgres (see `timing.rs`).
 //! - timing-defaults: timing with redrive's default workers (32 slots) and pool.
@@ -57,6 +62,7 @@
 //! reference. Every wait has a deadline; the benchmark counts handler calls in memory, so its own
 //! polling does not load what it measures.
 
+mod dlq;
 mod footprint;
 mod operators;
 mod outage;
@@ -131,7 +137,7 @@ fn env(name: &str, default: &str) -> String {
 }
 
 /// Every case, in the order a round runs them.
-const CASES: [&str; 20] = [
+const CASES: [&str; 22] = [
     "bare",
     "happy",
     "happy-ce",
@@ -152,6 +158,8 @@ const CASES: [&str; 20] = [
     "dispatch-lines",
     "replay",
     "purge",
+    "produce-floor",
+    "dlq",
 ];
 
 /// Cases that measure something other than a rate, each printing a table of its own after the
@@ -169,7 +177,7 @@ const OWN_TABLES: [&str; 6] = [
 ];
 
 /// Each case against its reference: (case, reference, what the reference is).
-const RATIOS: [(&str, &str); 17] = [
+const RATIOS: [(&str, &str); 18] = [
     ("happy", "bare"),
     ("happy-ce", "happy"),
     ("happy-keys", "bare"),
@@ -187,6 +195,7 @@ const RATIOS: [(&str, &str); 17] = [
     ("retry", "claim-floor"),
     ("retry", "dispatch"),
     ("dispatch-lines", "dispatch"),
+    ("dlq", "produce-floor"),
 ];
 
 /// The consumer cases' auto-commit interval (redrive's default is 200 ms). A case ends when its last
@@ -287,6 +296,8 @@ async fn run_cases() -> anyhow::Result<()> {
                 "retry" => retry(&db, n).await?,
                 "dispatch-lines" => dispatch(&db, n, Some(LINES), false).await?,
                 "replay" | "purge" => operate(case, &db, n).await?,
+                "produce-floor" => dlq::produce_floor(&kafka, n).await?,
+                "dlq" => dlq::dlq(&db, &kafka, n).await?,
                 _ => consume(case, &db, &kafka, n).await?,
             };
             let cpu = cpu_seconds() - cpu;

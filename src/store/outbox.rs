@@ -49,13 +49,15 @@ impl Store {
     /// Locks up to `limit` unpublished dead rows of `group`, oldest first.
     pub async fn outbox_batch(&self, group: &str, limit: i64) -> Result<OutboxBatch, StoreError> {
         let mut tx = self.pool().begin().await?;
+        // `COLLATE "C"` as in the outbox index's predicate (schema V30): only that index can serve
+        // this statement, so it never walks the dead rows already published.
         let records = sqlx::query!(
             r#"
             SELECT id, consumer_group, topic, "partition", kafka_offset, kafka_timestamp, key, payload,
                    headers::text AS "headers!", attempts, first_failed_at, last_error, error_kind,
                    trace_context
             FROM redrive.retry_messages
-            WHERE consumer_group = $1 AND state = 'dead' AND dlq_published_at IS NULL
+            WHERE consumer_group = $1 AND state = 'dead' COLLATE "C" AND dlq_published_at IS NULL
               AND dlq_refused_at IS NULL
             ORDER BY dead_at
             LIMIT $2
@@ -97,7 +99,7 @@ impl Store {
     pub async fn outbox_backlog(&self, group: &str) -> Result<i64, StoreError> {
         let n = sqlx::query_scalar!(
             r#"SELECT count(*) AS "n!" FROM redrive.retry_messages
-               WHERE consumer_group = $1 AND state = 'dead' AND dlq_published_at IS NULL
+               WHERE consumer_group = $1 AND state = 'dead' COLLATE "C" AND dlq_published_at IS NULL
                  AND dlq_refused_at IS NULL"#,
             group,
         )

@@ -511,13 +511,14 @@ async fn groups(
                (SELECT min(next_attempt_at) FROM redrive.queue
                 WHERE state = 'pending' AND consumer_group = g AND next_attempt_at > now())
                    AS next_due_at,
+               -- The outbox through its own index alone (schema V30).
                (SELECT count(*) FROM (
                     SELECT 1 FROM redrive.retry_messages
-                    WHERE state = 'dead' AND dlq_published_at IS NULL AND dlq_refused_at IS NULL
+                    WHERE state = 'dead' COLLATE "C" AND dlq_published_at IS NULL AND dlq_refused_at IS NULL
                       AND consumer_group = g
                     LIMIT $2) x) AS "dlq_backlog!",
                (SELECT min(dead_at) FROM redrive.retry_messages
-                WHERE state = 'dead' AND dlq_published_at IS NULL AND dlq_refused_at IS NULL
+                WHERE state = 'dead' COLLATE "C" AND dlq_published_at IS NULL AND dlq_refused_at IS NULL
                   AND consumer_group = g) AS dlq_oldest_dead_at,
                (SELECT count(*) FROM (
                     SELECT 1 FROM redrive.retry_messages

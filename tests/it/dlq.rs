@@ -293,3 +293,58 @@ async fn bad_input_round_trips_byte_for_byte_through_the_table_into_the_dlq() {
         5
     );
 }
+
+#[tokio::test]
+async fn the_outbox_is_read_through_its_own_index_while_most_dead_rows_are_published() {
+    // 20,000 rows that died one a second, analyzed while none was published, as in a storm of
+    // permanent errors or after a DLQ outage: the statistics say every dead row waits for the DLQ
+    // broker. Then the oldest 19,900 are published, and vacuumed without a new analyze. The
+    // publisher's round and the backlog's count read the 100 left through the outbox's index;
+    // through any other index of dead rows, in death order, each would read the 19,900 published
+    // rows first.
+    let db = TestDb::new().await;
+    sqlx::query(
+        r#"
+        INSERT INTO redrive.retry_messages (
+            id, consumer_group, topic, "partition", kafka_offset, payload, state, attempts,
+            max_attempts, next_attempt_at, last_error, error_kind, dead_at)
+        SELECT gen_random_uuid(), 'g', 'orders', 0, i, '\x00'::bytea, 'dead', 1, 3, now(),
+               '400 bad request', 'permanent', now() - (20000 - i) * interval '1 second'
+        FROM generate_series(1, 20000) AS i
+        "#,
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    vacuum_until_all_visible(&db).await;
+    sqlx::query(
+        "UPDATE redrive.retry_messages SET dlq_published_at = now(), dlq_topic = 'orders.dlq'
+         WHERE kafka_offset <= 19900",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    sqlx::query("VACUUM redrive.retry_messages")
+        .execute(db.pool())
+        .await
+        .unwrap();
+
+    let (flushed, store) = on_one_connection(&db).await;
+    // The batch is let go (its rows unlocked) inside, so the one connection is free to be asked.
+    let round = async {
+        let batch = store.outbox_batch("g", 100).await.unwrap();
+        let mut offsets: Vec<i64> = batch.rows.iter().map(|r| r.message.offset).collect();
+        offsets.sort();
+        offsets
+    };
+    let (offsets, read) = read_by(&db, &flushed, round).await;
+    assert_eq!(offsets, (19901..=20000).collect::<Vec<_>>());
+    assert!(
+        read.1 < 1000,
+        "a round of the publisher read {} rows",
+        read.1
+    );
+    let (backlog, read) = read_by(&db, &flushed, store.outbox_backlog("g")).await;
+    assert_eq!(backlog.unwrap(), 100);
+    assert!(read.1 < 1000, "the backlog's count read {} rows", read.1);
+}
