@@ -352,6 +352,7 @@ async fn dlq_publisher(
         config.kafka.group_id(),
         &config.dlq.topic,
         config.dlq.batch_size,
+        config.dlq.batch_bytes,
     )
     .context("creating the DLQ producer (check [kafka] and [dlq.kafka])")?;
     let producer = publisher.producer();

@@ -61,8 +61,10 @@ pub mod headers {
 /// What one publishing round did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Round {
-    /// Rows locked for this round.
+    /// Rows taken for this round.
     pub fetched: usize,
+    /// Whether the round stopped at its bound of rows or bytes: more may wait.
+    pub full: bool,
     /// Rows acknowledged by the broker and marked published.
     pub published: usize,
     /// Rows whose send failed for a reason that may pass; they stay in the outbox.
@@ -83,18 +85,21 @@ pub struct DlqPublisher {
     group: String,
     topic_template: String,
     batch_size: i64,
+    batch_bytes: i64,
     idle: Duration,
 }
 
 impl DlqPublisher {
     /// A publisher whose producer is made from `settings` (see [`crate::kafka::producer_config`]).
-    /// `topic_template` names the DLQ topic; `{topic}` is the source topic.
+    /// `topic_template` names the DLQ topic; `{topic}` is the source topic. A round takes up to
+    /// `batch_size` rows and `batch_bytes` of their keys and values.
     pub fn new(
         store: Store,
         settings: ClientConfig,
         group: &str,
         topic_template: &str,
         batch_size: i64,
+        batch_bytes: usize,
     ) -> KafkaResult<Self> {
         let producer = settings.create()?;
         Ok(Self {
@@ -105,6 +110,7 @@ impl DlqPublisher {
             group: group.to_string(),
             topic_template: topic_template.to_string(),
             batch_size,
+            batch_bytes: i64::try_from(batch_bytes).unwrap_or(i64::MAX),
             idle: Duration::from_secs(30),
         })
     }
@@ -170,7 +176,7 @@ impl DlqPublisher {
         let mut backoff = Duration::from_millis(500);
         while !shutdown.is_cancelled() {
             let wait = match self.run_once().await {
-                Ok(r) if r.failed == 0 && r.fetched as i64 == self.batch_size => continue,
+                Ok(r) if r.failed == 0 && r.full => continue,
                 // Records refused for good leave the outbox: go on with the rest at once.
                 Ok(r) if r.failed == 0 && r.refused > 0 => continue,
                 Ok(r) if r.failed == 0 => {
@@ -201,9 +207,9 @@ impl DlqPublisher {
     pub async fn run_once(&self) -> Result<Round, StoreError> {
         let batch = self
             .store
-            .outbox_batch(&self.group, self.batch_size)
+            .outbox_batch(&self.group, self.batch_size, self.batch_bytes)
             .await?;
-        let fetched = batch.rows.len() + batch.unreadable.len();
+        let (fetched, full) = (batch.rows.len() + batch.unreadable.len(), batch.full);
         if fetched == 0 {
             return Ok(Round::default());
         }
@@ -246,6 +252,7 @@ impl DlqPublisher {
         metrics::counter!("redrive_dlq_refused_total").increment(refused.len() as u64);
         Ok(Round {
             fetched,
+            full,
             published: published.len(),
             failed,
             refused: refused.len(),

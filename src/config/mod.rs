@@ -172,6 +172,9 @@ pub struct DlqConfig {
     pub publish_timeout: Duration,
     /// Most dead rows published per round.
     pub batch_size: i64,
+    /// Most bytes of keys and values published per round (a row larger than this goes alone), so
+    /// a round of large records is split over several.
+    pub batch_bytes: usize,
     /// librdkafka properties for the DLQ producer only, over those in `[kafka]`.
     pub kafka: BTreeMap<String, Value>,
 }
@@ -277,7 +280,8 @@ impl Default for DlqConfig {
         Self {
             topic: "{topic}.dlq".into(),
             publish_timeout: Duration::from_secs(30),
-            batch_size: 100,
+            batch_size: 1000,
+            batch_bytes: 16 << 20,
             kafka: BTreeMap::new(),
         }
     }
@@ -306,6 +310,7 @@ impl std::fmt::Debug for DlqConfig {
             .field("topic", &self.topic)
             .field("publish_timeout", &self.publish_timeout)
             .field("batch_size", &self.batch_size)
+            .field("batch_bytes", &self.batch_bytes)
             .field("kafka (values hidden)", &kafka)
             .finish()
     }
@@ -393,6 +398,7 @@ impl Config {
                 self.postgres.max_connections as usize,
             ),
             ("dlq.batch_size", self.dlq.batch_size.max(0) as usize),
+            ("dlq.batch_bytes", self.dlq.batch_bytes),
         ];
         if let Some((field, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(invalid(*field, "must be at least 1"));

@@ -43,31 +43,60 @@ pub struct OutboxBatch {
     pub rows: Vec<DeadRow>,
     /// Rows whose stored message cannot be read, with the reason; they cannot be published.
     pub unreadable: Vec<(Uuid, String)>,
+    /// Whether the batch stopped at a bound (its rows or its bytes) rather than at the end of the
+    /// outbox: more rows may wait.
+    pub full: bool,
 }
 
 impl Store {
-    /// Locks up to `limit` unpublished dead rows of `group`, oldest first.
-    pub async fn outbox_batch(&self, group: &str, limit: i64) -> Result<OutboxBatch, StoreError> {
+    /// Locks up to `limit` unpublished dead rows of `group`, oldest first, and returns the oldest
+    /// of them whose keys and values come to at most `bytes`, or the first alone when it is
+    /// larger. Rows locked past that stay locked until the batch ends, unpublished, for a later
+    /// round.
+    pub async fn outbox_batch(
+        &self,
+        group: &str,
+        limit: i64,
+        bytes: i64,
+    ) -> Result<OutboxBatch, StoreError> {
         let mut tx = self.pool().begin().await?;
         // `COLLATE "C"` as in the outbox index's predicate (schema V30): only that index can serve
-        // this statement, so it never walks the dead rows already published.
+        // this statement, so it never walks the dead rows already published. A value's length is
+        // read from its header, without reading a stored large value itself.
         let records = sqlx::query!(
             r#"
-            SELECT id, consumer_group, topic, "partition", kafka_offset, kafka_timestamp, key, payload,
-                   headers::text AS "headers!", attempts, first_failed_at, last_error, error_kind,
-                   trace_context
-            FROM redrive.retry_messages
-            WHERE consumer_group = $1 AND state = 'dead' COLLATE "C" AND dlq_published_at IS NULL
-              AND dlq_refused_at IS NULL
-            ORDER BY dead_at
-            LIMIT $2
-            FOR UPDATE SKIP LOCKED
+            WITH locked AS (
+                SELECT id, consumer_group, topic, "partition", kafka_offset, kafka_timestamp, key,
+                       payload, headers, attempts, first_failed_at, last_error, error_kind,
+                       trace_context, dead_at,
+                       coalesce(octet_length(key), 0) + coalesce(octet_length(payload), 0) AS size
+                FROM redrive.retry_messages
+                WHERE consumer_group = $1 AND state = 'dead' COLLATE "C"
+                  AND dlq_published_at IS NULL AND dlq_refused_at IS NULL
+                ORDER BY dead_at
+                LIMIT $2
+                FOR UPDATE SKIP LOCKED
+            )
+            SELECT id AS "id!", consumer_group AS "consumer_group!", topic AS "topic!",
+                   "partition" AS "partition!", kafka_offset AS "kafka_offset!", kafka_timestamp,
+                   key, payload, headers::text AS "headers!", attempts AS "attempts!",
+                   first_failed_at AS "first_failed_at!", last_error, error_kind, trace_context,
+                   locked AS "locked!"
+            FROM (SELECT l.*, count(*) OVER () AS locked,
+                         row_number() OVER w AS n, sum(l.size) OVER w AS upto
+                  FROM locked l
+                  WINDOW w AS (ORDER BY l.dead_at, l.id ROWS UNBOUNDED PRECEDING)) t
+            WHERE n = 1 OR upto <= $3
+            ORDER BY dead_at, id
             "#,
             group,
             limit,
+            bytes,
         )
         .fetch_all(&mut *tx)
         .await?;
+        let locked = records.first().map_or(0, |r| r.locked);
+        let full = locked == limit || (records.len() as i64) < locked;
         let (mut rows, mut unreadable) = (Vec::with_capacity(records.len()), Vec::new());
         for mut r in records {
             let (id, consumer_group, attempts) = (r.id, r.consumer_group, r.attempts);
@@ -92,6 +121,7 @@ impl Store {
             tx,
             rows,
             unreadable,
+            full,
         })
     }
 

@@ -33,7 +33,15 @@ fn mock_publisher(
         &[("bootstrap.servers".to_string(), mock.bootstrap_servers())].into(),
         Duration::from_secs(2),
     );
-    DlqPublisher::new(db.store.clone(), settings, "g", "{topic}.dlq", 100).unwrap()
+    DlqPublisher::new(
+        db.store.clone(),
+        settings,
+        "g",
+        "{topic}.dlq",
+        100,
+        16 << 20,
+    )
+    .unwrap()
 }
 
 #[tokio::test]
@@ -332,7 +340,7 @@ async fn the_outbox_is_read_through_its_own_index_while_most_dead_rows_are_publi
     let (flushed, store) = on_one_connection(&db).await;
     // The batch is let go (its rows unlocked) inside, so the one connection is free to be asked.
     let round = async {
-        let batch = store.outbox_batch("g", 100).await.unwrap();
+        let batch = store.outbox_batch("g", 100, 16 << 20).await.unwrap();
         let mut offsets: Vec<i64> = batch.rows.iter().map(|r| r.message.offset).collect();
         offsets.sort();
         offsets
@@ -347,4 +355,48 @@ async fn the_outbox_is_read_through_its_own_index_while_most_dead_rows_are_publi
     let (backlog, read) = read_by(&db, &flushed, store.outbox_backlog("g")).await;
     assert_eq!(backlog.unwrap(), 100);
     assert!(read.1 < 1000, "the backlog's count read {} rows", read.1);
+}
+
+#[tokio::test]
+async fn a_round_takes_rows_up_to_its_bytes_and_a_larger_row_alone() {
+    // Seven dead rows in death order: five of 400 bytes of key and value, one of 3,000 and one of
+    // 100. A round bounded to 1,000 bytes takes the oldest rows that fit in it, or one larger row
+    // alone.
+    let db = TestDb::new().await;
+    sqlx::query(
+        r#"
+        INSERT INTO redrive.retry_messages (
+            id, consumer_group, topic, "partition", kafka_offset, key, payload, state, attempts,
+            max_attempts, next_attempt_at, last_error, error_kind, dead_at)
+        SELECT gen_random_uuid(), 'g', 'orders', 0, i, convert_to(repeat('k', 100), 'UTF8'),
+               convert_to(repeat('v', CASE WHEN i <= 5 THEN 300 WHEN i = 6 THEN 2900 ELSE 0 END),
+                          'UTF8'),
+               'dead', 1, 3, now(), '400 bad request', 'permanent', now() - (10 - i) * interval '1 second'
+        FROM generate_series(1, 7) AS i
+        "#,
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let round = async |rows, bytes| {
+        let batch = db.store.outbox_batch("g", rows, bytes).await.unwrap();
+        let offsets: Vec<i64> = batch.rows.iter().map(|r| r.message.offset).collect();
+        let full = batch.full;
+        let published: Vec<(uuid::Uuid, String)> = batch
+            .rows
+            .iter()
+            .map(|r| (r.id, "orders.dlq".to_string()))
+            .collect();
+        batch.finish(&published, &[]).await.unwrap();
+        (offsets, full)
+    };
+    // A bound of rows: the one oldest row.
+    assert_eq!(round(1, 1 << 20).await, (vec![1], true));
+    assert_eq!(round(100, 1000).await, (vec![2, 3], true));
+    assert_eq!(round(100, 1000).await, (vec![4, 5], true));
+    assert_eq!(round(100, 1000).await, (vec![6], true));
+    // The last one is not full: the outbox ends there.
+    assert_eq!(round(100, 1000).await, (vec![7], false));
+    assert_eq!(round(100, 1000).await, (vec![], false));
+    assert_eq!(db.count("dlq_published_at IS NOT NULL").await, 7);
 }

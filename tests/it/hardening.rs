@@ -325,7 +325,15 @@ async fn poison_dlq_records_are_marked_and_the_publisher_moves_on() {
         &[("bootstrap.servers".to_string(), kafka())].into(),
         Duration::from_secs(10),
     );
-    let publisher = DlqPublisher::new(db.store.clone(), settings, "g", "{topic}.dlq", 100).unwrap();
+    let publisher = DlqPublisher::new(
+        db.store.clone(),
+        settings,
+        "g",
+        "{topic}.dlq",
+        100,
+        16 << 20,
+    )
+    .unwrap();
     let stop = CancellationToken::new();
     let running = tokio::spawn(publisher.run(stop.clone()));
 

@@ -1184,7 +1184,7 @@ async fn each_role_can_do_its_job_and_nothing_more() {
         1
     );
     db.assert_queue_in_step().await;
-    let batch = store.outbox_batch("g", 10).await.unwrap();
+    let batch = store.outbox_batch("g", 10, 16 << 20).await.unwrap();
     let published: Vec<(Uuid, String)> = batch
         .rows
         .iter()
