@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# What a death costs in SQL alone, with the dead rows' key index (schema V26) and kind index (V29)
-# and without each: N pending rows (100,000 unless set) with 1 KiB payloads and keys `customer-0`
-# to `customer-4999`, killed 1,000 per statement (`UPDATE … SET state = 'dead'`), as the table
-# `migrate` makes it, with `retry_messages_finished_key` dropped and with
-# `retry_messages_finished_kind` dropped. Each run is on a fresh copy of one loaded database, the
-# three alternately, BENCH_RUNS rounds (3 unless set). Prints seconds (median [range]) and µs per
+# What a death costs in SQL alone, with the dead rows' key index (schema V26), kind index (V29)
+# and V3's outbox index (kept by V30 beside its own) and without each: N pending rows (100,000
+# unless set) with 1 KiB payloads and keys `customer-0` to `customer-4999`, killed 1,000 per
+# statement (`UPDATE … SET state = 'dead'`), as the table `migrate` makes it, with
+# `retry_messages_finished_key` dropped, with `retry_messages_finished_kind` dropped and with
+# `retry_messages_dlq_outbox` dropped. Each run is on a fresh copy of one loaded database, the
+# four alternately, BENCH_RUNS rounds (3 unless set). Prints seconds (median [range]) and µs per
 # death. Needs the services from `make services`.
 #   scripts/death-cost.sh [N]
 set -euo pipefail
@@ -34,8 +35,9 @@ declare -A take_away=(
   [as-migrated]=""
   [without-key-index]="DROP INDEX redrive.retry_messages_finished_key"
   [without-kind-index]="DROP INDEX redrive.retry_messages_finished_kind"
+  [without-v3-outbox-index]="DROP INDEX redrive.retry_messages_dlq_outbox"
 )
-variants=(as-migrated without-key-index without-kind-index)
+variants=(as-migrated without-key-index without-kind-index without-v3-outbox-index)
 declare -A secs
 for round in $(seq 1 "$RUNS"); do
   for v in "${variants[@]}"; do

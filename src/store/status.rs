@@ -511,7 +511,7 @@ async fn groups(
                (SELECT min(next_attempt_at) FROM redrive.queue
                 WHERE state = 'pending' AND consumer_group = g AND next_attempt_at > now())
                    AS next_due_at,
-               -- The outbox through its own index alone (schema V30).
+               -- The outbox through its own index alone (`retry_messages_unpublished`, schema V30).
                (SELECT count(*) FROM (
                     SELECT 1 FROM redrive.retry_messages
                     WHERE state = 'dead' COLLATE "C" AND dlq_published_at IS NULL AND dlq_refused_at IS NULL
