@@ -60,9 +60,9 @@ impl Store {
         bytes: i64,
     ) -> Result<OutboxBatch, StoreError> {
         let mut tx = self.pool().begin().await?;
-        // `COLLATE "C"` as in `retry_messages_unpublished`'s predicate (schema V30): only that index can serve
-        // this statement, so it never walks the dead rows already published. A value's length is
-        // read from its header, without reading a stored large value itself.
+        // `COLLATE "C"` as in `retry_messages_unpublished`'s predicate (schema V30): only that
+        // index can serve this statement, so it never walks the dead rows already published. A
+        // value's length is read from its header, without reading a stored large value itself.
         let records = sqlx::query!(
             r#"
             WITH locked AS (
