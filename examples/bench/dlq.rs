@@ -2,7 +2,7 @@
 //! and `produce-floor`, its reference, a producer with redrive's settings sending as many records
 //! of the same size and headers, with no table behind it.
 
-use super::{delete_topic, seed, Run, Start, DEADLINE, PARTITIONS};
+use super::{create_topic, delete_topic, seed, Run, Start, DEADLINE, PARTITIONS};
 use redrive::store::capture::InitialState;
 use redrive::Store;
 use std::time::{Duration, Instant};
@@ -20,7 +20,7 @@ pub async fn dlq(db: &str, kafka: &str, n: usize) -> anyhow::Result<Run> {
         .execute(store.pool())
         .await?;
     let topic = format!("bench.dlq.{}", chrono::Utc::now().timestamp_millis());
-    create_topic(kafka, &topic).await?;
+    create_topic(kafka, &topic, PARTITIONS).await?;
     let mut config = super::config(db, kafka, "bench", "bench", "http://127.0.0.1:1/")?;
     config.dlq.topic = topic.clone();
     if let Ok(rows) = std::env::var("BENCH_DLQ_BATCH") {
@@ -82,7 +82,7 @@ pub async fn produce_floor(kafka: &str, n: usize) -> anyhow::Result<Run> {
     use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let topic = format!("bench.produce.{}", chrono::Utc::now().timestamp_millis());
-    create_topic(kafka, &topic).await?;
+    create_topic(kafka, &topic, PARTITIONS).await?;
     let props = [("bootstrap.servers".to_string(), kafka.to_string())].into();
     let producer: FutureProducer =
         redrive::kafka::producer_config(&props, Duration::from_secs(30)).create()?;
@@ -153,18 +153,6 @@ const HEADER_NAMES: [&str; 10] = [
     redrive::dlq::headers::ERROR_KIND,
     redrive::dlq::headers::ID,
 ];
-
-async fn create_topic(kafka: &str, topic: &str) -> anyhow::Result<()> {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", kafka)
-        .create()?;
-    let new = NewTopic::new(topic, PARTITIONS, TopicReplication::Fixed(1));
-    for r in admin.create_topics(&[new], &AdminOptions::new()).await? {
-        r.map_err(|(t, e)| anyhow::anyhow!("creating topic {t}: {e}"))?;
-    }
-    Ok(())
-}
 
 /// A topic's high watermarks, summed over its partitions: how many records it holds.
 struct Watermarks {

@@ -2,10 +2,9 @@
 //! messages (1,000,000 unless set) of 1 KiB through its HTTP handler to a local endpoint; printed
 //! is the peak resident memory of the process (`VmHWM`), and its rate beside it.
 
-use super::{delete_topic, produce, redrive_binary, spread, start_stub, Committed, DEADLINE};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::ClientConfig;
+use super::{
+    create_topic, delete_topic, produce, redrive_binary, spread, start_stub, Committed, DEADLINE,
+};
 use std::time::Instant;
 
 /// One run: the peak RSS in MiB, and messages per second.
@@ -47,11 +46,7 @@ async fn once(admin_url: &str, kafka: &str, n: usize) -> anyhow::Result<Footprin
     produce(kafka, &topic, n).await?;
     // The dead-letter topic must exist, by redrive's default `<topic>.dlq`; nothing dies here.
     let dlq = format!("{topic}.dlq");
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", kafka)
-        .create()?;
-    let t = NewTopic::new(&dlq, 1, TopicReplication::Fixed(1));
-    admin.create_topics(&[t], &AdminOptions::new()).await?;
+    create_topic(kafka, &dlq, 1).await?;
     let committed = Committed::new(kafka, &group, &topic)?;
     let stub = start_stub().await?;
     let config = std::env::temp_dir().join(format!("redrive-footprint-{stamp}.toml"));

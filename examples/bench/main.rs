@@ -650,11 +650,7 @@ async fn produce_keys(
     payload: Payload,
     ce_headers: bool,
 ) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", kafka)
-        .create()?;
-    let t = NewTopic::new(topic, PARTITIONS, TopicReplication::Fixed(1));
-    admin.create_topics(&[t], &AdminOptions::new()).await?;
+    create_topic(kafka, topic, PARTITIONS).await?;
     let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", kafka)
         .set("linger.ms", "20")
@@ -687,6 +683,18 @@ async fn produce_keys(
 }
 
 /// Deletes a case's topic: a run of `make bench` writes gigabytes to the broker otherwise.
+/// Creates `topic` with `partitions`, and fails with the broker's reason if it refuses.
+async fn create_topic(kafka: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", kafka)
+        .create()?;
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    for r in admin.create_topics(&[new], &AdminOptions::new()).await? {
+        r.map_err(|(t, e)| anyhow::anyhow!("creating topic {t}: {e}"))?;
+    }
+    Ok(())
+}
+
 async fn delete_topic(kafka: &str, topic: &str) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", kafka)

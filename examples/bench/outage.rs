@@ -7,9 +7,9 @@
 //! service came back (every offset committed and no row left to retry; read every 500 ms from the
 //! broker and from the small `redrive.queue` table).
 
-use super::{config, fresh_db, spread, Committed, DEADLINE, PARTITIONS};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use super::{
+    config, create_topic, delete_topic, fresh_db, spread, Committed, DEADLINE, PARTITIONS,
+};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer as _, ThreadedProducer};
 use rdkafka::ClientConfig;
 use redrive::cli::RunArgs;
@@ -118,11 +118,7 @@ async fn once(
         format!("bench.outage.{stamp}"),
         format!("bench-outage-{stamp}"),
     );
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", kafka)
-        .create()?;
-    let t = NewTopic::new(&topic, PARTITIONS, TopicReplication::Fixed(1));
-    admin.create_topics(&[t], &AdminOptions::new()).await?;
+    create_topic(kafka, &topic, PARTITIONS).await?;
 
     let mut config = config(&db, kafka, &topic, &group, "http://127.0.0.1:1/")?;
     config.retry.default = redrive::config::RetryPolicy::default();
@@ -196,9 +192,7 @@ async fn once(
     stop.cancel();
     task.await??;
     pool.close().await;
-    for r in admin.delete_topics(&[&topic], &AdminOptions::new()).await? {
-        r.map_err(|(t, e)| anyhow::anyhow!("deleting topic {t}: {e}"))?;
-    }
+    delete_topic(kafka, &topic).await?;
     Ok(Figures {
         produced,
         calls,

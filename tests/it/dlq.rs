@@ -29,19 +29,7 @@ fn mock_publisher(
     db: &TestDb,
     mock: &MockCluster<'_, impl rdkafka::ClientContext>,
 ) -> DlqPublisher {
-    let settings = redrive::kafka::producer_config(
-        &[("bootstrap.servers".to_string(), mock.bootstrap_servers())].into(),
-        Duration::from_secs(2),
-    );
-    DlqPublisher::new(
-        db.store.clone(),
-        settings,
-        "g",
-        "{topic}.dlq",
-        100,
-        16 << 20,
-    )
-    .unwrap()
+    dlq_publisher(db, mock.bootstrap_servers(), Duration::from_secs(2))
 }
 
 #[tokio::test]

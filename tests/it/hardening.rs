@@ -8,7 +8,6 @@ use crate::store::{message, pending};
 use redrive::capturer::capturer;
 use redrive::cli::RunArgs;
 use redrive::config::ConsumerConfig;
-use redrive::dlq::DlqPublisher;
 use redrive::handler::{Delivery, Handler, HandlerError};
 use redrive::message::Header;
 use redrive::store::capture::{Capture, InitialState};
@@ -321,19 +320,7 @@ async fn poison_dlq_records_are_marked_and_the_publisher_moves_on() {
     db.store.capture("g", &big).await.unwrap();
     let small: Vec<Capture> = (120..125).map(|o| dead(o, 10)).collect();
     db.store.capture("g", &small).await.unwrap();
-    let settings = redrive::kafka::producer_config(
-        &[("bootstrap.servers".to_string(), kafka())].into(),
-        Duration::from_secs(10),
-    );
-    let publisher = DlqPublisher::new(
-        db.store.clone(),
-        settings,
-        "g",
-        "{topic}.dlq",
-        100,
-        16 << 20,
-    )
-    .unwrap();
+    let publisher = dlq_publisher(&db, kafka(), Duration::from_secs(10));
     let stop = CancellationToken::new();
     let running = tokio::spawn(publisher.run(stop.clone()));
 

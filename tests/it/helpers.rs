@@ -727,6 +727,28 @@ pub async fn exporting(pool: &PgPool) -> (sqlx::Transaction<'static, sqlx::Postg
     (tx, seen, snapshot)
 }
 
+/// A DLQ publisher of group `g`'s dead rows to `{topic}.dlq` on the cluster at `bootstrap`, in
+/// rounds of up to 100 rows and 16 MiB, each acknowledged within `publish_timeout`.
+pub fn dlq_publisher(
+    db: &TestDb,
+    bootstrap: String,
+    publish_timeout: Duration,
+) -> redrive::dlq::DlqPublisher {
+    let settings = redrive::kafka::producer_config(
+        &[("bootstrap.servers".to_string(), bootstrap)].into(),
+        publish_timeout,
+    );
+    redrive::dlq::DlqPublisher::new(
+        db.store.clone(),
+        settings,
+        "g",
+        "{topic}.dlq",
+        100,
+        16 << 20,
+    )
+    .unwrap()
+}
+
 /// A store of redrive's own pool options on one connection, so each statement runs where the one
 /// before it ran; and its pool.
 pub async fn on_one_connection(db: &TestDb) -> (sqlx::PgPool, redrive::store::Store) {

@@ -2278,6 +2278,50 @@ async fn reads_fewer_than<T>(
     done
 }
 
+/// Through `store` (on `pool`'s one connection): a dry run's count of `filter`'s dead rows, read in
+/// fewer than `count_most` rows; its sample of 10, in fewer than 100; and a replay chunk of 20, in
+/// fewer than 200. `what` names the filter in the failures. Returns the count's eligible rows.
+async fn count_sample_and_replay(
+    db: &TestDb,
+    pool: &sqlx::PgPool,
+    store: &redrive::store::Store,
+    filter: &Filter,
+    what: &str,
+    count_most: i64,
+) -> i64 {
+    let matched = reads_fewer_than(
+        count_most,
+        &format!("a dry run's count of {what}"),
+        db,
+        pool,
+        store.count_matching(Scope::Dead, filter, true),
+    )
+    .await;
+    let sample = reads_fewer_than(
+        100,
+        &format!("a dry run's sample of 10 rows of {what}"),
+        db,
+        pool,
+        store.sample_matching(Scope::Dead, filter, true, 10),
+    )
+    .await;
+    assert_eq!(sample.unwrap().len(), 10);
+    let audit = redrive::store::replay::Audit {
+        by: "test".into(),
+        reason: None,
+    };
+    let chunk = reads_fewer_than(
+        200,
+        &format!("a replay chunk of 20 rows of {what}"),
+        db,
+        pool,
+        store.replay_chunk(filter, 20, &audit, None),
+    )
+    .await;
+    assert_eq!(chunk.unwrap().changed, 20);
+    matched.unwrap().eligible
+}
+
 /// What `work` returns, the indexes (or `sequential`) it read the message table through, and the
 /// entries and rows it read, once `flushed`'s backend has reported them.
 async fn read_through<T>(
@@ -2505,37 +2549,8 @@ async fn a_keys_deaths_are_read_through_their_own_index_whatever_the_keys_size()
         ..Filter::default()
     };
     let customer = key("customer-42");
-    let matched = reads_fewer_than(
-        200,
-        "a dry run's count of one key",
-        &db,
-        &pool,
-        store.count_matching(Scope::Dead, &customer, true),
-    )
-    .await;
-    assert_eq!(matched.unwrap().eligible, 55, "the key's dead rows");
-    let sample = reads_fewer_than(
-        100,
-        "a dry run's sample of 10 rows of one key",
-        &db,
-        &pool,
-        store.sample_matching(Scope::Dead, &customer, true, 10),
-    )
-    .await;
-    assert_eq!(sample.unwrap().len(), 10);
-    let audit = redrive::store::replay::Audit {
-        by: "test".into(),
-        reason: None,
-    };
-    let chunk = reads_fewer_than(
-        200,
-        "a replay chunk of 20 rows of one key",
-        &db,
-        &pool,
-        store.replay_chunk(&customer, 20, &audit, None),
-    )
-    .await;
-    assert_eq!(chunk.unwrap().changed, 20);
+    let eligible = count_sample_and_replay(&db, &pool, &store, &customer, "one key", 200).await;
+    assert_eq!(eligible, 55, "the key's dead rows");
     let chunk = reads_fewer_than(
         200,
         "a purge chunk of one long key",
@@ -2681,41 +2696,8 @@ async fn an_error_kinds_deaths_are_read_through_their_own_index() {
     .await
     .unwrap();
     assert!(dead_permanent > 200, "{dead_permanent} permanent deaths");
-    let matched = reads_fewer_than(
-        1_000,
-        "a dry run's count of one kind",
-        &db,
-        &pool,
-        store.count_matching(Scope::Dead, &permanent, true),
-    )
-    .await;
-    assert_eq!(
-        matched.unwrap().eligible,
-        dead_permanent,
-        "the kind's dead rows"
-    );
-    let sample = reads_fewer_than(
-        100,
-        "a dry run's sample of 10 rows of one kind",
-        &db,
-        &pool,
-        store.sample_matching(Scope::Dead, &permanent, true, 10),
-    )
-    .await;
-    assert_eq!(sample.unwrap().len(), 10);
-    let audit = redrive::store::replay::Audit {
-        by: "test".into(),
-        reason: None,
-    };
-    let chunk = reads_fewer_than(
-        200,
-        "a replay chunk of 20 rows of one kind",
-        &db,
-        &pool,
-        store.replay_chunk(&permanent, 20, &audit, None),
-    )
-    .await;
-    assert_eq!(chunk.unwrap().changed, 20);
+    let eligible = count_sample_and_replay(&db, &pool, &store, &permanent, "one kind", 1_000).await;
+    assert_eq!(eligible, dead_permanent, "the kind's dead rows");
     let timeout = kinds(&["timeout"]);
     let chunk = reads_fewer_than(
         200,
