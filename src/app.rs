@@ -165,20 +165,46 @@ pub async fn run<H: Handler>(
     supervise(services, shutdown, drain).await
 }
 
+/// The DLQ publisher's rounds in flight when `dlq.rounds_in_flight` is not set, where the pool has
+/// room for them (see [`dlq_rounds`]).
+const DLQ_ROUNDS: usize = 2;
+
+/// Connections of the pool that capture, claims and completions need at least, between them,
+/// beside the DLQ publisher's.
+const WORKING_CONNECTIONS: usize = 1;
+
+/// The DLQ publisher's rounds in flight: `dlq.rounds_in_flight`, or else [`DLQ_ROUNDS`], or fewer
+/// when the pool has no room for them beside [`WORKING_CONNECTIONS`] (but always one).
+fn dlq_rounds(config: &Config) -> usize {
+    config.dlq.rounds_in_flight.unwrap_or_else(|| {
+        let max = config.postgres.max_connections as usize;
+        max.saturating_sub(WORKING_CONNECTIONS).clamp(1, DLQ_ROUNDS)
+    })
+}
+
 /// Refuses a pool too small for what `run` holds (I10). The LISTEN connections of the workers and
-/// the DLQ publisher are their own, outside the pool; inside it, the publisher holds one connection
-/// while the broker acknowledges a batch (up to `dlq.publish_timeout`), and capture, claims and
-/// completions need at least one more between them.
+/// the DLQ publisher are their own, outside the pool; inside it, each of the publisher's rounds in
+/// flight holds one connection while the broker acknowledges its batch (up to
+/// `dlq.publish_timeout`), and capture, claims and completions need at least one more between them.
 fn check_connection_budget(config: &Config, parts: &RunArgs) -> anyhow::Result<()> {
-    let held = usize::from(!parts.no_dlq);
-    let working = usize::from(!parts.no_consumer || !parts.no_workers);
-    let needed = held + working.max(1);
+    let held = match parts.no_dlq {
+        true => 0,
+        false => dlq_rounds(config),
+    };
+    let needed = held + WORKING_CONNECTIONS;
     let max = config.postgres.max_connections as usize;
     if max < needed {
+        let rounds = match held {
+            1 => "one while the broker acknowledges a batch".to_string(),
+            n => format!(
+                "one for each of its {n} rounds in flight (`dlq.rounds_in_flight`) while the \
+                 broker acknowledges their batches"
+            ),
+        };
         anyhow::bail!(
             "invalid configuration: `postgres.max_connections` is {max}, but this `redrive run` needs at \
-             least {needed}: the DLQ publisher holds one while the broker acknowledges a batch, and \
-             capture, claims and completions need one more"
+             least {needed}: the DLQ publisher holds {rounds}, and capture, claims and completions \
+             need one more"
         );
     }
     Ok(())
@@ -354,7 +380,8 @@ async fn dlq_publisher(
         config.dlq.batch_size,
         config.dlq.batch_bytes,
     )
-    .context("creating the DLQ producer (check [kafka] and [dlq.kafka])")?;
+    .context("creating the DLQ producer (check [kafka] and [dlq.kafka])")?
+    .with_rounds_in_flight(dlq_rounds(config));
     let producer = publisher.producer();
     let dlq_topics: Vec<String> = config
         .kafka
@@ -368,4 +395,39 @@ async fn dlq_publisher(
         return Ok(None);
     }
     Ok(Some(publisher))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> Config {
+        Config::from_toml(&format!(
+            "[postgres]\nurl = \"postgres://r@127.0.0.1/r\"\n{extra}\n[kafka]\ntopics = [\"orders\"]\n\
+             \"bootstrap.servers\" = \"127.0.0.1:9092\"\n\"group.id\" = \"g1\"\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_dlq_publisher_keeps_two_rounds_in_flight_where_the_pool_has_room() {
+        assert_eq!(dlq_rounds(&config("")), 2);
+        // A pool of two leaves room for one round beside capture, claims and completions.
+        let small = config("max_connections = 2");
+        assert_eq!(dlq_rounds(&small), 1);
+        check_connection_budget(&small, &RunArgs::default()).unwrap();
+        // Set, it is kept, and the pool must have room for it.
+        let set = config("max_connections = 3\n[dlq]\nrounds_in_flight = 3");
+        assert_eq!(dlq_rounds(&set), 3);
+        let e = check_connection_budget(&set, &RunArgs::default()).unwrap_err();
+        let e = e.to_string();
+        assert!(e.contains("`postgres.max_connections` is 3"), "{e}");
+        assert!(e.contains("needs at least 4"), "{e}");
+        assert!(e.contains("`dlq.rounds_in_flight`"), "{e}");
+        let no_dlq = RunArgs {
+            no_dlq: true,
+            ..Default::default()
+        };
+        check_connection_budget(&set, &no_dlq).unwrap();
+    }
 }

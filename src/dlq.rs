@@ -17,6 +17,7 @@
 
 use crate::store::outbox::DeadRow;
 use crate::store::{Store, StoreError};
+use futures::stream::{FuturesUnordered, StreamExt as _};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, Producer as _};
 use rdkafka::ClientConfig;
@@ -86,6 +87,8 @@ pub struct DlqPublisher {
     topic_template: String,
     batch_size: i64,
     batch_bytes: i64,
+    /// Most rounds at once (see [`Self::run`]).
+    rounds: usize,
     idle: Duration,
 }
 
@@ -111,8 +114,17 @@ impl DlqPublisher {
             topic_template: topic_template.to_string(),
             batch_size,
             batch_bytes: i64::try_from(batch_bytes).unwrap_or(i64::MAX),
+            rounds: 1,
             idle: Duration::from_secs(30),
         })
+    }
+
+    /// Lets [`Self::run`] keep up to `rounds` rounds in flight while more rows wait (at least one;
+    /// one unless set). Each holds a connection of the store's pool until the broker has answered
+    /// for its records.
+    pub fn with_rounds_in_flight(mut self, rounds: usize) -> Self {
+        self.rounds = rounds.max(1);
+        self
     }
 
     /// The producer the next round sends through.
@@ -171,32 +183,55 @@ impl DlqPublisher {
 
     /// Publishes until `shutdown`: at once on a `redrive_dead` NOTIFY, after a backoff following a
     /// failed round, and at the latest every 30 s.
+    ///
+    /// A wake-up starts one round. While rounds come back with more waiting (a round stopped at
+    /// its bound of rows or bytes), up to [`Self::with_rounds_in_flight`] run at once: each locks
+    /// rows the others have not (`SKIP LOCKED`), so one round's records are on their way to the
+    /// broker while another's rows are read or marked. On shutdown no new round starts, and the
+    /// rounds in flight finish.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), StoreError> {
         let mut listener = self.store.listen(DEAD_CHANNEL).await?;
         let mut backoff = Duration::from_millis(500);
-        while !shutdown.is_cancelled() {
-            let wait = match self.run_once().await {
-                Ok(r) if r.failed == 0 && r.full => continue,
-                // Records refused for good leave the outbox: go on with the rest at once.
-                Ok(r) if r.failed == 0 && r.refused > 0 => continue,
-                Ok(r) if r.failed == 0 => {
+        let mut rounds = FuturesUnordered::new();
+        // Rounds to keep in flight: one after a wake-up, all of them while more rows wait, none
+        // once the outbox is found empty or a round failed.
+        let mut wanted = 1;
+        // How long to wait once the rounds in flight are done, when not for a NOTIFY.
+        let mut pause: Option<Duration> = None;
+        loop {
+            while !shutdown.is_cancelled() && pause.is_none() && rounds.len() < wanted {
+                rounds.push(self.run_once());
+            }
+            match rounds.next().await {
+                Some(Ok(r)) if r.failed == 0 => {
                     backoff = Duration::from_millis(500);
-                    self.idle
+                    // Records refused for good leave the outbox: go on with the rest at once.
+                    wanted = match r.full || r.refused > 0 {
+                        true => self.rounds,
+                        false => 0,
+                    };
                 }
-                Ok(r) => {
+                Some(Ok(r)) => {
                     tracing::warn!(failed = r.failed, retry_in = ?backoff, "DLQ publishing failed; rows stay in the outbox");
+                    pause = Some(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(30));
-                    backoff
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     tracing::error!("reading the DLQ outbox failed: {e}");
-                    Duration::from_secs(1)
+                    pause.get_or_insert(Duration::from_secs(1));
                 }
-            };
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = listener.wait(), if wait == self.idle => {}
-                _ = tokio::time::sleep(wait) => {}
+                None => {
+                    if shutdown.is_cancelled() {
+                        break;
+                    }
+                    let wait = pause.take().unwrap_or(self.idle);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = listener.wait(), if wait == self.idle => {}
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                    wanted = 1;
+                }
             }
         }
         Ok(())

@@ -26,6 +26,9 @@ pub async fn dlq(db: &str, kafka: &str, n: usize) -> anyhow::Result<Run> {
     if let Ok(rows) = std::env::var("BENCH_DLQ_BATCH") {
         config.dlq.batch_size = rows.parse()?;
     }
+    if let Ok(rounds) = std::env::var("BENCH_DLQ_ROUNDS") {
+        config.dlq.rounds_in_flight = Some(rounds.parse()?);
+    }
     let parts = redrive::cli::RunArgs {
         no_consumer: true,
         no_workers: true,

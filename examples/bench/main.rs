@@ -35,8 +35,9 @@
 //! - produce-floor: the reference for dlq: a producer made as redrive makes its DLQ producer
 //!   sends records of 1 KiB with ten headers as long as a DLQ record's, up to 10,000
 //!   unacknowledged at once; records/s until the broker has acknowledged them all.
-//! - dlq:      dead rows in the table, none published; rows/s of the DLQ publisher alone until
-//!   each is on the DLQ topic and marked published.
+//! - dlq:      dead rows in the table, none published; rows/s of the DLQ publisher alone, with
+//!   redrive's defaults, until each is on the DLQ topic and marked published
+//!   (`BENCH_DLQ_BATCH` sets the rows of a round, `BENCH_DLQ_ROUNDS` the rounds in flight).
 //! - timing:   rows coming due at 1,000/s; how late each is attempted, and the CPU per row of
 //!   redrive and Postgres (see `timing.rs`).
 //! - timing-defaults: timing with redrive's default workers (32 slots) and pool.

@@ -175,6 +175,10 @@ pub struct DlqConfig {
     /// Most bytes of keys and values published per round (a row larger than this goes alone), so
     /// a round of large records is split over several.
     pub batch_bytes: usize,
+    /// Rounds published at once while more rows wait, each holding a connection of the pool
+    /// until the broker has answered for its records. Unset: 2, or 1 where
+    /// `postgres.max_connections` leaves room for only one beside capture, claims and completions.
+    pub rounds_in_flight: Option<usize>,
     /// librdkafka properties for the DLQ producer only, over those in `[kafka]`.
     pub kafka: BTreeMap<String, Value>,
 }
@@ -282,6 +286,7 @@ impl Default for DlqConfig {
             publish_timeout: Duration::from_secs(30),
             batch_size: 1000,
             batch_bytes: 16 << 20,
+            rounds_in_flight: None,
             kafka: BTreeMap::new(),
         }
     }
@@ -311,6 +316,7 @@ impl std::fmt::Debug for DlqConfig {
             .field("publish_timeout", &self.publish_timeout)
             .field("batch_size", &self.batch_size)
             .field("batch_bytes", &self.batch_bytes)
+            .field("rounds_in_flight", &self.rounds_in_flight)
             .field("kafka (values hidden)", &kafka)
             .finish()
     }
@@ -399,6 +405,10 @@ impl Config {
             ),
             ("dlq.batch_size", self.dlq.batch_size.max(0) as usize),
             ("dlq.batch_bytes", self.dlq.batch_bytes),
+            (
+                "dlq.rounds_in_flight",
+                self.dlq.rounds_in_flight.unwrap_or(1),
+            ),
         ];
         if let Some((field, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(invalid(*field, "must be at least 1"));

@@ -234,3 +234,18 @@ fn bad_breaker_settings_name_their_field() {
         assert!(e.contains(field), "{text}: {e}");
     }
 }
+
+#[test]
+fn the_dlq_rounds_in_flight_are_at_least_one() {
+    assert_eq!(with("").unwrap().dlq.rounds_in_flight, None);
+    assert_eq!(
+        with("[dlq]\nrounds_in_flight = 4")
+            .unwrap()
+            .dlq
+            .rounds_in_flight,
+        Some(4)
+    );
+    let e = with("[dlq]\nrounds_in_flight = 0").unwrap_err().to_string();
+    assert!(e.contains("dlq.rounds_in_flight"), "{e}");
+    assert!(e.contains("at least 1"), "{e}");
+}

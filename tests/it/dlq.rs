@@ -388,3 +388,69 @@ async fn a_round_takes_rows_up_to_its_bytes_and_a_larger_row_alone() {
     assert_eq!(round(100, 1000).await, (vec![], false));
     assert_eq!(db.count("dlq_published_at IS NOT NULL").await, 7);
 }
+
+#[tokio::test]
+async fn rounds_in_flight_hold_their_batches_at_once_and_publish_every_row_once() {
+    let db = TestDb::new().await;
+    let mock = MockCluster::new(1).unwrap();
+    mock.create_topic("orders.dlq", 1, 1).unwrap();
+    let rows: Vec<Capture> = (0..1000).map(|offset| dead("orders", offset)).collect();
+    for chunk in rows.chunks(500) {
+        db.store.capture("g", chunk).await.unwrap();
+    }
+    // Every produce waits out the broker's round trip, so a round holds its batch at least that
+    // long: long enough to see another round's batch held beside it.
+    mock.broker_round_trip_time(1, Duration::from_millis(300))
+        .unwrap();
+    let publisher = mock_publisher(&db, &mock).with_rounds_in_flight(2);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(publisher.run(stop.clone()));
+    wait_for(
+        "two rounds holding their batches at once",
+        Duration::from_secs(60),
+        || async {
+            let held: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND state = 'idle in transaction' AND query LIKE '%FOR UPDATE SKIP LOCKED%'",
+            )
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+            (held >= 2).then_some(())
+        },
+    )
+    .await;
+    wait_for(
+        "every dead row to be published",
+        Duration::from_secs(60),
+        || async { (db.store.outbox_backlog("g").await.unwrap() == 0).then_some(()) },
+    )
+    .await;
+    stop.cancel();
+    running.await.unwrap().unwrap();
+    mock.broker_round_trip_time(1, Duration::ZERO).unwrap();
+    let records = read_topic(
+        &mock.bootstrap_servers(),
+        "orders.dlq",
+        1000,
+        Duration::from_secs(30),
+    )
+    .await;
+    let offsets: std::collections::BTreeSet<Vec<u8>> = records
+        .iter()
+        .map(|m| {
+            let h = m.headers().unwrap();
+            let origin = h
+                .iter()
+                .find(|x| x.key == redrive::dlq::headers::OFFSET)
+                .unwrap();
+            origin.value.unwrap().to_vec()
+        })
+        .collect();
+    assert_eq!(offsets.len(), 1000, "each dead row's record once");
+    assert_eq!(
+        db.count("state = 'dead' AND dlq_topic = 'orders.dlq'")
+            .await,
+        1000
+    );
+}
