@@ -21,6 +21,7 @@ use futures::stream::{FuturesUnordered, StreamExt as _};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, Producer as _};
 use rdkafka::ClientConfig;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -72,6 +73,9 @@ pub struct Round {
     pub failed: usize,
     /// Rows refused for good, or unreadable: marked with the error, out of the outbox.
     pub refused: usize,
+    /// Groups of refused records sent again, one after another, to find the records the broker
+    /// refuses on their own (see [`DlqPublisher::run_once`]).
+    pub resent_groups: usize,
 }
 
 /// Publishes one consumer group's dead rows.
@@ -250,28 +254,51 @@ impl DlqPublisher {
         }
         let mut refused = batch.unreadable.clone();
         let producer = self.usable_producer();
-        let results =
-            futures::future::join_all(batch.rows.iter().map(|r| self.send(&producer, r))).await;
-        let (mut published, mut failed) = (Vec::new(), 0);
-        for (row, result) in batch.rows.iter().zip(results) {
-            let topic = self.topic_for(&row.message.topic);
-            match result {
-                Ok(()) => published.push((row.id, topic)),
-                // The broker refuses a whole produce batch for one oversized record, so a refusal
-                // counts only once the record is refused on its own.
-                Err(e) if refused_for_good(&e) => match self.send(&producer, row).await {
-                    Ok(()) => published.push((row.id, topic)),
-                    Err(e) if refused_for_good(&e) => refused.push((
-                        row.id,
-                        format!("the broker refused the record for {topic}: {e}"),
-                    )),
-                    Err(_) => failed += 1,
-                },
-                Err(e) => {
-                    failed += 1;
-                    tracing::debug!(id = %row.id, topic, "DLQ send failed: {e}");
+        let (mut published, mut failed, mut resent_groups) = (Vec::new(), 0, 0);
+        // The broker refuses a whole produce batch for one record too large for the DLQ topic (or
+        // for a batch larger than the topic allows), so a refusal counts only once the record is
+        // refused on its own. The refused records are sent again in halves, one half after the
+        // other so that each goes in batches of its own: a half without the culprit goes through
+        // at once, and the culprit's is halved again, down to the record alone. One bad record
+        // among n costs about 2·log2(n) waits for the broker, not n.
+        let mut groups: VecDeque<Vec<&DeadRow>> = VecDeque::from([batch.rows.iter().collect()]);
+        let mut first = true;
+        while let Some(group) = groups.pop_front() {
+            let halves: Vec<&[&DeadRow]> = match (first, group.len()) {
+                (true, _) | (false, 1) => vec![&group[..]],
+                (false, n) => {
+                    let (a, b) = group.split_at(n / 2);
+                    vec![a, b]
+                }
+            };
+            for half in halves {
+                if !first {
+                    resent_groups += 1;
+                }
+                let results =
+                    futures::future::join_all(half.iter().map(|r| self.send(&producer, r))).await;
+                let mut again = Vec::new();
+                for (row, result) in half.iter().zip(results) {
+                    let topic = self.topic_for(&row.message.topic);
+                    match result {
+                        Ok(()) => published.push((row.id, topic)),
+                        Err(e) if refused_for_good(&e) && half.len() == 1 && !first => refused
+                            .push((
+                                row.id,
+                                format!("the broker refused the record for {topic}: {e}"),
+                            )),
+                        Err(e) if refused_for_good(&e) => again.push(*row),
+                        Err(e) => {
+                            failed += 1;
+                            tracing::debug!(id = %row.id, topic, "DLQ send failed: {e}");
+                        }
+                    }
+                }
+                if !again.is_empty() {
+                    groups.push_back(again);
                 }
             }
+            first = false;
         }
         for (id, error) in &refused {
             tracing::warn!(%id, "dead row left out of the DLQ topic (see dlq_error on the row): {error}");
@@ -291,6 +318,7 @@ impl DlqPublisher {
             published: published.len(),
             failed,
             refused: refused.len(),
+            resent_groups,
         })
     }
 

@@ -360,6 +360,64 @@ async fn poison_dlq_records_are_marked_and_the_publisher_moves_on() {
 }
 
 #[tokio::test]
+async fn one_poison_dlq_record_in_a_round_is_found_by_halves_and_the_others_go_through() {
+    let db = TestDb::new().await;
+    let topic = unique("poison-one");
+    let dlq = format!("{topic}.dlq");
+    // The topic takes batches of up to 512 KiB: the 99 small records together, never the large one.
+    create_topic_with(&dlq, 1, &[("max.message.bytes", "524288")]).await;
+    let dead = |offset: i64, size: usize| {
+        let mut c = pending(&topic, offset, Duration::ZERO, 1);
+        c.state = InitialState::Dead;
+        c.message.payload = Some(vec![b'x'; size]);
+        c
+    };
+    let rows: Vec<Capture> = (0..100)
+        .map(|o| dead(o, if o == 37 { 600 << 10 } else { 10 }))
+        .collect();
+    db.store.capture("g", &rows).await.unwrap();
+    let publisher = dlq_publisher(&db, kafka(), Duration::from_secs(10));
+
+    // One round takes the 100 rows (the helper's batch size); its first send puts them all in one
+    // produce batch, which the broker refuses whole.
+    let round = publisher.run_once().await.unwrap();
+    assert_eq!(
+        (round.fetched, round.published, round.refused, round.failed),
+        (100, 99, 1, 0)
+    );
+    // Halving 100 records down to the large one alone is 7 halvings of two sends each; one record
+    // at a time would be 100 sends, one after another.
+    assert!(
+        round.resent_groups <= 14,
+        "{} groups sent again",
+        round.resent_groups
+    );
+    let (offset, error): (i64, String) = sqlx::query_as(
+        "SELECT kafka_offset, dlq_error FROM redrive.retry_messages WHERE dlq_refused_at IS NOT NULL",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(offset, 37);
+    assert!(error.contains("refused the record for"), "{error}");
+    let got = read_topic_raw(&dlq, 99, Duration::from_secs(30)).await;
+    let mut offsets: Vec<i64> = got
+        .iter()
+        .map(|m| {
+            let h = m.header(redrive::dlq::headers::OFFSET).unwrap();
+            std::str::from_utf8(h.value.as_ref().unwrap())
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    offsets.sort();
+    let expected: Vec<i64> = (0..100).filter(|o| *o != 37).collect();
+    assert_eq!(offsets, expected, "each record that fits, once");
+    assert_eq!(db.store.outbox_backlog("g").await.unwrap(), 0);
+}
+
+#[tokio::test]
 async fn a_stored_row_that_cannot_be_read_fails_alone() {
     let db = TestDb::new().await;
     let topic = unique("unreadable");
