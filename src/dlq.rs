@@ -217,8 +217,11 @@ impl DlqPublisher {
                 }
                 Some(Ok(r)) => {
                     tracing::warn!(failed = r.failed, retry_in = ?backoff, "DLQ publishing failed; rows stay in the outbox");
-                    pause = Some(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    // Rounds that fail together back off once.
+                    if pause.is_none() {
+                        pause = Some(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
                 }
                 Some(Err(e)) => {
                     tracing::error!("reading the DLQ outbox failed: {e}");
