@@ -89,7 +89,19 @@ async fn a_dlq_outage_keeps_rows_unpublished_without_stalling_capture_then_publi
         Duration::from_secs(30),
     )
     .await;
-    let mut offsets: Vec<String> = records
+    let mut offsets = origin_offsets(&records);
+    offsets.sort();
+    assert_eq!(offsets, ["0", "1", "2", "3", "4"]);
+    assert_eq!(
+        db.count("state = 'dead' AND dlq_topic = 'orders.dlq'")
+            .await,
+        5
+    );
+}
+
+/// The source offset each DLQ record names in its origin header, in the records' order.
+fn origin_offsets(records: &[rdkafka::message::OwnedMessage]) -> Vec<String> {
+    records
         .iter()
         .map(|m| {
             let h = m.headers().unwrap();
@@ -99,14 +111,7 @@ async fn a_dlq_outage_keeps_rows_unpublished_without_stalling_capture_then_publi
                 .unwrap();
             String::from_utf8(origin.value.unwrap().to_vec()).unwrap()
         })
-        .collect();
-    offsets.sort();
-    assert_eq!(offsets, ["0", "1", "2", "3", "4"]);
-    assert_eq!(
-        db.count("state = 'dead' AND dlq_topic = 'orders.dlq'")
-            .await,
-        5
-    );
+        .collect()
 }
 
 /// A database with two dead rows of `orders`, a mock cluster with `orders.dlq`, and a publisher
@@ -436,17 +441,8 @@ async fn rounds_in_flight_hold_their_batches_at_once_and_publish_every_row_once(
         Duration::from_secs(30),
     )
     .await;
-    let offsets: std::collections::BTreeSet<Vec<u8>> = records
-        .iter()
-        .map(|m| {
-            let h = m.headers().unwrap();
-            let origin = h
-                .iter()
-                .find(|x| x.key == redrive::dlq::headers::OFFSET)
-                .unwrap();
-            origin.value.unwrap().to_vec()
-        })
-        .collect();
+    let offsets: std::collections::BTreeSet<String> =
+        origin_offsets(&records).into_iter().collect();
     assert_eq!(offsets.len(), 1000, "each dead row's record once");
     assert_eq!(
         db.count("state = 'dead' AND dlq_topic = 'orders.dlq'")
