@@ -93,6 +93,10 @@ pub struct DlqPublisher {
     batch_bytes: i64,
     /// Most rounds at once (see [`Self::run`]).
     rounds: usize,
+    /// Rounds send their records side by side (shared), but a record sent again to learn whether
+    /// the broker refuses it on its own goes with no other round's records (sole): the producer
+    /// would put them in one produce batch, and the broker refuses a batch whole.
+    sending: tokio::sync::RwLock<()>,
     idle: Duration,
 }
 
@@ -119,6 +123,7 @@ impl DlqPublisher {
             batch_size,
             batch_bytes: i64::try_from(batch_bytes).unwrap_or(i64::MAX),
             rounds: 1,
+            sending: tokio::sync::RwLock::new(()),
             idle: Duration::from_secs(30),
         })
     }
@@ -275,6 +280,10 @@ impl DlqPublisher {
                 }
             };
             for half in halves {
+                let (_shared, _sole) = match first {
+                    true => (Some(self.sending.read().await), None),
+                    false => (None, Some(self.sending.write().await)),
+                };
                 if !first {
                     resent_groups += 1;
                 }
