@@ -401,7 +401,18 @@ async fn one_poison_dlq_record_in_a_round_is_found_by_halves_and_the_others_go_t
     assert_eq!(offset, 37);
     assert!(error.contains("refused the record for"), "{error}");
     let got = read_topic_raw(&dlq, 99, Duration::from_secs(30)).await;
-    let mut offsets: Vec<i64> = got
+    let expected: Vec<i64> = (0..100).filter(|o| *o != 37).collect();
+    assert_eq!(
+        origin_offsets(&got),
+        expected,
+        "each record that fits, once"
+    );
+    assert_eq!(db.store.outbox_backlog("g").await.unwrap(), 0);
+}
+
+/// The origin offsets of DLQ records, in order.
+fn origin_offsets(records: &[redrive::Message]) -> Vec<i64> {
+    let mut offsets: Vec<i64> = records
         .iter()
         .map(|m| {
             let h = m.header(redrive::dlq::headers::OFFSET).unwrap();
@@ -412,9 +423,80 @@ async fn one_poison_dlq_record_in_a_round_is_found_by_halves_and_the_others_go_t
         })
         .collect();
     offsets.sort();
-    let expected: Vec<i64> = (0..100).filter(|o| *o != 37).collect();
-    assert_eq!(offsets, expected, "each record that fits, once");
-    assert_eq!(db.store.outbox_backlog("g").await.unwrap(), 0);
+    offsets
+}
+
+/// Two rounds in flight send through one producer. A record sent again to learn whether the broker
+/// refuses it alone must not share a produce batch with the other round's records: the broker
+/// refuses a batch whole, and a record that fits would be marked refused for the other's size.
+#[tokio::test]
+async fn a_record_sent_again_alone_is_not_refused_for_another_rounds_record() {
+    let db = TestDb::new().await;
+    let topic = unique("poison-rounds");
+    let dlq = format!("{topic}.dlq");
+    create_topic_with(&dlq, 1, &[("max.message.bytes", "524288")]).await;
+    // 400 dead rows, every 25th too large for the DLQ topic: each round of 100 holds four, and
+    // while one round sends its refused records again, the other sends its first batch.
+    let large = |offset: i64| offset % 25 == 12;
+    let rows: Vec<Capture> = (0..400)
+        .map(|o| {
+            let mut c = pending(&topic, o, Duration::ZERO, 1);
+            c.state = InitialState::Dead;
+            c.message.payload = Some(vec![b'x'; if large(o) { 600 << 10 } else { 10 }]);
+            c
+        })
+        .collect();
+    for chunk in rows.chunks(100) {
+        db.store.capture("g", chunk).await.unwrap();
+    }
+    // The producer lingers 50 ms before it sends a batch: a record sent again while the other
+    // round's first records wait to go would join their batch.
+    let settings = redrive::kafka::producer_config(
+        &[
+            ("bootstrap.servers".to_string(), kafka()),
+            ("linger.ms".to_string(), "50".to_string()),
+        ]
+        .into(),
+        Duration::from_secs(10),
+    );
+    let publisher = redrive::dlq::DlqPublisher::new(
+        db.store.clone(),
+        settings,
+        "g",
+        "{topic}.dlq",
+        100,
+        16 << 20,
+    )
+    .unwrap()
+    .with_rounds_in_flight(2);
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(publisher.run(stop.clone()));
+    wait_for(
+        "every dead row to leave the outbox",
+        Duration::from_secs(120),
+        || async { (db.store.outbox_backlog("g").await.unwrap() == 0).then_some(()) },
+    )
+    .await;
+    stop.cancel();
+    running.await.unwrap().unwrap();
+
+    let refused: Vec<i64> = sqlx::query_scalar(
+        "SELECT kafka_offset FROM redrive.retry_messages WHERE dlq_refused_at IS NOT NULL \
+         ORDER BY kafka_offset",
+    )
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    let expected: Vec<i64> = (0..400).filter(|o| large(*o)).collect();
+    assert_eq!(refused, expected, "refused: exactly the records too large");
+    assert_eq!(db.count("dlq_published_at IS NOT NULL").await, 384);
+    let got = read_topic_raw(&dlq, 384, Duration::from_secs(30)).await;
+    let expected: Vec<i64> = (0..400).filter(|o| !large(*o)).collect();
+    assert_eq!(
+        origin_offsets(&got),
+        expected,
+        "each record that fits, once"
+    );
 }
 
 #[tokio::test]
