@@ -77,6 +77,86 @@ pub async fn dlq(db: &str, kafka: &str, n: usize) -> anyhow::Result<Run> {
     Ok(run)
 }
 
+/// A storm of permanent errors: `n` messages produced first, then `redrive run` with its consumer
+/// and its DLQ publisher, whose handler fails every call for good. Each message is captured as a
+/// dead row while the publisher takes the dead rows to the DLQ topic and marks them: the two
+/// share Postgres. Timed from the first handler call until every record is on the DLQ topic and
+/// every row is marked published; when the last offset was committed is printed beside it.
+pub async fn storm(db: &str, kafka: &str, n: usize) -> anyhow::Result<Run> {
+    let stamp = chrono::Utc::now().timestamp_millis();
+    let (topic, group) = (
+        format!("bench.storm.{stamp}"),
+        format!("bench-storm-{stamp}"),
+    );
+    let dlq = format!("{topic}.dlq");
+    super::produce_keys(kafka, &topic, n, None, super::Payload::Small, false).await?;
+    create_topic(kafka, &dlq, PARTITIONS).await?;
+    let committed = super::Committed::new(kafka, &group, &topic)?;
+    let mut config = super::config(db, kafka, &topic, &group, "http://127.0.0.1:1/")?;
+    config.dlq.topic = dlq.clone();
+    // As in `capture`: redrive's own messages in flight, and no breaker, which a storm of
+    // failures would open.
+    config.consumer.max_in_flight = redrive::config::ConsumerConfig::default().max_in_flight;
+    config.breaker.default.enabled = false;
+    if let Ok(rounds) = std::env::var("BENCH_DLQ_ROUNDS") {
+        config.dlq.rounds_in_flight = Some(rounds.parse()?);
+    }
+    let parts = redrive::cli::RunArgs {
+        no_workers: true,
+        no_http: true,
+        ..Default::default()
+    };
+    let store = Store::from_pool(redrive::store::pool_options().connect(db).await?);
+    let on_topic = std::sync::Arc::new(Watermarks::new(kafka, &dlq)?);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let handler = super::Fixed::permanent();
+    let calls = handler.calls.clone();
+    let task = tokio::spawn(redrive::app::run(config, handler, parts, stop.clone()));
+    super::wait_calls("storm", &calls, n, &task).await?;
+    committed.wait_all("storm", n).await?;
+    let started = *calls.first.get().expect("n > 0 calls were made");
+    let captured = started.at.elapsed().as_secs_f64();
+    super::wait_for(
+        &format!("storm: waiting for {n} records on {dlq}"),
+        Duration::from_millis(20),
+        || {
+            let on_topic = on_topic.clone();
+            let stopped = task.is_finished();
+            async move {
+                anyhow::ensure!(!stopped, "storm: redrive stopped early");
+                let got = tokio::task::spawn_blocking(move || on_topic.sum()).await??;
+                Ok(got >= n as i64)
+            }
+        },
+    )
+    .await?;
+    super::wait_for(
+        "storm: waiting for the last rows to be marked published",
+        Duration::from_millis(20),
+        || async {
+            let left: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM redrive.retry_messages WHERE dlq_published_at IS NULL",
+            )
+            .fetch_one(store.pool())
+            .await?;
+            Ok(left == 0)
+        },
+    )
+    .await?;
+    let run = started.finish(n);
+    eprintln!(
+        "storm: every offset committed after {captured:.2} s ({:.0} msg/s), every row published \
+         after {:.2} s",
+        n as f64 / captured,
+        run.secs
+    );
+    stop.cancel();
+    task.await??;
+    delete_topic(kafka, &topic).await?;
+    delete_topic(kafka, &dlq).await?;
+    Ok(run)
+}
+
 /// The reference for `dlq`: `n` records of 1 KiB, each with ten headers as long as a DLQ record's
 /// origin headers, sent through a producer made as redrive makes its DLQ producer, up to
 /// [`FLOOR_WINDOW`] unacknowledged at once, until the broker has acknowledged them all.

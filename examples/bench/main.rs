@@ -38,6 +38,10 @@
 //! - dlq:      dead rows in the table, none published; rows/s of the DLQ publisher alone, with
 //!   redrive's defaults, until each is on the DLQ topic and marked published
 //!   (`BENCH_DLQ_BATCH` sets the rows of a round, `BENCH_DLQ_ROUNDS` the rounds in flight).
+//! - storm:    a storm of permanent errors: every handler call fails for good, and the consumer
+//!   and the DLQ publisher run together (redrive's defaults, `BENCH_DLQ_ROUNDS` as for dlq);
+//!   messages/s until every message is on the DLQ topic and its row is marked published. When
+//!   the last offset was committed is printed beside it.
 //! - timing:   rows coming due at 1,000/s; how late each is attempted, and the CPU per row of
 //!   redrive and Postgres (see `timing.rs`).
 //! - timing-defaults: timing with redrive's default workers (32 slots) and pool.
@@ -96,6 +100,8 @@ const PARTITIONS: i32 = 4;
 #[derive(Clone)]
 struct Fixed {
     ok: bool,
+    /// Its failures are permanent: each message dies at once.
+    permanent: bool,
     calls: Arc<Calls>,
 }
 
@@ -103,7 +109,16 @@ impl Fixed {
     fn new(ok: bool) -> Self {
         Self {
             ok,
+            permanent: false,
             calls: Arc::default(),
+        }
+    }
+
+    /// A handler whose every call fails for good.
+    fn permanent() -> Self {
+        Self {
+            permanent: true,
+            ..Self::new(false)
         }
     }
 }
@@ -125,10 +140,10 @@ impl Calls {
 impl Handler for Fixed {
     async fn handle(&self, _d: Delivery<'_>) -> Result<(), HandlerError> {
         self.calls.hit();
-        if self.ok {
-            Ok(())
-        } else {
-            Err(HandlerError::retryable("benchmark failure"))
+        match (self.ok, self.permanent) {
+            (true, _) => Ok(()),
+            (false, false) => Err(HandlerError::retryable("benchmark failure")),
+            (false, true) => Err(HandlerError::permanent("benchmark failure")),
         }
     }
 }
@@ -138,7 +153,7 @@ fn env(name: &str, default: &str) -> String {
 }
 
 /// Every case, in the order a round runs them.
-const CASES: [&str; 22] = [
+const CASES: [&str; 23] = [
     "bare",
     "happy",
     "happy-ce",
@@ -161,6 +176,7 @@ const CASES: [&str; 22] = [
     "purge",
     "produce-floor",
     "dlq",
+    "storm",
 ];
 
 /// Cases that measure something other than a rate, each printing a table of its own after the
@@ -178,7 +194,7 @@ const OWN_TABLES: [&str; 6] = [
 ];
 
 /// Each case against its reference: (case, reference, what the reference is).
-const RATIOS: [(&str, &str); 18] = [
+const RATIOS: [(&str, &str); 20] = [
     ("happy", "bare"),
     ("happy-ce", "happy"),
     ("happy-keys", "bare"),
@@ -197,6 +213,8 @@ const RATIOS: [(&str, &str); 18] = [
     ("retry", "dispatch"),
     ("dispatch-lines", "dispatch"),
     ("dlq", "produce-floor"),
+    ("storm", "capture"),
+    ("storm", "dlq"),
 ];
 
 /// The consumer cases' auto-commit interval (redrive's default is 200 ms). A case ends when its last
@@ -252,7 +270,7 @@ async fn run_cases() -> anyhow::Result<()> {
     let size = |case: &str| match (n, case) {
         (Some(n), _) => n,
         (None, "bare" | "happy" | "happy-ce" | "happy-keys" | "happy-fewkeys") => 1_000_000,
-        (None, "capture" | "capture-ce" | "capture-parked" | "insert-floor") => 500_000,
+        (None, "capture" | "capture-ce" | "capture-parked" | "insert-floor" | "storm") => 500_000,
         (None, "dispatch-lines") => 4_000,
         (None, _) => 100_000,
     };
@@ -299,6 +317,7 @@ async fn run_cases() -> anyhow::Result<()> {
                 "replay" | "purge" => operate(case, &db, n).await?,
                 "produce-floor" => dlq::produce_floor(&kafka, n).await?,
                 "dlq" => dlq::dlq(&db, &kafka, n).await?,
+                "storm" => dlq::storm(&db, &kafka, n).await?,
                 _ => consume(case, &db, &kafka, n).await?,
             };
             let cpu = cpu_seconds() - cpu;
