@@ -40,36 +40,7 @@ pub async fn dlq(db: &str, kafka: &str, n: usize) -> anyhow::Result<Run> {
     let handler = super::Fixed::new(true);
     let started = Start::now();
     let task = tokio::spawn(redrive::app::run(config, handler, parts, stop.clone()));
-    // The broker's high watermarks first, which ask nothing of Postgres; the outbox itself only
-    // once every record is there, to see the last round's rows marked.
-    super::wait_for(
-        &format!("dlq: waiting for {n} records on {topic}"),
-        Duration::from_millis(20),
-        || {
-            let on_topic = on_topic.clone();
-            let stopped = task.is_finished();
-            async move {
-                anyhow::ensure!(!stopped, "dlq: redrive stopped early");
-                // A blocking call of librdkafka's: off the runtime's threads, which redrive uses.
-                let got = tokio::task::spawn_blocking(move || on_topic.sum()).await??;
-                Ok(got >= n as i64)
-            }
-        },
-    )
-    .await?;
-    super::wait_for(
-        "dlq: waiting for the last rows to be marked published",
-        Duration::from_millis(20),
-        || async {
-            let left: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM redrive.retry_messages WHERE dlq_published_at IS NULL",
-            )
-            .fetch_one(store.pool())
-            .await?;
-            Ok(left == 0)
-        },
-    )
-    .await?;
+    wait_published("dlq", n, &on_topic, &task, &store).await?;
     let run = started.finish(n);
     stop.cancel();
     task.await??;
@@ -116,33 +87,7 @@ pub async fn storm(db: &str, kafka: &str, n: usize) -> anyhow::Result<Run> {
     committed.wait_all("storm", n).await?;
     let started = *calls.first.get().expect("n > 0 calls were made");
     let captured = started.at.elapsed().as_secs_f64();
-    super::wait_for(
-        &format!("storm: waiting for {n} records on {dlq}"),
-        Duration::from_millis(20),
-        || {
-            let on_topic = on_topic.clone();
-            let stopped = task.is_finished();
-            async move {
-                anyhow::ensure!(!stopped, "storm: redrive stopped early");
-                let got = tokio::task::spawn_blocking(move || on_topic.sum()).await??;
-                Ok(got >= n as i64)
-            }
-        },
-    )
-    .await?;
-    super::wait_for(
-        "storm: waiting for the last rows to be marked published",
-        Duration::from_millis(20),
-        || async {
-            let left: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM redrive.retry_messages WHERE dlq_published_at IS NULL",
-            )
-            .fetch_one(store.pool())
-            .await?;
-            Ok(left == 0)
-        },
-    )
-    .await?;
+    wait_published("storm", n, &on_topic, &task, &store).await?;
     let run = started.finish(n);
     eprintln!(
         "storm: every offset committed after {captured:.2} s ({:.0} msg/s), every row published \
@@ -155,6 +100,46 @@ pub async fn storm(db: &str, kafka: &str, n: usize) -> anyhow::Result<Run> {
     delete_topic(kafka, &topic).await?;
     delete_topic(kafka, &dlq).await?;
     Ok(run)
+}
+
+/// Waits until `n` records are on the DLQ topic and every row is marked published, or redrive's
+/// `task` stops. The broker's high watermarks first, which ask nothing of Postgres; the outbox
+/// itself only once every record is there, to see the last round's rows marked.
+async fn wait_published<T>(
+    case: &str,
+    n: usize,
+    on_topic: &std::sync::Arc<Watermarks>,
+    task: &tokio::task::JoinHandle<T>,
+    store: &Store,
+) -> anyhow::Result<()> {
+    super::wait_for(
+        &format!("{case}: waiting for {n} records on {}", on_topic.topic),
+        Duration::from_millis(20),
+        || {
+            let on_topic = on_topic.clone();
+            let stopped = task.is_finished();
+            async move {
+                anyhow::ensure!(!stopped, "{case}: redrive stopped early");
+                // A blocking call of librdkafka's: off the runtime's threads, which redrive uses.
+                let got = tokio::task::spawn_blocking(move || on_topic.sum()).await??;
+                Ok(got >= n as i64)
+            }
+        },
+    )
+    .await?;
+    super::wait_for(
+        &format!("{case}: waiting for the last rows to be marked published"),
+        Duration::from_millis(20),
+        || async {
+            let left: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM redrive.retry_messages WHERE dlq_published_at IS NULL",
+            )
+            .fetch_one(store.pool())
+            .await?;
+            Ok(left == 0)
+        },
+    )
+    .await
 }
 
 /// The reference for `dlq`: `n` records of 1 KiB, each with ten headers as long as a DLQ record's

@@ -451,23 +451,12 @@ async fn a_record_sent_again_alone_is_not_refused_for_another_rounds_record() {
     }
     // The producer lingers 50 ms before it sends a batch: a record sent again while the other
     // round's first records wait to go would join their batch.
-    let settings = redrive::kafka::producer_config(
-        &[
-            ("bootstrap.servers".to_string(), kafka()),
-            ("linger.ms".to_string(), "50".to_string()),
-        ]
-        .into(),
+    let bootstrap = kafka();
+    let publisher = dlq_publisher_with(
+        &db,
+        &[("bootstrap.servers", &bootstrap), ("linger.ms", "50")],
         Duration::from_secs(10),
-    );
-    let publisher = redrive::dlq::DlqPublisher::new(
-        db.store.clone(),
-        settings,
-        "g",
-        "{topic}.dlq",
-        100,
-        16 << 20,
     )
-    .unwrap()
     .with_rounds_in_flight(2);
     let stop = CancellationToken::new();
     let running = tokio::spawn(publisher.run(stop.clone()));

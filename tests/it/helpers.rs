@@ -734,10 +734,20 @@ pub fn dlq_publisher(
     bootstrap: String,
     publish_timeout: Duration,
 ) -> redrive::dlq::DlqPublisher {
-    let settings = redrive::kafka::producer_config(
-        &[("bootstrap.servers".to_string(), bootstrap)].into(),
-        publish_timeout,
-    );
+    dlq_publisher_with(db, &[("bootstrap.servers", &bootstrap)], publish_timeout)
+}
+
+/// [`dlq_publisher`] with these producer properties.
+pub fn dlq_publisher_with(
+    db: &TestDb,
+    props: &[(&str, &str)],
+    publish_timeout: Duration,
+) -> redrive::dlq::DlqPublisher {
+    let props = props
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let settings = redrive::kafka::producer_config(&props, publish_timeout);
     redrive::dlq::DlqPublisher::new(
         db.store.clone(),
         settings,
