@@ -72,16 +72,9 @@ async fn a_dlq_outage_keeps_rows_unpublished_without_stalling_capture_then_publi
     );
 
     mock.broker_up(1).unwrap();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let running = tokio::spawn(publisher.run(stop.clone()));
-    wait_for(
-        "every dead row to be published",
-        Duration::from_secs(60),
-        || async { (db.store.outbox_backlog("g").await.unwrap() == 0).then_some(()) },
-    )
-    .await;
-    stop.cancel();
-    running.await.unwrap().unwrap();
+    Publishing::start(publisher)
+        .stop_once_published(&db, Duration::from_secs(60))
+        .await;
     let records = read_topic(
         &mock.bootstrap_servers(),
         "orders.dlq",
@@ -407,9 +400,7 @@ async fn rounds_in_flight_hold_their_batches_at_once_and_publish_every_row_once(
     // long: long enough to see another round's batch held beside it.
     mock.broker_round_trip_time(1, Duration::from_millis(300))
         .unwrap();
-    let publisher = mock_publisher(&db, &mock).with_rounds_in_flight(2);
-    let stop = tokio_util::sync::CancellationToken::new();
-    let running = tokio::spawn(publisher.run(stop.clone()));
+    let publishing = Publishing::start(mock_publisher(&db, &mock).with_rounds_in_flight(2));
     wait_for(
         "two rounds holding their batches at once",
         Duration::from_secs(60),
@@ -425,14 +416,9 @@ async fn rounds_in_flight_hold_their_batches_at_once_and_publish_every_row_once(
         },
     )
     .await;
-    wait_for(
-        "every dead row to be published",
-        Duration::from_secs(60),
-        || async { (db.store.outbox_backlog("g").await.unwrap() == 0).then_some(()) },
-    )
-    .await;
-    stop.cancel();
-    running.await.unwrap().unwrap();
+    publishing
+        .stop_once_published(&db, Duration::from_secs(60))
+        .await;
     mock.broker_round_trip_time(1, Duration::ZERO).unwrap();
     let records = read_topic(
         &mock.bootstrap_servers(),

@@ -458,16 +458,9 @@ async fn a_record_sent_again_alone_is_not_refused_for_another_rounds_record() {
         Duration::from_secs(10),
     )
     .with_rounds_in_flight(2);
-    let stop = CancellationToken::new();
-    let running = tokio::spawn(publisher.run(stop.clone()));
-    wait_for(
-        "every dead row to leave the outbox",
-        Duration::from_secs(120),
-        || async { (db.store.outbox_backlog("g").await.unwrap() == 0).then_some(()) },
-    )
-    .await;
-    stop.cancel();
-    running.await.unwrap().unwrap();
+    Publishing::start(publisher)
+        .stop_once_published(&db, Duration::from_secs(120))
+        .await;
 
     let refused: Vec<i64> = sqlx::query_scalar(
         "SELECT kafka_offset FROM redrive.retry_messages WHERE dlq_refused_at IS NOT NULL \

@@ -737,6 +737,30 @@ pub fn dlq_publisher(
     dlq_publisher_with(db, &[("bootstrap.servers", &bootstrap)], publish_timeout)
 }
 
+/// A DLQ publisher's [`run`](redrive::dlq::DlqPublisher::run) in a task of its own.
+pub struct Publishing {
+    stop: tokio_util::sync::CancellationToken,
+    running: tokio::task::JoinHandle<Result<(), redrive::store::StoreError>>,
+}
+
+impl Publishing {
+    pub fn start(publisher: redrive::dlq::DlqPublisher) -> Self {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let running = tokio::spawn(publisher.run(stop.clone()));
+        Self { stop, running }
+    }
+
+    /// Waits until group "g"'s outbox is empty, then stops the publisher and waits for its end.
+    pub async fn stop_once_published(self, db: &TestDb, limit: Duration) {
+        wait_for("every dead row to leave the outbox", limit, || async {
+            (db.store.outbox_backlog("g").await.unwrap() == 0).then_some(())
+        })
+        .await;
+        self.stop.cancel();
+        self.running.await.unwrap().unwrap();
+    }
+}
+
 /// [`dlq_publisher`] with these producer properties.
 pub fn dlq_publisher_with(
     db: &TestDb,
