@@ -310,15 +310,9 @@ async fn poison_dlq_records_are_marked_and_the_publisher_moves_on() {
     let dlq = format!("{topic}.dlq");
     create_topic_with(&dlq, 1, &[("max.message.bytes", "4096")]).await;
     // 120 records too large for the DLQ topic die first, then 5 that fit.
-    let dead = |offset: i64, size: usize| {
-        let mut c = pending(&topic, offset, Duration::ZERO, 1);
-        c.state = InitialState::Dead;
-        c.message.payload = Some(vec![b'x'; size]);
-        c
-    };
-    let big: Vec<Capture> = (0..120).map(|o| dead(o, 16 << 10)).collect();
+    let big: Vec<Capture> = (0..120).map(|o| dead(&topic, o, 16 << 10)).collect();
     db.store.capture("g", &big).await.unwrap();
-    let small: Vec<Capture> = (120..125).map(|o| dead(o, 10)).collect();
+    let small: Vec<Capture> = (120..125).map(|o| dead(&topic, o, 10)).collect();
     db.store.capture("g", &small).await.unwrap();
     let publisher = dlq_publisher(&db, kafka(), Duration::from_secs(10));
     let stop = CancellationToken::new();
@@ -366,14 +360,8 @@ async fn one_poison_dlq_record_in_a_round_is_found_by_halves_and_the_others_go_t
     let dlq = format!("{topic}.dlq");
     // The topic takes batches of up to 512 KiB: the 99 small records together, never the large one.
     create_topic_with(&dlq, 1, &[("max.message.bytes", "524288")]).await;
-    let dead = |offset: i64, size: usize| {
-        let mut c = pending(&topic, offset, Duration::ZERO, 1);
-        c.state = InitialState::Dead;
-        c.message.payload = Some(vec![b'x'; size]);
-        c
-    };
     let rows: Vec<Capture> = (0..100)
-        .map(|o| dead(o, if o == 37 { 600 << 10 } else { 10 }))
+        .map(|o| dead(&topic, o, if o == 37 { 600 << 10 } else { 10 }))
         .collect();
     db.store.capture("g", &rows).await.unwrap();
     let publisher = dlq_publisher(&db, kafka(), Duration::from_secs(10));
@@ -410,6 +398,14 @@ async fn one_poison_dlq_record_in_a_round_is_found_by_halves_and_the_others_go_t
     assert_eq!(db.store.outbox_backlog("g").await.unwrap(), 0);
 }
 
+/// A dead row of `topic` at `offset`, not yet published, with a payload of `size` bytes.
+fn dead(topic: &str, offset: i64, size: usize) -> Capture {
+    let mut c = pending(topic, offset, Duration::ZERO, 1);
+    c.state = InitialState::Dead;
+    c.message.payload = Some(vec![b'x'; size]);
+    c
+}
+
 /// The origin offsets of DLQ records, in order.
 fn origin_offsets(records: &[redrive::Message]) -> Vec<i64> {
     let mut offsets: Vec<i64> = records
@@ -439,12 +435,7 @@ async fn a_record_sent_again_alone_is_not_refused_for_another_rounds_record() {
     // while one round sends its refused records again, the other sends its first batch.
     let large = |offset: i64| offset % 25 == 12;
     let rows: Vec<Capture> = (0..400)
-        .map(|o| {
-            let mut c = pending(&topic, o, Duration::ZERO, 1);
-            c.state = InitialState::Dead;
-            c.message.payload = Some(vec![b'x'; if large(o) { 600 << 10 } else { 10 }]);
-            c
-        })
+        .map(|o| dead(&topic, o, if large(o) { 600 << 10 } else { 10 }))
         .collect();
     for chunk in rows.chunks(100) {
         db.store.capture("g", chunk).await.unwrap();
